@@ -1,0 +1,44 @@
+"""The one definition of a neuron used everywhere in `dkn`.
+
+A neuron is one unit of one layer's MLP hidden vector *after* the activation
+function, i.e. one input feature of the MLP's down/output projection.  It is
+identified by a hashable `(layer, index)` pair, so it can be a dict key, a set
+member and a graph node.
+"""
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+
+class Neuron(NamedTuple):
+    layer: int
+    index: int
+
+    def __str__(self) -> str:  # "L12:N345", the form the CLI and app accept
+        return f"{self.layer}:{self.index}"
+
+
+def parse_neurons(text: str) -> list[Neuron]:
+    """Parse "12:345,3:7" (layer:index pairs, comma separated) into neurons."""
+    neurons = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            layer, index = part.removeprefix("L").split(":")
+            neurons.append(Neuron(int(layer), int(index.removeprefix("N"))))
+        except ValueError:
+            raise ValueError(
+                f"cannot read neuron {part!r}: write neurons as LAYER:INDEX pairs, e.g. 12:345,3:7"
+            ) from None
+    return neurons
+
+
+def check_in_range(neurons: Iterable[Neuron], n_layers: int, d_mlp: int) -> None:
+    """Raise a ValueError naming the first neuron outside [0, n_layers) x [0, d_mlp)."""
+    for n in neurons:
+        if not (0 <= n.layer < n_layers and 0 <= n.index < d_mlp):
+            raise ValueError(
+                f"neuron {n} is out of range: this model has layers 0..{n_layers - 1} "
+                f"and neurons 0..{d_mlp - 1} per layer"
+            )
