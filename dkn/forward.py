@@ -1,0 +1,159 @@
+"""Fast batched forward passes at the answer position.
+
+Attribution and interventions evaluate many variants ("rows") of one prompt
+that differ only at the answer position, from some layer upwards.  Two savings
+make that cheap:
+
+1. The prompt's prefix is run once; each row is a single token over a copy of
+   its key/value cache.
+2. A row whose first edit is at layer s is identical to the clean run below s,
+   so it starts at block s from the clean residual stream: rows are sorted by
+   start layer and block j runs only the rows that have started by then.  With
+   one row per layer this halves the work.
+
+`AnswerPositionRunner.logits(row_start, edits)` returns the answer-position
+logits of every row.  The staggered path replays each block with the
+arguments it received in a clean run and finishes with the family's head
+modules; it is checked once against the model's own logits and, if they ever
+disagree (an architecture variant we do not know), dkn falls back to running
+every row through the whole model, which is always right.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from dkn.hooks import Edit, edit_neurons
+from dkn.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class AnswerPositionRunner:
+    """Rows that share a causal prompt and differ at its last position (the answer position)."""
+
+    def __init__(self, lm: LoadedModel, input_ids: torch.Tensor, site: str = "post"):
+        assert not lm.family.masked_lm and input_ids.shape[0] == 1   # input_ids: [1, T]
+        self.lm, self.site = lm, site
+        self.last = input_ids[:, -1:]                                  # [1, 1]
+        with torch.no_grad(), lm.lock:
+            self.prefix = lm.model(input_ids=input_ids[:, :-1], use_cache=True).cache if input_ids.shape[1] > 1 else None
+            self.block_inputs, self.block_calls, self.clean_logits = self._capture()
+        self.staggered = self._head_reproduces_logits()
+
+    def logits(self, row_start: torch.Tensor, edits: dict[int, Edit]) -> torch.Tensor:
+        """[B, vocab] answer-position logits.  row_start [B], ascending: the first layer each row edits.
+        An edit at layer j receives h [n_j, 1, d_mlp] holding the rows that have started by block j,
+        which are the first n_j rows (rows keep their order)."""
+        if self.staggered:
+            return self._staggered_logits(row_start, edits)
+        B = len(row_start)
+        with edit_neurons(self.lm, edits, self.site):
+            out = self.lm.model(input_ids=self.last.expand(B, 1), cache=self._cache([B] * self.lm.n_layers))
+        return out.logits[:, -1]
+
+    # -- the clean run -------------------------------------------------------------------------------
+    def _capture(self):
+        """Per block, the residual input [1, 1, d_model] and the (args, kwargs) it was called with."""
+        inputs, calls, handles = [], [], []
+        cache = self._cache([1] * self.lm.n_layers)
+
+        def capture(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            inputs.append(hidden.detach())
+            calls.append((args[1:] if args else (), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+        for block in self.lm.blocks:
+            handles.append(block.register_forward_pre_hook(capture, with_kwargs=True))
+        try:
+            logits = self.lm.model(input_ids=self.last, cache=cache).logits[:, -1]   # [1, vocab]
+        finally:
+            for h in handles:
+                h.remove()
+        self._capture_cache = cache
+        return inputs, calls, logits
+
+    def _head_reproduces_logits(self) -> bool:
+        try:
+            with torch.no_grad(), self.lm.lock:
+                logits = self._staggered_logits(torch.tensor([self.lm.n_layers]), {})
+            ok = torch.allclose(logits, self.clean_logits, atol=1e-4, rtol=1e-4)
+        except Exception as err:  # an architecture variant whose blocks cannot be replayed
+            log.info("staggered forward unavailable for %s (%s): running every row through the whole model",
+                     self.lm.name, err)
+            return False
+        if not ok:
+            log.info("staggered forward does not reproduce %s's logits: running every row through the whole model",
+                     self.lm.name)
+        return ok
+
+    # -- the staggered run ---------------------------------------------------------------------------
+    def _staggered_logits(self, row_start: torch.Tensor, edits: dict[int, Edit]) -> torch.Tensor:
+        L = self.lm.n_layers
+        starts = row_start.tolist()
+        assert starts == sorted(starts), "rows must be sorted by start layer"
+        active = [sum(1 for s in starts if s <= j) for j in range(L)]          # rows running at block j
+        B = len(starts)
+        cache = self._cache([max(n, 1) for n in active])
+        hidden = self.block_inputs[0][:0]                                     # [0, 1, d_model]
+        with edit_neurons(self.lm, edits, self.site):
+            for j, block in enumerate(self.lm.blocks):
+                if active[j] == 0:
+                    continue
+                new = active[j] - hidden.shape[0]
+                hidden = torch.cat([hidden, self.block_inputs[j].expand(new, -1, -1)])   # [n_j, 1, d_model]
+                args, kwargs = self._call_for(j, cache)
+                out = block(hidden, *args, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+        if hidden.shape[0] < B:                                             # rows that start after the last block
+            hidden = torch.cat([hidden, self._final_hidden().expand(B - hidden.shape[0], -1, -1)])
+        return self._head(hidden)[:, -1]
+
+    def _call_for(self, j: int, cache):
+        args, kwargs = self.block_calls[j]
+        swap = lambda v: cache if v is self._capture_cache else v        # noqa: E731
+        return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+
+    def _final_hidden(self) -> torch.Tensor:
+        if not hasattr(self, "_final"):
+            captured = {}
+            handle = self.lm.blocks[-1].register_forward_hook(
+                lambda m, a, out: captured.setdefault("h", (out[0] if isinstance(out, tuple) else out).detach()))
+            try:
+                with torch.no_grad():
+                    self.lm.model(input_ids=self.last, cache=self._cache([1] * self.lm.n_layers))
+            finally:
+                handle.remove()
+            self._final = captured["h"]
+        return self._final
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The family's final modules, the unembedding and any logit soft-capping: [B, 1, d] -> [B, 1, vocab]."""
+        for path in self.lm.family.head:
+            module = _optional_submodule(self.lm.model, path)
+            if module is not None:
+                hidden = module(hidden)
+        logits = self.lm.model.get_output_embeddings()(hidden)
+        cap = getattr(self.lm.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def _cache(self, batch_per_layer: list[int]):
+        """A copy of the prefix cache with layer j's keys/values repeated batch_per_layer[j] times."""
+        if self.prefix is None:
+            from transformers import DynamicCache
+            return DynamicCache(config=self.lm.config)
+        cache = copy.copy(self.prefix)
+        cache.layers = [copy.copy(layer) for layer in self.prefix.layers]
+        for layer, n in zip(cache.layers, batch_per_layer):
+            layer.keys = layer.keys.expand(n, *layer.keys.shape[1:])
+            layer.values = layer.values.expand(n, *layer.values.shape[1:])
+        return cache
+
+
+def _optional_submodule(root, path: str):
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None

