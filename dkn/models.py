@@ -118,7 +118,9 @@ def load_model(
     """Load "default", a local folder, or a Hugging Face id, in eval mode on `device`
     (CUDA when available, else CPU, when `device` is None)."""
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     name = (name or "").strip()
     if not name:
         raise ModelLoadError("no model given: use 'default', a Hugging Face id such as 'gpt2', or a local folder")

