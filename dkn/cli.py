@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--p", type=float, default=0.5, help="refined: coarse in more than this share of prompts (0.5)")
     _attribution_args(p)
 
+    _add_late_commands(sub)
     p = _command(sub, "prepare-default", "convert the offline default model to safetensors (once)", run_prepare)
     return parser
 
@@ -200,4 +201,81 @@ def run_prepare(args) -> int:
 
     folder = prepare_default_model()
     print(json.dumps({"folder": str(folder)}) if args.json else f"default model ready in {folder}")
+    return 0
+
+
+def _add_late_commands(sub) -> None:
+    p = _command(sub, "dkn", "knowledge neurons, their degenerate groups, and the degeneracy test", run_dkn)
+    _model_args(p)
+    _fact_args(p)
+    p.add_argument("--paraphrase", action="append", default=[], help="another prompt of the same fact (repeat)")
+    p.add_argument("--clusterer", default="ntc", help="ntc, ntc_faithful, hierarchical, dbscan, kmeans or amig")
+    p.add_argument("--t", type=float, default=0.2)
+    p.add_argument("--p", type=float, default=0.5)
+    p.add_argument("--threshold-low", type=float, default=0.05)
+    p.add_argument("--threshold-high", type=float, default=0.3)
+    p.add_argument("--mode", choices=("last", "all", "weights"), default="last")
+    _attribution_args(p)
+
+    p = _command(sub, "experiment", "run an analysis experiment over a dataset (resumable)", run_experiment_cmd)
+    p.add_argument("name", help="acquisition, robustness, enhancement, fact_checking, evolvability or complexity")
+    _model_args(p)
+    p.add_argument("--dataset", default="builtin",
+                   help="builtin, pararel[:P36], rome, lre[:name], templama[:test|wrong], a file, or several joined by +")
+    p.add_argument("--limit", type=int, default=None, help="at most this many facts the model answers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default results/NAME/MODEL)")
+
+
+def run_dkn(args) -> int:
+    from dkn.degeneracy import DegeneracyParams, analyse
+    from dkn.selection import find_knowledge_neurons
+
+    params = DegeneracyParams(clusterer=args.clusterer, threshold_low=args.threshold_low,
+                              threshold_high=args.threshold_high, mode=args.mode)
+    params.validate()
+    lm = _load(args)
+    start = time.perf_counter()
+    prompts = [args.prompt] + args.paraphrase
+    kns = find_knowledge_neurons(lm, prompts, args.answer, _params(args), t=args.t, p=args.p, store=_store(args),
+                                 progress=_progress(args, "attribution"))
+    result = analyse(lm, args.prompt, args.answer, kns.neurons, kns.scores, params)
+    out = result.as_json()
+    out.update(model=lm.name, seconds=time.perf_counter() - start)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{len(kns.neurons)} knowledge neurons; clusterer {args.clusterer}: {len(result.candidates)} candidate groups")
+    for i, c in enumerate(result.candidates):
+        members = " ".join(str(n) for n in c.members)
+        print(f"  BDC {i}: drop {c.single_drop:+.1%}  {'pass' if c.passed else 'fail'}  [{members}]")
+    print(f"all groups together: drop {result.union_drop:+.1%}; random control {result.random_control['mean']:+.1%} "
+          f"(sd {result.random_control['std']:.1%}, n={result.random_control['n']})")
+    print(f"degeneracy index {result.degeneracy_index:.2f}, groups combine: {result.combination}")
+    print(result.verdict)
+    return 0
+
+
+def run_experiment_cmd(args) -> int:
+    from dkn.experiments.runner import experiment_module, run_experiment
+
+    experiment_module(args.name)  # fail on a bad name before loading the model
+    lm = _load(args)
+    bars = {}
+
+    def progress(step, done, total):
+        if args.json or not sys.stderr.isatty():
+            return
+        from tqdm import tqdm
+        bar = bars.get(step) or bars.setdefault(step, tqdm(total=total, desc=step, unit="item"))
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    report, out = run_experiment(args.name, lm, args.dataset, limit=args.limit, seed=args.seed, out_dir=args.out,
+                                 progress=progress)
+    if args.json:
+        print(json.dumps({"experiment": args.name, "out": str(out), "summary": report.summary}, default=str))
+    else:
+        print(f"{args.name}: report written to {out / 'report.md'}")
     return 0

@@ -1,0 +1,195 @@
+"""Running an experiment over a dataset: resumable steps, progress, and the report on disk.
+
+A run is identified by a hash of the experiment, model fingerprint, dataset,
+limit, seed and parameters; rerunning the same command resumes it, because
+every completed item is stored under (run id, step, item) in the ResultStore.
+Output goes to `results/<experiment>/<model>/` by default: records.jsonl, one
+CSV per table, the figures (HTML, and PNG/SVG when a browser is available for
+Kaleido) and report.md.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import logging
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from dkn import __version__
+from dkn.cache import ResultStore, make_key
+from dkn.facts import DatasetError, Fact, load_dataset
+from dkn.models import REPO_ROOT, LoadedModel
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS = {
+    "acquisition": "dkn.experiments.acquisition",
+    "robustness": "dkn.experiments.robustness",
+    "enhancement": "dkn.experiments.enhancement",
+    "fact_checking": "dkn.experiments.fact_checking",
+    "evolvability": "dkn.experiments.evolvability",
+    "complexity": "dkn.experiments.complexity",
+}
+ProgressFn = Callable[[str, int, int], None]   # (step label, done, total)
+
+
+@dataclass
+class Report:
+    """What an experiment returns: tables (name -> pandas DataFrame), figures (name -> plotly Figure),
+    Markdown text for the report, and a JSON-able summary."""
+    summary: dict
+    tables: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
+    markdown: str = ""
+
+
+@dataclass
+class Context:
+    lm: LoadedModel
+    store: ResultStore
+    run_id: str
+    seed: int = 0
+    progress: ProgressFn | None = None
+    computed: int = 0            # items computed in this process (not taken from the store)
+
+    def each(self, step: str, items: Iterable[tuple[str, Any]], fn: Callable[[Any], dict]) -> list[dict]:
+        """fn(item) for every (key, item), resumably: finished items come from the store.  A ValueError
+        (bad fact, unusable prompt) is recorded as {"error": message} for that item and the run goes on."""
+        items = list(items)
+        results = []
+        for done, (key, item) in enumerate(items):
+            store_key = make_key(run=self.run_id, step=step, item=key)
+            entry = self.store.get(store_key)
+            if entry is None:
+                try:
+                    record = fn(item)
+                except ValueError as err:
+                    log.warning("%s: %s skipped: %s", step, key, err)
+                    record = {"error": str(err)}
+                self.store.put(store_key, record, kind=f"run:{self.run_id}")
+                self.computed += 1
+            else:
+                record = entry.meta
+            results.append(record)
+            if self.progress is not None:
+                self.progress(step, done + 1, len(items))
+        return results
+
+
+def experiment_module(name: str):
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}: use one of {', '.join(EXPERIMENTS)}")
+    return importlib.import_module(EXPERIMENTS[name])
+
+
+def run_experiment(name: str, lm: LoadedModel, dataset: str, *, limit: int | None = None, seed: int = 0,
+                   params: Any = None, store: ResultStore | None = None, out_dir: str | Path | None = None,
+                   progress: ProgressFn | None = None, command: str | None = None) -> tuple[Report, Path]:
+    """Run (or resume) experiment `name` on `dataset` and write its report; returns (report, folder)."""
+    module = experiment_module(name)
+    params = params or module.Params()
+    facts = load_facts(dataset)
+    if not facts:
+        raise DatasetError(f"dataset {dataset!r} has no facts")
+    store = store or ResultStore()
+    run_id = make_key(experiment=name, model=lm.name, fingerprint=lm.fingerprint, dataset=dataset,
+                      seed=seed, params=_jsonable(params), version=__version__)[:16]
+    ctx = Context(lm, store, run_id, seed, progress)
+    report = module.run(ctx, facts, params, limit)
+    out = Path(out_dir) if out_dir else REPO_ROOT / "results" / name / _slug(lm.name)
+    manifest = {"experiment": name, "model": lm.name, "model_label": lm.label, "fingerprint": lm.fingerprint,
+                "dataset": dataset, "limit": limit, "seed": seed, "params": _jsonable(params), "run_id": run_id,
+                "version": __version__, "date": dt.datetime.now().isoformat(timespec="seconds"),
+                "command": command or "python -m dkn " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    write_report(out, report, manifest)
+    return report, out
+
+
+def load_facts(spec: str) -> list[Fact]:
+    """One dataset, or several joined by "+" ("builtin+pararel+rome"), interleaved round-robin so that a
+    limit draws evenly from each."""
+    sources = [load_dataset(part.strip()) for part in spec.split("+") if part.strip()]
+    if not sources:
+        raise DatasetError("no dataset given: use builtin, pararel, rome, lre, templama or a file path")
+    merged = []
+    for i in range(max(len(s) for s in sources)):
+        merged += [s[i] for s in sources if i < len(s)]
+    return merged
+
+
+def write_report(out: Path, report: Report, manifest: dict) -> None:
+    """report.md, summary.json, tables as CSV, figures as HTML (+ PNG/SVG when Kaleido can run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps({"manifest": manifest, "summary": report.summary}, indent=2,
+                                                 default=str))
+    for name, table in report.tables.items():
+        table.to_csv(out / f"{name}.csv", index=False)
+    images = []
+    for name, figure in report.figures.items():
+        figure.write_html(out / f"{name}.html", include_plotlyjs="cdn")
+        images.append(name if _write_static(figure, out / name) else None)
+    header = (f"# {manifest['experiment']} on {manifest['model_label']}\n\n"
+              f"- command: `{manifest['command']}`\n- model fingerprint: `{manifest['fingerprint']}`\n"
+              f"- dataset: `{manifest['dataset']}` (limit {manifest['limit']}), seed {manifest['seed']}\n"
+              f"- dkn {manifest['version']}, {manifest['date']}\n\n")
+    figures = "".join(f"\n![{n}]({n}.png)\n" for n in images if n)
+    tables = "".join(f"\n### {name}\n\n{_markdown_table(t)}\n" for name, t in report.tables.items())
+    (out / "report.md").write_text(header + report.markdown + "\n" + tables + figures)
+
+
+def _write_static(figure, stem: Path) -> bool:
+    try:
+        figure.write_image(str(stem) + ".png", scale=2)
+        figure.write_image(str(stem) + ".svg")
+        return True
+    except Exception as err:  # no browser for Kaleido: the HTML figure is still written
+        log.warning("PNG/SVG export of %s skipped (%s); install Chromium for static images", stem.name, err)
+        return False
+
+
+def _markdown_table(table) -> str:
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    for row in table.itertuples(index=False):
+        lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "model"
+
+
+def _jsonable(params) -> Any:
+    if is_dataclass(params):
+        return {f.name: _jsonable(getattr(params, f.name)) for f in fields(params)}
+    if isinstance(params, (list, tuple)):
+        return [_jsonable(p) for p in params]
+    return params
+
+
+def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact]:
+    """The facts the model answers (top-1 is the first token of an answer), up to `limit`, in order.
+    Checked lazily in the dataset's order and stored, so large datasets cost only what is needed."""
+    from dkn.evaluate import answers_correctly
+
+    chosen = []
+    for fact in facts:
+        [record] = ctx.each("known", [(fact.id, fact)], lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)})
+        if record.get("known"):
+            chosen.append(fact)
+            if limit is not None and len(chosen) >= limit:
+                break
+    if not chosen:
+        raise DatasetError("the model answers none of this dataset's facts: choose another dataset or model")
+    return chosen
+
+
+__all__ = ["Context", "Report", "run_experiment", "known_facts", "EXPERIMENTS", "experiment_module", "asdict"]
