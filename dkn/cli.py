@@ -17,6 +17,19 @@ from dkn.neurons import parse_neurons
 log = logging.getLogger("dkn")
 
 
+def _dumps(obj) -> str:
+    """Strict JSON: NaN and infinities (e.g. a mean over no facts) become null."""
+    def clean(x):
+        if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    return json.dumps(clean(json.loads(json.dumps(obj, default=str))), allow_nan=False)
+
+
 class UsageError(Exception):
     """A user error: printed as one line, exit status 2."""
 
@@ -77,7 +90,8 @@ def _command(sub, name, help_text, run):
 
 
 def _model_args(p):
-    p.add_argument("--model", default="default", help="'default', a Hugging Face id, or a local folder")
+    p.add_argument("--model", default="default",
+                   help="'default', 'gemma3-270m' (after `make gemma`), a Hugging Face id, or a local folder")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
 
@@ -145,7 +159,7 @@ def run_attribute(args) -> int:
            "n_layers": lm.n_layers, "d_mlp": lm.d_mlp, "top": top, "seconds": result.seconds,
            "cached": result.cached, "answer_tokens": list(result.answer_tokens)}
     if args.json:
-        print(json.dumps(out))
+        print(_dumps(out))
         return 0
     print(f"{lm.label}: P({result.answer!r} | {result.prompt!r}) = {result.prob:.4f}  "
           f"[{'cached' if result.cached else f'{result.seconds:.2f} s'}]")
@@ -169,7 +183,7 @@ def run_intervene(args) -> int:
            "top_before": [[t, p] for t, p in r.top_before], "top_after": [[t, p] for t, p in r.top_after],
            "factor": factor, "mode": args.mode, "neurons": [str(n) for n in r.neurons]}
     if args.json:
-        print(json.dumps(out))
+        print(_dumps(out))
         return 0
     print(f"P(answer): {r.prob_before:.4f} -> {r.prob_after:.4f} ({r.relative_change:+.1%}), "
           f"{len(r.neurons)} neurons x {factor:g}, mode {args.mode}")
@@ -188,7 +202,7 @@ def run_neurons(args) -> int:
     out = {"model": lm.name, "answer": args.answer, "prompts": args.fact_prompts, "t": args.t, "p": args.p,
            "knowledge_neurons": kns.as_records(), "seconds": time.perf_counter() - start}
     if args.json:
-        print(json.dumps(out))
+        print(_dumps(out))
         return 0
     print(f"{len(kns.neurons)} knowledge neurons (coarse in > {args.p:.0%} of {kns.n_prompts} prompts, t = {args.t}):")
     for row in out["knowledge_neurons"]:
@@ -200,7 +214,7 @@ def run_prepare(args) -> int:
     from dkn.models import prepare_default_model
 
     folder = prepare_default_model()
-    print(json.dumps({"folder": str(folder)}) if args.json else f"default model ready in {folder}")
+    print(_dumps({"folder": str(folder)}) if args.json else f"default model ready in {folder}")
     return 0
 
 
@@ -225,6 +239,9 @@ def _add_late_commands(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most this many facts the model answers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default results/NAME/MODEL)")
+    p.add_argument("--param", action="append", default=[], metavar="FIELD=VALUE",
+                   help="change one of the experiment's Params (repeatable), e.g. steps=50 or models=default,gemma3-270m")
+    p.add_argument("--full", action="store_true", help="the experiment's full-size settings (for a GPU), where it has them")
 
 
 def run_dkn(args) -> int:
@@ -243,7 +260,7 @@ def run_dkn(args) -> int:
     out = result.as_json()
     out.update(model=lm.name, seconds=time.perf_counter() - start)
     if args.json:
-        print(json.dumps(out))
+        print(_dumps(out))
         return 0
     print(f"{len(kns.neurons)} knowledge neurons; clusterer {args.clusterer}: {len(result.candidates)} candidate groups")
     for i, c in enumerate(result.candidates):
@@ -257,9 +274,10 @@ def run_dkn(args) -> int:
 
 
 def run_experiment_cmd(args) -> int:
-    from dkn.experiments.runner import experiment_module, run_experiment
+    from dkn.experiments.runner import experiment_module, make_params, run_experiment
 
     experiment_module(args.name)  # fail on a bad name before loading the model
+    params = make_params(args.name, args.param, args.full)
     lm = _load(args)
     bars = {}
 
@@ -273,9 +291,9 @@ def run_experiment_cmd(args) -> int:
         bar.refresh()
 
     report, out = run_experiment(args.name, lm, args.dataset, limit=args.limit, seed=args.seed, out_dir=args.out,
-                                 progress=progress)
+                                 params=params, progress=progress)
     if args.json:
-        print(json.dumps({"experiment": args.name, "out": str(out), "summary": report.summary}, default=str))
+        print(_dumps({"experiment": args.name, "out": str(out), "summary": report.summary}))
     else:
         print(f"{args.name}: report written to {out / 'report.md'}")
     return 0

@@ -52,11 +52,10 @@ def intervene(lm: LoadedModel, prompt: str, answer: str, neurons: Iterable[Neuro
     query = make_query(lm, prompt, answer)
     neurons = tuple(Neuron(*n) for n in neurons)
     _check(lm, neurons, mode)
-    before = _step_distributions(lm, query, [()], 1.0, "last")          # [1][n_steps] -> [vocab]
-    after = _step_distributions(lm, query, [neurons], factor, mode)
+    before, after = _step_distributions(lm, query, [(), neurons], factor, mode)   # [n_steps] x [vocab] each
     return InterventionResult(
-        _answer_prob(query, before[0]), _answer_prob(query, after[0]),
-        _top_tokens(lm, before[0][0], top_k), _top_tokens(lm, after[0][0], top_k), neurons, factor, mode)
+        _answer_prob(query, before), _answer_prob(query, after),
+        _top_tokens(lm, before[0], top_k), _top_tokens(lm, after[0], top_k), neurons, factor, mode)
 
 
 def intervene_many(lm: LoadedModel, prompt: str, answer: str, neuron_sets: Sequence[Iterable[Neuron]],
@@ -69,6 +68,20 @@ def intervene_many(lm: LoadedModel, prompt: str, answer: str, neuron_sets: Seque
     dists = _step_distributions(lm, query, [()] + sets, factor, mode)
     probs = np.array([_answer_prob(query, d) for d in dists])
     return float(probs[0]), probs[1:]
+
+
+def intervene_many_top1(lm: LoadedModel, prompt: str, answer: str, neuron_sets: Sequence[Iterable[Neuron]],
+                        factor: float = 0.0, mode: str = "last") -> tuple[np.ndarray, np.ndarray]:
+    """Like `intervene_many`, plus the top-1 next token at the first answer position:
+    (probs [1 + n_sets], top1 ids [1 + n_sets]); row 0 is the unchanged model."""
+    query = make_query(lm, prompt, answer)
+    sets = [tuple(Neuron(*n) for n in s) for s in neuron_sets]
+    for s in sets:
+        _check(lm, s, mode)
+    dists = _step_distributions(lm, query, [()] + sets, factor, mode)
+    probs = np.array([_answer_prob(query, d) for d in dists])
+    top1 = np.array([int(d[0].argmax()) for d in dists])
+    return probs, top1
 
 
 def _check(lm: LoadedModel, neurons: tuple[Neuron, ...], mode: str) -> None:
@@ -185,6 +198,9 @@ def _neuron_weight_slices(lm: LoadedModel, n: Neuron):
             yield module.bias, (n.index,)
     down = lm.down_proj(n.layer)                           # read the neuron: columns of [d_model, d_mlp]
     yield down.weight, (n.index,) if conv1d else (slice(None), n.index)
+
+
+neuron_weight_slices = _neuron_weight_slices   # public name (dkn.finetune trains exactly these slices)
 
 
 # -- runners are cached per prompt, so that live interventions in the app cost one single-token pass ----
