@@ -1,0 +1,172 @@
+"""End to end in a real headless Chromium: start the app, attribute a built-in fact on the default model,
+see the heatmap, suppress every BDC on the Intervene page and see the answer's probability drop, export a
+PNG; screenshots of every page go to results/screenshots/.
+
+Needs Debian's chromium (`make browser`) and the Playwright Python package; skipped without them.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.app_support import REPO, make_cache_dir
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = REPO / "results" / "screenshots"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [pytest.mark.browser, pytest.mark.real_model, pytest.mark.slow,
+              pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="no /usr/bin/chromium: run `make browser`")]
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cache = make_cache_dir(tmp_path_factory.mktemp("dkn-browser-cache"))   # empty store: attribution really runs
+    port = free_port()
+    log = open(cache / "streamlit.log", "w")
+    env = dict(os.environ, DKN_CACHE_DIR=str(cache), BROWSER_PATH=CHROMIUM)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
+         "--server.address", "localhost", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://localhost:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the app did not start: " + (cache / "streamlit.log").read_text()[-2000:])
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def page(tmp_path):
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=ARGS, headless=True, accept_downloads=True,
+            viewport={"width": 1400, "height": 1000})
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def shot(page, name: str) -> None:
+    """A screenshot of the whole page (Streamlit scrolls inside its main block, so grow the viewport)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    height = page.evaluate("() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
+                           " return m ? m.scrollHeight : 1000 }")
+    page.set_viewport_size({"width": 1400, "height": max(1000, min(int(height) + 40, 8000))})
+    time.sleep(1.0)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.set_viewport_size({"width": 1400, "height": 1000})
+
+
+def idle(page, timeout_s: float = 240) -> None:
+    """Wait until the script run has finished (the status widget shows no 'running')."""
+    end = time.time() + timeout_s
+    time.sleep(0.5)
+    while time.time() < end:
+        if page.locator("[data-testid='stStatusWidget'] :text('Running')").count() == 0 and \
+                page.locator("[data-testid='stSpinner']").count() == 0:
+            return
+        time.sleep(0.3)
+    raise AssertionError("the app kept running")
+
+
+def percent(page, label: str) -> float:
+    value = page.locator(f"[data-testid='stMetric']:has-text('{label}') [data-testid='stMetricValue']").first
+    return float(re.sub(r"[^0-9.e-]", "", value.inner_text()))
+
+
+def go_to(page, title: str, marker: str) -> None:
+    page.locator(f"[data-testid='stSidebarNav'] a:has-text('{title}')").first.click()
+    page.wait_for_selector(f"text={marker}", timeout=120_000)
+    idle(page)
+
+
+def test_end_to_end(server, page):
+    page.goto(server)
+    page.wait_for_selector("text=1 · The fact", timeout=180_000)          # the model loads first
+    idle(page)
+
+    # pick a built-in fact
+    page.locator(".st-key-w_builtin_fact input").first.click()
+    page.locator("[role='option']:has-text('The capital of France is → Paris')").first.click()
+    idle(page)
+    assert page.locator("[data-testid='stTextInput'] input").first.input_value() == "The capital of France is"
+
+    # one prompt, t = 0.15: a quick attribution whose knowledge neurons still form a group
+    page.locator("summary:has-text('Settings')").click()
+    box = page.locator(".st-key-set_max_prompts input")
+    box.fill("1")
+    box.press("Enter")
+    idle(page)
+    page.locator(".st-key-set_t input").first.focus()
+    page.keyboard.press("ArrowLeft")
+    idle(page)
+    run = page.get_by_role("button", name="Run attribution on 1 prompt")
+    run.click()
+    page.wait_for_selector("text=Computed in", timeout=300_000)
+    idle(page)
+    page.wait_for_selector(".st-key-fig_heatmap .main-svg", timeout=60_000)   # the heatmap, drawn
+    page.wait_for_selector(".st-key-fig_layers .main-svg", timeout=60_000)    # the per-layer summary
+    shot(page, "explore")
+
+    go_to(page, "Degenerate neurons", "Candidate groups")
+    page.wait_for_selector(".st-key-fig_graph .main-svg", timeout=60_000)
+    page.wait_for_selector(".st-key-fig_barcode .main-svg", timeout=60_000)
+    shot(page, "degenerate")
+
+    go_to(page, "Intervene", "Effect on the answer")
+    before = percent(page, "P(answer) after")
+    page.locator(".st-key-all_bdcs button").click()
+    idle(page)
+    end = time.time() + 60
+    while percent(page, "P(answer) after") == before and time.time() < end:
+        time.sleep(0.3)
+    after = percent(page, "P(answer) after")
+    assert after < 0.5 * before, (before, after)
+
+    # export the intervention figure as PNG
+    page.locator(".st-key-fig_intervention ~ * [data-testid='stPopover'] button, [data-testid='stPopover'] button").first.click()
+    with page.expect_download(timeout=120_000) as info:
+        page.get_by_role("button", name="PNG image").first.click()
+    data = open(info.value.path(), "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(data)).size[0] > 100
+    page.keyboard.press("Escape")
+    shot(page, "intervene")
+
+    go_to(page, "Experiments", "No experiments")
+    shot(page, "experiments")
+    assert page.locator("[data-testid='stException']").count() == 0

@@ -1,0 +1,1 @@
+"""The Streamlit app's helpers (state and widgets).  The app imports `dkn`; `dkn` never imports this."""
