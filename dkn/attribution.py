@@ -140,7 +140,7 @@ def attribution_key(lm: LoadedModel, query: Query, params: AttributionParams) ->
 def _meta(result: Attribution) -> dict:
     return {"prob": result.prob, "token_probs": list(result.token_probs), "prompt": result.prompt,
             "answer": result.answer, "answer_tokens": list(result.answer_tokens), "model": result.model,
-            "fingerprint": result.fingerprint, "seconds": result.seconds}
+            "fingerprint": result.fingerprint, "seconds": result.seconds, "params": asdict(result.params)}
 
 
 def _from_entry(entry, params: AttributionParams) -> Attribution:
@@ -229,20 +229,22 @@ def _baseline_probs(lm, ids, step: Step, site, base, runner) -> np.ndarray:
 
 
 def _grad_at(lm, ids, step: Step, site, acts) -> torch.Tensor:
-    """[L, d]: dP/dh at the actual activations of every layer (one forward and backward pass)."""
-    leaves = acts.clone().requires_grad_(True)                              # [L, d]
+    """[L, d]: dP/dh at the actual activations of every layer, in one forward and backward pass.
+    A zero leaf is added to every layer's hidden vector at the answer position, which keeps every
+    path through later layers intact, so d P / d zero(l) is the full derivative at layer l."""
+    zeros = torch.zeros_like(acts).requires_grad_(True)                      # [L, d]
 
-    def setter(layer):
+    def perturb(layer):
         def edit(h):
             h = h.clone()
-            h[0, step.position] = leaves[layer].to(h.dtype)
+            h[0, step.position] = h[0, step.position] + zeros[layer].to(h.dtype)
             return h
         return edit
 
-    with edit_neurons(lm, {l: setter(l) for l in range(lm.n_layers)}, site):
+    with torch.enable_grad(), edit_neurons(lm, {l: perturb(l) for l in range(lm.n_layers)}, site):
         logits = lm.model(input_ids=ids).logits[0, step.position]
-    prob = logits.float().softmax(-1)[step.target]
-    (grad,) = torch.autograd.grad(prob, leaves)
+        prob = logits.float().softmax(-1)[step.target]
+        (grad,) = torch.autograd.grad(prob, zeros)
     return grad
 
 

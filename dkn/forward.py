@@ -11,6 +11,10 @@ make that cheap:
    start layer and block j runs only the rows that have started by then.  With
    one row per layer this halves the work.
 
+3. In the staggered pass the prefix's keys and values are never copied per row:
+   a registered attention function ("dkn_shared_prefix") attends each row's
+   query to the shared, un-expanded prefix keys plus the row's own new key.
+
 `AnswerPositionRunner.logits(row_start, edits)` returns the answer-position
 logits of every row.  The staggered path replays each block with the
 arguments it received in a clean run and finishes with the family's head
@@ -20,10 +24,13 @@ every row through the whole model, which is always right.
 """
 from __future__ import annotations
 
+import contextvars
 import copy
 import logging
+from contextlib import contextmanager
 
 import torch
+from transformers import AttentionInterface
 
 from dkn.hooks import Edit, edit_neurons
 from dkn.models import LoadedModel
@@ -51,14 +58,14 @@ class AnswerPositionRunner:
             return self._staggered_logits(row_start, edits)
         B = len(row_start)
         with edit_neurons(self.lm, edits, self.site):
-            out = self.lm.model(input_ids=self.last.expand(B, 1), cache=self._cache([B] * self.lm.n_layers))
+            out = self.lm.model(input_ids=self.last.expand(B, 1), cache=self._cache(B))
         return out.logits[:, -1]
 
     # -- the clean run -------------------------------------------------------------------------------
     def _capture(self):
         """Per block, the residual input [1, 1, d_model] and the (args, kwargs) it was called with."""
         inputs, calls, handles = [], [], []
-        cache = self._cache([1] * self.lm.n_layers)
+        cache = self._cache(1)
 
         def capture(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -78,7 +85,7 @@ class AnswerPositionRunner:
     def _head_reproduces_logits(self) -> bool:
         try:
             with torch.no_grad(), self.lm.lock:
-                logits = self._staggered_logits(torch.tensor([self.lm.n_layers]), {})
+                logits = self._staggered_logits(torch.tensor([0]), {})            # one row through every block
             ok = torch.allclose(logits, self.clean_logits, atol=1e-4, rtol=1e-4)
         except Exception as err:  # an architecture variant whose blocks cannot be replayed
             log.info("staggered forward unavailable for %s (%s): running every row through the whole model",
@@ -96,9 +103,9 @@ class AnswerPositionRunner:
         assert starts == sorted(starts), "rows must be sorted by start layer"
         active = [sum(1 for s in starts if s <= j) for j in range(L)]          # rows running at block j
         B = len(starts)
-        cache = self._cache([max(n, 1) for n in active])
+        cache = _SharedPrefixCache(self.prefix)
         hidden = self.block_inputs[0][:0]                                     # [0, 1, d_model]
-        with edit_neurons(self.lm, edits, self.site):
+        with edit_neurons(self.lm, edits, self.site), _shared_prefix_attention(self.lm, cache):
             for j, block in enumerate(self.lm.blocks):
                 if active[j] == 0:
                     continue
@@ -123,7 +130,7 @@ class AnswerPositionRunner:
                 lambda m, a, out: captured.setdefault("h", (out[0] if isinstance(out, tuple) else out).detach()))
             try:
                 with torch.no_grad():
-                    self.lm.model(input_ids=self.last, cache=self._cache([1] * self.lm.n_layers))
+                    self.lm.model(input_ids=self.last, cache=self._cache(1))
             finally:
                 handle.remove()
             self._final = captured["h"]
@@ -139,16 +146,16 @@ class AnswerPositionRunner:
         cap = getattr(self.lm.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    def _cache(self, batch_per_layer: list[int]):
-        """A copy of the prefix cache with layer j's keys/values repeated batch_per_layer[j] times."""
+    def _cache(self, batch: int):
+        """A copy of the prefix cache with its keys/values repeated `batch` times (views, no copy)."""
         if self.prefix is None:
             from transformers import DynamicCache
             return DynamicCache(config=self.lm.config)
         cache = copy.copy(self.prefix)
         cache.layers = [copy.copy(layer) for layer in self.prefix.layers]
-        for layer, n in zip(cache.layers, batch_per_layer):
-            layer.keys = layer.keys.expand(n, *layer.keys.shape[1:])
-            layer.values = layer.values.expand(n, *layer.values.shape[1:])
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
+            layer.values = layer.values.expand(batch, *layer.values.shape[1:])
         return cache
 
 
@@ -157,3 +164,66 @@ def _optional_submodule(root, path: str):
         return root.get_submodule(path)
     except AttributeError:
         return None
+
+
+# -- attention over a shared prefix ----------------------------------------------------------------------
+ATTENTION_NAME = "dkn_shared_prefix"
+_PREFIX: contextvars.ContextVar = contextvars.ContextVar("dkn_shared_prefix")
+
+
+class _SharedPrefixCache:
+    """Stands in for the key/value cache in the staggered pass: hands attention only the new token's
+    keys/values; the prefix's stay in `layers` ([1, kv_heads, prefix, head_dim] each) for
+    `shared_prefix_attention`, which every row reads without a copy."""
+
+    def __init__(self, prefix):
+        self.layers = [(layer.keys, layer.values) for layer in prefix.layers] if prefix is not None else None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return key_states, value_states
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            softcap=None, **kwargs):
+    """Attention of one new token per row over the shared prefix and itself.
+    query [B, H, 1, hd]; key, value [B, kv_heads, 1, hd] (the new token's); the prefix comes from the
+    running _SharedPrefixCache.  Returns ([B, 1, H, hd], None) like transformers' attention functions."""
+    cache = _PREFIX.get()
+    groups = query.shape[1] // key.shape[1]
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    k_new, v_new = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)   # [B, H, 1, hd]
+    scores_self = (query * k_new).sum(-1, keepdim=True) * scaling                          # [B, H, 1, 1]
+    if cache.layers is None:
+        scores, k_pre, v_pre = scores_self, None, None
+    else:
+        k_pre, v_pre = cache.layers[module.layer_idx]
+        k_pre, v_pre = k_pre.repeat_interleave(groups, 1), v_pre.repeat_interleave(groups, 1)  # [1, H, P, hd]
+        scores = torch.cat([torch.matmul(query, k_pre.transpose(2, 3)) * scaling, scores_self], -1)  # [B, H, 1, P+1]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., -scores.shape[-1]:]
+    weights = scores.float().softmax(-1).to(query.dtype)
+    out = weights[..., -1:] * v_new                                                        # [B, H, 1, hd]
+    if v_pre is not None:
+        out = out + torch.matmul(weights[..., :-1], v_pre)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def _shared_prefix_attention(lm: LoadedModel, cache: _SharedPrefixCache):
+    """Switch every attention module of `lm` to shared_prefix_attention for the duration."""
+    configs = {id(m.config): m.config for m in lm.model.modules() if hasattr(m, "config")}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    token = _PREFIX.set(cache)
+    try:
+        for c in configs.values():
+            c._attn_implementation = ATTENTION_NAME
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+        _PREFIX.reset(token)
+
+
+AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)

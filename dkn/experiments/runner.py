@@ -109,6 +109,44 @@ def run_experiment(name: str, lm: LoadedModel, dataset: str, *, limit: int | Non
     return report, out
 
 
+def make_params(name: str, settings: Iterable[str] = (), full: bool = False) -> Any:
+    """An experiment's Params: its defaults (or `Params.full()`, GPU-size settings, when asked and offered),
+    with "field=value" settings applied; tuple fields take comma-separated values ("models=default,gemma3-270m")."""
+    import dataclasses
+    import typing
+
+    cls = experiment_module(name).Params
+    if full and not hasattr(cls, "full"):
+        raise ValueError(f"experiment {name!r} has no full-size settings")
+    params = cls.full() if full else cls()
+    hints = typing.get_type_hints(cls)
+    changes = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in {f.name for f in fields(cls)}:
+            raise ValueError(f"bad setting {item!r} for {name}: use FIELD=VALUE with FIELD one of "
+                             f"{', '.join(f.name for f in fields(cls))}")
+        changes[key] = _parse_setting(text.strip(), hints[key], getattr(params, key))
+    return dataclasses.replace(params, **changes)
+
+
+def _parse_setting(text: str, hint, current) -> Any:
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+        return None
+    if isinstance(current, tuple) or typing.get_origin(hint) is tuple:
+        return tuple(t.strip() for t in text.split(",") if t.strip())
+    kind = args[0] if args else hint
+    if kind is bool:
+        return text.lower() in ("1", "true", "yes", "on")
+    if kind in (int, float, str):
+        return kind(text)
+    raise ValueError(f"setting {text!r}: this field cannot be set from the command line")
+
+
 def load_facts(spec: str) -> list[Fact]:
     """One dataset, or several joined by "+" ("builtin+pararel+rome"), interleaved round-robin so that a
     limit draws evenly from each."""
@@ -192,4 +230,4 @@ def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact
     return chosen
 
 
-__all__ = ["Context", "Report", "run_experiment", "known_facts", "EXPERIMENTS", "experiment_module", "asdict"]
+__all__ = ["Context", "Report", "run_experiment", "known_facts", "make_params", "EXPERIMENTS", "experiment_module", "asdict"]

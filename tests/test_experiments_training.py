@@ -1,0 +1,184 @@
+"""Neuron-restricted fine-tuning (dkn.finetune), the evolvability and complexity experiments, and the
+offline Gemma model's missing-package error.  Tiny random models only: seconds on a CPU."""
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+import torch
+
+from dkn.experiments.runner import Context, make_params, write_report
+from dkn.facts import Fact
+from dkn.finetune import fresh_copy, neuron_masks, train_neurons
+from dkn.neurons import Neuron
+from tiny_models import tiny_model
+
+PAIRS = [("the capital of france is", "paris"), ("the capital of germany is", "berlin"),
+         ("the sky is", "blue")]
+NEURONS = [Neuron(0, 3), Neuron(1, 7), Neuron(2, 5), Neuron(2, 6)]
+
+
+def _state(lm) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def _facts() -> list[Fact]:
+    rows = [("france", "paris", "the capital of {} is", "the capital city of {} is"),
+            ("germany", "berlin", "the capital of {} is", "the capital city of {} is"),
+            ("italy", "rome", "the capital of {} is", "the capital city of {} is"),
+            ("spain", "madrid", "the capital of {} is", "in {} the capital is"),
+            ("sky", "blue", "the {} is", "the color of the {} is"),
+            ("grass", "green", "the {} is", "the color of the {} is")]
+    return [Fact(f"t/{s}", s, "r", (a,), tuple(t.format(s) for t in ts), "user") for s, a, *ts in rows]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
+def test_only_the_chosen_neurons_slices_change(family):
+    lm = tiny_model(family)
+    before = _state(lm)
+    result = train_neurons(lm, PAIRS, NEURONS, steps=4, lr=1e-2, seed=0)
+    after = _state(lm)
+    masks = neuron_masks(lm, NEURONS)
+    expected = {"gpt2": {"mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight"},
+                "llama": {"mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"},
+                "opt": {"fc1.weight", "fc1.bias", "fc2.weight"}}[family]
+    assert {re.sub(r"^.*?\.\d+\.", "", k) for k in masks} == expected
+    for name, value in before.items():
+        if name not in masks:
+            assert torch.equal(value, after[name]), f"{name} changed"
+            continue
+        mask = masks[name]
+        assert torch.equal(value[~mask], after[name][~mask]), f"{name}: entries outside the neurons changed"
+        assert not torch.equal(value[mask], after[name][mask]), f"{name}: the neurons' slices did not train"
+    assert result.losses[-1] < result.losses[0]
+    d = lm.config.hidden_size
+    per_neuron = {"gpt2": 2 * d + 1, "llama": 3 * d, "opt": 2 * d + 1}[family]
+    assert result.n_params == len(NEURONS) * per_neuron
+
+
+def test_llama_slices_are_gate_up_rows_and_down_column():
+    lm = tiny_model("llama")
+    masks = neuron_masks(lm, [Neuron(1, 7)])
+    gate, up, down = (masks[f"model.layers.1.mlp.{m}.weight"] for m in ("gate_proj", "up_proj", "down_proj"))
+    assert gate[7].all() and gate.sum() == gate.shape[1] and torch.equal(gate, up)
+    assert down[:, 7].all() and down.sum() == down.shape[0]
+
+
+def test_all_weights_change_everything_trainable():
+    lm = tiny_model("gpt2")
+    before = _state(lm)
+    result = train_neurons(lm, PAIRS, None, steps=3, lr=1e-2)
+    after = _state(lm)
+    trainable = {n for n, p in lm.model.named_parameters() if p.requires_grad}
+    changed = {n for n in trainable if not torch.equal(before[n], after[n])}
+    # position embeddings beyond the prompts' length and unused token rows get no gradient; every tensor moves
+    assert changed == trainable
+    assert result.n_neurons is None and result.n_params == sum(p.numel() for p in lm.model.parameters())
+    assert all(p.requires_grad for p in lm.model.parameters()) and not lm.model.training
+
+
+def test_fresh_copy_is_independent():
+    lm = tiny_model("llama")
+    before = _state(lm)
+    copy = fresh_copy(lm)
+    train_neurons(copy, PAIRS, NEURONS, steps=2, lr=1e-2)
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())
+    assert copy.fingerprint != lm.fingerprint
+
+
+def test_evolvability_end_to_end(store, tmp_path, monkeypatch):
+    from dkn.experiments import evolvability
+
+    lm = tiny_model("llama")
+    original = _state(lm)
+    starts = []
+    real_train = evolvability.train_neurons
+
+    def spy(copy, facts, neurons, **kw):
+        starts.append(_state(copy))
+        assert copy.model is not lm.model
+        return real_train(copy, facts, neurons, **kw)
+
+    monkeypatch.setattr(evolvability, "train_neurons", spy)
+    params = evolvability.Params(n_new=3, n_old=2, steps=3, lr=1e-2,
+                                 neurons=evolvability.ConditionParams(max_prompts=1, random_seeds=0, max_neurons=10))
+    ctx = Context(lm, store, "evo-test", seed=0)
+    report = evolvability.run(ctx, _facts(), params, None)
+    assert report.summary["original_weights_untouched"]
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in original.items())
+    assert len(starts) >= 2                                  # at least "KN" and "all" trained
+    for state in starts:                                     # every condition started from the original
+        assert all(torch.equal(state[k], original[k]) for k in original)
+    table = report.tables["evolvability"]
+    assert set(table["metric"]) == {"Q_new", "Q_old", "Q_au"} and "none" in set(table["condition"])
+    assert report.summary["n_new"] >= 1
+    none = table[(table.condition == "none") & (table.metric == "Q_new")]["accuracy_%"].item()
+    assert none == 0.0                                       # new facts are the unknown ones
+    write_report(tmp_path / "out", report, {"experiment": "evolvability", "model_label": lm.label, "command": "x",
+                                            "fingerprint": lm.fingerprint, "dataset": "t", "limit": None,
+                                            "seed": 0, "version": "t", "date": "t"})
+    assert (tmp_path / "out" / "evolvability_wide.csv").exists()
+    # resumable: a second run takes everything from the store
+    ctx2 = Context(lm, store, "evo-test", seed=0)
+    evolvability.run(ctx2, _facts(), params, None)
+    assert ctx2.computed == 0
+
+
+def test_complexity_on_two_tiny_models(store, tmp_path, monkeypatch):
+    from dkn.experiments import complexity
+
+    folders = []
+    for family in ("gpt2", "llama"):
+        lm = tiny_model(family)
+        folder = tmp_path / family
+        lm.model.save_pretrained(folder, safe_serialization=True)
+        lm.tokenizer.save_pretrained(folder)
+        folders.append(str(folder))
+    monkeypatch.setattr(complexity, "answers_correctly", lambda lm, prompt, answers: True)   # random models know nothing
+    from dkn.models import load_model
+
+    ctx = Context(load_model(folders[0], device="cpu"), store, "cx-test", seed=0)
+    params = complexity.Params(models=tuple(folders),
+                               neurons=complexity.ConditionParams(max_prompts=2, random_seeds=0, max_neurons=12))
+    report = complexity.run(ctx, _facts(), params, 3)
+    table = report.tables["complexity"]
+    assert list(table["model"]) == folders and (table["facts"] == 3).all()
+    assert {"mean_dkn_neurons", "mean_bdc_size", "degeneracy_rate_%", "mean_degeneracy_index",
+            "mean_layer_span_share"} <= set(table.columns)
+    assert report.summary["n_facts"] == 3
+
+
+def test_make_params_from_the_command_line():
+    p = make_params("complexity", ["models=default,gemma3-270m"])
+    assert p.models == ("default", "gemma3-270m")
+    p = make_params("evolvability", ["steps=5", "lr=0.01", "n_old=none"])
+    assert (p.steps, p.lr, p.n_old) == (5, 0.01, None)
+    assert make_params("evolvability", full=True).steps > make_params("evolvability").steps
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        make_params("evolvability", ["nope=1"])
+
+
+def test_gemma_without_its_package_says_make_gemma(isolated_cache_dir, monkeypatch):
+    from dkn import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == models.GEMMA_PACKAGE else real(name, *a))
+    with pytest.raises(models.ModelLoadError, match="make gemma"):
+        models.load_model("gemma3-270m", device="cpu")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_batched_top1_matches_one_at_a_time(family):
+    from dkn.evaluate import answers_correctly, answers_correctly_many
+
+    lm = tiny_model(family)
+    items = [(f.prompts[i], f.answers) for f in _facts() for i in range(2)]
+    tops = []
+    from dkn.evaluate import next_token_distribution
+    for prompt, _ in items:                                   # make some of them "known": ask for the top-1 word
+        tops.append((prompt, (lm.tokenizer.decode([int(next_token_distribution(lm, prompt).argmax())]).strip(),)))
+    items += [t for t in tops if t[1][0]]
+    assert answers_correctly_many(lm, items, batch_size=5) == [answers_correctly(lm, p, a) for p, a in items]
+    assert any(answers_correctly_many(lm, items))
