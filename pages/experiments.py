@@ -1,8 +1,70 @@
-"""Experiments: a placeholder until the experiment runner has a page of its own."""
+"""Experiments: the analysis framework's past runs and their reports, and small runs on the loaded model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
 import streamlit as st
+import streamlit.components.v1 as components
+
+from dkn.experiments.runner import EXPERIMENTS, past_runs, run_experiment
+from dkn.models import REPO_ROOT, cache_dir
+from ui import state, widgets
+
+COMMITTED = REPO_ROOT / "results"
+APP_RUNS = cache_dir() / "app-runs"
 
 st.title("Experiments")
-st.markdown("Experiments over many facts (how often facts are degenerate, how the clusterers compare, "
-            "robustness checks) run from the command line:")
-st.code("python -m dkn experiment ...", language="bash")
-st.info("No experiments are listed here yet. Their results will appear on this page.", icon=":material/science:")
+st.markdown(
+    "The paper's analyses over many facts: degeneracy of acquisition (how clusterers compare), robustness "
+    "(suppression and enhancement), fact-checking, learning new facts, and model size. Full runs go through "
+    "the command line, e.g. `python -m dkn experiment acquisition --dataset builtin+pararel+rome --limit 150`; "
+    "every run is resumable and writes a report. Below: the reports, and small runs on the loaded model.")
+
+runs = past_runs(COMMITTED, APP_RUNS)
+st.header("Reports")
+if not runs:
+    st.info("No experiment has been run yet. Start a small one below, or run one from the command line.",
+            icon=":material/science:")
+else:
+    table = pd.DataFrame([{"experiment": r["manifest"]["experiment"], "model": r["manifest"].get("model_label", ""),
+                           "dataset": r["manifest"]["dataset"], "limit": r["manifest"].get("limit"),
+                           "date": r["manifest"]["date"], "folder": str(Path(r["folder"]).relative_to(REPO_ROOT))
+                           if Path(r["folder"]).is_relative_to(REPO_ROOT) else str(r["folder"])} for r in runs])
+    widgets.show_table(table, "experiment_runs", key="runs_table")
+    labels = [f"{row.experiment} · {row.model} · {row.dataset} · {row.date}" for row in table.itertuples()]
+    chosen = st.selectbox("Report", range(len(runs)), format_func=lambda i: labels[i])
+    folder = Path(runs[chosen]["folder"])
+    report = folder / "report.md"
+    with st.container(border=True):
+        if report.exists():
+            text = report.read_text()
+            st.markdown(text.split("\n![")[0])            # images are shown interactively below
+            st.download_button("Download report.md", text, file_name=f"{folder.parent.name}-{folder.name}-report.md",
+                               key="dl_report")
+        for html in sorted(folder.glob("*.html")):
+            st.subheader(html.stem.replace("_", " "))
+            components.html(html.read_text(), height=480, scrolling=True)
+
+st.header("Run a small experiment")
+lm = widgets.require_model()
+with st.form("run_experiment"):
+    c1, c2, c3, c4 = st.columns([2, 3, 1, 1])
+    name = c1.selectbox("Experiment", list(EXPERIMENTS))
+    dataset = c2.text_input("Dataset", "builtin", help="builtin, pararel[:P36], rome, lre[:name], templama[:test|wrong], "
+                                                       "a CSV/JSONL file, or several joined by +")
+    limit = c3.number_input("Facts", 1, 500, 5)
+    seed = c4.number_input("Seed", 0, 10_000, 0)
+    submitted = st.form_submit_button("Run", type="primary", icon=":material/play_arrow:")
+if submitted:
+    with widgets.guard("the experiment"):
+        def work(update):
+            return run_experiment(name, lm, dataset, limit=int(limit), seed=int(seed), store=state.get_store(),
+                                  out_dir=APP_RUNS / name / f"{lm.name.replace('/', '_')}-{dataset.replace('/', '_')}-{limit}-{seed}",
+                                  progress=lambda step, done, total: update(done / max(total, 1), f"{step} {done}/{total}"),
+                                  command=f"python -m dkn experiment {name} --model {lm.name} --dataset {dataset} "
+                                          f"--limit {limit} --seed {seed}")
+        report, out = widgets.run_with_progress(f"Running {name}", work)
+        st.success(f"Done: {report.summary.get('n_facts', '')} facts. The report is listed above (reload the page).",
+                   icon=":material/check_circle:")
+        st.json(report.summary, expanded=False)

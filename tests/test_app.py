@@ -109,11 +109,25 @@ def test_intervene_toggle_changes_probability(app):
     assert any("Degeneracy index" == m.label for m in at.metric)
 
 
-def test_experiments_placeholder(app):
+def test_experiments_lists_reports_and_refuses_a_bad_dataset(app, cache_dir):
+    import pandas as pd
+
+    from dkn.experiments.runner import Report, write_report
+    folder = cache_dir / "app-runs" / "acquisition" / "test-run"
+    write_report(folder, Report({"n_facts": 1}, tables={"t": pd.DataFrame([{"method": "ntc", "drop": 0.5}])},
+                                markdown="A test report.\n"),
+                 {"experiment": "acquisition", "model": "default", "model_label": "test model", "fingerprint": "x",
+                  "dataset": "builtin", "limit": 1, "seed": 0, "params": {}, "run_id": "r", "version": "0",
+                  "date": "2999-01-01T00:00:00", "command": "python -m dkn experiment acquisition"})
     at = app.run()
     at.switch_page("pages/experiments.py").run()
     no_exceptions(at)
-    assert "python -m dkn experiment" in at.code[0].value
+    assert [h.value for h in at.header] == ["Reports", "Run a small experiment"]
+    assert "A test report." in texts(at.markdown)
+    next(t for t in at.text_input if t.label == "Dataset").input("/no/such/facts.jsonl")
+    next(b for b in at.button if b.label == "Run").click().run()
+    no_exceptions(at)
+    assert "could not be read" in texts(at.error)
 
 
 def test_bad_dataset_shows_error(app):

@@ -231,3 +231,17 @@ def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact
 
 
 __all__ = ["Context", "Report", "run_experiment", "known_facts", "make_params", "EXPERIMENTS", "experiment_module", "asdict"]
+
+
+def past_runs(*roots: str | Path) -> list[dict]:
+    """Every finished run under `roots` (folders holding summary.json), newest first:
+    {"folder", "manifest", "summary"}.  Unreadable folders are skipped with a warning."""
+    runs = []
+    for root in roots:
+        for path in sorted(Path(root).glob("**/summary.json")):
+            try:
+                data = json.loads(path.read_text())
+                runs.append({"folder": path.parent, "manifest": data["manifest"], "summary": data["summary"]})
+            except (OSError, ValueError, KeyError) as err:
+                log.warning("skipping %s: %s", path, err)
+    return sorted(runs, key=lambda r: r["manifest"].get("date", ""), reverse=True)
