@@ -56,6 +56,7 @@ test-fast: setup
 bench: setup
 	$(BIN)/python bench/bench_attribution.py
 	$(BIN)/python bench/bench_interventions.py
+	$(BIN)/python bench/bench_cache_graph.py
 
 clean:
 	rm -rf $(VENV) cache

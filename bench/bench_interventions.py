@@ -14,8 +14,6 @@ import itertools
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,19 +22,10 @@ from dkn.interventions import intervene, intervene_many, runner_for
 from dkn.models import load_model
 from dkn.neurons import Neuron
 from dkn.query import make_query
+from timing import median_seconds
 
 PROMPT, ANSWER = "The capital of France is", "Paris"
 OUT = Path(__file__).resolve().parent / "results"
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -80,14 +69,14 @@ def main() -> None:
     many = rows["intervene_many, 64 sets (answer position)"]
     result = {
         "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "model": lm.label, "prompt": PROMPT,
+        "load_average": os.getloadavg(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "model": lm.label, "prompt": PROMPT,
         "seconds": rows, "ratio_one_set": one / base, "ratio_64_sets": many / base,
         "target_one_set": 1.5, "target_64_sets": 4.0,
         "pass": one / base <= 1.5 and many / base <= 4.0,
     }
     OUT.mkdir(exist_ok=True)
     (OUT / "interventions.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# Intervention cost on {lm.label}", "", f"{result['date']}, {result['machine']}, torch {torch.__version__}",
+    lines = [f"# Intervention cost on {lm.label}", "", f"{result['date']}, {result['machine']}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}",
              "", "| what | median ms | x plain forward |", "|---|---|---|"]
     lines += [f"| {k} | {v * 1000:.1f} | {v / base:.2f} |" for k, v in rows.items()]
     lines += ["", f"One set: {one / base:.2f}x (target <= 1.5x); 64 sets: {many / base:.2f}x (target <= 4x): "

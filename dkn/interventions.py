@@ -61,12 +61,7 @@ def intervene(lm: LoadedModel, prompt: str, answer: str, neurons: Iterable[Neuro
 def intervene_many(lm: LoadedModel, prompt: str, answer: str, neuron_sets: Sequence[Iterable[Neuron]],
                    factor: float = 0.0, mode: str = "last") -> tuple[float, np.ndarray]:
     """(P(answer) unchanged, [n_sets] P(answer) with each set scaled by `factor`), batched."""
-    query = make_query(lm, prompt, answer)
-    sets = [tuple(Neuron(*n) for n in s) for s in neuron_sets]
-    for s in sets:
-        _check(lm, s, mode)
-    dists = _step_distributions(lm, query, [()] + sets, factor, mode)
-    probs = np.array([_answer_prob(query, d) for d in dists])
+    probs, _ = intervene_many_top1(lm, prompt, answer, neuron_sets, factor, mode)
     return float(probs[0]), probs[1:]
 
 

@@ -55,3 +55,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """family -> a tiny random model of that family, built once per test module."""
+    from tiny_models import tiny_model
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = tiny_model(family)
+        return cache[family]
+    return get

@@ -20,16 +20,6 @@ PROMPT, ANSWER = "the capital of france is", "paris"
 ALL = list(FAMILY_CONFIGS)
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = tiny_model(family)
-        return cache[family]
-    return get
-
 
 # -- plain-torch helpers --------------------------------------------------------------------------
 def _inputs(lm, prompt=PROMPT, answer=" " + ANSWER):

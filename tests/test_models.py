@@ -17,16 +17,6 @@ ALL = list(FAMILY_CONFIGS)
 PROMPT = "the capital of france is paris"
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            cache[family] = tiny_model(family)
-        return cache[family]
-    return get
-
 
 def test_family_of_known_and_unknown():
     assert family_of("gpt2").name == "gpt2"
