@@ -44,7 +44,13 @@ else:
                                key="dl_report")
         for html in sorted(folder.glob("*.html")):
             st.subheader(html.stem.replace("_", " "))
-            components.html(html.read_text(), height=480, scrolling=True)
+            png = html.with_suffix(".png")
+            if png.exists():      # the reports' HTML loads plotly.js from a CDN; the PNG works offline
+                st.image(str(png), width="stretch")
+            else:
+                components.html(html.read_text(), height=480, scrolling=True)
+            st.download_button("Download interactive HTML", html.read_bytes(), file_name=html.name,
+                               mime="text/html", key=f"dl_{html.stem}")
 
 st.header("Run a small experiment")
 lm = widgets.require_model()

@@ -167,6 +167,6 @@ def test_end_to_end(server, page):
     page.keyboard.press("Escape")
     shot(page, "intervene")
 
-    go_to(page, "Experiments", "No experiments")
+    go_to(page, "Experiments", "Run a small experiment")
     shot(page, "experiments")
     assert page.locator("[data-testid='stException']").count() == 0
