@@ -173,18 +173,19 @@ def _attribute_step(lm, step: Step, params, max_rows, reference_loop, progress):
     acts, prob = _clean_activations(lm, ids, step, params.site)             # [L, d], float
     base = _baseline(lm, ids, step, params, acts)                           # [L, d]
     runner = _runner_for(lm, ids, step, params.site)
-    base_probs = _baseline_probs(lm, ids, step, params.site, base, runner)  # [L]
-    if params.method == "activation":
-        return acts.cpu().numpy(), prob, base_probs
-    if params.method == "grad_x_act":
+    if params.method != "ig":
+        base_probs = _baseline_probs(lm, ids, step, params.site, base, runner)   # [L]
+        if params.method == "activation":
+            return acts.cpu().numpy(), prob, base_probs
         grads = _grad_at(lm, ids, step, params.site, acts)                  # [L, d]
         return (acts * grads).cpu().numpy(), prob, base_probs
     alphas, weights = integration_points(params.rule, params.steps)
     if reference_loop:
         grad_sum = _reference_integrated_grads(lm, ids, step, params.site, acts, base, alphas, weights, progress)
+        base_probs = _baseline_probs(lm, ids, step, params.site, base, runner)
     else:
-        grad_sum = _integrated_grads(lm, ids, step, params.site, acts, base, alphas, weights, max_rows,
-                                     runner, progress)                      # [L, d]
+        grad_sum, base_probs = _integrated_grads(lm, ids, step, params.site, acts, base, alphas, weights, max_rows,
+                                                 runner, progress)          # [L, d], [L]
     multiplier = acts - base if params.multiplier == "delta" else acts
     return (multiplier * grad_sum).cpu().numpy(), prob, base_probs
 
@@ -249,9 +250,12 @@ def _grad_at(lm, ids, step: Step, site, acts) -> torch.Tensor:
 
 
 def _integrated_grads(lm, ids, step, site, acts, base, alphas, weights, max_rows, runner, progress):
-    """[L, d]: sum_k w_k dP/dh(l) at h(l) = b + alpha_k (a - b), for every layer l.
+    """([L, d] sum_k w_k dP/dh(l) at h(l) = b + alpha_k (a - b), [L] P with layer l at its baseline).
     Rows are (layer, alpha) pairs in layer-major order, evaluated in chunks of at most `max_rows` tokens;
-    without a runner (masked LMs, the reference loop) each row is the whole prompt."""
+    without a runner (masked LMs, the reference loop) each row is the whole prompt.  When the rule has no
+    alpha = 0 point, one is added with weight 0, so that P(baseline) comes from the same pass."""
+    if not np.any(alphas == 0):
+        alphas, weights = np.append(alphas, 0.0), np.append(weights, 0.0)
     L, n_alpha = lm.n_layers, len(alphas)
     row_layer = np.repeat(np.arange(L), n_alpha)                             # [R]
     row_alpha = np.tile(np.arange(n_alpha), L)                               # [R]
@@ -260,15 +264,19 @@ def _integrated_grads(lm, ids, step, site, acts, base, alphas, weights, max_rows
     alphas_t = torch.tensor(alphas, dtype=acts.dtype, device=acts.device)
     weights_t = torch.tensor(weights, dtype=acts.dtype, device=acts.device)
     grad_sum = torch.zeros_like(acts)                                        # [L, d]
+    base_probs = np.zeros(L)
+    zero = int(np.flatnonzero(alphas == 0)[0])
     for start in range(0, len(row_layer), rows_per_chunk):
         layers = torch.from_numpy(row_layer[start:start + rows_per_chunk]).to(acts.device)   # [B]
         ks = torch.from_numpy(row_alpha[start:start + rows_per_chunk]).to(acts.device)        # [B]
         path = base[layers] + alphas_t[ks, None] * (acts[layers] - base[layers])             # [B, d]
-        grads = _path_grads(lm, ids, step, site, layers, path, runner)                       # [B, d]
+        grads, probs = _path_grads(lm, ids, step, site, layers, path, runner)                # [B, d], [B]
         grad_sum.index_add_(0, layers, weights_t[ks, None] * grads)
+        at_zero = (ks == zero).cpu().numpy()
+        base_probs[layers.cpu().numpy()[at_zero]] = probs.cpu().numpy()[at_zero]
         if progress is not None:
             progress(min(start + rows_per_chunk, len(row_layer)), len(row_layer))
-    return grad_sum
+    return grad_sum, base_probs
 
 
 def _reference_integrated_grads(lm, ids, step, site, acts, base, alphas, weights, progress):
@@ -286,18 +294,18 @@ def _one_layer(lm, ids, step, site, acts, base, alphas, weights, layer) -> torch
     alphas_t = torch.tensor(alphas, dtype=acts.dtype)
     path = base[layer] + alphas_t[:, None] * (acts[layer] - base[layer])    # [m, d]
     layers = torch.full((len(alphas),), layer)
-    grads = _path_grads(lm, ids, step, site, layers, path, None)            # [m, d]
+    grads, _ = _path_grads(lm, ids, step, site, layers, path, None)         # [m, d]
     return (torch.tensor(weights, dtype=acts.dtype)[:, None] * grads).sum(0)
 
 
-def _path_grads(lm, ids, step, site, layers, path, runner) -> torch.Tensor:
-    """[B, d]: row r sets layer layers[r] to path[r] at the answer position and returns dP/dh there."""
+def _path_grads(lm, ids, step, site, layers, path, runner) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, d], [B]): row r sets layer layers[r] to path[r] at the answer position; dP/dh there, and P."""
     leaf = path.detach().clone().requires_grad_(True)                       # [B, d]
     with torch.enable_grad():
         logits = _row_logits(lm, ids, step, site, layers, leaf, runner)     # [B, vocab]
         prob = logits.float().softmax(-1)[:, step.target]                   # [B]
         (grad,) = torch.autograd.grad(prob.sum(), leaf)   # rows are independent: d(sum)/d(row r) = dP_r/dh_r
-    return grad
+    return grad, prob.detach()
 
 
 def _row_logits(lm, ids, step, site, layers, values, runner) -> torch.Tensor:

@@ -46,7 +46,8 @@ class AnswerPositionRunner:
         self.lm, self.site = lm, site
         self.last = input_ids[:, -1:]                                  # [1, 1]
         with torch.no_grad(), lm.lock:
-            self.prefix = lm.model(input_ids=input_ids[:, :-1], use_cache=True).cache if input_ids.shape[1] > 1 else None
+            self.prefix = (lm.model.base_model(input_ids=input_ids[:, :-1], use_cache=True).cache   # no head needed
+                           if input_ids.shape[1] > 1 else None)
             self.block_inputs, self.block_calls, self.clean_logits = self._capture()
         self.staggered = self._head_reproduces_logits()
 
