@@ -259,6 +259,12 @@ def _integrated_grads(lm, ids, step, site, acts, base, alphas, weights, max_rows
     L, n_alpha = lm.n_layers, len(alphas)
     row_layer = np.repeat(np.arange(L), n_alpha)                             # [R]
     row_alpha = np.tile(np.arange(n_alpha), L)                               # [R]
+    at_one = np.flatnonzero(alphas == 1)
+    if runner is not None and at_one.size:
+        # alpha = 1 is the clean run for every layer: one shared row (the first of the first chunk), whose
+        # gradient at each layer comes from a zero added there, replaces L identical rows
+        keep = row_alpha != at_one[0]
+        row_layer, row_alpha = row_layer[keep], row_alpha[keep]
     tokens_per_row = 1 if runner is not None else len(step.input_ids)
     rows_per_chunk = max(1, max_rows // tokens_per_row)
     alphas_t = torch.tensor(alphas, dtype=acts.dtype, device=acts.device)
@@ -270,8 +276,11 @@ def _integrated_grads(lm, ids, step, site, acts, base, alphas, weights, max_rows
         layers = torch.from_numpy(row_layer[start:start + rows_per_chunk]).to(acts.device)   # [B]
         ks = torch.from_numpy(row_alpha[start:start + rows_per_chunk]).to(acts.device)        # [B]
         path = base[layers] + alphas_t[ks, None] * (acts[layers] - base[layers])             # [B, d]
-        grads, probs = _path_grads(lm, ids, step, site, layers, path, runner)                # [B, d], [B]
+        with_clean = start == 0 and runner is not None and at_one.size > 0
+        grads, probs, clean = _path_grads(lm, ids, step, site, layers, path, runner, with_clean)  # [B, d], [B]
         grad_sum.index_add_(0, layers, weights_t[ks, None] * grads)
+        if clean is not None:
+            grad_sum += weights_t[at_one[0]] * clean                                         # [L, d]
         at_zero = (ks == zero).cpu().numpy()
         base_probs[layers.cpu().numpy()[at_zero]] = probs.cpu().numpy()[at_zero]
         if progress is not None:
@@ -294,36 +303,55 @@ def _one_layer(lm, ids, step, site, acts, base, alphas, weights, layer) -> torch
     alphas_t = torch.tensor(alphas, dtype=acts.dtype)
     path = base[layer] + alphas_t[:, None] * (acts[layer] - base[layer])    # [m, d]
     layers = torch.full((len(alphas),), layer)
-    grads, _ = _path_grads(lm, ids, step, site, layers, path, None)         # [m, d]
+    grads, _, _ = _path_grads(lm, ids, step, site, layers, path, None)      # [m, d]
     return (torch.tensor(weights, dtype=acts.dtype)[:, None] * grads).sum(0)
 
 
-def _path_grads(lm, ids, step, site, layers, path, runner) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, d], [B]): row r sets layer layers[r] to path[r] at the answer position; dP/dh there, and P."""
+def _path_grads(lm, ids, step, site, layers, path, runner, with_clean: bool = False):
+    """Row r sets layer layers[r] to path[r] at the answer position.  Returns dP/dh there [B, d], P [B],
+    and, with `with_clean` (runner only), dP/dh at the clean activations of every layer [L, d] from one
+    extra row that runs the clean model with a zero added to every layer."""
     leaf = path.detach().clone().requires_grad_(True)                       # [B, d]
+    zeros = torch.zeros(lm.n_layers, path.shape[1], requires_grad=True) if with_clean else None
     with torch.enable_grad():
-        logits = _row_logits(lm, ids, step, site, layers, leaf, runner)     # [B, vocab]
-        prob = logits.float().softmax(-1)[:, step.target]                   # [B]
-        (grad,) = torch.autograd.grad(prob.sum(), leaf)   # rows are independent: d(sum)/d(row r) = dP_r/dh_r
-    return grad, prob.detach()
+        logits = _row_logits(lm, ids, step, site, layers, leaf, runner, zeros)   # [B (+1), vocab]
+    with torch.no_grad():               # dP_t/dz_v = P_t (1[v = t] - p_v), written out: cheaper than autograd's
+        p = logits.float().softmax(-1)                                       # [B (+1), vocab]
+        prob = p[:, step.target].clone()                                     # [B (+1)]
+        grad_logits = p.mul_(-prob[:, None])
+        grad_logits[:, step.target] += prob
+    # rows are independent, so the vector-Jacobian product gives each row its own dP_r/dh_r
+    inputs = (leaf,) if zeros is None else (leaf, zeros)
+    grads = torch.autograd.grad(logits, inputs, grad_outputs=grad_logits.to(logits.dtype))
+    if zeros is None:
+        return grads[0], prob, None
+    return grads[0], prob[1:], grads[1]
 
 
-def _row_logits(lm, ids, step, site, layers, values, runner) -> torch.Tensor:
-    """[B, vocab]: answer-position logits when row r sets layer layers[r] (ascending) to values[r] [B, d]."""
+def _row_logits(lm, ids, step, site, layers, values, runner, zeros=None) -> torch.Tensor:
+    """[B, vocab]: answer-position logits when row r sets layer layers[r] (ascending) to values[r] [B, d].
+    With `zeros` [L, d] (runner only), a first extra row runs the clean model plus zeros[l] at every layer."""
+    offset = 0 if zeros is None else 1
     edits = {}
-    for layer in torch.unique(layers).tolist():
-        rows = torch.nonzero(layers == layer).squeeze(1)                     # [n_l]
-        edits[layer] = _splice(rows, 0 if runner is not None else step.position, values)
+    for layer in range(lm.n_layers) if zeros is not None else torch.unique(layers).tolist():
+        rows = torch.nonzero(layers == layer).squeeze(1) + offset           # [n_l]
+        edits[layer] = _splice(rows, 0 if runner is not None else step.position, values, offset,
+                               None if zeros is None else zeros[layer])
     if runner is not None:
-        return runner.logits(layers, edits)
+        starts = layers if zeros is None else torch.cat([layers.new_zeros(1), layers])
+        return runner.logits(starts, edits)
     with edit_neurons(lm, edits, site):
         return lm.model(input_ids=ids.expand(len(layers), -1)).logits[:, step.position]
 
 
-def _splice(rows: torch.Tensor, pos: int, values: torch.Tensor):
+def _splice(rows: torch.Tensor, pos: int, values: torch.Tensor, offset: int = 0, add_to_first=None):
+    """Edit: rows `rows` take values[rows - offset] at `pos`; with `add_to_first` [d], row 0 gets it added."""
     def edit(h):                                  # h: [B, T, d]
         h = h.clone()
-        h[rows, pos] = values[rows].to(h.dtype)
+        if len(rows):
+            h[rows, pos] = values[rows - offset].to(h.dtype)
+        if add_to_first is not None:
+            h[0, pos] = h[0, pos] + add_to_first.to(h.dtype)
         return h
     return edit
 

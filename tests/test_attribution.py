@@ -391,3 +391,18 @@ def test_progress_reaches_total(models, reference_loop):
     # the fast path adds one alpha = 0 row per layer (P at the baseline) to the midpoint rule's 5 points
     points = 5 if reference_loop else 6
     assert dones == sorted(dones) and dones[-1] == total == 2 * lm.n_layers * points
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text"])
+@pytest.mark.parametrize("rule", ["linspace", "trapezoid", "right", "left"])
+def test_fast_path_equals_reference_for_every_rule_and_chunking(models, family, rule):
+    """Rules with alpha = 1 share one clean row across layers, and rules without alpha = 0 get an extra
+    weight-0 row for P(baseline): both must leave scores and baseline probabilities unchanged."""
+    lm = models(family)
+    params = AttributionParams(steps=6, rule=rule)
+    reference = attribute(lm, PROMPT, "paris new", params, reference_loop=True)
+    for max_rows in (3, 512):
+        fast = attribute(lm, PROMPT, "paris new", params, max_rows=max_rows)
+        scale = np.abs(reference.scores).max()
+        np.testing.assert_allclose(fast.scores, reference.scores, atol=1e-5 * scale)
+        np.testing.assert_allclose(fast.baseline_probs, reference.baseline_probs, atol=1e-6)
