@@ -192,8 +192,12 @@ def _attribute_step(lm, step: Step, params, max_rows, reference_loop, progress):
 
 @torch.inference_mode()
 def _clean_activations(lm, ids, step: Step, site) -> tuple[torch.Tensor, float]:
+    last = not lm.family.masked_lm and step.position == ids.shape[1] - 1
     with record_neurons(lm, site=site) as rec:
-        logits = lm.model(input_ids=ids).logits[0, step.position]          # [vocab]
+        if last:                        # the head on the answer position only
+            logits = lm.model(input_ids=ids, logits_to_keep=1).logits[0, -1]   # [vocab]
+        else:
+            logits = lm.model(input_ids=ids).logits[0, step.position]
     acts = torch.stack([rec[l][0, step.position] for l in range(lm.n_layers)]).float()  # [L, d]
     return acts, float(logits.float().softmax(-1)[step.target])
 
