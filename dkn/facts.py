@@ -336,6 +336,18 @@ def _pararel_prompt_templates(path: Path, bad: _BadRows) -> list[str]:
     return out
 
 
+def _grouped_facts(pairs, relation: str, source: str, prompts_for) -> list[Fact]:
+    """One Fact per subject of (subject, answer) pairs, all of its distinct answers in first-seen order;
+    prompts_for(subject) gives its prompts."""
+    grouped: dict[str, list[str]] = {}
+    for subject, answer in pairs:
+        answers = grouped.setdefault(subject, [])
+        if answer not in answers:
+            answers.append(answer)
+    return [Fact(id=f"{source}/{relation}/{subject}", subject=subject, relation=relation, answers=tuple(answers),
+                 prompts=prompts_for(subject), source=source) for subject, answers in grouped.items()]
+
+
 def load_pararel(
     root: str | os.PathLike | None = None,
     relations: Iterable[str] | str | None = None,
@@ -386,26 +398,11 @@ def load_pararel(
             log.info("PARAREL relation %s has templates but no facts file; skipping it", rel)
             continue
         fbad = _BadRows(fpath, strict)
-        grouped: dict[str, list[str]] = {}
-        for lineno, obj in _read_jsonl(fpath):
-            if not fbad.require(lineno, obj, ["sub_label", "obj_label"]):
-                continue
-            sub, ans = obj["sub_label"].strip(), _clean_answer(obj["obj_label"])
-            answers = grouped.setdefault(sub, [])
-            if ans not in answers:
-                answers.append(ans)
+        pairs = [(obj["sub_label"].strip(), _clean_answer(obj["obj_label"]))
+                 for lineno, obj in _read_jsonl(fpath) if fbad.require(lineno, obj, ["sub_label", "obj_label"])]
         fbad.summary()
-        for sub, answers in grouped.items():
-            facts.append(
-                Fact(
-                    id=f"pararel/{rel}/{sub}",
-                    subject=sub,
-                    relation=rel,
-                    answers=tuple(answers),
-                    prompts=tuple(_clean_prompt(t.replace("[X]", sub)) for t in templates),
-                    source="pararel",
-                )
-            )
+        facts += _grouped_facts(pairs, rel, "pararel",
+                                lambda sub: tuple(_clean_prompt(t.replace("[X]", sub)) for t in templates))
         if limit is not None and len(facts) >= limit:
             break
     return _limit(facts, limit)
@@ -505,27 +502,10 @@ def load_lre(
             raise DatasetError(f"{f}: no 'prompt_templates' with a '{{}}' subject slot")
         rel = f.stem
         bad = _BadRows(f, strict, unit="sample")
-        grouped: dict[str, list[str]] = {}
-        for i, s in enumerate(data.get("samples") or []):
-            if not bad.require(i, s, ["subject", "object"]):
-                continue
-            sub = _decode_escapes(s["subject"]).strip()
-            obj = _clean_answer(_decode_escapes(s["object"]))
-            answers = grouped.setdefault(sub, [])
-            if obj not in answers:
-                answers.append(obj)
+        pairs = [(_decode_escapes(row["subject"]).strip(), _clean_answer(_decode_escapes(row["object"])))
+                 for i, row in enumerate(data.get("samples") or []) if bad.require(i, row, ["subject", "object"])]
         bad.summary()
-        for sub, answers in grouped.items():
-            facts.append(
-                Fact(
-                    id=f"lre/{rel}/{sub}",
-                    subject=sub,
-                    relation=rel,
-                    answers=tuple(answers),
-                    prompts=tuple(_fill(t, sub) for t in templates),
-                    source="lre",
-                )
-            )
+        facts += _grouped_facts(pairs, rel, "lre", lambda sub: tuple(_fill(t, sub) for t in templates))
         if limit is not None and len(facts) >= limit:
             break
     return _limit(facts, limit)
