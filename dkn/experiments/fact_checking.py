@@ -201,11 +201,13 @@ def predictions(statements: list[dict], thresholds: dict) -> list[dict]:
 def metric(rows: list[dict], condition: str, which: int) -> float:
     labels = [r["label"] for r in rows]
     first = rows[0]["pred"][condition] if rows else None
-    if isinstance(first, list):
-        n_seeds = len(first)
-        if n_seeds == 0:
-            return float("nan")
-        return float(np.mean([prf([r["pred"][condition][k] for r in rows], labels)[which] for k in range(n_seeds)]))
+    if isinstance(first, list):        # one prediction per random seed; a fact may have fewer seeds (or none)
+        n_seeds = max(len(r["pred"][condition]) for r in rows)
+        per_seed = []
+        for k in range(n_seeds):
+            have = [r for r in rows if len(r["pred"][condition]) > k]
+            per_seed.append(prf([r["pred"][condition][k] for r in have], [r["label"] for r in have])[which])
+        return float(np.mean(per_seed)) if per_seed else float("nan")
     return prf([r["pred"][condition] for r in rows], labels)[which]
 
 
