@@ -128,26 +128,24 @@ def _root(data_root: str | os.PathLike | None) -> Path:
     return Path(data_root).expanduser() if data_root is not None else default_data_root()
 
 
-def _need_file(path: Path, what: str) -> Path:
+def _need(path: Path, what: str, kind: str) -> Path:
+    """`path` if it exists and is a `kind` ("file" or "folder"), else a DatasetError saying what to do."""
     if not path.exists():
         raise DatasetError(
-            f"{what} not found: {path} does not exist. Give the right path, or set DKN_DATA "
+            f"{what} not found: {path} does not exist. Give the right {kind}, or set DKN_DATA "
             f"to the folder that holds the datasets (default {default_data_root()})."
         )
-    if not path.is_file():
-        raise DatasetError(f"{what}: {path} is not a file.")
+    if not (path.is_file() if kind == "file" else path.is_dir()):
+        raise DatasetError(f"{what}: {path} is not a {kind}.")
     return path
+
+
+def _need_file(path: Path, what: str) -> Path:
+    return _need(path, what, "file")
 
 
 def _need_dir(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise DatasetError(
-            f"{what} not found: {path} does not exist. Give the right folder, or set DKN_DATA "
-            f"to the folder that holds the datasets (default {default_data_root()})."
-        )
-    if not path.is_dir():
-        raise DatasetError(f"{what}: {path} is not a folder.")
-    return path
+    return _need(path, what, "folder")
 
 
 def _read_text(path: Path) -> str:

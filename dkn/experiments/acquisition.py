@@ -38,9 +38,10 @@ def fact_record(ctx: Context, fact, params: Params) -> dict:
     kns = find_knowledge_neurons(ctx.lm, prompts, fact.answer, params.attribution, t=params.t, p=params.p,
                                  store=ctx.store)
     neurons, scores = kns.neurons[: params.max_neurons], kns.scores[: params.max_neurons]
-    per_method = {}
+    per_method, prob = {}, None
     for clusterer in params.clusterers:
         r = analyse(ctx.lm, prompts[0], fact.answer, neurons, scores, replace(params.degeneracy, clusterer=clusterer))
+        prob = r.prob                                   # P(answer), the same for every clusterer
         full = tuple(range(len(r.candidates)))
         proper = [d for s, d in r.subset_drops if s != full]
         per_method[clusterer] = {
@@ -51,14 +52,8 @@ def fact_record(ctx: Context, fact, params: Params) -> dict:
             "random_mean_drop": r.random_control["mean"],
             "layers": sorted({n.layer for c in r.candidates for n in c.members}),
         }
-    return {"fact": fact.id, "relation": fact.relation, "source": fact.source, "prob": kns_prob(ctx, prompts[0], fact),
+    return {"fact": fact.id, "relation": fact.relation, "source": fact.source, "prob": prob,
             "n_kn": len(kns.neurons), "kn_layers": [n.layer for n in kns.neurons], "methods": per_method}
-
-
-def kns_prob(ctx: Context, prompt: str, fact) -> float:
-    from dkn.interventions import intervene_many
-    prob, _ = intervene_many(ctx.lm, prompt, fact.answer, [], 0.0, "last")
-    return prob
 
 
 def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
