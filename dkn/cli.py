@@ -242,6 +242,10 @@ def _add_late_commands(sub) -> None:
     p.add_argument("--param", action="append", default=[], metavar="FIELD=VALUE",
                    help="change one of the experiment's Params (repeatable), e.g. steps=50 or models=default,gemma3-270m")
     p.add_argument("--full", action="store_true", help="the experiment's full-size settings (for a GPU), where it has them")
+    p.add_argument("--workers", type=int, default=None,
+                   help="run the per-fact steps on Ray with this many model copies (default: in this process)")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="join this Ray cluster (with --workers); default: start a local one with this machine's cores")
 
 
 def run_dkn(args) -> int:
@@ -278,6 +282,7 @@ def run_experiment_cmd(args) -> int:
 
     experiment_module(args.name)  # fail on a bad name before loading the model
     params = make_params(args.name, args.param, args.full)
+    cluster = _cluster(args)
     lm = _load(args)
     bars = {}
 
@@ -291,9 +296,22 @@ def run_experiment_cmd(args) -> int:
         bar.refresh()
 
     report, out = run_experiment(args.name, lm, args.dataset, limit=args.limit, seed=args.seed, out_dir=args.out,
-                                 params=params, progress=progress)
+                                 params=params, progress=progress, cluster=cluster)
     if args.json:
         print(_dumps({"experiment": args.name, "out": str(out), "summary": report.summary}))
     else:
         print(f"{args.name}: report written to {out / 'report.md'}")
     return 0
+
+
+def _cluster(args):
+    """The Ray settings of --workers / --ray-address, or None for a run in this process."""
+    if args.workers is None:
+        if args.ray_address:
+            raise UsageError("--ray-address needs --workers N: how many model copies to run on the cluster")
+        return None
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {args.workers}")
+    from dkn.experiments.distributed import ClusterSpec
+
+    return ClusterSpec(workers=args.workers, address=args.ray_address, device=args.device)
