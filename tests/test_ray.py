@@ -28,7 +28,7 @@ import ray
 from test_experiments_analysis import known_rows, write_jsonl
 from tiny_models import tiny_model
 
-from dkn.cache import ResultStore
+from dkn.cache import ResultStore, make_key
 from dkn.cli import main
 from dkn.experiments import robustness, runner
 from dkn.experiments.distributed import (
@@ -63,11 +63,11 @@ def tiny(tmp_path_factory):
     return root / "model", lm, write_jsonl(root / "facts.jsonl", known_rows(lm, N_FACTS))
 
 
-def run(lm, data, folder, cluster=None):
-    params = runner.make_params(EXPERIMENT, SETTINGS)
+def run(lm, data, folder, cluster=None, progress=None, settings=SETTINGS, limit=None):
+    params = runner.make_params(EXPERIMENT, settings)
     store = ResultStore(folder / "results.sqlite")
-    runner.run_experiment(EXPERIMENT, lm, data, params=params, store=store, out_dir=folder / "out",
-                          command="test", cluster=cluster)
+    runner.run_experiment(EXPERIMENT, lm, data, params=params, store=store, out_dir=folder / "out", limit=limit,
+                          command="test", cluster=cluster, progress=progress)
     return folder
 
 
@@ -95,15 +95,17 @@ def assert_close(a, b, where="summary"):
         assert a == b, where
 
 
-def assert_same_run(folder, reference):
-    """Same summary.json (bar date and command), tables, stored records and attribution caches."""
-    got, want = (json.loads((f / "out" / "summary.json").read_text()) for f in (folder, reference))
+def assert_same_run(folder, reference, out=None):
+    """Same summary.json (bar date and command), tables, stored records and attribution caches as the
+    run in `reference`; `folder` holds results.sqlite and, unless `out` is given, the report in out/."""
+    out = out or folder / "out"
+    got, want = (json.loads((f / "summary.json").read_text()) for f in (out, reference / "out"))
     for manifest in (got["manifest"], want["manifest"]):
         del manifest["date"], manifest["command"]
     assert got["manifest"] == want["manifest"]
     assert_close(got["summary"], want["summary"])
     for csv in sorted((reference / "out").glob("*.csv")):
-        pd.testing.assert_frame_equal(pd.read_csv(folder / "out" / csv.name), pd.read_csv(csv),
+        pd.testing.assert_frame_equal(pd.read_csv(out / csv.name), pd.read_csv(csv),
                                       check_exact=False, rtol=1e-5, atol=1e-7)
     got_store, want_store = (dict(ResultStore(f / "results.sqlite").entries()) for f in (folder, reference))
     assert sorted(got_store) == sorted(want_store) and len(want_store) > 2 * N_FACTS
@@ -150,6 +152,36 @@ def test_cli_rejects_bad_cluster_flags(argv, message, tiny, capsys):
     assert not ray.is_initialized()
 
 
+# -- the app's Experiments page ------------------------------------------------------------------------
+def page(tiny, tmp_path, monkeypatch, workers: int, address: str = ""):
+    """The Experiments page on the tiny model, its run form filled in and submitted."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.app_support import REPO
+
+    folder, _, data = tiny
+    monkeypatch.setenv("DKN_CACHE_DIR", str(tmp_path))
+    monkeypatch.chdir(REPO)
+    at = AppTest.from_file(str(REPO / "pages" / "experiments.py"), default_timeout=600)
+    at.session_state["model_name"] = str(folder)
+    at.run()
+    next(s for s in at.selectbox if s.label == "Experiment").set_value(EXPERIMENT)
+    next(t for t in at.text_input if t.label == "Dataset").input(data)
+    next(n for n in at.number_input if n.label == "Facts").set_value(N_FACTS)
+    next(n for n in at.number_input if n.label == "Ray workers").set_value(workers)
+    next(t for t in at.text_input if t.label == "Ray address").input(address)
+    next(b for b in at.button if b.label == "Run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_page_says_when_the_cluster_cannot_be_reached(tiny, tmp_path, monkeypatch):
+    at = page(tiny, tmp_path, monkeypatch, workers=2, address="127.0.0.1:1")
+    errors = " ".join(e.value for e in at.error)
+    assert "The run on Ray failed" in errors and "cannot reach the Ray cluster at '127.0.0.1:1'" in errors
+    assert not ray.is_initialized()
+
+
 # -- a local Ray started by the CLI --------------------------------------------------------------------
 def test_cli_workers_start_a_local_ray_and_give_the_local_results(tiny, local, tmp_path, monkeypatch):
     assert not ray.is_initialized(), "this test must run before the two-node cluster starts"
@@ -167,7 +199,7 @@ def test_cli_workers_start_a_local_ray_and_give_the_local_results(tiny, local, t
 # -- a simulated two-node cluster ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_nodes(tiny):
-    """A two-node Ray cluster (one CPU each) and a two-worker pool on it, shared by the tests below."""
+    """A two-worker pool on a two-node Ray cluster (one CPU each; `.cluster`), shared by the tests below."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -175,6 +207,7 @@ def two_nodes(tiny):
         cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address, log_to_driver=False)
         with worker_pool(tiny[1], ClusterSpec(workers=2)) as pool:
+            pool.cluster = cluster
             yield pool
     finally:
         ray.shutdown()
@@ -185,19 +218,31 @@ def test_two_node_cluster_gives_the_local_results(tiny, local, two_nodes, tmp_pa
     _, lm, data = tiny
     assert len({w["node"] for w in two_nodes.workers_info}) == 2      # one worker on each node
     assert {w["threads"] for w in two_nodes.workers_info} == {1}
-    assert_same_run(run(lm, data, tmp_path, cluster=two_nodes), local)
+    progress = []
+    folder = run(lm, data, tmp_path, cluster=two_nodes, progress=lambda *call: progress.append(call))
+    assert_same_run(folder, local)
+    shown = [done for step, done, total in progress if step == EXPERIMENT and total == N_FACTS]
+    assert shown == list(range(1, N_FACTS + 1))                     # one update per finished fact
 
 
-def crash_once(marker, calls, step: str, key: str):
+def crash_once(marker, calls, step: str, key: str, how: str = "exit"):
     """A worker hook: log every item the worker starts; the first time it starts `key` of `step`,
-    write its pid to `marker` and end the worker process on the spot."""
+    write its pid to `marker` and end the worker process on the spot (or raise, `how="raise"`)."""
     def hook(this_step: str, this_key: str) -> None:
         with open(calls, "a") as out:
             out.write(f"{this_step}\t{this_key}\t{os.getpid()}\n")
         if (this_step, this_key) == (step, key) and not marker.exists():
             marker.write_text(str(os.getpid()))
+            if how == "raise":
+                raise RuntimeError("simulated crash")
             os._exit(1)
     return hook
+
+
+def started(calls) -> list[str]:
+    """The facts of the experiment's step that the workers started, in the hook's log."""
+    rows = [line.split("\t") for line in calls.read_text().splitlines()] if calls.exists() else []
+    return [key for step, key, _ in rows if step == EXPERIMENT]
 
 
 def test_a_worker_killed_mid_fact_costs_that_fact_only(tiny, local, two_nodes, tmp_path):
@@ -215,7 +260,42 @@ def test_a_worker_killed_mid_fact_costs_that_fact_only(tiny, local, two_nodes, t
     after = {w["pid"] for w in ray.get([a.ready.remote() for a in two_nodes.actors])}
     assert killed not in after and len(after) == 2            # Ray restarted it as a new process
     rows = [line.split("\t") for line in calls.read_text().splitlines()]
-    counts = Counter(key for step, key, _ in rows if step == EXPERIMENT)
-    assert counts == {f"t/{i}": 2 if i == 2 else 1 for i in range(N_FACTS)}   # only that fact again
+    assert Counter(started(calls)) == {f"t/{i}": 2 if i == 2 else 1 for i in range(N_FACTS)}   # only that one again
     assert len({pid for step, key, pid in rows if (step, key) == (EXPERIMENT, "t/2")}) == 2
     assert_same_run(folder, local)
+
+
+def test_a_failed_run_resumes_without_recomputing_what_the_driver_stored(tiny, local, two_nodes, tmp_path):
+    _, lm, data = tiny
+    marker, calls = tmp_path / "failed.pid", tmp_path / "calls.tsv"
+    two_nodes.item_hook = crash_once(marker, calls, EXPERIMENT, "t/3", how="raise")
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(lm, data, tmp_path, cluster=two_nodes)
+        run_id = json.loads((local / "out" / "summary.json").read_text())["manifest"]["run_id"]
+        store = ResultStore(tmp_path / "results.sqlite")
+        stored = {f"t/{i}" for i in range(N_FACTS)
+                  if store.get(make_key(run=run_id, step=EXPERIMENT, item=f"t/{i}")) is not None}
+        assert "t/3" not in stored and stored <= set(started(calls))
+        calls.unlink()
+        folder = run(lm, data, tmp_path, cluster=two_nodes)       # the hook no longer raises: marker exists
+    finally:
+        two_nodes.item_hook = None
+    assert sorted(started(calls)) == sorted({f"t/{i}" for i in range(N_FACTS)} - stored)
+    assert_same_run(folder, local)
+
+
+
+def test_page_runs_on_the_cluster(tiny, two_nodes, tmp_path, monkeypatch):
+    node = two_nodes.cluster.add_node(num_cpus=1)          # room for the page's own worker
+    try:
+        at = page(tiny, tmp_path / "page", monkeypatch, workers=1)
+    finally:
+        two_nodes.cluster.remove_node(node)
+    assert not at.error, [e.value for e in at.error]
+    assert any(f"Done: {N_FACTS} facts" in s.value for s in at.success)
+    [out] = {p.parent for p in (tmp_path / "page" / "app-runs").glob("**/summary.json")}
+    _, lm, data = tiny
+    local_run = run(lm, data, tmp_path / "local", settings=[], limit=N_FACTS)   # the page's settings, here
+    assert_same_run(tmp_path / "page", local_run, out)
+    assert "--workers 1" in json.loads((out / "summary.json").read_text())["manifest"]["command"]

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import pickle
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -106,7 +107,7 @@ class WorkerPool:
             gpus = gpus_per_worker(sum(n["Resources"].get("GPU", 0) for n in nodes), spec.workers, spec.device)
             dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
             actor = ray.remote(_Worker).options(num_cpus=threads, num_gpus=gpus, max_restarts=spec.max_retries,
-                                                max_task_retries=spec.max_retries)
+                                                max_task_retries=spec.max_retries, scheduling_strategy="SPREAD")
             self.actors = [actor.remote(lm.name, lm.fingerprint, dtype, spec.device, threads)
                            for _ in range(spec.workers)]
             self.workers_info = self._ready()
@@ -196,8 +197,10 @@ def _connect(address: str | None) -> bool:
     An already initialised Ray (a test's cluster, a notebook's) is used as it is."""
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS") or None    # ray.init would read it too
     try:
         if address:
+            _check_reachable(address)
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -206,6 +209,17 @@ def _connect(address: str | None) -> bool:
                            "`ray start --head` and give its address (HOST:6379), or leave out --ray-address "
                            "for a local one") from err
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT nobody listens on (ray.init would retry for minutes)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConnectionError(f"nothing answers at {host}:{port}: {err}") from err
 
 
 def _cause(err: BaseException) -> str:
