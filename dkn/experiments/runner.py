@@ -19,8 +19,8 @@ import json
 import logging
 import shlex
 import sys
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +232,7 @@ def _write_static(figure, stem: Path) -> bool:
         figure.write_image(str(stem) + ".png", scale=2)
         figure.write_image(str(stem) + ".svg")
         return True
-    except Exception as err:  # no browser for Kaleido: the HTML figure is still written
+    except Exception as err:  # noqa: BLE001  (no browser for Kaleido, whatever it raises: the HTML is still written)
         log.warning("PNG/SVG export of %s skipped (%s); install Chromium for static images", stem.name, err)
         return False
 
@@ -281,7 +281,7 @@ def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact
     return chosen
 
 
-__all__ = ["Context", "Report", "run_experiment", "known_facts", "make_params", "EXPERIMENTS", "experiment_module", "asdict"]
+__all__ = ["EXPERIMENTS", "Context", "Report", "asdict", "experiment_module", "known_facts", "make_params", "run_experiment"]
 
 
 def past_runs(*roots: str | Path) -> list[dict]:
