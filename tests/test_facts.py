@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from dkn.facts import (
+from dkn.datasets import (
     DATASET_NAMES,
     DatasetError,
     Fact,
@@ -220,9 +220,10 @@ def test_user_csv_round_trip_with_pipes(tmp_path):
 
 def test_bad_rows_are_skipped_with_a_warning_or_raise_when_strict(tmp_path, caplog):
     p = tmp_path / "bad.jsonl"
-    rows = [FACTS[0], {"prompt": "The capital of Spain is"}, {"answer": "Rome"}, {"prompt": "Berlin is in", "answer": "Germany"}]
+    rows = [FACTS[0], {"prompt": "The capital of Spain is"}, {"answer": "Rome"},
+            {"prompt": "Berlin is in", "answer": "Germany"}]
     p.write_text("\n".join(json.dumps(r) for r in rows))
-    with caplog.at_level(logging.WARNING, logger="dkn.facts"):
+    with caplog.at_level(logging.WARNING, logger="dkn.datasets"):
         facts = load_user_file(p)
     assert [f.answer for f in facts] == ["Paris", "Germany"]
     text = caplog.text
