@@ -1,7 +1,7 @@
 """dkn.export: figures to PNG/SVG/HTML, tables to CSV/JSON, the zip with its manifest."""
 import io
-import re
 import json
+import re
 import zipfile
 
 import numpy as np

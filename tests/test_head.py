@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny_models import CAUSAL_FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,7 +26,7 @@ import numpy as np
 
 from dkn.attribution import AttributionParams
 from dkn.degeneracy import DegeneracyParams, analyse, random_matched_sets
-from dkn.jsonsafe import jsonable  # noqa: F401  (re-exported: the experiments import it from here)
+from dkn.jsonsafe import jsonable
 from dkn.neurons import Neuron
 from dkn.query import first_answer_tokens as first_tokens  # noqa: F401  (re-exported, as above)
 from dkn.selection import find_knowledge_neurons

@@ -35,11 +35,11 @@ import numpy as np
 import pandas as pd
 
 from dkn.cache import make_key
+from dkn.datasets import DatasetError
 from dkn.degeneracy import random_matched_sets
 from dkn.evaluate import answers_correctly, answers_correctly_many
 from dkn.experiments.conditions import ConditionParams, bootstrap_mean, jsonable, neuron_conditions, to_neurons
 from dkn.experiments.runner import Context, Report
-from dkn.datasets import DatasetError
 from dkn.finetune import fresh_copy, train_neurons
 from dkn.models import fingerprint
 from dkn.neurons import Neuron
