@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_late_commands(sub)
     p = _command(sub, "prepare-default", "convert the offline default model to safetensors (once)", run_prepare)
-    p = _command(sub, "paths", "show the folders dkn uses (cache, models, results, data)", run_paths)
+    _command(sub, "paths", "show the folders dkn uses (cache, models, results, data)", run_paths)
     return parser
 
 
