@@ -69,6 +69,7 @@ bench: setup
 	$(BIN)/python bench/bench_attribution.py
 	$(BIN)/python bench/bench_interventions.py
 	$(BIN)/python bench/bench_cache_graph.py
+	$(BIN)/python bench/bench_cli_cache.py
 
 clean:
 	rm -rf $(VENV) cache
