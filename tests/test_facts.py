@@ -277,3 +277,24 @@ def test_missing_file_and_unknown_name_errors(tmp_path):
     for name in DATASET_NAMES:
         assert name in str(e.value)
     assert isinstance(e.value, ValueError)
+
+
+def test_named_sources_come_from_the_registry(monkeypatch, tmp_path):
+    """load_dataset dispatches through datasets.SOURCES (no if-chain): a registered source is found by name,
+    gets its ':' argument and the data root, and detection asks each source in DETECTION_ORDER."""
+    import types
+
+    import dkn.datasets as datasets
+
+    assert tuple(datasets.SOURCES) == DATASET_NAMES == ("builtin", "pararel", "rome", "lre", "templama")
+    fact = Fact(id="toy/1", subject="x", relation="r", answers=("y",), prompts=("x is",), source="user")
+    calls = []
+    toy = types.SimpleNamespace(
+        load_named=lambda arg, root, limit, strict: calls.append((arg, root, limit, strict)) or [fact],
+        detect=lambda p, peek: p.suffix == ".toy", load_path=lambda p, limit, strict: [fact, fact][:limit])
+    monkeypatch.setitem(datasets.SOURCES, "toy", toy)
+    assert load_dataset("toy:a,b", limit=3, data_root=tmp_path) == [fact]
+    assert calls == [("a,b", tmp_path, 3, False)]
+    monkeypatch.setattr(datasets, "DETECTION_ORDER", (toy, *datasets.DETECTION_ORDER))
+    (tmp_path / "facts.toy").write_text("anything")
+    assert load_dataset(str(tmp_path / "facts.toy"), limit=1) == [fact]
