@@ -14,6 +14,7 @@ Writes bench/results/cli_cache.{json,md}.
 
     .venv/bin/python bench/bench_cli_cache.py [--rounds 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,7 @@ from dkn.memo import KIND
 
 OUT = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
-ARGS = ["-m", "dkn", "attribute", "--prompt", "The capital of France is", "--answer", "Paris", "--steps", "4",
-        "--json"]
+ARGS = ["-m", "dkn", "attribute", "--prompt", "The capital of France is", "--answer", "Paris", "--steps", "4", "--json"]
 
 
 def _timed(cmd: list[str], env: dict) -> float:
@@ -61,19 +61,34 @@ def main() -> None:
             times["no memo"].append(_timed([sys.executable, *ARGS], env))
             times["python -c pass"].append(_timed([sys.executable, "-c", "pass"], env))
     medians = {name: statistics.median(values) for name, values in times.items()}
-    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "load_average": os.getloadavg(),
-              "cpu_count": os.cpu_count(), "first_compute_s": compute, "rounds": args.rounds, "seconds": times,
-              "median_s": medians, "no_memo_over_memo_hit": medians["no memo"] / medians["memo hit"]}
+    result = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "load_average": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
+        "first_compute_s": compute,
+        "rounds": args.rounds,
+        "seconds": times,
+        "median_s": medians,
+        "no_memo_over_memo_hit": medians["no memo"] / medians["memo hit"],
+    }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "cli_cache.json").write_text(json.dumps(result, indent=2))
-    lines = ["# A cached `python -m dkn attribute` (SmolLM2-135M, 4 IG steps)", "",
-             f"{result['date']}, {result['cpu_count']} CPUs, load average {result['load_average'][0]:.1f} "
-             "(shared machine: compare ratios)", "",
-             "| call | median s | runs (s) |", "|---|---|---|"]
-    lines += [f"| {name} | {medians[name]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |"
-              for name, values in times.items()]
-    lines += ["", f"First (computing) call: {compute:.1f} s.  No memo / memo hit: "
-              f"{result['no_memo_over_memo_hit']:.1f}x."]
+    lines = [
+        "# A cached `python -m dkn attribute` (SmolLM2-135M, 4 IG steps)",
+        "",
+        f"{result['date']}, {result['cpu_count']} CPUs, load average {result['load_average'][0]:.1f} "
+        "(shared machine: compare ratios)",
+        "",
+        "| call | median s | runs (s) |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {medians[name]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |" for name, values in times.items()
+    ]
+    lines += [
+        "",
+        f"First (computing) call: {compute:.1f} s.  No memo / memo hit: {result['no_memo_over_memo_hit']:.1f}x.",
+    ]
     (OUT / "cli_cache.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -5,6 +5,7 @@ with exit status 2; anything else is a bug and keeps its traceback.  Modules wit
 (`models.ModelLoadError`, `query.QueryError`, `datasets.DatasetError`, `cache.CacheError`) derive them
 from `DknError` or `ValueError`, so this module imports nothing else and costs nothing to import.
 """
+
 from __future__ import annotations
 
 

@@ -6,6 +6,7 @@ infinities become None (strict JSON has no NaN).  Anything else becomes its `str
 `default=str` (the CLI's choice) or raises a TypeError.  `dumps` is `json.dumps(jsonable(obj))` with
 `allow_nan=False`.  Imports only numpy (no torch): the CLI uses it on its fast path.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,7 +39,7 @@ def jsonable(obj: Any, default: Callable[[Any], Any] | None = None) -> Any:
         return os.fspath(obj)
     if isinstance(obj, (bytes, bytearray)):
         return bytes(obj).hex()
-    if hasattr(obj, "tolist") and callable(obj.tolist):       # torch tensors, pandas arrays
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # torch tensors, pandas arrays
         return jsonable(obj.tolist(), default)
     if default is not None:
         return jsonable(default(obj))

@@ -11,6 +11,7 @@ request is computed normally and remembered again.
 Only local folders (the converted offline models and folders given with --model) are remembered; a
 Hugging Face id would need the hub library to find its snapshot, so it always loads.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,14 @@ def memo_key(command: str, model: str, request: dict[str, Any]) -> str | None:
     folder = local_folder(model)
     if folder is None:
         return None
-    return make_key(kind=f"{KIND}:{command}", model=model, folder=str(folder), files=files_state(folder),
-                    request=request, version=__version__)
+    return make_key(
+        kind=f"{KIND}:{command}",
+        model=model,
+        folder=str(folder),
+        files=files_state(folder),
+        request=request,
+        version=__version__,
+    )
 
 
 def recall(store: ResultStore | None, command: str, model: str, request: dict[str, Any]) -> dict | None:

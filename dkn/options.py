@@ -5,14 +5,18 @@ without importing the model code.  The modules that implement the options valida
 `tests/test_cli.py::test_option_lists_match_the_library` checks that `dkn.attribution.METHODS`,
 `BASELINES`, `dkn.interventions.MODES` and `dkn.degeneracy.CLUSTERER_NAMES` are these same tuples.
 """
+
 from __future__ import annotations
 
 from dkn.integration import RULES  # noqa: F401  (the quadrature rules are defined with their code)
 from dkn.topology import CLUSTERERS as _TOPOLOGY_CLUSTERERS
 
 #: Attribution methods (dkn.attribution), with the app's labels.
-METHOD_LABELS = {"ig": "Integrated gradients", "grad_x_act": "Gradient × activation (fast)",
-                 "activation": "Activation only"}
+METHOD_LABELS = {
+    "ig": "Integrated gradients",
+    "grad_x_act": "Gradient × activation (fast)",
+    "activation": "Activation only",
+}
 METHODS = tuple(METHOD_LABELS)
 
 #: Integrated-gradients baselines: zero (Dai et al.) or AMIG (Chen et al.).

@@ -15,6 +15,7 @@ A "checkout" is the folder above the `dkn` package when it holds `pyproject.toml
 `pip install .` the package lives in site-packages, where nothing may be written, so the user folders
 are used instead.  This module imports nothing heavy (no torch): the CLI's cached answers rely on it.
 """
+
 from __future__ import annotations
 
 import os
@@ -113,5 +114,11 @@ def package_data(name: str) -> Path:
 def describe() -> dict[str, str]:
     """Every folder, for `dkn paths` and bug reports."""
     root = checkout_root()
-    return {"checkout": str(root) if root else "", "package": str(PACKAGE_DIR), "cache": str(cache_dir()),
-            "models": str(models_dir()), "results": str(results_dir()), "data": str(data_root())}
+    return {
+        "checkout": str(root) if root else "",
+        "package": str(PACKAGE_DIR),
+        "cache": str(cache_dir()),
+        "models": str(models_dir()),
+        "results": str(results_dir()),
+        "data": str(data_root()),
+    }

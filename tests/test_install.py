@@ -6,6 +6,7 @@ setuptools, ...) through a .pth file, so only dkn itself is built and installed 
 --no-build-isolation --no-index`).  The source is copied first, so the build writes nothing into the
 working tree.  Also: the single-sourced version and the folders of `dkn.paths` in a checkout.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,14 +42,18 @@ def installed(tmp_path_factory):
     py = venv / "bin" / "python"
     site = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     outer = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    (site / "_outer_env.pth").write_text("\n".join(sorted(outer)) + "\n")   # plain paths: no editable finders
+    (site / "_outer_env.pth").write_text("\n".join(sorted(outer)) + "\n")  # plain paths: no editable finders
     home = tmp / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DKN_", "PYTHON", "XDG_"))}
-    env.update(HOME=str(home), HF_HUB_OFFLINE="1", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
-               OMP_NUM_THREADS="1")
-    _run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(src)],
-         cwd=tmp, env=env)
+    env.update(
+        HOME=str(home), HF_HUB_OFFLINE="1", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", OMP_NUM_THREADS="1"
+    )
+    _run(
+        [str(py), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(src)],
+        cwd=tmp,
+        env=env,
+    )
     return py, venv / "bin", env, site, tmp
 
 
@@ -59,15 +64,18 @@ def test_console_script_and_folders(installed):
     assert _run([str(bin_ / "dkn"), "--help"], cwd=elsewhere, env=env).stdout.startswith("usage:")
     folders = json.loads(_run([str(bin_ / "dkn"), "paths", "--json"], cwd=elsewhere, env=env).stdout)
     package = Path(folders["package"])
-    assert package == site / "dkn" and (package / "data" / "builtin_facts.json").is_file()   # package data shipped
+    assert package == site / "dkn" and (package / "data" / "builtin_facts.json").is_file()  # package data shipped
     assert folders["checkout"] == ""
     home = Path(env["HOME"])
     assert Path(folders["cache"]) == home / ".cache" / "dkn"
     assert Path(folders["models"]) == home / ".cache" / "dkn" / "models"
     assert Path(folders["results"]) == elsewhere / "results"
     assert not Path(folders["cache"]).is_relative_to(site) and not Path(folders["cache"]).is_relative_to(REPO)
-    version = _run([str(py), "-c", "import importlib.metadata as m, dkn; print(m.version('dkn'), dkn.__version__)"],
-                   cwd=elsewhere, env=env).stdout.split()
+    version = _run(
+        [str(py), "-c", "import importlib.metadata as m, dkn; print(m.version('dkn'), dkn.__version__)"],
+        cwd=elsewhere,
+        env=env,
+    ).stdout.split()
     assert version[0] == version[1] == folders["version"]
     with_env = dict(env, DKN_CACHE_DIR=str(tmp / "c"), DKN_MODELS_DIR=str(tmp / "m"), DKN_DATA=str(tmp / "d"))
     moved = json.loads(_run([str(bin_ / "dkn"), "paths", "--json"], cwd=elsewhere, env=with_env).stdout)
@@ -86,17 +94,33 @@ def test_installed_command_attributes_and_caches_in_the_user_cache(installed):
     lm.tokenizer.save_pretrained(folder)
     work = tmp / "work"
     work.mkdir()
-    argv = [str(bin_ / "dkn"), "attribute", "--model", str(folder), "--device", "cpu", "--prompt",
-            "the capital of france is", "--answer", "paris", "--steps", "2", "--top", "3", "--json"]
+    argv = [
+        str(bin_ / "dkn"),
+        "attribute",
+        "--model",
+        str(folder),
+        "--device",
+        "cpu",
+        "--prompt",
+        "the capital of france is",
+        "--answer",
+        "paris",
+        "--steps",
+        "2",
+        "--top",
+        "3",
+        "--json",
+    ]
     first = json.loads(_run(argv, cwd=work, env=env).stdout)
     again = json.loads(_run(argv, cwd=work, env=env).stdout)
     assert (first["n_layers"], first["d_mlp"], len(first["top"])) == (3, 128, 3)
     assert first["cached"] is False and again["cached"] is True and again["top"] == first["top"]
     assert (Path(env["HOME"]) / ".cache" / "dkn" / "results.sqlite").is_file()
     assert not list(site.glob("**/results.sqlite")) and not (site / "cache").exists()
-    assert sorted(p.name for p in work.iterdir()) == []                  # nothing written into the cwd either
-    builtin = _run([str(py), "-c", "from dkn.datasets import builtin_facts; print(len(builtin_facts()))"],
-                   cwd=work, env=env).stdout
+    assert sorted(p.name for p in work.iterdir()) == []  # nothing written into the cwd either
+    builtin = _run(
+        [str(py), "-c", "from dkn.datasets import builtin_facts; print(len(builtin_facts()))"], cwd=work, env=env
+    ).stdout
     assert int(builtin) > 100
 
 
@@ -108,11 +132,14 @@ def test_checkout_folders(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     assert paths.checkout_root() == REPO
     assert (paths.cache_dir(), paths.models_dir(), paths.results_dir()) == (
-        REPO / "cache", REPO / "cache" / "models", REPO / "results")
+        REPO / "cache",
+        REPO / "cache" / "models",
+        REPO / "results",
+    )
     assert paths.data_root() == (REPO.parent / "shared" / "data").resolve()
     monkeypatch.setenv(paths.ENV_CACHE, str(tmp_path / "fresh"))
     assert paths.cache_dir() == tmp_path / "fresh"
-    assert paths.models_dir() == REPO / "cache" / "models"               # a fresh cache still finds the models
+    assert paths.models_dir() == REPO / "cache" / "models"  # a fresh cache still finds the models
     assert paths.model_folder("default") == REPO / "cache" / "models" / "smollm2-135m-instruct"
     assert paths.model_folder("gpt2") is None
 
@@ -125,5 +152,6 @@ def test_version_is_single_sourced():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert "version" not in project and "version" in project["dynamic"]
     assert tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["dynamic"]["version"] == {
-        "attr": "dkn.__version__"}
+        "attr": "dkn.__version__"
+    }
     assert dkn.__version__.count(".") == 2

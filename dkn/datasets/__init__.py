@@ -13,6 +13,7 @@ write a module with `load_named`, `detect` and `load_path`, and add it to `SOURC
 
 Every loader returns facts in a deterministic order.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,16 +32,33 @@ from dkn.datasets.templama import load_templama
 from dkn.datasets.user import load_user_file
 
 #: Named sources: the name `load_dataset` accepts (each may take a ":..." argument) -> its module.
-SOURCES: dict[str, ModuleType] = {"builtin": builtin, "pararel": pararel, "rome": rome, "lre": lre,
-                                  "templama": templama}
+SOURCES: dict[str, ModuleType] = {
+    "builtin": builtin,
+    "pararel": pararel,
+    "rome": rome,
+    "lre": lre,
+    "templama": templama,
+}
 #: Names `load_dataset` accepts.
 DATASET_NAMES = tuple(SOURCES)
 #: The order in which a file or folder's format is detected (the user's own files last: they take anything).
 DETECTION_ORDER: tuple[ModuleType, ...] = (pararel, templama, rome, lre, builtin, user)
 
-__all__ = ["Fact", "DatasetError", "DATASET_NAMES", "SOURCES", "BUILTIN_FACTS_PATH", "default_data_root",
-           "builtin_facts", "load_pararel", "load_rome", "load_lre", "load_templama", "load_user_file",
-           "load_dataset"]
+__all__ = [
+    "Fact",
+    "DatasetError",
+    "DATASET_NAMES",
+    "SOURCES",
+    "BUILTIN_FACTS_PATH",
+    "default_data_root",
+    "builtin_facts",
+    "load_pararel",
+    "load_rome",
+    "load_lre",
+    "load_templama",
+    "load_user_file",
+    "load_dataset",
+]
 
 
 def default_data_root() -> Path:

@@ -5,6 +5,7 @@ Prompts never end with a space and answers never start with one; the model is ex
 with " " + answer.  Problems are `DatasetError`s; a row with missing fields is skipped with a logged
 warning (counted once per file) unless `strict=True`, which raises instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,6 @@ class Fact:
         return self.prompts[0]
 
 
-
 def data_root(data_root: str | os.PathLike | None = None) -> Path:
     """`data_root` if given, else `dkn.paths.data_root()` (`$DKN_DATA`, else `../shared/data` next to
     the checkout)."""
@@ -108,8 +108,7 @@ def read_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(
-            f"{path}: corrupt JSON at line {e.lineno}, column {e.colno}: {e.msg}. "
-            "Fix or re-download the file."
+            f"{path}: corrupt JSON at line {e.lineno}, column {e.colno}: {e.msg}. Fix or re-download the file."
         ) from None
 
 
@@ -219,5 +218,14 @@ def grouped_facts(pairs, relation: str, source: str, prompts_for) -> list[Fact]:
         answers = grouped.setdefault(subject, [])
         if answer not in answers:
             answers.append(answer)
-    return [Fact(id=f"{source}/{relation}/{subject}", subject=subject, relation=relation, answers=tuple(answers),
-                 prompts=prompts_for(subject), source=source) for subject, answers in grouped.items()]
+    return [
+        Fact(
+            id=f"{source}/{relation}/{subject}",
+            subject=subject,
+            relation=relation,
+            answers=tuple(answers),
+            prompts=prompts_for(subject),
+            source=source,
+        )
+        for subject, answers in grouped.items()
+    ]

@@ -1,6 +1,7 @@
 """Our hand-written facts (`dkn/data/builtin_facts.json`): each relation with several paraphrase
 templates, each fact marked with whether the default model answers it (`scripts/mark_known_facts.py`).
 """
+
 from __future__ import annotations
 
 import os
@@ -63,7 +64,7 @@ def builtin_facts(known_only: bool = False, path: str | os.PathLike | None = Non
 
 
 def load_named(arg: str, root: Path, limit: int | None, strict: bool) -> list[Fact]:
-    """"builtin" (every relation) or "builtin:capital,language" (those relations)."""
+    """ "builtin" (every relation) or "builtin:capital,language" (those relations)."""
     facts = builtin_facts()
     if arg:
         facts = [f for f in facts if f.relation in arg.split(",")]
@@ -80,4 +81,3 @@ def detect(p: Path, peek) -> bool:
 
 def load_path(p: Path, limit: int | None, strict: bool) -> list[Fact]:
     return take(builtin_facts(path=p), limit)
-

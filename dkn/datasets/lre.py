@@ -1,5 +1,5 @@
-"""LRE relation files (Hernandez et al. 2024, relations/data/factual): one JSON file per relation.
-"""
+"""LRE relation files (Hernandez et al. 2024, relations/data/factual): one JSON file per relation."""
+
 from __future__ import annotations
 
 import os
@@ -54,8 +54,7 @@ def load_lre(
         missing = [r for r in relations if r not in names]
         if missing:
             raise DatasetError(
-                f"LRE has no relation {', '.join(map(repr, missing))} in {p}. "
-                f"Available: {', '.join(sorted(names))}"
+                f"LRE has no relation {', '.join(map(repr, missing))} in {p}. Available: {', '.join(sorted(names))}"
             )
         files = [names[r] for r in dict.fromkeys(relations)]
     facts: list[Fact] = []
@@ -68,18 +67,22 @@ def load_lre(
             raise DatasetError(f"{f}: no 'prompt_templates' with a '{{}}' subject slot")
         rel = f.stem
         bad = BadRows(f, strict, unit="sample")
-        pairs = [(decode_escapes(row["subject"]).strip(), clean_answer(decode_escapes(row["object"])))
-                 for i, row in enumerate(data.get("samples") or []) if bad.require(i, row, ["subject", "object"])]
+        pairs = [
+            (decode_escapes(row["subject"]).strip(), clean_answer(decode_escapes(row["object"])))
+            for i, row in enumerate(data.get("samples") or [])
+            if bad.require(i, row, ["subject", "object"])
+        ]
         bad.summary()
-        facts += grouped_facts(pairs, rel, "lre",
-                               lambda sub, templates=templates: tuple(fill(t, sub) for t in templates))
+        facts += grouped_facts(
+            pairs, rel, "lre", lambda sub, templates=templates: tuple(fill(t, sub) for t in templates)
+        )
         if limit is not None and len(facts) >= limit:
             break
     return take(facts, limit)
 
 
 def load_named(arg: str, root: Path, limit: int | None, strict: bool) -> list[Fact]:
-    """"lre" (every relation file) or "lre:country_capital_city"."""
+    """ "lre" (every relation file) or "lre:country_capital_city"."""
     return load_lre(root / "lre", relations=arg or None, limit=limit, strict=strict)
 
 
@@ -93,4 +96,3 @@ def detect(p: Path, peek) -> bool:
 
 def load_path(p: Path, limit: int | None, strict: bool) -> list[Fact]:
     return load_lre(p, limit=limit, strict=strict)
-

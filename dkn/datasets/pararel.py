@@ -1,5 +1,5 @@
-"""PARAREL (Elazar et al. 2021): `templates/P*.jsonl` (paraphrased patterns) + `facts/P*.jsonl`.
-"""
+"""PARAREL (Elazar et al. 2021): `templates/P*.jsonl` (paraphrased patterns) + `facts/P*.jsonl`."""
+
 from __future__ import annotations
 
 import os
@@ -39,7 +39,6 @@ def _pararel_prompt_templates(path: Path, bad: BadRows) -> list[str]:
         if t not in out:
             out.append(t)
     return out
-
 
 
 def load_pararel(
@@ -92,18 +91,25 @@ def load_pararel(
             log.info("PARAREL relation %s has templates but no facts file; skipping it", rel)
             continue
         fbad = BadRows(fpath, strict)
-        pairs = [(obj["sub_label"].strip(), clean_answer(obj["obj_label"]))
-                 for lineno, obj in read_jsonl(fpath) if fbad.require(lineno, obj, ["sub_label", "obj_label"])]
+        pairs = [
+            (obj["sub_label"].strip(), clean_answer(obj["obj_label"]))
+            for lineno, obj in read_jsonl(fpath)
+            if fbad.require(lineno, obj, ["sub_label", "obj_label"])
+        ]
         fbad.summary()
-        facts += grouped_facts(pairs, rel, "pararel", lambda sub, templates=templates: tuple(
-            clean_prompt(t.replace("[X]", sub)) for t in templates))
+        facts += grouped_facts(
+            pairs,
+            rel,
+            "pararel",
+            lambda sub, templates=templates: tuple(clean_prompt(t.replace("[X]", sub)) for t in templates),
+        )
         if limit is not None and len(facts) >= limit:
             break
     return take(facts, limit)
 
 
 def load_named(arg: str, root: Path, limit: int | None, strict: bool) -> list[Fact]:
-    """"pararel" (every relation with >= 2 cloze templates) or "pararel:P36,P19"."""
+    """ "pararel" (every relation with >= 2 cloze templates) or "pararel:P36,P19"."""
     return load_pararel(root / "pararel", relations=arg or None, limit=limit, strict=strict)
 
 
@@ -112,11 +118,12 @@ def detect(p: Path, peek) -> bool:
         return (p / "templates").is_dir() and (p / "facts").is_dir()
     first = peek(p) if p.suffix.lower() in (".jsonl", ".ndjson", ".txt", "") else None
     if isinstance(first, dict) and ("pattern" in first or "sub_label" in first):
-        raise DatasetError(f"{p} is one PARAREL file; give the PARAREL folder (with templates/ and facts/), "
-                           f"or the name 'pararel:{p.stem}'.")
+        raise DatasetError(
+            f"{p} is one PARAREL file; give the PARAREL folder (with templates/ and facts/), "
+            f"or the name 'pararel:{p.stem}'."
+        )
     return False
 
 
 def load_path(p: Path, limit: int | None, strict: bool) -> list[Fact]:
     return load_pararel(p, limit=limit, strict=strict)
-

@@ -1,5 +1,5 @@
-"""ROME's CounterFact `known_1000.json` (Meng et al. 2022): one prompt per fact.
-"""
+"""ROME's CounterFact `known_1000.json` (Meng et al. 2022): one prompt per fact."""
+
 from __future__ import annotations
 
 import os
@@ -70,4 +70,3 @@ def detect(p: Path, peek) -> bool:
 
 def load_path(p: Path, limit: int | None, strict: bool) -> list[Fact]:
     return load_rome(p, limit=limit, strict=strict)
-

@@ -1,5 +1,5 @@
-"""TempLAMA (Dhingra et al. 2022): time-stamped queries, and the wrong-facts file for fact checking.
-"""
+"""TempLAMA (Dhingra et al. 2022): time-stamped queries, and the wrong-facts file for fact checking."""
+
 from __future__ import annotations
 
 import os
@@ -137,7 +137,7 @@ def load_templama(path: str | os.PathLike | None = None, limit: int | None = Non
 
 
 def load_named(arg: str, root: Path, limit: int | None, strict: bool) -> list[Fact]:
-    """"templama" (val.jsonl), "templama:test" (test_answerable_gpt2.jsonl), "templama:wrong" (wrong_facts.jsonl)."""
+    """ "templama" (val.jsonl), "templama:test" (test_answerable_gpt2.jsonl), "templama:wrong" (wrong_facts.jsonl)."""
     fname = _TEMPLAMA_FILES.get(arg.lower() or "val")
     if fname is None:
         raise DatasetError(f"unknown TempLAMA part {arg!r}; use one of: {', '.join(sorted(_TEMPLAMA_FILES))}")
@@ -153,4 +153,3 @@ def detect(p: Path, peek) -> bool:
 
 def load_path(p: Path, limit: int | None, strict: bool) -> list[Fact]:
     return load_templama(p, limit=limit, strict=strict)
-

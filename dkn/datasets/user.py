@@ -1,5 +1,5 @@
-"""The user's own facts: CSV/TSV with a header row, JSONL (one object a line) or a JSON list.
-"""
+"""The user's own facts: CSV/TSV with a header row, JSONL (one object a line) or a JSON list."""
+
 from __future__ import annotations
 
 import csv
@@ -127,4 +127,3 @@ def detect(p: Path, peek) -> bool:
 
 def load_path(p: Path, limit: int | None, strict: bool) -> list[Fact]:
     return load_user_file(p, limit=limit, strict=strict)
-
