@@ -80,10 +80,10 @@ if submitted:
                                   out_dir=APP_RUNS / name / f"{lm.name.replace('/', '_')}-{dataset.replace('/', '_')}-{limit}-{seed}",
                                   progress=lambda step, done, total: update(done / max(total, 1), f"{step} {done}/{total}"),
                                   command=f"python -m dkn experiment {name} --model {lm.name} --dataset {dataset} "
-                                          f"--limit {limit} --seed {seed}" + (f" --workers {workers}" if workers else ""))
+                                          f"--limit {limit} --seed {seed}" + (f" --workers {workers}" * bool(workers)))
         try:
-            report, out = widgets.run_with_progress(f"Running {name}" + (f" on {workers} Ray workers" if workers else ""),
-                                                    work)
+            label = f"Running {name}" + (f" on {workers} Ray workers" if workers else "")
+            report, out = widgets.run_with_progress(label, work)
         except RuntimeError as err:      # Ray: no cluster at that address, a worker that cannot load the model
             if cluster is None:
                 raise

@@ -144,10 +144,15 @@ def test_a_shipped_step_carries_no_model(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--ray-address", "auto"], "needs --workers"),
+                                           (["--workers", "1", "--ray-address", "127.0.0.1:1"], "cannot reach"),
                                            (["--workers", "0"], "at least 1")])
 def test_cli_rejects_bad_cluster_flags(argv, message, tiny, capsys):
     folder, _, data = tiny
-    assert main(["experiment", EXPERIMENT, "--model", str(folder), "--dataset", data, *argv]) == 2
+    try:
+        status = main(["experiment", EXPERIMENT, "--model", str(folder), "--dataset", data, *argv])
+    except SystemExit as exit_:                   # refused by argparse
+        status = exit_.code
+    assert status == 2
     assert message in capsys.readouterr().err
     assert not ray.is_initialized()
 
@@ -183,6 +188,7 @@ def test_page_says_when_the_cluster_cannot_be_reached(tiny, tmp_path, monkeypatc
 
 
 # -- a local Ray started by the CLI --------------------------------------------------------------------
+@pytest.mark.slow                      # a Ray cluster and its workers start
 def test_cli_workers_start_a_local_ray_and_give_the_local_results(tiny, local, tmp_path, monkeypatch):
     assert not ray.is_initialized(), "this test must run before the two-node cluster starts"
     folder, _, data = tiny
@@ -214,6 +220,7 @@ def two_nodes(tiny):
         cluster.shutdown()
 
 
+@pytest.mark.slow                      # a Ray cluster and its workers start
 def test_two_node_cluster_gives_the_local_results(tiny, local, two_nodes, tmp_path):
     _, lm, data = tiny
     assert len({w["node"] for w in two_nodes.workers_info}) == 2      # one worker on each node
@@ -245,6 +252,7 @@ def started(calls) -> list[str]:
     return [key for step, key, _ in rows if step == EXPERIMENT]
 
 
+@pytest.mark.slow                      # a Ray cluster and its workers start
 def test_a_worker_killed_mid_fact_costs_that_fact_only(tiny, local, two_nodes, tmp_path):
     _, lm, data = tiny
     marker, calls = tmp_path / "killed.pid", tmp_path / "calls.tsv"
@@ -265,6 +273,7 @@ def test_a_worker_killed_mid_fact_costs_that_fact_only(tiny, local, two_nodes, t
     assert_same_run(folder, local)
 
 
+@pytest.mark.slow                      # a Ray cluster and its workers start
 def test_a_failed_run_resumes_without_recomputing_what_the_driver_stored(tiny, local, two_nodes, tmp_path):
     _, lm, data = tiny
     marker, calls = tmp_path / "failed.pid", tmp_path / "calls.tsv"
@@ -286,6 +295,7 @@ def test_a_failed_run_resumes_without_recomputing_what_the_driver_stored(tiny, l
 
 
 
+@pytest.mark.slow                      # a Ray cluster and its workers start
 def test_page_runs_on_the_cluster(tiny, two_nodes, tmp_path, monkeypatch):
     node = two_nodes.cluster.add_node(num_cpus=1)          # room for the page's own worker
     try:

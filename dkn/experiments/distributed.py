@@ -44,6 +44,7 @@ from ray import cloudpickle
 
 from dkn import __version__
 from dkn.cache import Entry, ResultStore
+from dkn.errors import DknError
 from dkn.experiments.runner import Context
 from dkn.models import LoadedModel, ModelLoadError, load_model
 
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 
 ItemHook = Callable[[str, str], None]     # (step, item key), called on the worker before each item
 START_TIMEOUT_S = 1800.0                  # loading a large model on every worker can take minutes
+
+
+class ClusterError(DknError, RuntimeError):
+    """The cluster cannot run the steps: not reachable, a worker that cannot start or keeps dying."""
 
 
 @dataclass(frozen=True)
@@ -125,13 +130,13 @@ class WorkerPool:
         try:
             info = ray.get([a.ready.remote() for a in self.actors], timeout=START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError as err:
-            raise RuntimeError(f"the Ray workers did not start within {START_TIMEOUT_S:.0f} s: the cluster may "
+            raise ClusterError(f"the Ray workers did not start within {START_TIMEOUT_S:.0f} s: the cluster may "
                                "lack the CPUs/GPUs asked for (see `ray status`)") from err
         except ray.exceptions.RayActorError as err:
-            raise RuntimeError(f"a Ray worker could not start: {_cause(err)}") from err
+            raise ClusterError(f"a Ray worker could not start: {_cause(err)}") from err
         stale = sorted({w["version"] for w in info} - {__version__})
         if stale:    # results would be stored under this version's run id
-            raise RuntimeError(f"Ray workers run dkn {', '.join(stale)}, this driver dkn {__version__}: install "
+            raise ClusterError(f"Ray workers run dkn {', '.join(stale)}, this driver dkn {__version__}: install "
                                "the same dkn on every node")
         return info
 
@@ -166,7 +171,7 @@ class WorkerPool:
         try:
             return ray.get(ref)
         except ray.exceptions.RayActorError as err:   # died more than max_retries times on this item
-            raise RuntimeError(f"{step} {key}: the Ray worker died {self.spec.max_retries + 1} times on this "
+            raise ClusterError(f"{step} {key}: the Ray worker died {self.spec.max_retries + 1} times on this "
                                f"item ({_cause(err)}); finished items are stored: rerun to resume") from err
 
     def close(self) -> None:
@@ -205,7 +210,7 @@ def _connect(address: str | None) -> bool:
         else:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     except ConnectionError as err:
-        raise RuntimeError(f"cannot reach the Ray cluster at {address!r} ({err}): start one with "
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({err}): start one with "
                            "`ray start --head` and give its address (HOST:6379), or leave out --ray-address "
                            "for a local one") from err
     return True
@@ -249,7 +254,7 @@ _WORKER: _Worker | None = None          # the actor living in this worker proces
 
 def _worker_model(name: str, fingerprint: str) -> LoadedModel:
     if _WORKER is None:
-        raise RuntimeError("a dkn step function was unpickled outside a dkn Ray worker")
+        raise ClusterError("a dkn step function was unpickled outside a dkn Ray worker")
     return _WORKER.model(name, fingerprint)
 
 

@@ -3,7 +3,7 @@
 A run is identified by a hash of the experiment, model fingerprint, dataset,
 limit, seed and parameters; rerunning the same command resumes it, because
 every completed item is stored under (run id, step, item) in the ResultStore.
-Output goes to `results/<experiment>/<model>/` by default: records.jsonl, one
+Output goes to `dkn.paths.results_dir()/<experiment>/<model>/` by default: records.jsonl, one
 CSV per table, the figures (HTML, and PNG/SVG when a browser is available for
 Kaleido) and report.md.
 
@@ -20,14 +20,16 @@ import logging
 import shlex
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from dkn import __version__
 from dkn.cache import ResultStore, make_key
-from dkn.facts import DatasetError, Fact, load_dataset
-from dkn.models import REPO_ROOT, LoadedModel
+from dkn.datasets import DatasetError, Fact, load_dataset
+from dkn.jsonsafe import jsonable
+from dkn.models import LoadedModel
+from dkn.paths import results_dir
 
 log = logging.getLogger(__name__)
 
@@ -121,23 +123,24 @@ def experiment_module(name: str):
 def run_experiment(name: str, lm: LoadedModel, dataset: str, *, limit: int | None = None, seed: int = 0,
                    params: Any = None, store: ResultStore | None = None, out_dir: str | Path | None = None,
                    progress: ProgressFn | None = None, command: str | None = None,
-                   cluster: Any = None) -> tuple[Report, Path]:
+                   facts: list[Fact] | None = None, cluster: Any = None) -> tuple[Report, Path]:
     """Run (or resume) experiment `name` on `dataset` and write its report; returns (report, folder).
+    `facts`: the dataset already loaded by `load_facts(dataset)` (the CLI checks it before loading the model).
     `cluster`: a distributed.ClusterSpec (a pool is started for this run and closed after it) or an open
     distributed.WorkerPool; None runs every step in this process."""
     module = experiment_module(name)
     params = params or module.Params()
-    facts = load_facts(dataset)
+    facts = load_facts(dataset) if facts is None else facts
     if not facts:
         raise DatasetError(f"dataset {dataset!r} has no facts")
     store = store or ResultStore()
     run_id = make_key(experiment=name, model=lm.name, fingerprint=lm.fingerprint, dataset=dataset,
-                      seed=seed, params=_jsonable(params), version=__version__)[:16]
+                      seed=seed, params=jsonable(params), version=__version__)[:16]
     ctx = Context(lm, store, run_id, seed, progress)
     report = _run_module(module, ctx, facts, params, limit, cluster)
-    out = Path(out_dir) if out_dir else REPO_ROOT / "results" / name / _slug(lm.name)
+    out = Path(out_dir) if out_dir else results_dir() / name / _slug(lm.name)
     manifest = {"experiment": name, "model": lm.name, "model_label": lm.label, "fingerprint": lm.fingerprint,
-                "dataset": dataset, "limit": limit, "seed": seed, "params": _jsonable(params), "run_id": run_id,
+                "dataset": dataset, "limit": limit, "seed": seed, "params": jsonable(params), "run_id": run_id,
                 "version": __version__, "date": dt.datetime.now().isoformat(timespec="seconds"),
                 "command": command or "python -m dkn " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     write_report(out, report, manifest)
@@ -232,7 +235,7 @@ def _write_static(figure, stem: Path) -> bool:
         figure.write_image(str(stem) + ".png", scale=2)
         figure.write_image(str(stem) + ".svg")
         return True
-    except Exception as err:  # noqa: BLE001  (no browser for Kaleido, whatever it raises: the HTML is still written)
+    except Exception as err:  # no browser for Kaleido: the HTML figure is still written
         log.warning("PNG/SVG export of %s skipped (%s); install Chromium for static images", stem.name, err)
         return False
 
@@ -251,14 +254,6 @@ def _fmt(value) -> str:
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "model"
-
-
-def _jsonable(params) -> Any:
-    if is_dataclass(params):
-        return {f.name: _jsonable(getattr(params, f.name)) for f in fields(params)}
-    if isinstance(params, (list, tuple)):
-        return [_jsonable(p) for p in params]
-    return params
 
 
 def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact]:
@@ -281,7 +276,8 @@ def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact
     return chosen
 
 
-__all__ = ["EXPERIMENTS", "Context", "Report", "asdict", "experiment_module", "known_facts", "make_params", "run_experiment"]
+__all__ = ["EXPERIMENTS", "Context", "Report", "experiment_module", "known_facts", "load_facts", "make_params",
+           "past_runs", "run_experiment", "write_report"]
 
 
 def past_runs(*roots: str | Path) -> list[dict]:
