@@ -69,11 +69,6 @@ with st.form("run_experiment"):
     submitted = st.form_submit_button("Run", type="primary", icon=":material/play_arrow:")
 if submitted:
     with widgets.guard("the experiment"):
-        cluster = None
-        if workers:
-            from dkn.experiments.distributed import ClusterSpec
-            cluster = ClusterSpec(workers=int(workers), address=ray_address.strip() or None)
-
         def work(update):
             return run_experiment(name, lm, dataset, limit=int(limit), seed=int(seed), store=state.get_store(),
                                   cluster=cluster,
@@ -82,10 +77,14 @@ if submitted:
                                   command=f"python -m dkn experiment {name} --model {lm.name} --dataset {dataset} "
                                           f"--limit {limit} --seed {seed}" + (f" --workers {workers}" * bool(workers)))
         try:
+            cluster = None
+            if workers:
+                from dkn.experiments.distributed import ClusterSpec
+                cluster = ClusterSpec(workers=int(workers), address=ray_address.strip() or None)
             label = f"Running {name}" + (f" on {workers} Ray workers" if workers else "")
             report, out = widgets.run_with_progress(label, work)
         except RuntimeError as err:      # Ray: no cluster at that address, a worker that cannot load the model
-            if cluster is None:
+            if not workers:
                 raise
             st.error(f"The run on Ray failed: {err}", icon=":material/error:")
             st.stop()

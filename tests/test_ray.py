@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
-import ray
 from test_experiments_analysis import known_rows, write_jsonl
 from tiny_models import tiny_model
 
@@ -39,6 +38,8 @@ from dkn.experiments.distributed import (
     worker_pool,
 )
 from dkn.models import load_model
+
+ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXPERIMENT = "robustness"
@@ -157,6 +158,16 @@ def test_cli_rejects_bad_cluster_flags(argv, message, tiny, capsys):
     assert not ray.is_initialized()
 
 
+def test_without_ray_the_cli_says_how_to_install_it(tiny, capsys, monkeypatch):
+    import sys
+
+    folder, _, data = tiny
+    monkeypatch.delitem(sys.modules, "dkn.experiments.distributed")
+    monkeypatch.setitem(sys.modules, "ray", None)                    # import ray fails
+    assert main(["experiment", EXPERIMENT, "--model", str(folder), "--dataset", data, "--workers", "2"]) == 2
+    assert "pip install 'dkn[distributed]'" in capsys.readouterr().err
+
+
 # -- the app's Experiments page ------------------------------------------------------------------------
 def page(tiny, tmp_path, monkeypatch, workers: int, address: str = ""):
     """The Experiments page on the tiny model, its run form filled in and submitted."""
@@ -246,6 +257,16 @@ def crash_once(marker, calls, step: str, key: str, how: str = "exit"):
     return hook
 
 
+def process_gone(pid: int) -> bool:
+    """No process `pid`, or only its zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "\nState:\tZ" in status.read_text()
+
+
 def started(calls) -> list[str]:
     """The facts of the experiment's step that the workers started, in the hook's log."""
     rows = [line.split("\t") for line in calls.read_text().splitlines()] if calls.exists() else []
@@ -264,7 +285,7 @@ def test_a_worker_killed_mid_fact_costs_that_fact_only(tiny, local, two_nodes, t
         two_nodes.item_hook = None
     killed = int(marker.read_text())
     assert killed in before                                   # a worker process of the pool ...
-    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE   # ... died
+    assert process_gone(killed)                               # ... died
     after = {w["pid"] for w in ray.get([a.ready.remote() for a in two_nodes.actors])}
     assert killed not in after and len(after) == 2            # Ray restarted it as a new process
     rows = [line.split("\t") for line in calls.read_text().splitlines()]

@@ -39,23 +39,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
-from ray import cloudpickle
-
 from dkn import __version__
 from dkn.cache import Entry, ResultStore
 from dkn.errors import DknError
 from dkn.experiments.runner import Context
 from dkn.models import LoadedModel, ModelLoadError, load_model
 
+
+class ClusterError(DknError, RuntimeError):
+    """The cluster cannot run the steps: Ray missing or not reachable, a worker that cannot start or keeps dying."""
+
+
+try:
+    import ray
+    from ray import cloudpickle
+except ModuleNotFoundError as err:      # Ray is the optional extra "distributed"
+    raise ClusterError("running on a cluster needs Ray: pip install 'dkn[distributed]' (or ray from "
+                       "requirements.txt)") from err
+
 log = logging.getLogger(__name__)
 
 ItemHook = Callable[[str, str], None]     # (step, item key), called on the worker before each item
 START_TIMEOUT_S = 1800.0                  # loading a large model on every worker can take minutes
-
-
-class ClusterError(DknError, RuntimeError):
-    """The cluster cannot run the steps: not reachable, a worker that cannot start or keeps dying."""
 
 
 @dataclass(frozen=True)
