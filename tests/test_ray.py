@@ -126,6 +126,9 @@ def test_threads_and_gpus_are_shared_out_so_every_worker_fits():
     assert threads_per_worker([1, 1], 2) == 1
     with pytest.raises(ValueError, match="too few for 3 workers"):
         threads_per_worker([1, 1], 3)
+    assert threads_per_worker([4, 2], 3, threads=2) == 2
+    with pytest.raises(ValueError, match="do not fit"):       # asked for: refused now, not hung at start-up
+        threads_per_worker([4, 2], 2, threads=3)
     assert gpus_per_worker(0, 2, None) == 0
     assert gpus_per_worker(4, 2, None) == 1
     assert gpus_per_worker(2, 3, None) == 0.5

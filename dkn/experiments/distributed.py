@@ -71,7 +71,7 @@ class ClusterSpec:
     address: str | None = None      # "auto", "HOST:PORT", or None: a local Ray with os.cpu_count() CPUs
     threads: int | None = None      # torch threads per worker; None: the cluster's CPUs shared out evenly
     device: str | None = None       # None: "cuda" on a worker that got a GPU, else "cpu"
-    max_retries: int = 3            # restarts of a dead worker, and retries of the fact it held
+    max_retries: int = 3            # retries of a fact whose worker died (the worker is always restarted)
     item_hook: ItemHook | None = field(default=None, compare=False)   # tests: runs on the worker
 
     def validate(self) -> None:
@@ -83,18 +83,23 @@ class ClusterSpec:
             raise ValueError(f"max_retries must be >= 0, not {self.max_retries!r}")
 
 
-def threads_per_worker(node_cpus: list[float], workers: int) -> int:
-    """The most torch threads each of `workers` actors can have so that all of them fit on nodes with
-    these CPU counts (one CPU of Ray's per thread)."""
+def threads_per_worker(node_cpus: list[float], workers: int, threads: int | None = None) -> int:
+    """Torch threads per worker (one Ray CPU each) such that all `workers` fit on nodes with these CPU
+    counts: `threads` when given and it fits, else the most that fit."""
     cpus = [int(c) for c in node_cpus if c >= 1]
+
+    def fits(n: int) -> bool:
+        return sum(c // n for c in cpus) >= workers
+
+    if threads is not None:
+        if not fits(threads):
+            raise ValueError(f"{workers} workers of {threads} threads do not fit on the Ray cluster's nodes "
+                             f"({', '.join(map(str, cpus)) or 'no'} CPUs): use fewer workers or threads")
+        return threads
     if sum(cpus) < workers:
         raise ValueError(f"the Ray cluster has {sum(cpus)} CPUs on {len(cpus)} node(s), too few for {workers} "
                          f"workers of one thread each: use --workers {max(sum(cpus), 1)} or fewer, or add nodes")
-    best = 1
-    for threads in range(1, max(cpus) + 1):
-        if sum(c // threads for c in cpus) >= workers:
-            best = threads
-    return best
+    return max(n for n in range(1, max(cpus) + 1) if fits(n))
 
 
 def gpus_per_worker(total_gpus: float, workers: int, device: str | None) -> float:
@@ -113,10 +118,11 @@ class WorkerPool:
         self._owns_ray = _connect(spec.address)
         try:
             nodes = [n for n in ray.nodes() if n.get("Alive")]
-            threads = spec.threads or threads_per_worker([n["Resources"].get("CPU", 0) for n in nodes], spec.workers)
+            cpus = [n["Resources"].get("CPU", 0) for n in nodes]
+            threads = threads_per_worker(cpus, spec.workers, spec.threads)
             gpus = gpus_per_worker(sum(n["Resources"].get("GPU", 0) for n in nodes), spec.workers, spec.device)
             dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-            actor = ray.remote(_Worker).options(num_cpus=threads, num_gpus=gpus, max_restarts=spec.max_retries,
+            actor = ray.remote(_Worker).options(num_cpus=threads, num_gpus=gpus, max_restarts=-1,   # restarted
                                                 max_task_retries=spec.max_retries, scheduling_strategy="SPREAD")
             self.actors = [actor.remote(lm.name, lm.fingerprint, dtype, spec.device, threads)
                            for _ in range(spec.workers)]
@@ -175,9 +181,9 @@ class WorkerPool:
     def _outcome(self, ref, step: str, key: str) -> dict:
         try:
             return ray.get(ref)
-        except ray.exceptions.RayActorError as err:   # died more than max_retries times on this item
-            raise ClusterError(f"{step} {key}: the Ray worker died {self.spec.max_retries + 1} times on this "
-                               f"item ({_cause(err)}); finished items are stored: rerun to resume") from err
+        except ray.exceptions.RayActorError as err:   # its worker died on each of 1 + max_retries tries
+            raise ClusterError(f"{step} {key}: the Ray worker died on this item {self.spec.max_retries + 1} times "
+                               f"({_cause(err)}); finished items are stored: rerun to resume") from err
 
     def close(self) -> None:
         """Stop the actors, and Ray itself when this pool started it."""
