@@ -20,14 +20,14 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from dkn.neurons import Neuron
+from dkn.neurons import Neuron, neuron_label
 
 GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                  "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31")
 NO_GROUP = "#b0b0b0"
 EXCITATORY = "#2b6cb0"
 INHIBITORY = "#c53030"
-BASE_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), font=dict(size=13))
+BASE_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=80, b=50), font=dict(size=13))
 
 
 def group_colour(i: int) -> str:
@@ -179,7 +179,7 @@ def kn_graph(graph, groups: Sequence[Sequence[Neuron]] = (), scores: Sequence[fl
         fig.add_trace(go.Scatter(
             x=[(pos[i][0] + pos[j][0]) / 2 for i, j, _ in edges], y=[(pos[i][1] + pos[j][1]) / 2 for i, j, _ in edges],
             mode="markers", marker=dict(size=6, color="rgba(0,0,0,0)"), showlegend=False,
-            text=[f"{neurons[i]} - {neurons[j]}<br>strength {w:+.4f} ({'excitatory' if w >= 0 else 'inhibitory'})"
+            text=[f"{neuron_label(neurons[i])} - {neuron_label(neurons[j])}<br>strength {w:+.4f} ({'excitatory' if w >= 0 else 'inhibitory'})"
                   for i, j, w in edges], hovertemplate="%{text}<extra></extra>"))
         for positive in (True, False):
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="excitatory (w > 0)" if positive
@@ -198,20 +198,29 @@ def kn_graph(graph, groups: Sequence[Sequence[Neuron]] = (), scores: Sequence[fl
             name = f"BDC {group_name(gi)}{status}"
         fig.add_trace(go.Scatter(
             x=[pos[k][0] for k in idx], y=[pos[k][1] for k in idx], mode="markers+text", name=name,
-            text=[str(neurons[k]) for k in idx], textposition="top center", textfont=dict(size=10),
+            text=[neuron_label(neurons[k]) for k in idx], textfont=dict(size=10),
+            textposition=[_label_side(neurons, k) for k in idx],
             marker=dict(size=[12 + 16 * abs(scores[k]) / smax for k in idx],
                         color=NO_GROUP if gi < 0 else group_colour(gi), line=dict(width=1, color="#333")),
             customdata=[[neurons[k].layer, neurons[k].index, scores[k]] for k in idx],
             hovertemplate="layer %{customdata[0]}, neuron %{customdata[1]}<br>score %{customdata[2]:.4f}"
                           f"<br>{name}<extra></extra>"))
     layers = sorted({n.layer for n in neurons})
-    fig.update_layout(**BASE_LAYOUT, title=title, height=460,
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+    # the legend below the plot: above it, it overwrote the title (also in exported images)
+    fig.update_layout(**BASE_LAYOUT, title=title, height=500,
+                      legend=dict(orientation="h", yanchor="top", y=-0.14, xanchor="left", x=0.0))
     fig.update_xaxes(title_text="layer", tickmode="array", tickvals=list(range(len(layers))),
                      ticktext=[str(l) for l in layers], zeroline=False, showgrid=False,
                      range=[-0.6, len(layers) - 0.4])
     fig.update_yaxes(visible=False)
     return fig
+
+
+def _label_side(neurons: Sequence[Neuron], k: int) -> str:
+    """Alternate labels of the nodes of one layer left and right of their markers, so that the labels of
+    neighbouring nodes on a busy layer do not overlap."""
+    same_layer = [i for i, n in enumerate(neurons) if n.layer == neurons[k].layer]
+    return "middle right" if same_layer.index(k) % 2 == 0 else "middle left"
 
 
 def edge_table(graph) -> list[dict]:
@@ -363,6 +372,25 @@ def probability_bars(values: Mapping[str, float], title: str = "P(answer)",
     return fig
 
 
+def dose_response(factors: Sequence[float], probs: Sequence[Sequence[float]], names: Sequence[str],
+                  prob: float, title: str = "Dose-response") -> go.Figure:
+    """P(answer) against the factor, one line per group (probs[g][k] at factors[k]); the unchanged model's
+    P as a grey dashed line, factor 1 (nothing changed) as a dotted vertical line."""
+    fig = go.Figure()
+    for g, (name, row) in enumerate(zip(names, probs)):
+        fig.add_trace(go.Scatter(x=list(factors), y=list(row), mode="lines+markers", name=name,
+                                 line=dict(color=group_colour(g)),
+                                 hovertemplate=f"{name}<br>factor %{{x:g}}: %{{y:.2%}}<extra></extra>"))
+    fig.add_hline(y=prob, line=dict(color="#718096", dash="dash"), annotation_text="unchanged",
+                  annotation_position="top left")
+    fig.add_vline(x=1.0, line=dict(color="#a0aec0", dash="dot"))
+    top = max([p for row in probs for p in row] + [prob, 1e-9])
+    fig.update_layout(**BASE_LAYOUT, title=title, height=380, xaxis_title="factor", yaxis_title="P(answer)",
+                      yaxis_tickformat=".0%", yaxis_range=[0, min(1.0, top * 1.15)],
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
+    return fig
+
+
 __all__ = ["attribution_heatmap", "layer_summary", "layer_table", "kn_graph", "edge_table", "graph_positions",
            "node_groups", "barcode", "bar_table", "degeneracy_grid", "grid_table", "intervention_bars",
-           "token_table", "probability_bars", "group_name", "group_colour"]
+           "token_table", "probability_bars", "dose_response", "group_name", "group_colour"]

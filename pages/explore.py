@@ -59,7 +59,8 @@ with right:
             with guard("Reading the facts"):
                 facts = state.get_dataset(name.strip())
                 if not facts:
-                    st.warning("The file holds no usable facts.")
+                    st.warning(f"The file holds no usable facts: {state.why_no_facts(name.strip())}",
+                               icon=":material/warning:")
                 else:
                     by_id = {f.id: f for f in facts}
                     chosen = persistent(st.selectbox, f"Fact ({len(facts):,} in the file)", list(by_id),
@@ -69,8 +70,12 @@ with right:
                     base = state.FactChoice(f.prompt, f.answer, f.prompts[1:], f.id)
         else:
             st.info("Type a dataset name or the path of a facts file.")
+        if base is None:          # no fact from this file: never leave the previous fact's results on screen
+            st.stop()
     else:
         st.caption("Type a prompt that the answer should complete, e.g. *The Eiffel Tower is in* → *Paris*.")
+        st.button("New fact", key="new_custom_fact", on_click=state.clear_custom_fact, icon=":material/note_add:",
+                  help="Empty the prompt, the answer and the paraphrases.")
         base = state.FactChoice("", "", (), "custom")
 
 if base is not None:
@@ -80,18 +85,22 @@ if base is not None:
     prompt = c1.text_input("Prompt", value=start.prompt, key=f"prompt_{base.fact_id}",
                            help="Ends where the answer starts; no trailing space.")
     answer = c2.text_input("Answer", value=start.answer, key=f"answer_{base.fact_id}")
-    with st.expander(f"Paraphrases ({len(start.paraphrases)}) — the knowledge neurons must hold across them",
-                     expanded=not start.paraphrases and base.fact_id == "custom"):
-        editor_key = f"para_{base.fact_id}"
+    # a fixed label and a fixed `expanded`: a label that changes would make a new expander, which collapses
+    # and drops the row being typed
+    with st.expander("Paraphrases — the knowledge neurons must hold across them",
+                     expanded=base.fact_id == "custom"):
+        editor_key = f"para_{base.fact_id}_{st.session_state.get('custom_generation', 0)}"
         if editor_key not in st.session_state:   # a fresh editor (first time, or back from another page)
-            st.session_state[f"para_init_{base.fact_id}"] = list(start.paraphrases)
-        initial = st.session_state.get(f"para_init_{base.fact_id}", list(start.paraphrases))
+            st.session_state[f"para_init_{editor_key}"] = list(start.paraphrases)
+        initial = st.session_state.get(f"para_init_{editor_key}", list(start.paraphrases))
         edited = st.data_editor(pd.DataFrame({"paraphrase": initial}, dtype="string"),
                                 num_rows="dynamic", key=editor_key, width="stretch", hide_index=True,
                                 column_config={"paraphrase": st.column_config.TextColumn(
                                     "Paraphrased prompt", help="Same fact, other wording; the answer must follow.")})
         paraphrases = tuple(str(p).strip() for p in edited["paraphrase"].tolist()
                             if isinstance(p, str) and p.strip())
+        st.caption(f"{widgets.count(len(paraphrases), 'paraphrase')}: the fact has "
+                   f"{widgets.count(1 + len(paraphrases), 'prompt')}.")
     fact = state.FactChoice(prompt.rstrip(), answer.strip(), paraphrases, base.fact_id)
     state.set_fact(fact)
 
@@ -100,15 +109,29 @@ if not fact.prompt.strip() or not fact.answer.strip():
     st.stop()
 
 # ------------------------------------------------------------------ 2. the prediction
+too_long = state.prompt_length_error(lm, fact)
+if too_long:                  # before any model call: a huge prompt must not reach attribution or the model
+    st.error(f"This prompt cannot be used: {too_long}", icon=":material/error:")
+    st.stop()
 st.header("2 · What the model predicts", divider="gray")
 with guard():
     prob, top = state.model_prediction(lm, lm.fingerprint, fact.prompt, fact.answer)
+    tokens = state.answer_tokens(lm, lm.fingerprint, fact.prompt, fact.answer)
     c1, c2 = st.columns([1, 2], gap="large")
     c1.metric(f"P({fact.answer!r} | prompt)", pct(prob), help="Product over the answer's tokens, each conditioned "
               "on the prompt and the answer's earlier tokens.")
-    rank = next((i + 1 for i, (t, _) in enumerate(top) if t.strip() and t.strip() == fact.answer.split()[0]), None)
-    c1.caption(f"The answer's first token is the model's **#{rank}** guess." if rank
-               else "The answer is not among the model's top 10 next tokens: it may not know this fact.")
+    first = tokens[0]
+    if len(tokens) > 1:
+        c1.caption(f"The answer is {len(tokens)} tokens; each is ranked given the prompt and the tokens before it.")
+        c1.dataframe(pd.DataFrame({"answer token": [repr(t.token) for t in tokens],
+                                   "probability": [t.prob for t in tokens], "rank": [t.rank for t in tokens]}),
+                     hide_index=True, width="stretch", key="answer_tokens",
+                     column_config={"probability": st.column_config.NumberColumn(format="percent")})
+    elif first.rank <= len(top):
+        c1.caption(f"The answer is the model's **#{first.rank}** guess.")
+    else:
+        c1.caption(f"The answer is the model's #{first.rank:,} guess, not among its top {len(top)} next tokens: "
+                   "it may not know this fact.")
     c2.dataframe(pd.DataFrame({"next token": [repr(t) for t, _ in top], "probability": [p for _, p in top]}),
                  hide_index=True, width="stretch", height=230,
                  column_config={"probability": st.column_config.ProgressColumn(
@@ -132,10 +155,13 @@ with st.expander("Settings", icon=":material/settings:"):
     p = c2.slider("Refined share p", 0.0, 0.9, settings.p, 0.1, key="set_p",
                   help="A knowledge neuron is coarse in more than this share of the prompts.")
     n_max = max(1, len(fact.prompts))
-    max_prompts = c3.number_input("Prompts to use", 1, max(n_max, 1),
-                                  min(settings.max_prompts, n_max), key="set_max_prompts",
-                                  help="The prompt plus this many minus one paraphrases; each costs one attribution.")
-    state.set_settings(state.Settings(method, int(steps), baseline, float(t), float(p), int(max_prompts)))
+    # keyed by the number of prompts, and written to the settings only when the user changes it: a fact
+    # with one prompt must not pin "Prompts to use" to 1 for the paraphrases typed next or the facts after
+    c3.number_input("Prompts to use", 1, n_max, min(settings.max_prompts, n_max), key=f"set_max_prompts_{n_max}",
+                    on_change=state.keep_max_prompts, args=(f"set_max_prompts_{n_max}",),
+                    help="The prompt plus this many minus one paraphrases; each costs one attribution.")
+    state.set_settings(state.Settings(method, int(steps), baseline, float(t), float(p),
+                                      state.current_settings().max_prompts))
 
 settings = state.current_settings()
 n_prompts = min(settings.max_prompts, len(fact.prompts))
@@ -147,7 +173,10 @@ with guard():
                     key="run_attribution", disabled=ws is not None, icon=":material/play_arrow:",
                     help="Results are cached on disk: a fact you ran before appears at once.")
     if run and ws is None:
-        ws = widgets.run_with_progress("Attributing", lambda progress: state.run_attribution(lm, progress))
+        ws = widgets.run_with_progress("Attributing", lambda progress: state.run_attribution(lm, progress),
+                                       cancel_key="cancel_attribution")
+    if ws is None and st.session_state.pop("cancelled_cancel_attribution", False):
+        st.info("Attribution cancelled: nothing was stored for the unfinished prompt.", icon=":material/cancel:")
     if ws is None:
         st.caption("About 10 s per prompt for the default model on a CPU. Cached results appear at once.")
 

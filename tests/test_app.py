@@ -155,3 +155,111 @@ def test_bad_model_shows_error(app):
     at.switch_page("pages/intervene.py").run()
     no_exceptions(at)
     assert "No model is loaded" in texts(at.error)
+
+
+# ------------------------------------------------------------------ issue 12 §2: nothing typed takes it down
+def _type_fact(at, prompt: str, answer: str):
+    next(r for r in at.radio if r.label == "Where the fact comes from").set_value("Type your own").run()
+    next(t for t in at.text_input if t.label == "Prompt").input(prompt).run()
+    next(t for t in at.text_input if t.label == "Answer").input(answer).run()
+    return at
+
+
+def _run_label(at) -> str:
+    return next(b.label for b in at.button if b.label.startswith(("Run attribution", "Attribution done")))
+
+
+def test_long_prompt_refused_before_the_model_runs(app):
+    from dkn.query import MAX_PROMPT_TOKENS
+
+    at = _type_fact(app.run(), " ".join(["word"] * 3000), "Paris")
+    no_exceptions(at)
+    assert "tokens long" in texts(at.error) and f"at most {MAX_PROMPT_TOKENS}" in texts(at.error)
+    assert not any(b.label.startswith("Run attribution") for b in at.button)     # stopped before attribution
+    assert not at.metric                                                          # and before the prediction
+
+
+def _add_paraphrases(at, key: str, rows: list[str]):
+    at.session_state[key] = {"edited_rows": {}, "added_rows": [{"paraphrase": r} for r in rows], "deleted_rows": []}
+    return at.run()
+
+
+def test_typed_paraphrases_are_used_and_do_not_pin_the_prompt_count(app):
+    at = _type_fact(app.run(), "The capital of Japan is", "Tokyo")
+    no_exceptions(at)
+    assert _run_label(at) == "Run attribution on 1 prompt"
+    at = _add_paraphrases(at, "para_custom_0", ["Japan's capital is", "The capital city of Japan is"])
+    no_exceptions(at)
+    assert _run_label(at) == "Run attribution on 3 prompts"          # was stuck at 1
+    assert "2 paraphrases: the fact has 3 prompts." in texts(at.caption)   # the count is not one edit behind
+    # a built-in fact chosen afterwards uses its paraphrases too
+    next(r for r in at.radio if r.label == "Where the fact comes from").set_value("Built-in facts").run()
+    assert _run_label(at) in ("Run attribution on 3 prompts", "Attribution done")
+    # "New fact" on the typed source starts empty: the Japanese paraphrases do not carry over
+    next(r for r in at.radio if r.label == "Where the fact comes from").set_value("Type your own").run()
+    next(b for b in at.button if b.label == "New fact").click().run()
+    no_exceptions(at)
+    assert [t.value for t in at.text_input if t.label == "Prompt"] == [""]
+    assert "0 paraphrases" in texts(at.caption)
+
+
+def test_multi_token_answer_lists_each_token_with_its_rank(app):
+    at = _type_fact(app.run(), "The capital of France is", "Paris, France")
+    no_exceptions(at)
+    assert "may not know this fact" not in texts(at.caption)
+    table = next(d.value for d in at.dataframe if "answer token" in d.value.columns)
+    assert table["answer token"].tolist()[0] == repr(" Paris")
+    assert table["rank"].tolist()[0] == 1                           # " Paris" is the model's top guess
+    assert len(table) >= 3 and (table["probability"] > 0).all()
+
+
+def test_dataset_missing_column_named_and_stale_results_cleared(app, tmp_path):
+    path = tmp_path / "facts.csv"
+    path.write_text("prompt,solution\nThe capital of Japan is,Tokyo\n")
+    at = app.run()
+    assert "Loaded from the cache at once" in texts(at.success)      # the France results are on screen
+    next(r for r in at.radio if r.label == "Where the fact comes from").set_value("Dataset file").run()
+    next(t for t in at.text_input if t.label == "Dataset name or file").input(str(path)).run()
+    no_exceptions(at)
+    assert "lacks the column answer" in texts(at.warning)
+    assert "Loaded from the cache at once" not in texts(at.success)  # no stale results
+    assert not charts(at)
+
+
+def test_back_to_default_model_clears_the_bad_path(app):
+    bad = os.path.join(str(REPO), "app.py")
+    app.session_state["model_name"] = bad
+    app.session_state["model_source"] = "Local folder"
+    app.session_state["model_text"] = bad
+    at = app.run()
+    assert "is a file" in texts(at.sidebar.error)
+    next(b for b in at.sidebar.button if b.label == "Back to the default model").click().run()
+    no_exceptions(at)
+    assert not at.error and "Loaded from the cache at once" in texts(at.success)   # the default model is back
+    # the widgets' own state: the sidebar shows "Offline default" and no longer the bad path
+    assert at.session_state["model_source"] == "Offline default"
+    assert at.session_state["model_text"] == ""
+
+
+def test_typed_neurons_survive_a_validation_error_and_none_unticks(app):
+    at = app.run()
+    at.switch_page("pages/intervene.py").run()
+    typed = next(t for t in at.text_input if t.label == "Other neurons")
+    typed.input("L99:N1")
+    next(b for b in at.button if b.label == "Add group").click().run()
+    no_exceptions(at)
+    assert "out of range" in texts(at.error) or "layer" in texts(at.error)
+    assert next(t for t in at.text_input if t.label == "Other neurons").value == "L99:N1"
+    next(t for t in at.text_input if t.label == "Other neurons").input("L3:N7")
+    next(b for b in at.button if b.label == "Add group").click().run()
+    no_exceptions(at)
+    assert next(t for t in at.text_input if t.label == "Other neurons").value == ""   # added: the form empties
+    assert any(c.label.startswith("My group 1 · 1 neuron") for c in at.checkbox)     # not "1 neurons"
+    for box in at.checkbox:
+        box.check()
+    at.run()
+    assert _p_after(at) != next(m.value for m in at.metric if m.label == "P(answer) before")
+    next(b for b in at.button if b.label == "None").click().run()
+    no_exceptions(at)
+    assert not any(c.value for c in at.checkbox)
+    assert _p_after(at) == next(m.value for m in at.metric if m.label == "P(answer) before")

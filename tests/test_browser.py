@@ -125,7 +125,7 @@ def test_end_to_end(server, page):
 
     # one prompt, t = 0.15: a quick attribution whose knowledge neurons still form a group
     page.locator("summary:has-text('Settings')").click()
-    box = page.locator(".st-key-set_max_prompts input")
+    box = page.locator("[class*='st-key-set_max_prompts'] input")
     box.fill("1")
     box.press("Enter")
     idle(page)
