@@ -14,6 +14,7 @@ PAGES = [
     st.Page("pages/explore.py", title="Explore", icon=":material/search:", default=True),
     st.Page("pages/degenerate.py", title="Degenerate neurons", icon=":material/hub:"),
     st.Page("pages/intervene.py", title="Intervene", icon=":material/tune:"),
+    st.Page("pages/compare.py", title="Facts compared", icon=":material/compare_arrows:"),
     st.Page("pages/experiments.py", title="Experiments", icon=":material/science:"),
 ]
 

@@ -112,12 +112,18 @@ def bench_intervene(page, url: str, repeats: int) -> dict:
     idle(page)
     box = page.locator("[data-testid='stCheckbox']:has-text('BDC A') label").first
     ticks = [timed(page, lambda: box.click()) for _ in range(repeats)]
-    slider = page.locator(".st-key-factor [role='slider']").first
-    slider.focus()
+    print("tick (s):", " ".join(f"{t:.3f}" for t in ticks), flush=True)
+    slider = page.get_by_role("slider").first
+    try:
+        slider.focus(timeout=30_000)
+    except Exception:
+        page.screenshot(path="/tmp/bench_app_slider.png", full_page=True)
+        raise
     factors = []
     for i in range(repeats):
         key = "ArrowRight" if i % 2 == 0 else "ArrowLeft"
         factors.append(timed(page, lambda key=key: page.keyboard.press(key)))
+    print("factor (s):", " ".join(f"{t:.3f}" for t in factors), flush=True)
     return {"tick_s": ticks, "factor_s": factors}
 
 
@@ -140,6 +146,7 @@ def bench_attribution(page, url: str, lm, repeats: int) -> dict:
         attribute(lm, prompt, answer, AttributionParams())
         lib_s.append(time.perf_counter() - start)
         prompts.append(prompt)
+        print(f"attribution {prompt!r}: app {app_s[-1]:.2f} s, library {lib_s[-1]:.2f} s", flush=True)
     return {"app_s": app_s, "library_s": lib_s, "prompts": prompts}
 
 

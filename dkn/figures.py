@@ -327,20 +327,42 @@ def grid_table(subset_probs: Sequence[tuple[Sequence[int], float]], prob: float,
 def intervention_bars(top_before: Sequence[tuple[str, float]], top_after: Sequence[tuple[str, float]],
                       answer_tokens: Sequence[str] = (), title: str = "Top next tokens") -> go.Figure:
     """Two horizontal bar charts (before | after), most likely token at the top, answer tokens highlighted."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("before", "after"), horizontal_spacing=0.18)
+    return go.Figure(intervention_bars_spec(top_before, top_after, answer_tokens, title))
+
+
+def intervention_bars_spec(top_before: Sequence[tuple[str, float]], top_after: Sequence[tuple[str, float]],
+                           answer_tokens: Sequence[str] = (), title: str = "Top next tokens") -> dict:
+    """`intervention_bars` as a plain figure dict (st.plotly_chart draws it without plotly's validation,
+    which costs more than the intervention itself on a small machine: this one redraws live)."""
     answers = {a.strip() for a in answer_tokens}
+    data = []
     for col, top in ((1, top_before), (2, top_after)):
         toks = [_token_label(t) for t, _ in top][::-1]
-        probs = [p for _, p in top][::-1]
+        probs = [float(p) for _, p in top][::-1]
         colours = ["#dd6b20" if t.strip() in answers else "#4299e1" for t, _ in top][::-1]
-        fig.add_trace(go.Bar(x=probs, y=list(range(len(toks))), orientation="h", marker_color=colours,
-                             text=[f"{p:.1%}" for p in probs], textposition="outside", showlegend=False,
-                             customdata=toks, hovertemplate="%{customdata}: %{x:.2%}<extra></extra>"), row=1, col=col)
-        fig.update_yaxes(tickmode="array", tickvals=list(range(len(toks))), ticktext=toks, row=1, col=col)
+        suffix = "" if col == 1 else "2"
+        data.append({"type": "bar", "x": probs, "y": list(range(len(toks))), "orientation": "h",
+                     "marker": {"color": colours}, "text": [f"{p:.1%}" for p in probs], "textposition": "outside",
+                     "showlegend": False, "customdata": toks, "hovertemplate": "%{customdata}: %{x:.2%}<extra></extra>",
+                     "xaxis": f"x{suffix}", "yaxis": f"y{suffix}", "cliponaxis": False})
     top = max([p for _, p in list(top_before) + list(top_after)] + [1e-9])
-    fig.update_xaxes(range=[0, min(1.0, top * 1.3)], tickformat=".0%")
-    fig.update_layout(**BASE_LAYOUT, title=title, height=120 + 28 * max(len(top_before), len(top_after), 1))
-    return fig
+    xrange = [0, min(1.0, top * 1.3)]
+    n = max(len(top_before), len(top_after), 1)
+
+    def yaxis(top_list, anchor):
+        toks = [_token_label(t) for t, _ in top_list][::-1]
+        return {"tickmode": "array", "tickvals": list(range(len(toks))), "ticktext": toks, "anchor": anchor,
+                "automargin": True}
+    layout = {**BASE_LAYOUT, "title": {"text": title}, "height": 140 + 28 * n,
+              "xaxis": {"domain": [0.0, 0.41], "range": xrange, "tickformat": ".0%", "anchor": "y"},
+              "xaxis2": {"domain": [0.59, 1.0], "range": xrange, "tickformat": ".0%", "anchor": "y2"},
+              "yaxis": yaxis(top_before, "x"), "yaxis2": yaxis(top_after, "x2"),
+              "annotations": [{"text": "before", "x": 0.205, "y": 1.0, "xref": "paper", "yref": "paper",
+                               "yanchor": "bottom", "showarrow": False, "font": {"size": 14}},
+                              {"text": "after", "x": 0.795, "y": 1.0, "xref": "paper", "yref": "paper",
+                               "yanchor": "bottom", "showarrow": False, "font": {"size": 14}}]}
+    layout["margin"] = {**BASE_LAYOUT["margin"], "t": 100}
+    return {"data": data, "layout": layout}
 
 
 def _token_label(token: str) -> str:
@@ -391,6 +413,20 @@ def dose_response(factors: Sequence[float], probs: Sequence[Sequence[float]], na
     return fig
 
 
-__all__ = ["attribution_heatmap", "layer_summary", "layer_table", "kn_graph", "edge_table", "graph_positions",
-           "node_groups", "barcode", "bar_table", "degeneracy_grid", "grid_table", "intervention_bars",
+def overlap_matrix(facts: Sequence[str], shared: np.ndarray, jaccard: np.ndarray,
+                   title: str = "Knowledge neurons shared by each pair of facts") -> go.Figure:
+    """Facts x facts: colour = Jaccard index of their knowledge-neuron sets, text = neurons shared
+    (the diagonal: each fact's own count)."""
+    labels = [_short(f, 32) for f in facts]
+    fig = go.Figure(go.Heatmap(z=jaccard, x=labels, y=labels, zmin=0, zmax=1, colorscale="Blues",
+                               text=shared, texttemplate="%{text}", colorbar=dict(title="Jaccard"),
+                               hovertemplate="%{y}<br>%{x}<br>shared: %{text}<br>Jaccard %{z:.2f}<extra></extra>"))
+    fig.update_layout(**BASE_LAYOUT, title=title, height=200 + 36 * len(facts))
+    fig.update_layout(margin=dict(l=220, r=20, t=80, b=160))
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+__all__ = ["attribution_heatmap", "overlap_matrix", "layer_summary", "layer_table", "kn_graph", "edge_table", "graph_positions",
+           "node_groups", "barcode", "bar_table", "degeneracy_grid", "grid_table", "intervention_bars", "intervention_bars_spec",
            "token_table", "probability_bars", "dose_response", "group_name", "group_colour"]

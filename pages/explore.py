@@ -228,11 +228,13 @@ if not kn.neurons:
     st.warning("No knowledge neurons: lower t or p in the settings, or use fewer paraphrases.")
     st.stop()
 with guard():
+    generic = st.session_state.get("generic_neurons")
+    generic_set = generic["neurons"] if generic else set()
     rows = []
     for n, s, c in zip(kn.neurons, kn.scores, kn.counts):
         promoted, _ = state.get_vocab(lm, ws, n)
         rows.append({"pick": False, "neuron": widgets.neuron_label(n), "layer": n.layer, "index": n.index,
-                     "score": s, "prompts": f"{c}/{kn.n_prompts}",
+                     "score": s, "prompts": f"{c}/{kn.n_prompts}", "generic": n in generic_set,
                      "promotes": "  ".join(repr(t) for t, _ in promoted[:4])})
     table = pd.DataFrame(rows)
     st.session_state.setdefault("_tables", {})["knowledge-neurons"] = table.drop(columns=["pick"])
@@ -242,10 +244,15 @@ with guard():
                                                                                    "to form your own group"),
                                            "score": st.column_config.NumberColumn("score", format="%.4f"),
                                            "prompts": st.column_config.TextColumn("coarse in"),
+                                           "generic": st.column_config.CheckboxColumn(
+                                               "generic", help="Also a knowledge neuron of most other facts"),
                                            "promotes": st.column_config.TextColumn("promotes (vocabulary)")})
     c1, c2, c3 = st.columns([3, 1, 1])
     c1.caption("Score: mean attribution over the prompts. *Promotes*: the tokens whose logits the neuron's "
-               "output weights raise most.")
+               "output weights raise most. *Generic*: a knowledge neuron of at least "
+               + (f"{generic['share']:.0%} of the {generic['n_facts']} facts compared" if generic else
+                  "half the facts compared")
+               + " on the Facts compared page" + ("" if generic else " (compare facts there to set it)") + ".")
     chosen = [kn.neurons[i] for i, v in enumerate(edited["pick"].tolist()) if v]
     if c2.button(f"Group the {len(chosen)} picked", key="group_from_table", disabled=len(chosen) < 1,
                  icon=":material/group_add:"):
@@ -259,6 +266,17 @@ with guard():
                "output weight vector promotes and demotes (per unit of activation; later layers ignored).")
     neuron = st.selectbox("Neuron", list(kn.neurons), format_func=widgets.neuron_label, key="vocab_neuron")
     promoted, demoted = state.get_vocab(lm, ws, neuron)
+    detail = state.get_neuron_detail(lm, ws, neuron)
+    d = st.columns(3)
+    d[0].metric("Activation at the answer position", f"{detail.activation:+.3f}")
+    d[1].metric(f"Direct effect on the {detail.answer_token!r} logit", f"{detail.direct_effect:+.3f}",
+                help=f"activation × {detail.logit_per_unit:+.3f} (the logit change per unit of activation "
+                     "through the unembedding; later layers ignored)")
+    facts_of = generic["facts_of"].get(neuron, ()) if generic else ()
+    d[2].metric("Knowledge neuron of", widgets.count(len(facts_of), "compared fact") if generic else "—",
+                help="Facts compared on the Facts compared page.")
+    if facts_of:
+        st.caption("Also a knowledge neuron of: " + "; ".join(facts_of))
     c1, c2 = st.columns(2)
     vocab_cfg = {"logit change": st.column_config.NumberColumn(format="%+.3f")}
     c1.markdown("**Promotes**")

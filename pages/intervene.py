@@ -109,6 +109,31 @@ def effect_panel(result, selected_t: tuple[Neuron, ...], factor: float, mode: st
         widgets.show_figure(fig, "intervention", figures.token_table(r.top_before, r.top_after),
                             key="fig_intervention", caption="Orange: the answer's first token.")
 
+        if st.toggle("Per-prompt effects", key="per_prompt", value=bool(st.session_state.get("p_per_prompt")),
+                     help="P and rank of the answer on every prompt of the fact, before and after, the logit margin "
+                          "to the runner-up, and the KL divergence from the unedited model (beside a random "
+                          "control's)."):
+            st.session_state["p_per_prompt"] = True
+            effects = state.get_edit_effects(lm, ws, selected_t, factor, mode)
+            broken = [e for e in effects if e.broken]
+            if broken:
+                st.warning(f"The edit breaks the output on {widgets.count(len(broken), 'prompt')}: the top token "
+                           f"becomes {broken[0].top_after!r}, outside the unedited top 10, and the KL "
+                           f"({broken[0].kl:.2f} nats) is far above a random control's ({broken[0].kl_random:.2f}).",
+                           icon=":material/warning:")
+            widgets.show_table(pd.DataFrame([{
+                "prompt": e.prompt, "P before": e.p_before, "P after": e.p_after, "rank before": e.rank_before,
+                "rank after": e.rank_after, "margin before": e.margin_before, "margin after": e.margin_after,
+                "KL": e.kl, "KL random": e.kl_random, "top after": repr(e.top_after), "broken": e.broken}
+                for e in effects]), "per-prompt-effects", key="tab_effects",
+                caption="Rank, margin (answer logit minus the best other token's) and KL at the first answer "
+                        "position; P over the whole answer.",
+                column_config={c: st.column_config.NumberColumn(format="percent") for c in ("P before", "P after")}
+                | {c: st.column_config.NumberColumn(format="%+.2f") for c in ("margin before", "margin after")}
+                | {c: st.column_config.NumberColumn(format="%.3f") for c in ("KL", "KL random")})
+        else:
+            st.session_state["p_per_prompt"] = False
+
         rc = ws.random_control
         same = rc is not None and (rc.factor, rc.mode, ws.random_control_for) == (factor, mode, selected_t)
         c1, c2 = st.columns([1, 2])
@@ -116,8 +141,10 @@ def effect_panel(result, selected_t: tuple[Neuron, ...], factor: float, mode: st
                      help="Switch as many random neurons, in the same layers, the same way (5 seeds)."):
             seed = st.session_state.get("random_seed", 0)
             st.session_state["random_seed"] = seed + 5
-            ws.random_control = rc = custom_groups.random_control(lm, ws.fact.prompt, ws.fact.answer, selected_t,
-                                                                  factor, mode, exclude=ws.kn.neurons, seed=seed)
+            with state.exclusive(lm):
+                ws.random_control = rc = custom_groups.random_control(lm, ws.fact.prompt, ws.fact.answer, selected_t,
+                                                                      factor, mode, exclude=ws.kn.neurons,
+                                                                      seed=seed)
             ws.random_control_for = selected_t
             same = True
         if same:
@@ -139,7 +166,9 @@ def dose_panel(result, mode: str) -> None:
     if st.button("Dose-response", key="dose_response", disabled=not groups or have, icon=":material/show_chart:",
                  help="P(answer) as each ticked group's factor goes from -1 to 3 (17 factors, each one batched "
                       "pass over all the groups)."):
-        ws.dose = custom_groups.dose_response(lm, ws.fact.prompt, ws.fact.answer, [g for _, g in groups], mode=mode)
+        with state.exclusive(lm):
+            ws.dose = custom_groups.dose_response(lm, ws.fact.prompt, ws.fact.answer, [g for _, g in groups],
+                                                  mode=mode)
         ws.dose_for, have = key, True
     if have:
         names = [name for name, _ in groups]
@@ -220,8 +249,9 @@ if ws.custom_groups:
     if c1.button("Test my groups", key="test_groups", type="primary", icon=":material/grid_on:",
                  help="Switch every subset of your groups in one batched pass (factor and mode from above)."):
         with guard("Testing groups"):
-            ws.custom_grid = custom_groups.test_groups(lm, ws.fact.prompt, ws.fact.answer, ws.custom_groups,
-                                                       factor, mode)
+            with state.exclusive(lm):
+                ws.custom_grid = custom_groups.test_groups(lm, ws.fact.prompt, ws.fact.answer, ws.custom_groups,
+                                                           factor, mode)
     if c2.button("Remove all", key="clear_groups"):
         ws.custom_groups.clear()
         ws.custom_grid = None

@@ -263,3 +263,44 @@ def test_typed_neurons_survive_a_validation_error_and_none_unticks(app):
     no_exceptions(at)
     assert not any(c.value for c in at.checkbox)
     assert _p_after(at) == next(m.value for m in at.metric if m.label == "P(answer) before")
+
+
+def test_facts_compared_flags_shared_neurons(app):
+    from ui.state import Settings
+
+    app.session_state["settings"] = Settings(max_prompts=1)          # one prompt a fact: France's is seeded
+    app.session_state["compare_facts"] = ["builtin/capital/France", "builtin/capital/Japan"]
+    at = app.run()
+    at.switch_page("pages/compare.py").run()
+    no_exceptions(at)
+    assert "1 fact of 2 not attributed yet" in texts(at.info)
+    next(b for b in at.button if b.label == "Attribute the 1 missing fact").click().run()
+    no_exceptions(at)
+    assert any(m.label == "Generic knowledge neurons" for m in at.metric)
+    assert any("Knowledge neurons shared by each pair" in c.proto.spec for c in charts(at))
+    table = next(d.value for d in at.dataframe if "share" in d.value.columns)
+    compared = at.session_state["generic_neurons"]
+    assert set(table.loc[table["generic"], "neuron"]) == {f"L{n.layer}:N{n.index}" for n in compared["neurons"]}
+    assert ((table["share"] == 1.0) == table["generic"]).all()       # 2 facts, share 0.5: generic = in both
+    at.switch_page("pages/explore.py").run()
+    no_exceptions(at)
+    assert any("generic" in d.value.columns for d in at.dataframe)   # the knowledge-neuron table's flag
+    assert any(m.label == "Knowledge neuron of" for m in at.metric)   # the neuron detail panel
+    assert any(m.label.startswith("Direct effect on the") for m in at.metric)
+
+
+def test_per_prompt_effects_and_dose_response(app):
+    at = app.run()
+    at.switch_page("pages/intervene.py").run()
+    for box in [c for c in at.checkbox if c.label.startswith("BDC ")]:
+        box.check()
+    at.run()
+    next(t for t in at.toggle if t.label == "Per-prompt effects").set_value(True).run()
+    no_exceptions(at)
+    table = next(d.value for d in at.dataframe if "KL random" in d.value.columns)
+    assert len(table) == 3                                            # every prompt of the fact
+    assert (table["P after"] < table["P before"]).all()              # suppressing the BDCs lowers P everywhere
+    next(b for b in at.button if b.label == "Dose-response").click().run()
+    no_exceptions(at)
+    spec = next(c.proto.spec for c in charts(at) if "Dose-response" in c.proto.spec)
+    assert '"factor"' in spec and "BDC A" in spec

@@ -28,7 +28,7 @@ from dkn.models import DEFAULT_MODEL, LoadedModel, load_model, model_summary
 from dkn.neurons import Neuron, neuron_label
 from dkn.prediction import answer_token_ranks
 from dkn.query import QueryError, check_prompt_length, make_query
-from dkn.selection import KnowledgeNeurons, refine
+from dkn.selection import KnowledgeNeurons, find_knowledge_neurons, refine
 
 DEFAULT_FACT_ID = "builtin/capital/France"
 MAX_PROMPTS_DEFAULT = 3
@@ -58,6 +58,13 @@ def get_builtin_facts() -> list[Fact]:
 @st.cache_data(show_spinner="Reading the facts file...", max_entries=8)
 def get_dataset(name_or_path: str, limit: int = 2000) -> list[Fact]:
     return load_dataset(name_or_path, limit=limit)
+
+
+def exclusive(lm: LoadedModel):
+    """One model computation at a time per server process (the model's re-entrant lock).  Every session
+    shares the one model, and dkn's fast paths switch the model's attention implementation while they run,
+    so two sessions computing at once must not interleave (that raised LookupError 'dkn_shared_prefix')."""
+    return lm.lock
 
 
 # ------------------------------------------------------------------ model choice
@@ -249,7 +256,8 @@ def run_attribution(lm: LoadedModel, progress: Callable[[float, str], None] | No
                 progress((i + done / total) / len(prompts), label)
         if progress is not None:
             progress(i / len(prompts), label)
-        results.append(attribute(lm, prompt, fact.answer, params, store=store, progress=sub))
+        with exclusive(lm):
+            results.append(attribute(lm, prompt, fact.answer, params, store=store, progress=sub))
     if progress is not None:
         progress(1.0, "done")
     kn = refine([a.scores for a in results], settings.t, settings.p)
@@ -263,9 +271,36 @@ def get_degeneracy(lm: LoadedModel, ws: Workspace, clusterer: str = "ntc", mode:
     """The degeneracy analysis of the workspace's knowledge neurons (about a second; kept per clusterer)."""
     key = f"{clusterer}/{mode}"
     if key not in ws.degeneracy:
-        ws.degeneracy[key] = analyse(lm, ws.fact.prompt, ws.fact.answer, ws.kn.neurons, ws.kn.scores,
-                                     DegeneracyParams(clusterer=clusterer, mode=mode))
+        with exclusive(lm):
+            ws.degeneracy[key] = analyse(lm, ws.fact.prompt, ws.fact.answer, ws.kn.neurons, ws.kn.scores,
+                                         DegeneracyParams(clusterer=clusterer, mode=mode))
     return ws.degeneracy[key]
+
+
+def get_edit_effects(lm: LoadedModel, ws: Workspace, neurons: tuple[Neuron, ...], factor: float, mode: str):
+    """dkn.prediction.edit_effects on every prompt of the workspace (kept per setting)."""
+    from dkn.prediction import edit_effects
+
+    cache = st.session_state.setdefault("_edit_effects", {})
+    key = (ws.key, tuple(sorted(neurons)), round(float(factor), 4), mode)
+    if key not in cache:
+        if len(cache) > 128:
+            cache.clear()
+        with exclusive(lm):
+            cache[key] = edit_effects(lm, ws.prompts, ws.fact.answer, neurons, factor, mode)
+    return cache[key]
+
+
+def get_neuron_detail(lm: LoadedModel, ws: Workspace, neuron: Neuron):
+    """dkn.compare.neuron_detail on the fact's main prompt (kept per neuron)."""
+    from dkn.compare import neuron_detail
+
+    cache = st.session_state.setdefault("_neuron_details", {})
+    key = (ws.key, neuron)
+    if key not in cache:
+        with exclusive(lm):
+            cache[key] = neuron_detail(lm, ws.fact.prompt, ws.fact.answer, neuron)
+    return cache[key]
 
 
 def ticked_groups(ws: Workspace, clusterer: str, candidates) -> list[tuple[str, tuple[Neuron, ...]]]:
@@ -289,7 +324,8 @@ def get_vocab(lm: LoadedModel, ws: Workspace, neuron: Neuron, k: int = 10):
     from dkn.vocab import project_neuron
 
     if neuron not in ws.vocab:
-        ws.vocab[neuron] = project_neuron(lm, neuron, k)
+        with exclusive(lm):
+            ws.vocab[neuron] = project_neuron(lm, neuron, k)
     return ws.vocab[neuron]
 
 
@@ -300,14 +336,16 @@ def get_intervention(lm: LoadedModel, ws: Workspace, neurons: tuple[Neuron, ...]
     if key not in ws.interventions:
         if len(ws.interventions) > 256:
             ws.interventions.clear()
-        ws.interventions[key] = intervene(lm, ws.fact.prompt, ws.fact.answer, key[0], factor, mode, top_k)
+        with exclusive(lm):
+            ws.interventions[key] = intervene(lm, ws.fact.prompt, ws.fact.answer, key[0], factor, mode, top_k)
     return ws.interventions[key]
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def model_prediction(_lm: LoadedModel, fingerprint: str, prompt: str, answer: str, top_k: int = 10):
     """(P(answer), top next tokens) of the unchanged model; cached per model and fact."""
-    r = intervene(_lm, prompt, answer, (), 1.0, "last", top_k)
+    with exclusive(_lm):
+        r = intervene(_lm, prompt, answer, (), 1.0, "last", top_k)
     return r.prob_before, r.top_before
 
 
@@ -326,7 +364,8 @@ def cached_figure(name: str, build: Callable, *args, **kwargs):
 @st.cache_data(show_spinner=False, max_entries=64)
 def answer_tokens(_lm: LoadedModel, fingerprint: str, prompt: str, answer: str):
     """Each answer token's probability and rank (dkn.prediction); cached per model and fact."""
-    return answer_token_ranks(_lm, prompt, answer)
+    with exclusive(_lm):
+        return answer_token_ranks(_lm, prompt, answer)
 
 
 def figure_title(title: str, model_label: str, fact: FactChoice) -> str:
@@ -370,3 +409,21 @@ def all_figures(lm: LoadedModel, ws: Workspace, clusterer: str, neurons: tuple[N
                                                             f"({mode})"))
     tables["intervention"] = fg.token_table(r.top_before, r.top_after)
     return figs, tables
+
+
+def fact_kn(lm: LoadedModel, fact: FactChoice, settings: Settings, *, compute: bool = False,
+            progress: Callable[[float, str], None] | None = None) -> KnowledgeNeurons | None:
+    """The knowledge neurons of any fact (not the session's current one) under `settings`: from the store,
+    or computed when `compute` (each attribution is stored); None when not cached and not computed."""
+    if not compute and not all_cached(lm, fact, settings):
+        return None
+    prompts = fact.prompts[: settings.max_prompts]
+    with exclusive(lm):
+        sub = None if progress is None else (lambda done, total: progress(done / max(total, 1), fact.prompt[:60]))
+        return find_knowledge_neurons(lm, prompts, fact.answer, settings.attribution_params(), t=settings.t,
+                                      p=settings.p, store=get_store(), progress=sub)
+
+
+def builtin_choice(fact_id: str) -> FactChoice:
+    f = next(f for f in get_builtin_facts() if f.id == fact_id)
+    return FactChoice(f.prompt, f.answer, f.prompts[1:], f.id)
