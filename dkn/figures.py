@@ -47,9 +47,10 @@ def group_name(i: int) -> str:
 # ------------------------------------------------------------------ attribution
 def attribution_heatmap(scores: np.ndarray, title: str = "Attribution score of every MLP neuron",
                         highlight: Sequence[Neuron] = (), max_columns: int | None = None,
-                        saturate: float = 0.3) -> go.Figure:
+                        saturate: float = 1.0) -> go.Figure:
     """Heatmap of scores [n_layers, d_mlp], layer 0 at the bottom, diverging colours centred at 0.
-    Colours saturate at `saturate` x the largest |score| (a few neurons dominate; the hover stays exact).
+    The colour scale spans +-`saturate` x the largest |score| (default: the whole range, so that the colour
+    bar reads the true top score; the hover stays exact).  The y axis spans exactly the layers.
     `max_columns` keeps, per block of columns, the entry of largest magnitude (display only; the hover
     then names the exact neuron of that entry).  `highlight` marks neurons with open circles."""
     scores = np.asarray(scores, dtype=np.float32)
@@ -74,8 +75,8 @@ def attribution_heatmap(scores: np.ndarray, title: str = "Attribution score of e
     fig.update_layout(**BASE_LAYOUT, title=title, height=max(320, 14 * n_layers + 120),
                       xaxis_title="neuron index" + (" (columns binned for display)" if index is not None else ""),
                       yaxis_title="layer", showlegend=bool(highlight),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
-    fig.update_yaxes(dtick=max(1, n_layers // 15))
+                      legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="right", x=1.0))
+    fig.update_yaxes(dtick=max(1, n_layers // 15), range=[-0.5, n_layers - 0.5])
     return fig
 
 

@@ -304,3 +304,20 @@ def test_per_prompt_effects_and_dose_response(app):
     no_exceptions(at)
     spec = next(c.proto.spec for c in charts(at) if "Dose-response" in c.proto.spec)
     assert '"factor"' in spec and "BDC A" in spec
+
+
+def test_link_restores_the_view_and_follows_it(app):
+    app.query_params.update({"fact": "builtin/capital/France", "factor": "0.5", "mode": "all", "bdc": "0",
+                             "group": "L3:N7 L4:N1"})
+    at = app.run()
+    no_exceptions(at)
+    at.switch_page("pages/intervene.py").run()
+    no_exceptions(at)
+    assert next(c for c in at.checkbox if c.label.startswith("BDC A")).value
+    assert next(s for s in at.slider if s.label == "Factor").value == 0.5
+    assert next(r for r in at.radio if r.label == "Where").value == "all"
+    assert next(c for c in at.checkbox if c.label.startswith("My group 1")).value      # the group is back, ticked
+    # and the URL follows a change
+    next(s for s in at.slider if s.label == "Factor").set_value(2.0).run()
+    assert at.query_params["factor"] in ("2", ["2"]) and at.query_params["bdc"] in ("0", ["0"])
+    assert at.query_params["group"] in ("L3:N7 L4:N1", ["L3:N7 L4:N1"])
