@@ -194,7 +194,8 @@ shown = st.selectbox("Scores of", options, key="heat_prompt",
                      format_func=lambda o: "mean over all prompts" if o == "mean" else f"prompt {o + 1}: {ws.prompts[o]}")
 scores = ws.mean_scores() if shown == "mean" else ws.attributions[shown].scores
 fig = figures.attribution_heatmap(scores, highlight=ws.kn.neurons,
-                                  title="Attribution score of every MLP neuron (circles: knowledge neurons)")
+                                  title=widgets.titled("Attribution score of every MLP neuron (circles: "
+                                                       "knowledge neurons)", lm, ws))
 hmap = pd.DataFrame({"layer": np.repeat(np.arange(scores.shape[0]), scores.shape[1]),
                      "neuron": np.tile(np.arange(scores.shape[1]), scores.shape[0]), "score": scores.ravel()})
 event = widgets.show_figure(fig, "attribution-heatmap", hmap, key="fig_heatmap", on_select="rerun",
@@ -216,7 +217,8 @@ if picked:
         st.toast(f"Group of {len(picked[:64])} neurons added: test it on the Intervene page.")
 
 layers = figures.layer_table(scores, settings.t)
-widgets.show_figure(figures.layer_summary(scores, settings.t), "layer-summary", layers, key="fig_layers",
+widgets.show_figure(figures.layer_summary(scores, settings.t, title=widgets.titled("Attribution per layer", lm, ws)),
+                    "layer-summary", layers, key="fig_layers",
                     caption="Where the fact lives: the positive attribution of each layer, and its strongest neuron.")
 
 # ------------------------------------------------------------------ 4. knowledge neurons

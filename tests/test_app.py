@@ -321,3 +321,27 @@ def test_link_restores_the_view_and_follows_it(app):
     next(s for s in at.slider if s.label == "Factor").set_value(2.0).run()
     assert at.query_params["factor"] in ("2", ["2"]) and at.query_params["bdc"] in ("0", ["0"])
     assert at.query_params["group"] in ("L3:N7 L4:N1", ["L3:N7 L4:N1"])
+
+
+def test_export_all_builds_every_figure_with_the_intervention_and_link(app):
+    import io
+    import json
+    import zipfile
+
+    from ui import state, widgets
+
+    at = app.run()
+    no_exceptions(at)
+    ws = next(iter(at.session_state["workspaces"].values()))
+    lm = state.get_model("default")
+    summary = state.summary(lm)
+    intervention = {"neurons": ["L3:N7", "L20:N5"], "factor": 0.0, "mode": "last", "clusterer": "ntc"}
+    data = widgets.export_all_zip(lm, ws, {}, {}, intervention, "http://x/intervene?fact=f", summary, images=False)
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    manifest = json.loads(zf.read("manifest.json"))
+    assert manifest["intervention"] == intervention and manifest["link"] == "http://x/intervene?fact=f"
+    names = {n.split("/")[1].rsplit(".", 1)[0] for n in zf.namelist() if n.startswith("figures/")}
+    # only the Explore page was visited, yet the graph, barcode, grid and intervention are all there
+    assert {"attribution-heatmap", "layer-summary", "kn-graph-ntc", "barcode-ntc", "intervention"} <= names
+    html = zf.read("figures/intervention.html").decode()
+    assert summary["label"] in html and "The capital of France is" in html and "2 neurons" in html

@@ -9,7 +9,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from dkn import export, neurons
+from dkn import export
+from dkn import neurons as neurons_mod
 from dkn.facts import DatasetError
 from dkn.models import DEFAULT_LABEL, DEFAULT_MODEL, LoadedModel, ModelLoadError
 from dkn.query import QueryError
@@ -204,26 +205,15 @@ def export_all_button(lm: LoadedModel | None, ws: state.Workspace | None = None)
     shown = dict(st.session_state.get("_figures", {}))
     tables = dict(st.session_state.get("_tables", {}))
     result = ws.degeneracy.get(f"{clusterer}/last")
-    neurons = state.ticked_neurons(ws, clusterer, result.candidates) if result is not None else ()
-    intervention = {"neurons": [neuron_label(n) for n in neurons], "factor": factor, "mode": mode,
+    ticked = state.ticked_neurons(ws, clusterer, result.candidates) if result is not None else ()
+    intervention = {"neurons": [neuron_label(n) for n in ticked], "factor": factor, "mode": mode,
                     "clusterer": clusterer}
     url = link.share_url(ws)
-    fact, settings = ws.fact, ws.settings
     summary = state.summary(lm)
+    fact = ws.fact
 
     def build() -> bytes:
-        figures, all_tables = state.all_figures(lm, ws, clusterer, neurons, factor, mode, summary["label"])
-        figures.update(shown)                   # what the pages drew wins (same names)
-        all_tables.update(tables)
-        manifest = export.manifest(
-            model=summary, prompt=fact.prompt, answer=fact.answer, paraphrases=list(ws.prompts[1:]),
-            method=settings.method,
-            parameters={**ws.main.params.__dict__, "t": settings.t, "p": settings.p,
-                        "max_prompts": settings.max_prompts,
-                        "degeneracy": {k: r.params.__dict__ for k, r in ws.degeneracy.items()}},
-            p_answer=ws.main.prob, knowledge_neurons=[neuron_label(n) for n in ws.kn.neurons],
-            intervention=intervention, link=url)
-        return export.export_zip(figures, all_tables, manifest)
+        return export_all_zip(lm, ws, shown, tables, intervention, url, summary)
 
     st.download_button("Export all (zip)", build, f"dkn-{_slug(fact.prompt)}-{_slug(fact.answer)}.zip",
                        "application/zip", key="export_all", on_click="ignore", icon=":material/folder_zip:",
@@ -231,6 +221,28 @@ def export_all_button(lm: LoadedModel | None, ws: state.Workspace | None = None)
                        help="Every figure of this fact (PNG, SVG, HTML) and table (CSV, JSON), and a manifest "
                             "(model, fingerprint, prompt, answer, method, parameters, intervention, link, version, "
                             "date).")
+
+
+def export_all_zip(lm: LoadedModel, ws: state.Workspace, shown: dict, tables: dict, intervention: dict, url: str,
+                   summary: dict, images: bool | None = None) -> bytes:
+    """The Export-all zip: every figure of the fact (what the pages drew, and the rest built from the cached
+    results), the tables, and a manifest with the intervention state and the link.  No Streamlit calls (it
+    runs when the button is clicked)."""
+    neurons = tuple(neurons_mod.parse_neurons(",".join(intervention["neurons"])))
+    figures, all_tables = state.all_figures(lm, ws, intervention["clusterer"], neurons, intervention["factor"],
+                                            intervention["mode"], summary["label"])
+    figures.update(shown)                   # what the pages drew wins (same names)
+    figures = {k: v if isinstance(v, go.Figure) else go.Figure(v) for k, v in figures.items()}
+    all_tables.update(tables)
+    fact, settings = ws.fact, ws.settings
+    manifest = export.manifest(
+        model=summary, prompt=fact.prompt, answer=fact.answer, paraphrases=list(ws.prompts[1:]),
+        method=settings.method,
+        parameters={**ws.main.params.__dict__, "t": settings.t, "p": settings.p, "max_prompts": settings.max_prompts,
+                    "degeneracy": {k: r.params.__dict__ for k, r in ws.degeneracy.items()}},
+        p_answer=ws.main.prob, knowledge_neurons=[neuron_label(n) for n in ws.kn.neurons],
+        intervention=intervention, link=url)
+    return export.export_zip(figures, all_tables, manifest, images=images)
 
 
 def reset_figures() -> None:
@@ -242,7 +254,7 @@ def reset_figures() -> None:
         st.session_state["_figures_for"] = key
 
 
-neuron_label = neurons.neuron_label      # "L12:N345" everywhere
+neuron_label = neurons_mod.neuron_label      # "L12:N345" everywhere
 
 
 def _mark_cancelled(key: str) -> None:
