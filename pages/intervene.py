@@ -1,4 +1,8 @@
 """Intervene: switch groups of knowledge neurons off (or amplify them) and watch the answer change, live."""
+import os
+import sys
+import time
+
 import pandas as pd
 import streamlit as st
 
@@ -181,6 +185,7 @@ def dose_panel(result, mode: str) -> None:
 @st.fragment
 def intervention_panel() -> None:
     """Only this part reruns when a box, the factor or the mode changes."""
+    start = time.perf_counter()
     with guard("Degeneracy analysis"):
         result = state.get_degeneracy(lm, ws, clusterer)
     controls, view = st.columns([1, 2], gap="large")
@@ -189,6 +194,8 @@ def intervention_panel() -> None:
     with view:
         effect_panel(result, selected_t, factor, mode)
     link.write(ws)              # the URL follows the ticked groups, the factor and the mode
+    if os.environ.get("DKN_APP_TIMING"):
+        print(f"intervention panel: {time.perf_counter() - start:.3f} s", file=sys.stderr, flush=True)
 
 
 with guard("Degeneracy analysis"):
