@@ -226,7 +226,8 @@ def main(argv=None) -> None:
         f"{out['machine']['loadavg_end'][0]:.1f} at the end. **Shared with other helpers' jobs**: absolute "
         "times are noisy; read the ratios.", "",
         "| measure | median | runs | target |", "|---|---|---|---|",
-        f"| Intervene: tick a group -> chart redrawn | {med(inter['tick_s']) * 1000:.0f} ms | {args.repeats} | <= 300 ms |",
+        f"| Intervene: tick a group -> chart redrawn | {med(inter['tick_s']) * 1000:.0f} ms | {args.repeats} "
+        "| <= 300 ms |",
         f"| Intervene: factor slider step -> chart redrawn | {med(inter['factor_s']) * 1000:.0f} ms | {args.repeats} "
         "| <= 300 ms |",
         f"| server side of one Intervene update (the fragment's script run) | "

@@ -50,7 +50,7 @@ def kn_overlap(knowledge_neurons: Mapping[str, Sequence[Neuron]]) -> Overlap:
     if len(knowledge_neurons) < 2:
         raise ValueError("comparing facts needs at least 2 facts")
     names = tuple(knowledge_neurons)
-    sets = [set(Neuron(*n) for n in knowledge_neurons[f]) for f in names]
+    sets = [{Neuron(*n) for n in knowledge_neurons[f]} for f in names]
     F = len(names)
     shared = np.zeros((F, F), dtype=int)
     jaccard = np.zeros((F, F))

@@ -14,7 +14,7 @@ Every builder also has a table form (`*_table`) for the CSV/JSON export.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -428,6 +428,6 @@ def overlap_matrix(facts: Sequence[str], shared: np.ndarray, jaccard: np.ndarray
     return fig
 
 
-__all__ = ["attribution_heatmap", "overlap_matrix", "layer_summary", "layer_table", "kn_graph", "edge_table", "graph_positions",
-           "node_groups", "barcode", "bar_table", "degeneracy_grid", "grid_table", "intervention_bars", "intervention_bars_spec",
-           "token_table", "probability_bars", "dose_response", "group_name", "group_colour"]
+__all__ = ["attribution_heatmap", "overlap_matrix", "layer_summary", "layer_table", "kn_graph", "edge_table",
+           "graph_positions", "node_groups", "barcode", "bar_table", "degeneracy_grid", "grid_table",
+           "intervention_bars", "intervention_bars_spec", "token_table", "probability_bars", "dose_response", "group_name", "group_colour"]

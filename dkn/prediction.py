@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from dkn.degeneracy import random_matched_sets
@@ -93,7 +92,8 @@ def _first_step_logits(lm, step, sets, factor, mode) -> torch.Tensor:
         rows = []
         for s in sets:
             with scaled_weights(lm, s, factor) if s else nullcontext():
-                rows.append(lm.model(input_ids=torch.tensor([step.input_ids], device=lm.device)).logits[0, step.position])
+                ids = torch.tensor([step.input_ids], device=lm.device)                # [1, T]
+                rows.append(lm.model(input_ids=ids).logits[0, step.position])         # [vocab]
         return torch.stack(rows).float()
     ids = torch.tensor([step.input_ids], device=lm.device).expand(len(sets), -1)   # [rows, T]
     position = step.position if mode == "last" else None

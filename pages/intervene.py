@@ -216,8 +216,8 @@ with guard("Degeneracy grid"):
         m[0].metric("Degeneracy index", f"{result.degeneracy_index:.2f}",
                     help="(union drop − largest single drop) / union drop")
         m[1].metric("Groups combine", result.combination)
-        m[2].metric("All suppressed", pct(result.prob * (1 - result.union_drop)), delta=widgets.signed_pct(-result.union_drop),
-                    delta_color="normal")
+        m[2].metric("All suppressed", pct(result.prob * (1 - result.union_drop)),
+                    delta=widgets.signed_pct(-result.union_drop), delta_color="normal")
         widgets.show_figure(figures.degeneracy_grid(sub, result.prob, n), f"degeneracy-grid-{clusterer}",
                             figures.grid_table(sub, result.prob), key="fig_grid",
                             caption="Every subset of the groups suppressed (factor 0 at the answer position): the "

@@ -10,9 +10,9 @@ import os
 import pytest
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from streamlit.testing.v1 import AppTest
 
-from tests.app_support import FRANCE, REPO, env_var, make_cache_dir, seed_store  # noqa: E402
+from tests.app_support import FRANCE, REPO, env_var, make_cache_dir, seed_store
 
 pytestmark = pytest.mark.real_model
 TIMEOUT = 180

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
+from tiny_models import tiny_model
 
 from dkn.query import QueryError, make_query, normalise_answer
-from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

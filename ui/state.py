@@ -12,16 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import streamlit as st
 
 from dkn.attribution import Attribution, AttributionParams, attribute, attribution_key
 from dkn.cache import ResultStore, default_path
 from dkn.custom_groups import DoseResponse, GroupGrid, RandomControl
+from dkn.datasets import DatasetError, Fact, builtin_facts, load_dataset
 from dkn.degeneracy import DegeneracyParams, DegeneracyResult, analyse
-from dkn.facts import DatasetError, Fact, builtin_facts, load_dataset
 from dkn.figures import group_name
 from dkn.interventions import InterventionResult, intervene
 from dkn.models import DEFAULT_MODEL, LoadedModel, load_model, model_summary

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -11,7 +12,7 @@ import streamlit as st
 
 from dkn import export
 from dkn import neurons as neurons_mod
-from dkn.facts import DatasetError
+from dkn.datasets import DatasetError
 from dkn.models import DEFAULT_LABEL, DEFAULT_MODEL, LoadedModel, ModelLoadError
 from dkn.query import QueryError
 from ui import state
