@@ -157,7 +157,7 @@ def test_end_to_end(server, page):
     assert after < 0.5 * before, (before, after)
 
     # export the intervention figure as PNG
-    page.locator(".st-key-fig_intervention ~ * [data-testid='stPopover'] button, [data-testid='stPopover'] button").first.click()
+    page.locator("[data-testid='stMain'] [data-testid='stPopover'] button").first.click()   # not the sidebar's
     with page.expect_download(timeout=120_000) as info:
         page.get_by_role("button", name="PNG image").first.click()
     data = open(info.value.path(), "rb").read()
