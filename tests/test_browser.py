@@ -107,9 +107,9 @@ def percent(page, label: str) -> float:
     return float(re.sub(r"[^0-9.e-]", "", value.inner_text()))
 
 
-def go_to(page, title: str, marker: str) -> None:
+def go_to(page, title: str, marker: str, timeout_s: float = 120) -> None:
     page.locator(f"[data-testid='stSidebarNav'] a:has-text('{title}')").first.click()
-    page.wait_for_selector(f"text={marker}", timeout=120_000)
+    page.wait_for_selector(f"text={marker}", timeout=timeout_s * 1000)
     idle(page)
 
 
@@ -192,7 +192,11 @@ def test_long_prompt_is_refused_and_the_server_stays_up(server, page):
     page.wait_for_selector("text=1 · The fact", timeout=180_000)
     idle(page)
     _type_own(page, " ".join(["history"] * 3000), "Paris")
-    page.wait_for_selector("text=tokens long", timeout=60_000)
+    try:
+        page.wait_for_selector("text=tokens long", timeout=60_000)
+    except Exception:
+        page.screenshot(path="/tmp/long_prompt_fail.png", full_page=True)
+        raise
     assert page.locator("text=dkn accepts prompts of at most").count() >= 1
     assert page.get_by_role("button", name=re.compile("Run attribution")).count() == 0
     assert _health(server) == b"ok"                         # the server is alive, for every session
@@ -207,10 +211,16 @@ def test_typed_paraphrases_are_used(server, page):
     page.wait_for_selector("text=1 · The fact", timeout=180_000)
     idle(page)
     _type_own(page, "The capital of Japan is", "Tokyo")
-    page.wait_for_selector("text=Run attribution on 1 prompt", timeout=60_000)
+    try:
+        page.wait_for_selector("text=Run attribution on 1 prompt", timeout=180_000)
+    except Exception:
+        page.screenshot(path="/tmp/paraphrase_fail.png", full_page=True)
+        raise
     grid = page.locator("[data-testid='stDataFrame']").first
     for text in ("Japan's capital is", "The capital city of Japan is"):
-        grid.locator("[data-testid='stDataFrameToolbar'] button").first.click(force=True)   # "Add row"
+        grid.hover()
+        page.locator("[data-testid='stElementToolbarButton'] button[aria-label='Add row'], "
+                     "[data-testid='stElementToolbar'] button[aria-label='Add row']").first.click()
         time.sleep(0.5)
         page.keyboard.type(text)
         page.keyboard.press("Enter")
@@ -245,24 +255,24 @@ def test_shared_link_restores_the_view_in_a_fresh_browser(server, tmp_path):
             run.click()
             page.wait_for_selector("text=Computed in", timeout=300_000)
             idle(page)
-        go_to(page, "Intervene", "Effect on the answer")
+        go_to(page, "Intervene", "Effect on the answer", timeout_s=400)      # the degeneracy analysis runs first
         page.locator("[data-testid='stCheckbox']:has-text('BDC A') label").first.click()
         idle(page)
         time.sleep(1.0)
         link = page.url
         assert "bdc=0" in link and "factor=0.5" in link and "fact=builtin" in link
         after = percent(page, "P(answer) after")
-        title = page.locator(".st-key-fig_intervention .gtitle").first.inner_text()
+        title = page.locator(".st-key-fig_intervention .gtitle").first.text_content()
         first.close()
 
         fresh = _fresh_context(p, tmp_path, "fresh")            # nothing shared: a new profile
         try:
             page = fresh.pages[0] if fresh.pages else fresh.new_page()
             page.goto(link)
-            page.wait_for_selector("text=Effect on the answer", timeout=180_000)
+            page.wait_for_selector("text=Effect on the answer", timeout=400_000)
             idle(page)
             assert page.locator("[data-testid='stCheckbox']:has-text('BDC A') input").first.is_checked()
             assert percent(page, "P(answer) after") == after
-            assert page.locator(".st-key-fig_intervention .gtitle").first.inner_text() == title
+            assert page.locator(".st-key-fig_intervention .gtitle").first.text_content() == title
         finally:
             fresh.close()
