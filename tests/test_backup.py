@@ -114,3 +114,27 @@ def test_attribution_under_suppression_zeroes_the_suppressed_and_matches_the_ref
 def test_bad_backup_settings_are_refused():
     with pytest.raises(ValueError, match="backup_rounds"):
         DegeneracyParams(clusterer="backup", backup_rounds=0).validate()
+
+
+def test_cli_dkn_json_carries_rounds_sufficiency_redundancy_and_interactions(tmp_path, capsys):
+    import json
+
+    from dkn.cli import main
+
+    lm = _stored_twice_in_two_layers()
+    folder = tmp_path / "planted"
+    lm.model.save_pretrained(folder, safe_serialization=True)
+    lm.tokenizer.save_pretrained(folder)
+    argv = ["dkn", "--model", str(folder), "--device", "cpu", "--prompt", PROMPT, "--answer", ANSWER,
+            "--clusterer", "backup", "--json", "--no-cache", "--steps", "8"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["clusterer"] == "backup" and out["degenerate"] is True
+    assert len(out["rounds"]) == 2 and out["rounds"][1]["prob_after"] < 0.1 * out["prob"]
+    assert [s["sufficient"] for s in out["sufficiency"]] == [True, True]
+    assert out["redundancy"] > 0.9 and [i["subset"] for i in out["interactions"]] == [[0], [1], [0, 1]]
+    assert out["conditions"]["together_remove_fact"] is True and out["edge"] == "static"
+    assert main(argv[:-6] + ["--clusterer", "ntc", "--no-cache", "--steps", "8"]) == 0      # the text report
+    text = capsys.readouterr().out
+    assert "redundancy R" in text and "no candidate group" in text          # IG found one copy only
