@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from streamlit.testing.v1 import AppTest
+from test_backup import ANSWER, PROMPT, _stored_twice_in_two_layers
 
-from tests.app_support import REPO, env_var  # noqa: E402
-from test_backup import ANSWER, PROMPT, _stored_twice_in_two_layers  # noqa: E402
+from tests.app_support import REPO, env_var
 
 TIMEOUT = 120
 
