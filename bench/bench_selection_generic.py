@@ -2,7 +2,7 @@
 
 On the default model, for N built-in facts the model knows (first prompt each, integrated gradients
 with the default settings, attributions cached in the default result store):
-- the generic neurons: coarse (score > t x max) in at least half of the facts;
+- the generic neurons: coarse (score > t x max) in at least `--share` (a quarter) of the facts;
 - per fact, the neurons that would be coarse if the generic neurons did not set the maximum but are
   not coarse now (dkn.selection.generic_pushout);
 - how many knowledge neurons each selection rule keeps: the global threshold, the per-layer threshold,
@@ -33,6 +33,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--facts", type=int, default=12)
     ap.add_argument("--t", type=float, default=0.2)
+    ap.add_argument("--share", type=float, default=0.25, help="generic: coarse in at least this share of the facts")
     ap.add_argument("--out", default="bench/results/selection_generic.json")
     args = ap.parse_args()
     lm = load_model("default", device="cpu")
@@ -48,7 +49,7 @@ def main() -> int:
     for i, f in enumerate(chosen):
         maps.append(attribute(lm, f.prompts[0], f.answer, store=store).scores)
         print(f"[{i + 1}/{len(chosen)}] {f.prompts[0]!r} -> {f.answer!r}", flush=True)
-    pushed = generic_pushout(maps, args.t)
+    pushed = generic_pushout(maps, args.t, args.share)
     rows = []
     for i, f in enumerate(chosen):
         others = maps[:i] + maps[i + 1:]
@@ -59,13 +60,13 @@ def main() -> int:
                      "contrast": len(refine([maps[i]], args.t, 0.5, others, negatives="contrast").neurons),
                      "drop": len(refine([maps[i]], args.t, 0.5, others, negatives="drop").neurons),
                      "lost_to_generic": len(pushed.lost[i])})
-    summary = {"facts": len(chosen), "t": args.t, "generic": [str(n) for n in pushed.generic],
+    summary = {"facts": len(chosen), "t": args.t, "share": args.share, "generic": [str(n) for n in pushed.generic],
                "facts_affected": pushed.facts_affected, "share_affected": pushed.facts_affected / len(chosen),
                "mean_lost": pushed.mean_lost, "rows": rows,
                "mean_kns": {k: float(np.mean([r[k] for r in rows])) for k in ("global", "per_layer", "contrast",
                                                                              "drop")},
                "note": "default model, first prompt per fact, IG defaults; the machine was shared"}
-    print(f"generic neurons (coarse in >= half of {len(chosen)} facts): {', '.join(summary['generic']) or 'none'}")
+    print(f"generic neurons (coarse in >= {args.share:.0%} of {len(chosen)} facts): {', '.join(summary['generic']) or 'none'}")
     print(f"facts where generic neurons push fact-specific ones under t x max: {pushed.facts_affected}/{len(chosen)}"
           f" ({summary['share_affected']:.0%}); neurons lost per fact: {pushed.mean_lost:.2f}")
     print("mean knowledge neurons per fact: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["mean_kns"].items()))

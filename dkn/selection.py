@@ -121,13 +121,15 @@ class Pushout:
         return float(np.mean([len(lost) for lost in self.lost])) if self.lost else 0.0
 
 
-def generic_pushout(fact_maps: Sequence[np.ndarray], t: float = 0.2, share: float = 0.5) -> Pushout:
-    """Generic neurons: coarse in >= `share` of the facts (one map [n_layers, d_mlp] per fact).  For each fact,
+def generic_pushout(fact_maps: Sequence[np.ndarray], t: float = 0.2, share: float = 0.25) -> Pushout:
+    """Generic neurons: coarse in >= `share` of the facts and in at least 2 (a quarter by default: a neuron coarse
+    for every fourth unrelated fact is not fact-specific) (one map [n_layers, d_mlp] per fact).  For each fact,
     the neurons that would be coarse if the generic neurons did not set the maximum, but are not coarse now."""
     if len(fact_maps) < 2:
         raise ValueError("generic_pushout needs the maps of at least 2 different facts")
     counts = Counter(n for scores in fact_maps for n in coarse_neurons(scores, t))
-    generic = tuple(sorted(n for n, c in counts.items() if c >= share * len(fact_maps)))
+    needed = max(2.0, share * len(fact_maps))                             # never a neuron of one fact only
+    generic = tuple(sorted(n for n, c in counts.items() if c >= needed))
     lost = []
     for scores in fact_maps:
         masked = scores.copy()
