@@ -144,3 +144,10 @@ def test_functional_edges_ignore_a_neuron_that_is_silent_on_this_prompt():
     assert np.isinf(functional.distance[1, 2]) and np.isfinite(functional.distance[0, 2])
     with pytest.raises(ValueError, match="prompt"):
         build_graph(lm, neurons, edge="functional")
+
+
+def test_edge_definitions_offered_by_the_front_ends_match_the_graph():
+    from dkn import options
+    from dkn.graph import EDGES
+
+    assert options.EDGES == EDGES
