@@ -36,8 +36,10 @@ ws = widgets.require_workspace(lm)
 widgets.fact_banner(ws)
 
 c1, c2, c3 = st.columns([2, 2, 1])
-clusterer = c1.selectbox("Method", CLUSTERER_NAMES, format_func=CLUSTERER_LABELS.get, key="clusterer",
-                         index=CLUSTERER_NAMES.index(st.session_state.get("clusterer_value", "ntc")))
+clusterer = c1.selectbox("Clusterer", CLUSTERER_NAMES, format_func=CLUSTERER_LABELS.get, key="clusterer",
+                         index=CLUSTERER_NAMES.index(st.session_state.get("clusterer_value", "ntc")),
+                         help="The method that proposes the groups: a graph clusterer, AMIG's pairs, or backup "
+                              "discovery.")
 st.session_state["clusterer_value"] = clusterer
 edge = c2.selectbox("Graph edges", EDGES, format_func=EDGE_LABELS.get, key="edge",
                     disabled=clusterer in ("amig", "backup"),

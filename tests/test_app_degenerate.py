@@ -57,7 +57,7 @@ def _text(elements) -> str:
 
 def test_backup_discovery_shows_both_copies_peeling_sufficiency_and_interactions(planted, monkeypatch):
     at = _page(planted, monkeypatch, "backup")
-    assert next(w for w in at.selectbox if w.label == "Method").value == "backup"
+    assert next(w for w in at.selectbox if w.label == "Clusterer").value == "backup"
     assert "Degenerate: any one of 2 groups can go" in _text(at.success)
     assert {m.label: m.value for m in at.metric}["Candidate groups"] == "2"
     r_value = next(m.value for m in at.metric if m.label == "Redundancy R")
