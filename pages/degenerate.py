@@ -11,7 +11,8 @@ from dkn.topology import h0_barcode
 from ui import state, widgets
 from ui.widgets import guard, pct
 
-CLUSTERER_LABELS = {"ntc": "NTC (persistence, recommended graph method)", "ntc_faithful": "NTC as in the authors' script",
+CLUSTERER_LABELS = {"ntc": "NTC (persistence, recommended graph method)",
+                    "ntc_faithful": "NTC as in the authors' script",
                     "hierarchical": "Hierarchical (average linkage)", "dbscan": "DBSCAN", "kmeans": "k-means",
                     "amig": "AMIG's definition: pairs of neurons",
                     "backup": "Backup discovery: attribute, switch off, attribute again"}
