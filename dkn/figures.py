@@ -430,4 +430,68 @@ def overlap_matrix(facts: Sequence[str], shared: np.ndarray, jaccard: np.ndarray
 
 __all__ = ["attribution_heatmap", "overlap_matrix", "layer_summary", "layer_table", "kn_graph", "edge_table",
            "graph_positions", "node_groups", "barcode", "bar_table", "degeneracy_grid", "grid_table",
-           "intervention_bars", "intervention_bars_spec", "token_table", "probability_bars", "dose_response", "group_name", "group_colour"]
+           "intervention_bars", "intervention_bars_spec", "token_table", "probability_bars", "dose_response",
+           "group_name", "group_colour"]
+
+
+# ------------------------------------------------------------------ degeneracy: sufficiency, interactions, peeling
+def group_drop_bars(single_drops: Sequence[float], alone_drops: Sequence[float], threshold_low: float,
+                    threshold_high: float, title: str = "Each group: switched off alone, and left on alone"
+                    ) -> go.Figure:
+    """Per group, two bars: the relative drop of P with only this group suppressed (must stay within
+    +-threshold_low) and with every OTHER group suppressed (sufficiency: must stay below threshold_high)."""
+    names = [f"BDC {group_name(i)}" for i in range(len(single_drops))]
+    fig = go.Figure([
+        go.Bar(name="drop with it switched off", x=names, y=list(single_drops), marker_color="#dd6b20",
+               hovertemplate="%{x}: P drops by %{y:.1%} with it off<extra></extra>"),
+        go.Bar(name="drop with only it left", x=names, y=list(alone_drops), marker_color="#4299e1",
+               hovertemplate="%{x}: P drops by %{y:.1%} with every other group off<extra></extra>")])
+    for y, text in ((threshold_low, "low"), (-threshold_low, ""), (threshold_high, "high")):
+        fig.add_hline(y=y, line_dash="dot", line_color="#718096", annotation_text=text)
+    fig.update_layout(**BASE_LAYOUT, title=title, barmode="group", height=340, yaxis_tickformat=".0%",
+                      yaxis_title="relative drop of P(answer)")
+    return fig
+
+
+def group_drop_table(single_drops: Sequence[float], alone_drops: Sequence[float]) -> list[dict]:
+    return [{"group": group_name(i), "drop_alone": float(s), "drop_only_it_left": float(a)}
+            for i, (s, a) in enumerate(zip(single_drops, alone_drops))]
+
+
+def interaction_bars(interactions: Sequence[tuple[Sequence[int], float]],
+                     title: str = "Moebius (Harsanyi) interaction of every subset of groups") -> go.Figure:
+    """One bar per subset: its Harsanyi dividend of the drop (singles: their own drop; a positive pair:
+    the two groups stand in for each other; the bars add up to the drop with every group suppressed)."""
+    labels = ["+".join(group_name(i) for i in s) for s, _ in interactions]
+    values = [float(v) for _, v in interactions]
+    fig = go.Figure(go.Bar(x=labels, y=values, marker_color=[EXCITATORY if v >= 0 else INHIBITORY for v in values],
+                           text=[f"{v:+.1%}" for v in values], textposition="outside",
+                           hovertemplate="%{x}: %{y:+.2%}<extra></extra>"))
+    fig.update_layout(**BASE_LAYOUT, title=title, height=340, yaxis_tickformat=".0%",
+                      xaxis_title="subset of groups", yaxis_title="interaction (share of P)")
+    return fig
+
+
+def interaction_table(interactions: Sequence[tuple[Sequence[int], float]]) -> list[dict]:
+    return [{"subset": "+".join(group_name(i) for i in s), "size": len(s), "interaction": float(v)}
+            for s, v in interactions]
+
+
+def peeling_curve(peeling: Sequence[float], round_sizes: Sequence[int] = (),
+                  title: str = "Backup discovery: P(answer) after each round is switched off") -> go.Figure:
+    """P(answer) unchanged (round 0) and after each round's neurons are suppressed on top of the earlier ones."""
+    xs = list(range(len(peeling)))
+    text = ["unchanged"] + [f"round {k}: {n} neurons" for k, n in enumerate(round_sizes, 1)]
+    fig = go.Figure(go.Scatter(x=xs, y=list(peeling), mode="lines+markers+text", text=[f"{p:.1%}" for p in peeling],
+                               textposition="top center", customdata=text[: len(xs)] + [""] * (len(xs) - len(text)),
+                               line={"color": "#2b6cb0"},
+                               hovertemplate="%{customdata}<br>P(answer) %{y:.2%}<extra></extra>"))
+    fig.update_layout(**BASE_LAYOUT, title=title, height=320, yaxis_tickformat=".0%",
+                      yaxis_range=[0, min(1.05, max(list(peeling) + [1e-9]) * 1.25)],
+                      xaxis={"tickmode": "array", "tickvals": xs, "title": "rounds suppressed"})
+    return fig
+
+
+def peeling_table(peeling: Sequence[float], round_sizes: Sequence[int] = ()) -> list[dict]:
+    return [{"round": k, "neurons": (round_sizes[k - 1] if 0 < k <= len(round_sizes) else 0), "p_answer": float(p)}
+            for k, p in enumerate(peeling)]

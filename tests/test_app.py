@@ -75,7 +75,7 @@ def test_degenerate_page_shows_graph(app):
     no_exceptions(at)
     assert at.title[0].value == "Degenerate knowledge neurons"
     assert any(w.label == "Clusterer" for w in at.selectbox)
-    assert any(m.label == "Degeneracy index" for m in at.metric)
+    assert any(m.label == "Redundancy R" for m in at.metric)
     specs = [c.proto.spec for c in charts(at)]
     assert any("BDC A" in s for s in specs)          # the graph colours nodes by group
     assert len(specs) >= 2                            # graph and barcode

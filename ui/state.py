@@ -267,13 +267,17 @@ def run_attribution(lm: LoadedModel, progress: Callable[[float, str], None] | No
     return ws
 
 
-def get_degeneracy(lm: LoadedModel, ws: Workspace, clusterer: str = "ntc", mode: str = "last") -> DegeneracyResult:
-    """The degeneracy analysis of the workspace's knowledge neurons (about a second; kept per clusterer)."""
-    key = f"{clusterer}/{mode}"
+def get_degeneracy(lm: LoadedModel, ws: Workspace, clusterer: str = "ntc", mode: str = "last",
+                   **options) -> DegeneracyResult:
+    """The degeneracy analysis of the workspace's knowledge neurons (about a second; kept per clusterer and
+    options; `options` are further DegeneracyParams fields, e.g. edge="functional")."""
+    if clusterer == "backup":      # the rounds attribute again: with the workspace's attribution settings
+        options.setdefault("backup_attribution", ws.settings.attribution_params())
+    key = f"{clusterer}/{mode}" + "".join(f"/{k}={options[k]}" for k in sorted(options))
     if key not in ws.degeneracy:
         with exclusive(lm):
             ws.degeneracy[key] = analyse(lm, ws.fact.prompt, ws.fact.answer, ws.kn.neurons, ws.kn.scores,
-                                         DegeneracyParams(clusterer=clusterer, mode=mode))
+                                         DegeneracyParams(clusterer=clusterer, mode=mode, **options))
     return ws.degeneracy[key]
 
 
