@@ -82,12 +82,19 @@ if submitted:
                 from dkn.experiments.distributed import ClusterSpec
                 cluster = ClusterSpec(workers=int(workers), address=ray_address.strip() or None)
             label = f"Running {name}" + (f" on {workers} Ray workers" if workers else "")
-            report, out = widgets.run_with_progress(label, work)
+            report, out = widgets.run_with_progress(label, work, cancel_key="cancel_experiment")
         except RuntimeError as err:      # Ray: no cluster at that address, a worker that cannot load the model
             if not workers:
                 raise
             st.error(f"The run on Ray failed: {err}", icon=":material/error:")
             st.stop()
-        st.success(f"Done: {report.summary.get('n_facts', '')} facts. The report is listed above (reload the page).",
-                   icon=":material/check_circle:")
-        st.json(report.summary, expanded=False)
+        st.session_state["experiment_done"] = (name, report.summary)
+        st.rerun()            # the new report appears in the list above at once
+if st.session_state.pop("cancelled_cancel_experiment", False):
+    st.info("Experiment cancelled. Facts already finished are kept: running it again resumes from them.",
+            icon=":material/cancel:")
+if "experiment_done" in st.session_state:
+    done_name, summary = st.session_state["experiment_done"]
+    st.success(f"Done: {done_name}, {summary.get('n_facts', '')} facts. Its report is listed above.",
+               icon=":material/check_circle:")
+    st.json(summary, expanded=False)

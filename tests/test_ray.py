@@ -327,7 +327,7 @@ def test_page_runs_on_the_cluster(tiny, two_nodes, tmp_path, monkeypatch):
     finally:
         two_nodes.cluster.remove_node(node)
     assert not at.error, [e.value for e in at.error]
-    assert any(f"Done: {N_FACTS} facts" in s.value for s in at.success)
+    assert any(f"Done: {EXPERIMENT}, {N_FACTS} facts" in s.value for s in at.success)
     [out] = {p.parent for p in (tmp_path / "page" / "app-runs").glob("**/summary.json")}
     _, lm, data = tiny
     local_run = run(lm, data, tmp_path / "local", settings=[], limit=N_FACTS)   # the page's settings, here
