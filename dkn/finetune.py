@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -99,9 +99,26 @@ def train_neurons(lm: LoadedModel, facts, neurons: Iterable[Neuron] | None = Non
     pairs = [(f.prompt, f.answer) if hasattr(f, "prompts") else (f[0], f[1]) for f in facts]
     if not pairs:
         raise ValueError("nothing to train on: give at least one fact")
+    examples = encode(lm, pairs)
+    rng = np.random.default_rng(seed)
+    batch_size = batch_size or len(examples)
+    order: list[int] = []
+
+    def loss(_step: int) -> torch.Tensor:
+        nonlocal order
+        if len(order) < batch_size:
+            order += list(rng.permutation(len(examples)))
+        batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
+        return answer_loss(lm, batch)
+    return train_masked(lm, loss, neurons, steps=steps, lr=lr, seed=seed)
+
+
+def train_masked(lm: LoadedModel, loss: Callable[[int], torch.Tensor], neurons: Iterable[Neuron] | None = None, *,
+                 steps: int = 20, lr: float = 1e-3, seed: int = 0) -> TrainResult:
+    """Adam (no weight decay) on the chosen neurons' weight slices (every weight when `neurons` is None),
+    in place, minimising `loss(step)` (a scalar tensor computed with `lm.model`) for `steps` steps."""
     if steps < 1 or lr <= 0:
         raise ValueError(f"steps must be >= 1 and lr > 0, got steps={steps}, lr={lr}")
-    examples = encode(lm, pairs)
     model = lm.model
     start = time.perf_counter()
     if neurons is None:
@@ -117,8 +134,6 @@ def train_neurons(lm: LoadedModel, facts, neurons: Iterable[Neuron] | None = Non
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     hooks = []
     losses = []
-    rng = np.random.default_rng(seed)
-    batch_size = batch_size or len(examples)
     with lm.lock:
         try:
             for name, p in model.named_parameters():
@@ -129,16 +144,12 @@ def train_neurons(lm: LoadedModel, facts, neurons: Iterable[Neuron] | None = Non
             model.eval()                                   # no dropout: deterministic updates
             torch.manual_seed(seed)
             optimiser = torch.optim.Adam(list(trained.values()), lr=lr, weight_decay=0.0)
-            order: list[int] = []
-            for _ in range(steps):
-                if len(order) < batch_size:
-                    order += list(rng.permutation(len(examples)))
-                batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
+            for step in range(steps):
                 optimiser.zero_grad(set_to_none=True)
-                loss = answer_loss(lm, batch)
-                loss.backward()
+                value = loss(step)
+                value.backward()
                 optimiser.step()
-                losses.append(float(loss.detach()))
+                losses.append(float(value.detach()))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -150,4 +161,4 @@ def train_neurons(lm: LoadedModel, facts, neurons: Iterable[Neuron] | None = Non
     return TrainResult(tuple(losses), n_params, n_neurons, time.perf_counter() - start)
 
 
-__all__ = ["TrainResult", "fresh_copy", "neuron_masks", "train_neurons", "answer_loss", "encode"]
+__all__ = ["TrainResult", "fresh_copy", "neuron_masks", "train_neurons", "train_masked", "answer_loss", "encode"]
