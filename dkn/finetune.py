@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -73,20 +73,27 @@ def encode(lm: LoadedModel, pairs: Sequence[tuple[str, str]]) -> list[tuple[list
     return out
 
 
+def pad_batch(lm: LoadedModel, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids [B, T], attention mask [B, T]) of right-padded token sequences, on the model's device."""
+    width = max(len(seq) for seq in sequences)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long, device=lm.device)   # [B, T]
+    attention = torch.zeros(len(sequences), width, dtype=torch.long, device=lm.device)   # [B, T]
+    for b, seq in enumerate(sequences):
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=lm.device)
+        attention[b, : len(seq)] = 1
+    return ids, attention
+
+
 def answer_loss(lm: LoadedModel, batch: list[tuple[list[int], list[tuple[int, int]]]]) -> torch.Tensor:
     """Mean over examples of the mean answer-token cross-entropy; right-padded batch."""
-    width = max(len(ids) for ids, _ in batch)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)           # [B, T]
-    attention = torch.zeros(len(batch), width, dtype=torch.long)           # [B, T]
+    ids, attention = pad_batch(lm, [seq for seq, _ in batch])              # [B, T] each
     rows, cols, targets, weights = [], [], [], []
     for b, (seq, steps) in enumerate(batch):
-        ids[b, : len(seq)] = torch.tensor(seq)
-        attention[b, : len(seq)] = 1
         for position, target in steps:
             rows.append(b), cols.append(position), targets.append(target), weights.append(1.0 / len(steps))
-    logits = lm.model(input_ids=ids.to(lm.device), attention_mask=attention.to(lm.device)).logits   # [B, T, V]
-    picked = logits[torch.tensor(rows), torch.tensor(cols)].float()          # [n_targets, V]
+    logits = lm.model(input_ids=ids, attention_mask=attention).logits     # [B, T, V]
+    picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)].float()   # [n, V]
     nll = torch.nn.functional.cross_entropy(picked, torch.tensor(targets, device=picked.device), reduction="none")
     return (nll * torch.tensor(weights, device=nll.device)).sum() / len(batch)
 
@@ -161,4 +168,4 @@ def train_masked(lm: LoadedModel, loss: Callable[[int], torch.Tensor], neurons: 
     return TrainResult(tuple(losses), n_params, n_neurons, time.perf_counter() - start)
 
 
-__all__ = ["TrainResult", "fresh_copy", "neuron_masks", "train_neurons", "train_masked", "answer_loss", "encode"]
+__all__ = ["TrainResult", "fresh_copy", "neuron_masks", "train_neurons", "train_masked", "pad_batch", "answer_loss", "encode"]
