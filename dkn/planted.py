@@ -616,3 +616,14 @@ def load_planted(name: str = PLANTED_DEFAULT, *, folder: str | os.PathLike | Non
     lm.name, lm.label = PLANTED_DEFAULT, PLANTED_DEFAULT_LABEL
     data = json.loads((folder / MANIFEST).read_text())
     return PlantedModel(lm, read_manifest(folder), data.get("info", {}))
+
+
+def describe_planted(folder: str | os.PathLike | None = None) -> list[str]:
+    """One line per planted fact of the planted default model (for the app's sidebar): the fact, its kind, and
+    each group as LAYER:INDEX lists (the form the Intervene page's "Your own groups" accepts)."""
+    folder = Path(folder) if folder is not None else planted_dir()
+    lines = []
+    for f in read_manifest(folder):
+        groups = " · ".join(f"group {chr(ord('A') + i)}: {', '.join(map(str, g))}" for i, g in enumerate(f.groups))
+        lines.append(f"{f.prompt} → {f.answer} ({f.kind}{'' if f.verified else ', not verified'}) · {groups}")
+    return lines
