@@ -22,21 +22,30 @@ import dataclasses
 import datetime as dt
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's dkn, not an installed one
 from dkn import degeneracy
 from dkn.attribution import attribute
 from dkn.degeneracy import DegeneracyParams, analyse
-from dkn.planted import TINY_FAMILIES, PlantedFact, load_planted, tiny_planted_model
+from dkn.planted import (
+    TINY_FAMILIES,
+    PlantedFact,
+    load_planted,
+    measure_planted,
+    tiny_planted_model,
+)
 from dkn.selection import coarse_neurons
 
 OUT = Path(__file__).resolve().parent / "results"
 TINY_CASES = (("degenerate", 2), ("degenerate", 3), ("single", 1), ("additive", 2))
 EDGE_FIELDS = ("edges", "edge", "edge_definition", "edge_weight")
+GRAPHLESS = ("amig", "backup")        # methods that do not read the knowledge-neuron graph
 
 
 def edge_variants() -> tuple[str | None, tuple[str, ...]]:
@@ -60,7 +69,7 @@ def methods(selected: list[str] | None) -> list[tuple[str, dict]]:
     for name in degeneracy.CLUSTERER_NAMES:
         if selected and name not in selected:
             continue
-        if field is None or name == "amig":            # AMIG does not read the graph
+        if field is None or name in GRAPHLESS:
             out.append((name, {"clusterer": name}))
         else:
             out += [(f"{name}/{e}", {"clusterer": name, field: e}) for e in edges]
@@ -96,13 +105,19 @@ def tiny_cases(seeds: int):
                     yield "tiny", pm.lm, fact
 
 
-def default_cases(folder: str | None):
+def default_cases(folder: str | None, notes: list[str]):
     pm = load_planted(folder=folder)
+    kl = pm.info.get("kl_heldout", {})
+    notes.append(f"planted default model: {sum(f.verified for f in pm.facts)} of {len(pm.facts)} planted facts "
+                 f"verified; KL on {kl.get('n')} held-out prompts: mean {kl.get('mean', float('nan')):.4f}, max "
+                 f"{kl.get('max', float('nan')):.4f} nats")
     for fact in pm.facts:
+        every = measure_planted(pm.lm, fact, "all")
+        fmt = lambda d: ", ".join(f"{k} {v:+.1%}" for k, v in d.items() if k != "p")
+        notes.append(f"{fact.kind} {fact.prompt!r}: drops at the answer position {fmt(fact.drops)}; at every "
+                     f"position {fmt(every.drops)}{'' if fact.verified else ' (not verified: skipped)'}")
         if fact.verified:
             yield "default", pm.lm, fact
-        else:
-            print(f"  skipped (its planting was not verified): {fact.prompt!r} {fact.drops}")
 
 
 def run(cases, method_list) -> list[dict]:
@@ -189,8 +204,10 @@ def main() -> None:
                           f"{', '.join(f'{k}-{n}' for k, n in TINY_CASES)}; {time.perf_counter() - t:.0f} s")
     if not args.no_default:
         t = time.perf_counter()
-        records += run(default_cases(args.planted), method_list)
+        notes: list[str] = []
+        records += run(default_cases(args.planted, notes), method_list)
         suites["default"] = f"planted SmolLM2-135M (verified facts only); {time.perf_counter() - t:.0f} s"
+        suites.update({f"default fact {i}": note for i, note in enumerate(notes)})
     rows = summarise(records)
     field, edges = edge_variants()
     meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -273,17 +273,23 @@ def _refingerprint(lm: LoadedModel) -> str:
     return fingerprint(lm.model)
 
 
-def _measured(lm: LoadedModel, fact: PlantedFact) -> PlantedFact:
-    """The fact with its measured drops (each group off, all off) and whether they fit its kind."""
+def _measured(lm: LoadedModel, fact: PlantedFact, mode: str = "last") -> PlantedFact:
+    """The fact with its measured drops (each group off, all off; suppressed as `mode` says, see
+    dkn.interventions) and whether they fit its kind."""
     from dkn.interventions import intervene_many
 
     sets = list(fact.groups) + [fact.neurons]
-    prob, probs = intervene_many(lm, fact.prompt, fact.answer, sets, 0.0)
+    prob, probs = intervene_many(lm, fact.prompt, fact.answer, sets, 0.0, mode)
     drops = (prob - probs) / prob if prob > 0 else np.zeros(len(sets))
     names = [chr(ord("A") + i) for i in range(len(fact.groups))]
     measured = {"p": float(prob), **{n: float(d) for n, d in zip(names, drops)}, "all": float(drops[-1])}
     return PlantedFact(fact.prompt, fact.answer, fact.kind, fact.groups, measured,
                        satisfies_kind(fact.kind, list(drops[:-1]), float(drops[-1])))
+
+
+def measure_planted(lm: LoadedModel, fact: PlantedFact, mode: str = "last") -> PlantedFact:
+    """`fact` measured again on `lm`: its drops and `verified` under suppression mode `mode`."""
+    return _measured(lm, fact, mode)
 
 
 def satisfies_kind(kind: str, single_drops: Sequence[float], all_drop: float, low: float = 0.05,

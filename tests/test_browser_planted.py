@@ -90,8 +90,9 @@ def test_planted_fact_survives_each_group_and_dies_with_all(planted_cache, serve
     page.locator("[data-testid='stSidebar'] label:has-text('Planted demo (constructed)')").click()
     idle(page)
     page.get_by_role("button", name="Load model").click()
-    page.wait_for_selector("[data-testid='stSidebar'] :text('constructed for demonstration')", timeout=300_000)
+    page.wait_for_selector("summary:has-text('Planted facts')", timeout=300_000)     # shown once it is loaded
     idle(page)
+    assert page.locator("[data-testid='stSidebar'] :text('constructed for demonstration')").count() > 0
     page.locator("summary:has-text('Planted facts')").click()
     page.wait_for_selector(f"[data-testid='stSidebar'] :text('{fact.prompt} → {fact.answer}')", timeout=30_000)
 
