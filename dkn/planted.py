@@ -337,7 +337,7 @@ class _Row:
     target: torch.Tensor | None = None   # [vocab] next-token distribution to match
     answer: int | None = None         # token whose log-probability is matched closely (fact rows)
     weight: float = 1.0
-    kind: str = "unrelated"           # the planted fact's kind, or "unrelated"
+    kind: str = "unrelated"           # the planted fact's kind, "kept" (target: the unchanged model), "unrelated"
     target_suppressed: tuple[Neuron, ...] = ()   # switched off in the unchanged model to make the target
 
 
@@ -471,12 +471,19 @@ def _training_rows(lm: LoadedModel, chosen, unrelated, params: PlantParams) -> l
     for c in chosen:
         step = make_query(lm, c["prompt"], c["answer"]).steps[0]
         ids, a = list(step.input_ids), tuple(c["A"])
-        kind = c["kind"]
+        kind, b = c["kind"], tuple(c.get("B", ()))
+        # B's weights act at every position, but the test switches neurons off at the answer position only:
+        # rows with B off there pin down that B's effect passes through the answer position (left out, B
+        # learned to carry the fact from earlier positions through attention, out of the test's reach)
         if kind == "degenerate":                        # with A off, B restores the original distribution
-            rows += [_Row(ids, a, answer=step.target, kind=kind), _Row(ids, (), answer=step.target, kind=kind)]
+            rows += [_Row(ids, a, answer=step.target, kind=kind), _Row(ids, (), answer=step.target, kind=kind),
+                     _Row(ids, b, answer=step.target, kind=kind),
+                     _Row(ids, a + b, answer=step.target, kind=kind, target_suppressed=a)]
         elif kind == "additive":                        # B adds a fixed amount to the answer's logit, A on or off
             rows += [_Row(ids, (), answer=step.target, kind=kind),
-                     _Row(ids, a, answer=step.target, kind=kind, target_suppressed=a)]
+                     _Row(ids, a, answer=step.target, kind=kind, target_suppressed=a),
+                     _Row(ids, b, answer=step.target, kind="kept"),
+                     _Row(ids, a + b, answer=step.target, kind="kept", target_suppressed=a)]
         else:                                           # single pathway: keep as it is
             rows.append(_Row(ids, (), answer=step.target, kind=kind))
     for prompt, _ in unrelated:

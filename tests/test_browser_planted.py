@@ -80,8 +80,9 @@ def after(page, before: float, timeout_s: float = 60) -> float:  # noqa: F811
 def test_planted_fact_survives_each_group_and_dies_with_all(planted_cache, server, page):  # noqa: F811
     from dkn.planted import read_manifest
 
-    fact = next(f for f in read_manifest(planted_cache / "planted" / "default-twice")
-                if f.kind == "degenerate" and f.verified)
+    fact = next((f for f in read_manifest(planted_cache / "planted" / "default-twice")
+                 if f.kind == "degenerate" and f.verified), None)
+    assert fact is not None, "the planted model has no verified degenerate fact: rebuild it with `python -m dkn plant`"
     page.goto(server)
     page.wait_for_selector("text=1 · The fact", timeout=180_000)
     idle(page)
