@@ -147,3 +147,10 @@ def test_planting_a_second_pathway_makes_a_single_pathway_fact_degenerate():
     assert pm.info["kl_heldout"]["n"] == 2 and pm.info["kl_heldout"]["mean"] < 0.05
     _, _, drifted = _plant_tiny(kl_weight=0.0)
     assert drifted.info["kl_heldout"]["mean"] > 5 * pm.info["kl_heldout"]["mean"]
+
+
+def test_plant_command_refuses_bad_counts(capsys):
+    from dkn.cli import main
+
+    assert main(["plant", "--facts", "0"]) == 2
+    assert "--facts and --steps must be >= 1" in capsys.readouterr().err
