@@ -92,7 +92,7 @@ def neuron_sets(lm, fact: PlantedFact) -> dict[str, tuple[list, list]]:
     scores = attribute(lm, fact.prompt, fact.answer).scores                  # [n_layers, d_mlp]
     kns = sorted(coarse_neurons(scores, 0.2), key=lambda n: -scores[n.layer, n.index])
     oracle = sorted(set(kns) | set(fact.neurons), key=lambda n: -scores[n.layer, n.index])
-    value = lambda ns: [float(scores[n.layer, n.index]) for n in ns]
+    value = lambda ns: [float(scores[n.layer, n.index]) for n in ns]   # noqa: E731
     return {"kn": (kns, value(kns)), "oracle": (oracle, value(oracle))}
 
 
@@ -113,7 +113,7 @@ def default_cases(folder: str | None, notes: list[str]):
                  f"{kl.get('max', float('nan')):.4f} nats")
     for fact in pm.facts:
         every = measure_planted(pm.lm, fact, "all")
-        fmt = lambda d: ", ".join(f"{k} {v:+.1%}" for k, v in d.items() if k != "p")
+        fmt = lambda d: ", ".join(f"{k} {v:+.1%}" for k, v in d.items() if k != "p")   # noqa: E731
         notes.append(f"{fact.kind} {fact.prompt!r}: drops at the answer position {fmt(fact.drops)}; at every "
                      f"position {fmt(every.drops)}{'' if fact.verified else ' (not verified: skipped)'}")
         if fact.verified:

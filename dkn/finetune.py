@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -89,11 +89,12 @@ def answer_loss(lm: LoadedModel, batch: list[tuple[list[int], list[tuple[int, in
     """Mean over examples of the mean answer-token cross-entropy; right-padded batch."""
     ids, attention = pad_batch(lm, [seq for seq, _ in batch])              # [B, T] each
     rows, cols, targets, weights = [], [], [], []
-    for b, (seq, steps) in enumerate(batch):
+    for b, (_, steps) in enumerate(batch):
         for position, target in steps:
             rows.append(b), cols.append(position), targets.append(target), weights.append(1.0 / len(steps))
     logits = lm.model(input_ids=ids, attention_mask=attention).logits     # [B, T, V]
-    picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)].float()   # [n, V]
+    index = torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)
+    picked = logits[index].float()                                         # [n_targets, V]
     nll = torch.nn.functional.cross_entropy(picked, torch.tensor(targets, device=picked.device), reduction="none")
     return (nll * torch.tensor(weights, device=nll.device)).sum() / len(batch)
 
@@ -168,4 +169,5 @@ def train_masked(lm: LoadedModel, loss: Callable[[int], torch.Tensor], neurons: 
     return TrainResult(tuple(losses), n_params, n_neurons, time.perf_counter() - start)
 
 
-__all__ = ["TrainResult", "fresh_copy", "neuron_masks", "train_neurons", "train_masked", "pad_batch", "answer_loss", "encode"]
+__all__ = ["TrainResult", "fresh_copy", "neuron_masks", "train_neurons", "train_masked", "pad_batch", "answer_loss",
+           "encode"]

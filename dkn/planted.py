@@ -82,7 +82,8 @@ class PlantedModel:
 # =====================================================================================================
 # tiny hand-wired models
 # =====================================================================================================
-TINY_WORDS = ["the", "capital", "of", "france", "is", "paris", "germany", "berlin", "italy", "rome", "spain", "madrid", "city", "country", "a", "an", "and", "in", "on", "it", "was", "new", "york", "london", "tokyo", "red", "blue", "green", "sky", "grass", "sea", "sun", "moon", "king", "queen"]
+TINY_WORDS = ("the capital of france is paris germany berlin italy rome spain madrid city country a an and in on "
+              "it was new york london tokyo red blue green sky grass sea sun moon king queen").split()
 
 _TINY_CONFIGS = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 32, "n_head": 4, "n_positions": 64}, "n_layer", "n_inner"),
@@ -251,11 +252,11 @@ def _calibrate_head(lm: LoadedModel, r_answer: torch.Tensor, kind: str, groups) 
         return _answer_probability(lm, others)                            # [P all on, P each group kept alone]
 
     if kind == "additive":
-        target = lambda p: p[0] >= 0.8
+        target = lambda p: p[0] >= 0.8   # noqa: E731
     elif kind == "degenerate":
-        target = lambda p: p[1:].min() >= 0.995
+        target = lambda p: p[1:].min() >= 0.995   # noqa: E731
     else:
-        target = lambda p: p[0] >= 0.995
+        target = lambda p: p[0] >= 0.995   # noqa: E731
     lo, hi = 0.0, 1.0
     while not target(probs(hi)):
         lo, hi = hi, hi * 2
@@ -347,7 +348,7 @@ def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=No
     facts: candidate Facts or (prompt, answer) pairs (default: the built-in facts the model knows); those
     not chosen serve as the unrelated prompts.  Returns the planted model with
     every fact's measured drops, and info with the KL on held-out unrelated prompts and the timings."""
-    from dkn.facts import builtin_facts
+    from dkn.datasets import builtin_facts
     from dkn.finetune import fresh_copy
 
     start = time.perf_counter()
@@ -453,7 +454,7 @@ def _pick_b(lm: LoadedModel, a: Sequence[Neuron], taken: set[Neuron], params: Pl
     or the last layer), none of them a knowledge neuron of any planted fact or another fact's B."""
     a_layers = {n.layer for n in a}
     starts = range(1, lm.n_layers - params.b_layers)
-    distance = lambda s: min(abs(layer - x) for layer in range(s, s + params.b_layers) for x in a_layers)
+    distance = lambda s: min(abs(layer - x) for layer in range(s, s + params.b_layers) for x in a_layers)   # noqa: E731
     best = max(distance(s) for s in starts)
     start = int(rng.choice([s for s in starts if distance(s) >= best - 1]))
     chosen = []

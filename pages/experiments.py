@@ -70,7 +70,14 @@ if submitted:
                                   progress=lambda step, done, total: update(done / max(total, 1), f"{step} {done}/{total}"),
                                   command=f"python -m dkn experiment {name} --model {lm.name} --dataset {dataset} "
                                           f"--limit {limit} --seed {seed}")
-        report, out = widgets.run_with_progress(f"Running {name}", work)
-        st.success(f"Done: {report.summary.get('n_facts', '')} facts. The report is listed above (reload the page).",
-                   icon=":material/check_circle:")
-        st.json(report.summary, expanded=False)
+        report, out = widgets.run_with_progress(f"Running {name}", work, cancel_key="cancel_experiment")
+        st.session_state["experiment_done"] = (name, report.summary)
+        st.rerun()            # the new report appears in the list above at once
+if st.session_state.pop("cancelled_cancel_experiment", False):
+    st.info("Experiment cancelled. Facts already finished are kept: running it again resumes from them.",
+            icon=":material/cancel:")
+if "experiment_done" in st.session_state:
+    done_name, summary = st.session_state["experiment_done"]
+    st.success(f"Done: {done_name}, {summary.get('n_facts', '')} facts. Its report is listed above.",
+               icon=":material/check_circle:")
+    st.json(summary, expanded=False)

@@ -43,7 +43,7 @@ def planted_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(planted_cache):
     port = free_port()
-    log = open(planted_cache / "streamlit.log", "w")  # noqa: SIM115  (closed in finally)
+    log = open(planted_cache / "streamlit.log", "w")
     env = dict(os.environ, DKN_CACHE_DIR=str(planted_cache), BROWSER_PATH=CHROMIUM)
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
