@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     _attribution_args(p)
 
     _add_late_commands(sub)
+    _add_plant_command(sub)
     p = _command(sub, "prepare-default", "convert the offline default model to safetensors (once)", run_prepare)
     _command(sub, "paths", "show the folders dkn uses (cache, models, results, data)", run_paths)
     return parser
@@ -276,6 +277,33 @@ def run_neurons(args) -> int:
     print(f"{len(kns.neurons)} knowledge neurons (coarse in > {args.p:.0%} of {kns.n_prompts} prompts, t = {args.t}):")
     for row in out["knowledge_neurons"]:
         print(f"  L{row['layer']:>3} N{row['neuron']:>6}  {row['score']:+.5f}  ({row['count']}/{kns.n_prompts})")
+    return 0
+
+
+def _add_plant_command(sub) -> None:
+    p = _command(sub, "plant", "build the default model with planted degenerate facts (constructed for demonstration)",
+                 run_plant)
+    p.add_argument("--out", default=None, help="output folder (default cache/planted/default-twice)")
+    p.add_argument("--facts", type=int, default=6, help="how many facts to store twice (6)")
+    p.add_argument("--controls", type=int, default=2, help="single-pathway and additive controls, each (2)")
+    p.add_argument("--steps", type=int, default=50, help="fine-tuning steps (50)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
+
+
+def run_plant(args) -> int:
+    from dkn.planted import PlantParams, build_planted_default, read_manifest
+
+    if args.facts < 1 or args.controls < 0 or args.steps < 1:
+        raise UsageError("--facts and --steps must be >= 1 and --controls >= 0")
+    params = PlantParams(n_degenerate=args.facts, n_single=args.controls, n_additive=args.controls, steps=args.steps)
+    say = (lambda msg: print(msg, file=sys.stderr)) if not args.json else (lambda msg: None)
+    folder = build_planted_default(args.out, params, device=args.device, log=say)
+    facts = read_manifest(folder)
+    if args.json:
+        print(_dumps({"folder": str(folder), "facts": [f.as_json() for f in facts]}))
+    else:
+        print(f"planted model ready in {folder}; load it with --model {folder} (or 'planted-default' for the "
+              "default location)")
     return 0
 
 

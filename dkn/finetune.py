@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -73,20 +73,28 @@ def encode(lm: LoadedModel, pairs: Sequence[tuple[str, str]]) -> list[tuple[list
     return out
 
 
+def pad_batch(lm: LoadedModel, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids [B, T], attention mask [B, T]) of right-padded token sequences, on the model's device."""
+    width = max(len(seq) for seq in sequences)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long, device=lm.device)   # [B, T]
+    attention = torch.zeros(len(sequences), width, dtype=torch.long, device=lm.device)   # [B, T]
+    for b, seq in enumerate(sequences):
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=lm.device)
+        attention[b, : len(seq)] = 1
+    return ids, attention
+
+
 def answer_loss(lm: LoadedModel, batch: list[tuple[list[int], list[tuple[int, int]]]]) -> torch.Tensor:
     """Mean over examples of the mean answer-token cross-entropy; right-padded batch."""
-    width = max(len(ids) for ids, _ in batch)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)           # [B, T]
-    attention = torch.zeros(len(batch), width, dtype=torch.long)           # [B, T]
+    ids, attention = pad_batch(lm, [seq for seq, _ in batch])              # [B, T] each
     rows, cols, targets, weights = [], [], [], []
-    for b, (seq, steps) in enumerate(batch):
-        ids[b, : len(seq)] = torch.tensor(seq)
-        attention[b, : len(seq)] = 1
+    for b, (_, steps) in enumerate(batch):
         for position, target in steps:
             rows.append(b), cols.append(position), targets.append(target), weights.append(1.0 / len(steps))
-    logits = lm.model(input_ids=ids.to(lm.device), attention_mask=attention.to(lm.device)).logits   # [B, T, V]
-    picked = logits[torch.tensor(rows), torch.tensor(cols)].float()          # [n_targets, V]
+    logits = lm.model(input_ids=ids, attention_mask=attention).logits     # [B, T, V]
+    index = torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)
+    picked = logits[index].float()                                         # [n_targets, V]
     nll = torch.nn.functional.cross_entropy(picked, torch.tensor(targets, device=picked.device), reduction="none")
     return (nll * torch.tensor(weights, device=nll.device)).sum() / len(batch)
 
@@ -99,9 +107,26 @@ def train_neurons(lm: LoadedModel, facts, neurons: Iterable[Neuron] | None = Non
     pairs = [(f.prompt, f.answer) if hasattr(f, "prompts") else (f[0], f[1]) for f in facts]
     if not pairs:
         raise ValueError("nothing to train on: give at least one fact")
+    examples = encode(lm, pairs)
+    rng = np.random.default_rng(seed)
+    batch_size = batch_size or len(examples)
+    order: list[int] = []
+
+    def loss(_step: int) -> torch.Tensor:
+        nonlocal order
+        if len(order) < batch_size:
+            order += list(rng.permutation(len(examples)))
+        batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
+        return answer_loss(lm, batch)
+    return train_masked(lm, loss, neurons, steps=steps, lr=lr, seed=seed)
+
+
+def train_masked(lm: LoadedModel, loss: Callable[[int], torch.Tensor], neurons: Iterable[Neuron] | None = None, *,
+                 steps: int = 20, lr: float = 1e-3, seed: int = 0) -> TrainResult:
+    """Adam (no weight decay) on the chosen neurons' weight slices (every weight when `neurons` is None),
+    in place, minimising `loss(step)` (a scalar tensor computed with `lm.model`) for `steps` steps."""
     if steps < 1 or lr <= 0:
         raise ValueError(f"steps must be >= 1 and lr > 0, got steps={steps}, lr={lr}")
-    examples = encode(lm, pairs)
     model = lm.model
     start = time.perf_counter()
     if neurons is None:
@@ -117,8 +142,6 @@ def train_neurons(lm: LoadedModel, facts, neurons: Iterable[Neuron] | None = Non
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     hooks = []
     losses = []
-    rng = np.random.default_rng(seed)
-    batch_size = batch_size or len(examples)
     with lm.lock:
         try:
             for name, p in model.named_parameters():
@@ -129,16 +152,12 @@ def train_neurons(lm: LoadedModel, facts, neurons: Iterable[Neuron] | None = Non
             model.eval()                                   # no dropout: deterministic updates
             torch.manual_seed(seed)
             optimiser = torch.optim.Adam(list(trained.values()), lr=lr, weight_decay=0.0)
-            order: list[int] = []
-            for _ in range(steps):
-                if len(order) < batch_size:
-                    order += list(rng.permutation(len(examples)))
-                batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
+            for step in range(steps):
                 optimiser.zero_grad(set_to_none=True)
-                loss = answer_loss(lm, batch)
-                loss.backward()
+                value = loss(step)
+                value.backward()
                 optimiser.step()
-                losses.append(float(loss.detach()))
+                losses.append(float(value.detach()))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -150,4 +169,5 @@ def train_neurons(lm: LoadedModel, facts, neurons: Iterable[Neuron] | None = Non
     return TrainResult(tuple(losses), n_params, n_neurons, time.perf_counter() - start)
 
 
-__all__ = ["TrainResult", "fresh_copy", "neuron_masks", "train_neurons", "answer_loss", "encode"]
+__all__ = ["TrainResult", "fresh_copy", "neuron_masks", "train_neurons", "train_masked", "pad_batch", "answer_loss",
+           "encode"]

