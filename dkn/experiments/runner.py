@@ -15,12 +15,14 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from dkn import __version__
 from dkn.cache import ResultStore, make_key
+from dkn.experiments.timing import StageTimes
 from dkn.facts import DatasetError, Fact, load_dataset
 from dkn.models import REPO_ROOT, LoadedModel
 
@@ -55,6 +57,7 @@ class Context:
     seed: int = 0
     progress: ProgressFn | None = None
     computed: int = 0            # items computed in this process (not taken from the store)
+    stages: StageTimes = field(default_factory=StageTimes)   # wall time per stage (dkn.experiments.timing)
 
     def each(self, step: str, items: Iterable[tuple[str, Any]], fn: Callable[[Any], dict]) -> list[dict]:
         """fn(item) for every (key, item), resumably: finished items come from the store.  A ValueError
@@ -100,6 +103,8 @@ def run_experiment(name: str, lm: LoadedModel, dataset: str, *, limit: int | Non
                       seed=seed, params=_jsonable(params), version=__version__)[:16]
     ctx = Context(lm, store, run_id, seed, progress)
     report = module.run(ctx, facts, params, limit)
+    report.summary["stage_seconds"] = ctx.stages.as_dict()
+    report.markdown += ctx.stages.markdown()
     out = Path(out_dir) if out_dir else REPO_ROOT / "results" / name / _slug(lm.name)
     manifest = {"experiment": name, "model": lm.name, "model_label": lm.label, "fingerprint": lm.fingerprint,
                 "dataset": dataset, "limit": limit, "seed": seed, "params": _jsonable(params), "run_id": run_id,
@@ -230,7 +235,7 @@ def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact
     return chosen
 
 
-__all__ = ["Context", "Report", "run_experiment", "known_facts", "make_params", "EXPERIMENTS", "experiment_module", "asdict"]
+__all__ = ["EXPERIMENTS", "Context", "Report", "asdict", "experiment_module", "known_facts", "make_params", "run_experiment"]
 
 
 def past_runs(*roots: str | Path) -> list[dict]:
