@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from tiny_models import tiny_model
 
 from dkn.cache import ResultStore
 from dkn.experiments import acquisition
 from dkn.experiments.runner import Context
 from dkn.facts import Fact
 from dkn.interventions import intervene_many
-from tiny_models import tiny_model
 
 FACTS = [Fact(f"t/{i}", s, "capital", (a,), (f"the capital of {s} is", f"the city of {s} is"), "user")
          for i, (s, a) in enumerate([("france", "paris"), ("germany", "berlin"), ("italy", "rome")])]

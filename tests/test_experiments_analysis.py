@@ -13,13 +13,17 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
-
 from tiny_models import WORDS, tiny_model
 
-from dkn.experiments import enhancement, fact_checking, robustness
-from dkn.experiments import runner
+from dkn.experiments import enhancement, fact_checking, robustness, runner
 from dkn.experiments.conditions import CONDITIONS, ConditionParams, neuron_conditions
-from dkn.experiments.perturb import KINDS, PAPER_KINDS, PerturbationError, perturb, perturb_all
+from dkn.experiments.perturb import (
+    KINDS,
+    PAPER_KINDS,
+    PerturbationError,
+    perturb,
+    perturb_all,
+)
 from dkn.facts import DatasetError
 
 SMALL = ConditionParams(max_neurons=10, random_seeds=2)

@@ -11,9 +11,24 @@ import pytest
 
 from dkn.attribution import AttributionParams
 from dkn.experiments import acquisition, fact_checking, robustness, timing
-from dkn.experiments.conditions import (CONDITIONS, GROUPS, KN, NONE, RANDOM, SEEDED, ConditionParams,
-                                        activation_matched_sets, bootstrap_facts, default_attribution, jaccard,
-                                        kn_subsets, log_ratio, percent_from_log, prompt_split, selection_jaccard)
+from dkn.experiments.conditions import (
+    CONDITIONS,
+    GROUPS,
+    KN,
+    NONE,
+    RANDOM,
+    SEEDED,
+    ConditionParams,
+    activation_matched_sets,
+    bootstrap_facts,
+    default_attribution,
+    jaccard,
+    kn_subsets,
+    log_ratio,
+    percent_from_log,
+    prompt_split,
+    selection_jaccard,
+)
 from dkn.experiments.perturb import FILLERS, KINDS, SYNONYMS, PerturbationError, perturb
 from dkn.experiments.runner import Context
 from dkn.facts import Fact
@@ -81,7 +96,7 @@ def test_random_matched_follows_layer_and_mean_activation():
     control = activation_matched_sets(target, exclude, acts, n_seeds=20, seed=0, pool=200)   # layer only
     for s in sets:
         assert sorted(n.layer for n in s) == [0, 0, 1] and not set(s) & exclude and len(set(s)) == 3
-    gap = lambda ss: np.mean([min(abs(n.index - t.index) for t in target if t.layer == n.layer)   # noqa: E731
+    gap = lambda ss: np.mean([min(abs(n.index - t.index) for t in target if t.layer == n.layer)
                               for s in ss for n in s])
     assert gap(sets) <= 6                                              # drawn among the 5 nearest free neurons
     assert gap(control) > 20                                           # layer-matched only: far away

@@ -7,12 +7,12 @@ import re
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from dkn.experiments.runner import Context, make_params, write_report
 from dkn.facts import Fact
 from dkn.finetune import fresh_copy, neuron_masks, train_neurons
 from dkn.neurons import Neuron
-from tiny_models import tiny_model
 
 PAIRS = [("the capital of france is", "paris"), ("the capital of germany is", "berlin"),
          ("the sky is", "blue")]

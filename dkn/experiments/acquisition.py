@@ -16,16 +16,20 @@ default (AMIG after a post-MLP norm, zero otherwise: `conditions.default_attribu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import math
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
 from dkn.attribution import AttributionParams
 from dkn.degeneracy import CLUSTERER_NAMES, DegeneracyParams, analyse
-from dkn.experiments.conditions import LOG_FLOOR, bootstrap_facts, default_attribution, percent_from_log
+from dkn.experiments.conditions import (
+    LOG_FLOOR,
+    bootstrap_facts,
+    default_attribution,
+    percent_from_log,
+)
 from dkn.experiments.runner import Context, Report, known_facts
 from dkn.experiments.timing import stage
 from dkn.selection import find_knowledge_neurons
@@ -41,7 +45,7 @@ class Params:
     t: float = 0.2
     p: float = 0.5
     max_neurons: int | None = None   # None: every refined neuron goes into the graph; else the strongest
-    degeneracy: DegeneracyParams = DegeneracyParams(random_seeds=3)
+    degeneracy: DegeneracyParams = field(default_factory=lambda: DegeneracyParams(random_seeds=3))
     attribution: AttributionParams | None = None   # None: the family default (default_attribution)
     bootstrap: int = 2000
 
@@ -147,8 +151,8 @@ def _figure(summary: pd.DataFrame):
     for name, col, low, high in (("proper subsets of BDCs", "proper_median_log_drop", "proper_ci_low", "proper_ci_high"),
                                  ("all BDCs", "all_median_log_drop", "all_ci_low", "all_ci_high")):
         fig.add_bar(name=name, x=summary["method"], y=summary[col],
-                    error_y=dict(type="data", symmetric=False, array=summary[high] - summary[col],
-                                 arrayminus=summary[col] - summary[low]))
+                    error_y={"type": "data", "symmetric": False, "array": summary[high] - summary[col],
+                                 "arrayminus": summary[col] - summary[low]})
     fig.add_bar(name="random neurons (same layers)", x=summary["method"], y=summary["random_median_log_drop"])
     fig.update_layout(barmode="group", title="Degeneracy of acquisition: median log P - log P_suppressed",
                       yaxis_title="median log drop (95% CI over facts)", template="plotly_white")

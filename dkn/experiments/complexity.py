@@ -34,8 +34,8 @@ from dkn.cache import make_key
 from dkn.degeneracy import analyse
 from dkn.evaluate import answers_correctly
 from dkn.experiments.conditions import ConditionParams, default_attribution, jsonable
-from dkn.experiments.timing import stage
 from dkn.experiments.runner import Context, Report, known_facts
+from dkn.experiments.timing import stage
 from dkn.facts import DatasetError
 from dkn.models import load_model, model_summary
 from dkn.selection import find_knowledge_neurons

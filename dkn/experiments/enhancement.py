@@ -43,7 +43,7 @@ from dkn.experiments.conditions import (
     select_facts,
     set_sizes,
 )
-from dkn.experiments.perturb import KINDS
+from dkn.experiments.perturb import KINDS, check_kinds
 from dkn.experiments.robustness import PAPER_COLUMN, conditions_text, perturbations
 from dkn.experiments.runner import Context, Report
 from dkn.experiments.timing import stage
@@ -112,7 +112,8 @@ def failing(records: list[dict], kind: str) -> list[dict]:
 
 
 def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
-    params = replace(params, conditions=replace(params.conditions, max_prompts=params.max_prompts))
+    params = replace(params, conditions=replace(params.conditions, max_prompts=params.max_prompts),
+                     kinds=check_kinds(params.kinds))
     facts = select_facts(ctx, facts, limit, params.include_unknown, params.conditions)
     records = ctx.each(NAME, [(f.id, f) for f in facts], lambda f: fact_record(ctx, f, params))
     records = [r for r in records if "error" not in r]
@@ -167,16 +168,16 @@ def _markdown(records, table, fails, params: Params) -> str:
         "queries (top-1 no longer an answer's first token): "
         + ", ".join(f"{r['perturbation']} {r['failing']}/{r['perturbed_queries']}" for r in fails.to_dict("records"))
         + ".\n",
-        f"**Measure.** On each failing query, each condition's neurons were amplified x{params.factor:g} "
+        (f"**Measure.** On each failing query, each condition's neurons were amplified x{params.factor:g} "
         "(`last`: activations at the answer position, the paper's *values*; `weights`: see dkn.interventions); "
         "`recovered_%` = share of failing queries whose top-1 is an answer's first token again (seeded conditions: "
         "share of seeds, per query), mean with a seeded 95% bootstrap CI over failing queries (one per fact). "
         "`median_log_gain` = median of log P_amplified,c - log P_none (bounded; CI by bootstrap over facts); "
-        "`P_change_%_of_median` = 100 * (exp(median gain) - 1), the relative change it stands for.\n",
+        "`P_change_%_of_median` = 100 * (exp(median gain) - 1), the relative change it stands for.\n"),
         conditions_text(with_cond, params.conditions),
-        "The paper's accuracies (GPT-2, LLaMA2-7b; their DKN / KN / random beside our candidate groups / knowledge "
+        ("The paper's accuracies (GPT-2, LLaMA2-7b; their DKN / KN / random beside our candidate groups / knowledge "
         "neurons / random matched, on the paper's perturbations) are beside ours. With few failing queries the "
-        "CIs are wide.\n",
+        "CIs are wide.\n"),
     ]
     for mode in params.modes:
         for kind in params.kinds:

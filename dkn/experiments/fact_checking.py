@@ -31,6 +31,7 @@ whether the neurons beat the answer probability, and how closely their score tra
 """
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections import Counter, OrderedDict
@@ -41,11 +42,23 @@ import pandas as pd
 
 from dkn.attribution import attribute
 from dkn.cache import make_key
-from dkn.experiments.conditions import (GROUPS, KN, SEEDED, SET_CONDITIONS, ConditionParams, activation_matched_sets,
-                                        bootstrap_groups, default_attribution, jsonable, kn_subsets,
-                                        mean_activations, neuron_conditions, to_neurons)
-from dkn.experiments.timing import stage
+from dkn.experiments.conditions import (
+    GROUPS,
+    KN,
+    SEEDED,
+    SET_CONDITIONS,
+    ConditionParams,
+    activation_matched_sets,
+    bootstrap_groups,
+    default_attribution,
+    jsonable,
+    kn_subsets,
+    mean_activations,
+    neuron_conditions,
+    to_neurons,
+)
 from dkn.experiments.runner import Context, Report, known_facts
+from dkn.experiments.timing import stage
 from dkn.facts import DatasetError
 from dkn.interventions import intervene_many
 
@@ -180,7 +193,7 @@ def best_threshold(scores: list, labels: list) -> float | None:
     if not pairs:
         return None
     values = sorted({s for s, _ in pairs})
-    candidates = [values[0] - 1.0] + [(a + b) / 2 for a, b in zip(values, values[1:])] + [values[-1]]
+    candidates = [values[0] - 1.0] + [(a + b) / 2 for a, b in itertools.pairwise(values)] + [values[-1]]
     return max(candidates, key=lambda t: f1([s > t for s, _ in pairs], [y for _, y in pairs]))
 
 
@@ -334,8 +347,8 @@ def _figure(table: pd.DataFrame):
 
     fig = go.Figure()
     fig.add_bar(x=table["condition"], y=table["F1"], name="F1",
-                error_y=dict(type="data", symmetric=False, array=table["F1_ci_high"] - table["F1"],
-                             arrayminus=table["F1"] - table["F1_ci_low"]))
+                error_y={"type": "data", "symmetric": False, "array": table["F1_ci_high"] - table["F1"],
+                             "arrayminus": table["F1"] - table["F1_ci_low"]})
     fig.add_bar(x=table["condition"], y=table["precision"], name="precision")
     fig.add_bar(x=table["condition"], y=table["recall"], name="recall")
     fig.update_layout(barmode="group", title="Fact-checking on test statements (F1 with 95% CI over facts)",
@@ -352,10 +365,10 @@ def _markdown(table, rel_table, test, facts, params: Params, validation, trackin
     scope = ("one threshold per condition from the validation statements of every relation pooled"
              if params.threshold_scope == "pooled" else "one threshold per relation from its own validation facts")
     lines = [
-        f"Relations: {', '.join(rel_table['relation'])}. Test statements: {len(test)} ({n_true} true) over "
+        (f"Relations: {', '.join(rel_table['relation'])}. Test statements: {len(test)} ({n_true} true) over "
         f"{rows['test_facts'].iloc[0] if len(rows) else 0} facts; validation facts: {n_val}. Wrong statements: "
-        f"{wrong_source}.\n",
-        "**Method.** Per relation, the facts the model answers were split (seeded) into train / validation / "
+        f"{wrong_source}.\n"),
+        ("**Method.** Per relation, the facts the model answers were split (seeded) into train / validation / "
         "test. Shared neurons: those in a condition's set for at least half of the training facts (up to "
         f"{params.max_prompts} prompt(s) per training fact); `candidate groups`: members of the NTC candidate groups; "
         "`degenerate components`: strict DKNs (rarely any on small models); `KN subset`: random shared KNs, as many "
@@ -363,13 +376,13 @@ def _markdown(table, rel_table, test, facts, params: Params, validation, trackin
         "activation. A statement (prompt + candidate answer) is judged true when the mean integrated-gradients "
         "attribution of those neurons for the candidate, averaged per token (no length bias), is above a threshold "
         f"chosen for maximum F1 on the validation split ({scope}). A relation with no shared neurons judges every "
-        "statement false.\n",
-        "**Baselines.** `ask`: the model reads \"<prompt> <candidate>. True or false? The statement is\" and "
+        "statement false.\n"),
+        ("**Baselines.** `ask`: the model reads \"<prompt> <candidate>. True or false? The statement is\" and "
         "we compare P(\" true\") with P(\" false\"); `ask (calibrated)`: the log ratio against a validation "
         "threshold; `answer probability`: mean log P of the candidate's tokens against a validation threshold; "
-        "`always true`: the trivial classifier (its F1 is the floor to beat).\n",
-        "The paper reports fact-checking precision/recall/F1 for DKN vs baselines, but our reference "
-        "(dkn-method.md section 6) gives no numbers for it, so none are shown beside ours.\n",
+        "`always true`: the trivial classifier (its F1 is the floor to beat).\n"),
+        ("The paper reports fact-checking precision/recall/F1 for DKN vs baselines, but our reference "
+        "(dkn-method.md section 6) gives no numbers for it, so none are shown beside ours.\n"),
     ]
     lines.append(_verdict(rows, tracking) + "\n")
     for c in NEURON_CONDITIONS + BASELINES:

@@ -129,6 +129,16 @@ def _answerable(words: list[str], kind: str, rng: random.Random, protected: set,
     return " ".join(words[:i] + [synonym + tail] + words[i + 1:])
 
 
+def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    """The kinds, or a ValueError naming the unknown ones and the valid ones."""
+    kinds = tuple(kinds)
+    unknown = [k for k in kinds if k not in ALL_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown perturbation kinds {unknown or '(none given)'}: use some of {', '.join(ALL_KINDS)} "
+                         f"(default {','.join(KINDS)}; the paper's: {','.join(PAPER_KINDS)})")
+    return kinds
+
+
 def perturb_all(prompt: str, seed: int | str = 0, protect: Iterable[str] = (), answers: Iterable[str] = (),
                 kinds: Iterable[str] = KINDS) -> dict[str, str | None]:
     """kind -> perturbed prompt, or None where the prompt cannot be perturbed that way."""

@@ -46,7 +46,7 @@ from dkn.experiments.conditions import (
     select_facts,
     set_sizes,
 )
-from dkn.experiments.perturb import KINDS, PAPER_KINDS, perturb_all
+from dkn.experiments.perturb import KINDS, PAPER_KINDS, check_kinds, perturb_all
 from dkn.experiments.runner import Context, Report
 from dkn.experiments.timing import stage
 from dkn.interventions import intervene_many
@@ -121,7 +121,8 @@ def fact_log_ratios(record: dict, kind: str, mode: str) -> dict:
 
 
 def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
-    params = replace(params, conditions=replace(params.conditions, max_prompts=params.max_prompts))
+    params = replace(params, conditions=replace(params.conditions, max_prompts=params.max_prompts),
+                     kinds=check_kinds(params.kinds))
     facts = select_facts(ctx, facts, limit, params.include_unknown, params.conditions)
     records = ctx.each(NAME, [(f.id, f) for f in facts], lambda f: fact_record(ctx, f, params))
     records = [r for r in records if "error" not in r]
@@ -234,7 +235,7 @@ def _markdown(records: list[dict], table: pd.DataFrame, cost: pd.DataFrame, para
         f"subject's words are kept): {kinds}" + (" (the paper's meaning-changing kinds)." if paper_kinds else
                                                   " (the question stays answerable)."),
         "",
-        "**Measure.** Per fact, perturbation, mode and condition c: `r_c = log P_normal,c - log P_perturbed,c`, "
+        ("**Measure.** Per fact, perturbation, mode and condition c: `r_c = log P_normal,c - log P_perturbed,c`, "
         "P(answer) measured with c's neurons suppressed (`last`: activations at the answer position set to 0, the "
         "paper's *values*; `weights`: see dkn.interventions) on both prompts, floored at 1e-30. Positive: the "
         "perturbation lowers P(answer). `minus_none_median`: median over facts of the paired `r_c - r_none`; it is "
@@ -242,12 +243,12 @@ def _markdown(records: list[dict], table: pd.DataFrame, cost: pd.DataFrame, para
         "bootstrap intervals over facts; seeded conditions are averaged over their seeds per fact. "
         "`change_%_of_median` = 100 * (1 - exp(-median r_c)): the paper's relative change that the median log "
         "ratio stands for (finite, at most 100); the old per-fact ratio 100 * (P_n - P_p) / P_n is not averaged "
-        "any more (it divides by P ~ 1e-3 after suppression and exploded).",
+        "any more (it divides by P ~ 1e-3 after suppression and exploded)."),
         "",
         conditions_text(records, params.conditions),
-        "The paper's numbers (GPT-2 and LLaMA2-7b, from the authors' plotting scripts, their DKN / KN / random / "
+        ("The paper's numbers (GPT-2 and LLaMA2-7b, from the authors' plotting scripts, their DKN / KN / random / "
         "none beside our candidate groups / knowledge neurons / random matched / none) are relative changes of "
-        "the mean, on the paper's perturbations; compare orderings, not magnitudes.\n",
+        "the mean, on the paper's perturbations; compare orderings, not magnitudes.\n"),
         "**Each perturbation's own cost** (nothing suppressed): "
         + "; ".join(f"{r['perturbation']}: median r {r['median_log_ratio']:.3f} "
                     f"[{r['median_ci_low']:.3f}, {r['median_ci_high']:.3f}] ({r['change_%_of_median']:.1f}% of P), "

@@ -15,10 +15,9 @@ import json
 import logging
 import shlex
 import sys
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from dkn import __version__
 from dkn.cache import ResultStore, make_key
@@ -235,7 +234,7 @@ def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact
     return chosen
 
 
-__all__ = ["EXPERIMENTS", "Context", "Report", "asdict", "experiment_module", "known_facts", "make_params", "run_experiment"]
+__all__ = ["Context", "Report", "run_experiment", "known_facts", "make_params", "EXPERIMENTS", "experiment_module", "asdict"]
 
 
 def past_runs(*roots: str | Path) -> list[dict]:

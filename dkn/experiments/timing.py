@@ -68,7 +68,7 @@ def stage(ctx, name: str) -> Iterator[None]:
 
 class EtaProgress:
     """Progress callback printing "step done/total, elapsed, ETA" at most every `every` seconds (and at the end
-    of each step).  ETA = remaining items x mean time of the items that took more than `resumed_below` s."""
+    of each step of more than one item: the "known" checks come one item at a time).  ETA = remaining items x mean time of the items that took more than `resumed_below` s."""
 
     def __init__(self, out: TextIO | None = None, every: float = 30.0, resumed_below: float = 0.05):
         self.out, self.every, self.resumed_below = out, every, resumed_below
@@ -82,7 +82,7 @@ class EtaProgress:
         if took > self.resumed_below:
             s["work"] += took
             s["worked"] += 1
-        if now - s["printed"] >= self.every or done == total:
+        if now - s["printed"] >= self.every or (done == total and total > 1):
             s["printed"] = now
             print(self.line(step, done, total, now - s["start"]), file=self.out or sys.stderr, flush=True)
 
@@ -99,7 +99,7 @@ class EtaProgress:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
