@@ -227,3 +227,16 @@ def test_stage_times_and_eta_with_a_fake_clock(monkeypatch):
         progress("facts", done, 10)
     assert progress.eta("facts", 5, 10) == pytest.approx(100.0)    # 5 left x 20 s
     assert any("facts: 5/10" in line and "ETA 1m40s" in line for line in lines)
+
+
+def test_bad_perturbation_kinds_and_single_prompt_facts(models, store):
+    from dkn.experiments.conditions import select_facts
+    from dkn.experiments.perturb import check_kinds
+
+    with pytest.raises(ValueError, match="unknown perturbation kinds.*typo"):
+        check_kinds(("typo", "shuffle"))
+    assert check_kinds(["replace", "add"]) == ("replace", "add")
+    facts = [Fact("a", "s", "r", ("x",), ("one",), "user"), Fact("b", "s", "r", ("x",), ("p0", "p1"), "user")]
+    ctx = Context(models("gpt2"), store, "select")
+    assert [f.id for f in select_facts(ctx, facts, None, True, ConditionParams())] == ["b"]    # held out: needs 2
+    assert [f.id for f in select_facts(ctx, facts, None, True, ConditionParams(held_out=False))] == ["a", "b"]

@@ -6,6 +6,9 @@ The paper's comparison: for each method and each number of BDCs, the drop of P
 when suppressing proper subsets of the BDCs vs all of them (a good method: small
 first number, large second), plus how many facts got a DKN.
 
+Held out: neurons are selected on the paraphrases prompts[1:1+max_prompts] and the
+grid runs on prompts[0] (facts without a paraphrase: in-sample, counted in the report).
+
 The drop is measured as a bounded log ratio, log P - log P_suppressed (P floored at
 1e-30): per fact the mean over its proper subsets, and the all-BDCs one; medians
 over facts with fact-clustered bootstrap intervals, and the relative drop that the
@@ -42,6 +45,7 @@ PAPER = {"ntc": (14.1, 28.8), "dbscan": (22.3, 18.2), "hierarchical": (27.5, 44.
 class Params:
     clusterers: tuple[str, ...] = CLUSTERER_NAMES
     max_prompts: int = 3
+    held_out: bool = True            # select on paraphrases, run the grid on prompts[0] (in-sample without one)
     t: float = 0.2
     p: float = 0.5
     max_neurons: int | None = None   # None: every refined neuron goes into the graph; else the strongest
@@ -51,7 +55,9 @@ class Params:
 
 
 def fact_record(ctx: Context, fact, params: Params) -> dict:
-    prompts = list(fact.prompts[: params.max_prompts])
+    held_out = params.held_out and len(fact.prompts) >= 2
+    prompts = list(fact.prompts[1: 1 + params.max_prompts] if held_out else fact.prompts[: params.max_prompts])
+    evaluation = fact.prompts[0]
     attribution = default_attribution(ctx.lm, params.attribution)
     with stage(ctx, "attribution"):
         kns = find_knowledge_neurons(ctx.lm, prompts, fact.answer, attribution, t=params.t, p=params.p,
@@ -60,7 +66,7 @@ def fact_record(ctx: Context, fact, params: Params) -> dict:
     per_method, prob = {}, None
     for clusterer in params.clusterers:
         with stage(ctx, "clustering + subset grid"):
-            r = analyse(ctx.lm, prompts[0], fact.answer, neurons, scores,
+            r = analyse(ctx.lm, evaluation, fact.answer, neurons, scores,
                         replace(params.degeneracy, clusterer=clusterer))
         prob = r.prob                                   # P(answer), the same for every clusterer
         full = tuple(range(len(r.candidates)))
@@ -79,7 +85,7 @@ def fact_record(ctx: Context, fact, params: Params) -> dict:
         }
     return {"fact": fact.id, "relation": fact.relation, "source": fact.source, "prob": prob,
             "n_kn": len(kns.neurons), "kn_layers": [n.layer for n in kns.neurons], "methods": per_method,
-            "baseline": attribution.baseline,
+            "baseline": attribution.baseline, "held_out": held_out,
             "capped": params.max_neurons is not None and len(kns.neurons) > params.max_neurons}
 
 
@@ -165,8 +171,11 @@ def _markdown(summary: pd.DataFrame, records: list[dict], params: Params) -> str
     capped = sum(bool(r.get("capped")) for r in records)
     cap = ("every refined knowledge neuron went into the graph" if params.max_neurons is None else
            f"the strongest {params.max_neurons} went into the graph ({capped} of {n} facts were clipped)")
+    held = sum(bool(r.get("held_out")) for r in records)
     return (f"Facts the model answers: {n}. For each clusterer, the candidate groups (BDCs) of each fact's "
-            f"knowledge neurons (up to {params.max_prompts} prompts; {cap}; integrated-gradients baseline: "
+            f"knowledge neurons (selected on up to {params.max_prompts} paraphrases and tested on the held-out first "
+            f"prompt for {held} of {n} facts; in-sample on the first prompt for the {n - held} without a paraphrase; "
+            f"{cap}; integrated-gradients baseline: "
             f"{baselines}) were suppressed in every subset (up to 6 groups). A degenerate organisation shows a small "
             "drop for proper subsets and a large drop for all groups.\n\n"
             "**Measure.** Per fact, `log P - log P_suppressed` (P floored at 1e-30): the mean over its proper "
