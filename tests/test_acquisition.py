@@ -5,6 +5,8 @@ import pandas as pd
 import pytest
 from tiny_models import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster on 2 cores
+
 from dkn.cache import ResultStore
 from dkn.experiments import acquisition
 from dkn.experiments.runner import Context

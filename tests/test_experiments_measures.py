@@ -34,6 +34,8 @@ from dkn.experiments.runner import Context
 from dkn.facts import Fact
 from dkn.neurons import Neuron
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster on 2 cores
+
 
 # -- bounded measures ----------------------------------------------------------------------------------
 def _record(p_normal: float, p_perturbed: float) -> dict:

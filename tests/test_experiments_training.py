@@ -9,6 +9,8 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster on 2 cores
+
 from dkn.experiments.runner import Context, make_params, write_report
 from dkn.facts import Fact
 from dkn.finetune import fresh_copy, neuron_masks, train_neurons
@@ -119,7 +121,7 @@ def test_evolvability_end_to_end(store, tmp_path, monkeypatch):
     assert set(sweep["lr"]) == {1e-9, 5e-2} and sweep.groupby("condition")["chosen"].sum().eq(1).all()
     assert report.summary["chosen_lr"]["all"] == 5e-2        # a rate of 1e-9 learns nothing: never chosen
     runs = report.tables["evolvability_runs"]
-    assert (runs.groupby("condition")["seed"].nunique() == 3).all()
+    assert (runs[runs["condition"].isin(trained)].groupby("condition")["seed"].nunique() == 3).all()
     assert set(runs.loc[runs["condition"] == "random matched", "layers"]) != {""}
     table = report.tables["evolvability"]
     assert set(table["metric"]) == {"Q_new", "Q_old", "Q_au"} and "none" in set(table["condition"])

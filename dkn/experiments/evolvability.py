@@ -129,6 +129,9 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
             sweep.append({"condition": condition, "lr": lr, "validation_score": scores[lr],
                           "Q_new": _acc(r, "Q_new"), "Q_old_validation": _acc(r, "Q_old_val"),
                           "final_loss": r["losses"][-1] if r.get("losses") else np.nan, "skipped": r.get("skipped", "")})
+        if all(v is None for v in scores.values()):           # skipped (no neurons): nothing to choose or repeat
+            chosen_lr[condition], runs[condition] = None, [train(condition, lrs[0], 0)]
+            continue
         best = max(lrs, key=lambda lr: (scores[lr] if scores[lr] is not None else -1.0, -lr))
         chosen_lr[condition] = best
         runs[condition] = [train(condition, best, seed) for seed in range(params.seeds)]
@@ -261,7 +264,7 @@ def accuracy_table(none: dict, runs: dict, new, old_test, chosen_lr: dict, seed:
             per_seed = [100 * float(np.mean(r[metric])) for r in done if r[metric]]
             i = PAPER_COLUMN.get(condition)
             rows.append({"metric": metric, "condition": condition, "facts": b["n"], "seeds": len(done),
-                         "lr": chosen_lr.get(condition, np.nan), "accuracy_%": 100 * b["value"],
+                         "lr": chosen_lr.get(condition) or np.nan, "accuracy_%": 100 * b["value"],
                          "ci_low_%": 100 * b["ci_low"], "ci_high_%": 100 * b["ci_high"],
                          "seed_std_%": float(np.std(per_seed)) if len(per_seed) > 1 else np.nan,
                          "paper_gpt2_%": PAPER["GPT-2"][metric][i] if i is not None else np.nan,
@@ -316,7 +319,9 @@ def _figure(table: pd.DataFrame):
 
 
 def _markdown(table, n_new, n_val, n_test, params: Params, chosen_lr: dict, untouched: bool) -> str:
-    rates = ", ".join(f"{c} {lr:g}" for c, lr in chosen_lr.items())
+    rates = ", ".join(f"{c} {lr:g}" for c, lr in chosen_lr.items() if lr is not None)
+    skipped = [c for c, lr in chosen_lr.items() if lr is None]
+    rates += f" (skipped, no neurons: {', '.join(skipped)})" if skipped else ""
     return (f"New facts (the model did not answer them): {n_new}; old facts (it did): {n_val} for validation, "
             f"{n_test} for test. Each run was fine-tuned from a fresh copy of the original weights ({params.steps} "
             f"Adam steps, batch {params.batch_size or 'all'}) on the new facts' first prompts, updating only its "
