@@ -10,7 +10,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread i
 from dkn.cache import ResultStore
 from dkn.experiments import acquisition
 from dkn.experiments.runner import Context
-from dkn.facts import Fact
+from dkn.datasets import Fact
 from dkn.interventions import intervene_many
 
 FACTS = [Fact(f"t/{i}", s, "capital", (a,), (f"the capital of {s} is", f"the city of {s} is"), "user")

@@ -31,7 +31,7 @@ from dkn.experiments.conditions import (
 )
 from dkn.experiments.perturb import FILLERS, KINDS, SYNONYMS, PerturbationError, perturb
 from dkn.experiments.runner import Context
-from dkn.facts import Fact
+from dkn.datasets import Fact
 from dkn.neurons import Neuron
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster on 2 cores

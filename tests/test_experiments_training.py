@@ -12,7 +12,7 @@ from tiny_models import tiny_model
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster on 2 cores
 
 from dkn.experiments.runner import Context, make_params, write_report
-from dkn.facts import Fact
+from dkn.datasets import Fact
 from dkn.finetune import fresh_copy, neuron_masks, train_neurons
 from dkn.neurons import Neuron
 

@@ -154,8 +154,9 @@ def _figure(summary: pd.DataFrame):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for name, col, low, high in (("proper subsets of BDCs", "proper_median_log_drop", "proper_ci_low", "proper_ci_high"),
-                                 ("all BDCs", "all_median_log_drop", "all_ci_low", "all_ci_high")):
+    bars = (("proper subsets of BDCs", "proper_median_log_drop", "proper_ci_low", "proper_ci_high"),
+            ("all BDCs", "all_median_log_drop", "all_ci_low", "all_ci_high"))
+    for name, col, low, high in bars:
         fig.add_bar(name=name, x=summary["method"], y=summary[col],
                     error_y={"type": "data", "symmetric": False, "array": summary[high] - summary[col],
                                  "arrayminus": summary[col] - summary[low]})

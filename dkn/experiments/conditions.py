@@ -45,7 +45,9 @@ from dkn.attribution import AttributionParams, attribute
 from dkn.degeneracy import DegeneracyParams, analyse
 from dkn.experiments.timing import stage
 from dkn.hooks import record_neurons
+from dkn.jsonsafe import jsonable
 from dkn.neurons import Neuron
+from dkn.query import first_answer_tokens as first_tokens  # noqa: F401  (re-exported)
 from dkn.selection import coarse_neurons, find_knowledge_neurons
 
 DEGENERATE, GROUPS, KN, KN_SUBSET, RANDOM, NONE = ("degenerate components", "candidate groups",
@@ -263,19 +265,6 @@ def set_sizes(record: dict) -> dict[str, int]:
     return sizes
 
 
-def first_tokens(lm, prompt: str, answers: Sequence[str]) -> list[int]:
-    """Ids of the first token of each answer after `prompt` (answers that cannot be tokenised are skipped)."""
-    from dkn.query import make_query
-
-    firsts = []
-    for a in answers:
-        try:
-            firsts.append(make_query(lm, prompt, a).steps[0].target)
-        except ValueError:
-            continue
-    return firsts
-
-
 # -- measures ------------------------------------------------------------------------------------------
 def log_p(p: float | None) -> float | None:
     return None if p is None else math.log(max(float(p), LOG_FLOOR))
@@ -294,24 +283,6 @@ def percent_from_log(r: float | None) -> float:
     if r is None or not math.isfinite(r):
         return float("nan")
     return 100.0 * -math.expm1(-r)
-
-
-def jsonable(obj: Any) -> Any:
-    """Plain JSON types: tuples -> lists, numpy scalars -> Python, NaN/inf -> None, keys -> str."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        obj = float(obj)
-        return obj if math.isfinite(obj) else None
-    return obj
 
 
 # -- statistics ----------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from dkn.cache import make_key
+from dkn.datasets import DatasetError
 from dkn.evaluate import answers_correctly, answers_correctly_many
 from dkn.experiments.conditions import (
     DEGENERATE,
@@ -53,7 +54,6 @@ from dkn.experiments.conditions import (
 )
 from dkn.experiments.runner import Context, Report
 from dkn.experiments.timing import stage
-from dkn.facts import DatasetError
 from dkn.finetune import fresh_copy, train_neurons
 from dkn.models import fingerprint
 from dkn.neurons import Neuron
@@ -101,7 +101,7 @@ class Params:
 def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
     params.validate()
     lrs = sorted(float(lr) for lr in params.lrs)
-    new, old = select_facts(ctx, facts, limit or params.n_new, params.n_old)
+    new, old = new_and_old_facts(ctx, facts, limit or params.n_new, params.n_old)
     old_val, old_test = split_old(old, params.validation_share, ctx.seed)
     neurons = replace(params.neurons, random_seeds=max(params.seeds, params.neurons.random_seeds))
     records = ctx.each("neurons", [(f.id, f) for f in new], lambda f: neuron_conditions(ctx, f, neurons))
@@ -159,7 +159,7 @@ def split_old(old: list, share: float, seed: int) -> tuple[list, list]:
     return order[:n_val], order[n_val:]
 
 
-def select_facts(ctx: Context, facts, n_new: int, n_old: int | None):
+def new_and_old_facts(ctx: Context, facts, n_new: int, n_old: int | None):
     """(new facts, old facts): a seeded shuffle walked once; unknown facts with >= 2 prompts are new,
     known ones old.  Known-checks share the "known" step with `known_facts`."""
     n_old = n_new if n_old is None else n_old

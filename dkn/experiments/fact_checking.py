@@ -58,8 +58,8 @@ from dkn.experiments.conditions import (
     to_neurons,
 )
 from dkn.experiments.runner import Context, Report, known_facts
+from dkn.datasets import DatasetError
 from dkn.experiments.timing import stage
-from dkn.facts import DatasetError
 from dkn.interventions import intervene_many
 
 NAME = "fact_checking"
