@@ -411,10 +411,14 @@ def run_experiment_cmd(args) -> int:
     cluster = _cluster(args)
     lm = _load(args)
     bars = {}
+    from dkn.experiments.timing import EtaProgress
+    eta = EtaProgress()                     # no terminal (a long run under nohup): lines with an ETA
 
     def progress(step, done, total):
-        if args.json or not sys.stderr.isatty():
+        if args.json:
             return
+        if not sys.stderr.isatty():
+            return eta(step, done, total)
         from tqdm import tqdm
         bar = bars.get(step) or bars.setdefault(step, tqdm(total=total, desc=step, unit="item"))
         bar.total = total
@@ -427,6 +431,8 @@ def run_experiment_cmd(args) -> int:
         print(_dumps({"experiment": args.name, "out": str(out), "summary": report.summary}))
     else:
         print(f"{args.name}: report written to {out / 'report.md'}")
+        from dkn.experiments.timing import StageTimes
+        print(StageTimes.from_dict(report.summary.get("stage_seconds", {})).text())
     return 0
 
 

@@ -30,6 +30,7 @@ class Family:
     masked_lm: bool = False              # answer at the mask token, bidirectional: no prefix cache
     conv1d: bool = False                 # GPT-2 style Conv1D weights, stored [in, out]
     head: tuple[str, ...] = ()           # modules between the last block and the unembedding (absent ones skipped)
+    post_mlp_norm: str = ""              # in a block: a norm applied to the MLP output (Gemma 2/3), absent: none
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -48,7 +49,7 @@ FAMILIES: tuple[Family, ...] = (
            head=("model.norm",)),
     Family("gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers", "mlp.down_proj",
            ("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_proj", ("intermediate_size",), gated=True,
-           head=("model.norm",)),
+           head=("model.norm",), post_mlp_norm="post_feedforward_layernorm"),
     Family("bert", ("bert",), "bert.encoder.layer", "output.dense", ("intermediate.dense",),
            "intermediate.dense", ("intermediate_size",), masked_lm=True),
     Family("roberta", ("roberta",), "roberta.encoder.layer", "output.dense", ("intermediate.dense",),

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster on 2 cores
 
 from dkn.cache import ResultStore
 from dkn.experiments import acquisition
 from dkn.experiments.runner import Context
 from dkn.datasets import Fact
 from dkn.interventions import intervene_many
-from tiny_models import tiny_model
 
 FACTS = [Fact(f"t/{i}", s, "capital", (a,), (f"the capital of {s} is", f"the city of {s} is"), "user")
          for i, (s, a) in enumerate([("france", "paris"), ("germany", "berlin"), ("italy", "rome")])]
@@ -44,3 +46,21 @@ def test_recorded_probability_is_the_models(context):
     prob, _ = intervene_many(context.lm, FACTS[0].prompts[0], FACTS[0].answer, [], 0.0)
     assert record["prob"] == pytest.approx(prob, rel=1e-6)
     assert set(record["methods"]) == set(acquisition.CLUSTERER_NAMES)
+
+
+def test_selection_is_held_out_and_drops_are_log_ratios(context, monkeypatch):
+    seen = []
+    real = acquisition.find_knowledge_neurons
+    monkeypatch.setattr(acquisition, "find_knowledge_neurons",
+                        lambda lm, prompts, *a, **k: seen.append(list(prompts)) or real(lm, prompts, *a, **k))
+    params = acquisition.Params(max_prompts=2, t=0.05, clusterers=("ntc",))
+    record = acquisition.fact_record(context, FACTS[0], params)
+    assert seen == [[FACTS[0].prompts[1]]] and record["held_out"]            # selected without prompts[0]
+    prob, _ = intervene_many(context.lm, FACTS[0].prompts[0], FACTS[0].answer, [], 0.0)
+    assert record["prob"] == pytest.approx(prob, rel=1e-6)                   # ... and tested on it
+    m = record["methods"]["ntc"]
+    assert m["union_log_drop"] == pytest.approx(acquisition.log_drop(record["prob"], m["union_drop"]))
+    single = Fact("t/one", "spain", "capital", ("madrid",), ("the capital of spain is",), "user")
+    assert not acquisition.fact_record(context, single, params)["held_out"]  # no paraphrase: in-sample, flagged
+    summary = acquisition.summary_table([record], ("ntc",))
+    assert {"proper_median_log_drop", "all_median_log_drop", "all_%_of_median"} <= set(summary.columns)

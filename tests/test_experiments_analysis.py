@@ -13,16 +13,21 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
-
 from tiny_models import WORDS, tiny_model
 
-from dkn.experiments import enhancement, fact_checking, robustness
-from dkn.experiments import runner
-from dkn.experiments.conditions import ConditionParams, neuron_conditions
-from dkn.experiments.perturb import KINDS, PerturbationError, perturb, perturb_all
+from dkn.experiments import enhancement, fact_checking, robustness, runner
+from dkn.experiments.conditions import CONDITIONS, ConditionParams, neuron_conditions
+from dkn.experiments.perturb import (
+    KINDS,
+    PAPER_KINDS,
+    PerturbationError,
+    perturb,
+    perturb_all,
+)
 from dkn.datasets import DatasetError
 
 SMALL = ConditionParams(max_neurons=10, random_seeds=2)
+GROUPS, KN, KN_SUBSET, RANDOM = "candidate groups", "knowledge neurons", "KN subset", "random matched"
 PARAMS = {
     "robustness": robustness.Params(conditions=SMALL, bootstrap=200),
     "enhancement": enhancement.Params(conditions=SMALL, bootstrap=200),
@@ -40,7 +45,8 @@ def lm():
 
 
 def known_rows(lm, n: int, n_relations: int = 3, seed: int = 0) -> list[dict]:
-    """Facts whose answer is the tiny model's top-1 word after the prompt (so it 'knows' them)."""
+    """Facts whose answer is the tiny model's top-1 word after the first prompt (so it 'knows' them), with two
+    paraphrases to select neurons on (held-out evaluation measures on the first prompt)."""
     from dkn.evaluate import next_token_distribution
 
     rng = random.Random(seed)
@@ -50,8 +56,9 @@ def known_rows(lm, n: int, n_relations: int = 3, seed: int = 0) -> list[dict]:
         prompt = " ".join(words)
         word = lm.tokenizer.decode([int(next_token_distribution(lm, prompt).argmax())]).strip()
         if word in WORDS and word not in words:
+            paraphrases = [" ".join(rng.sample(words[:-1], 4) + words[-1:]), " ".join(words[1:])]
             rows.append({"id": f"t/{len(rows)}", "subject": words[1], "relation": f"r{len(rows) % n_relations}",
-                         "prompt": prompt, "answer": word})
+                         "prompts": [prompt] + paraphrases, "answer": word})
     return rows
 
 
@@ -71,11 +78,11 @@ def run(name, lm, dataset, tmp_path, store, params=None, limit=None):
 
 
 # -- perturbations -------------------------------------------------------------------------------------
-def test_perturbations_are_deterministic_and_keep_the_cloze():
+def test_paper_perturbations_are_deterministic_and_keep_the_cloze():
     prompts = ["The capital of France is", "Paris is the capital city of", "x y", "The Eiffel Tower is located in"]
     for prompt in prompts:
         for seed in range(20):
-            for kind in KINDS:
+            for kind in PAPER_KINDS:
                 a = perturb(prompt, kind, seed, protect=["France"], answers=["Paris", "something"])
                 assert a == perturb(prompt, kind, seed, protect=["France"], answers=["Paris", "something"])
                 assert a.strip() and a != prompt
@@ -96,7 +103,8 @@ def test_perturbations_never_empty():
             perturb("Paris", kind, 0)                                # only the last word: nothing may change
         with pytest.raises(PerturbationError):
             perturb("France is", kind, 0, protect=["France"])
-    assert perturb_all("Paris", 0) == {"replace": None, "add": perturb("Paris", "add", 0), "delete": None}
+    assert perturb_all("Paris", 0, kinds=PAPER_KINDS) == {"replace": None, "add": perturb("Paris", "add", 0),
+                                                           "delete": None}
     with pytest.raises(ValueError, match="unknown perturbation"):
         perturb("a b", "shuffle")
 
@@ -106,19 +114,30 @@ def test_conditions_differ_and_are_json(lm, store):
     from dkn.datasets import Fact
 
     ctx = runner.Context(lm, store, "conditions-test", 0)
-    rows = known_rows(lm, 3)
+    rows = known_rows(lm, 5)
+    with_groups = 0
     for row in rows:
         fact = Fact(id=row["id"], subject=row["subject"], relation=row["relation"], answers=(row["answer"],),
-                    prompts=(row["prompt"],), source="user")
+                    prompts=tuple(row["prompts"]), source="user")
         record = neuron_conditions(ctx, fact, SMALL)
         assert json.loads(json.dumps(record, allow_nan=False)) == record      # exact JSON
-        kn, dkn = {tuple(n) for n in record["KN"]}, {tuple(n) for n in record["DKN"]}
-        assert dkn and dkn <= kn and dkn != kn                               # DKN: a part of the KNs
-        assert len(record["random"]) == 2
-        for s in record["random"]:
-            assert len(s) == len(dkn) and not ({tuple(n) for n in s} & kn)
-            assert sorted(n[0] for n in s) == sorted(n[0] for n in record["DKN"])   # matched by layer
-        assert record["random"][0] != record["random"][1]
+        assert record["evaluation_prompt"] == fact.prompts[0] not in record["selection_prompts"]
+        sets = record["sets"]
+        kn, groups = {tuple(n) for n in sets[KN]}, {tuple(n) for n in sets[GROUPS]}
+        assert groups <= kn                                                   # candidate groups: part of the KNs
+        if not groups:
+            assert sets[KN_SUBSET] == sets[RANDOM] == []                      # nothing to match: no rows
+            continue
+        with_groups += 1
+        assert len(sets[RANDOM]) == len(sets[KN_SUBSET]) == 2
+        for s in sets[KN_SUBSET]:                                             # size-matched subsets of the KNs
+            assert len(s) == len(groups) and {tuple(n) for n in s} <= kn
+        for s in sets[RANDOM]:
+            assert len(s) == len(groups) and not ({tuple(n) for n in s} & kn)
+            assert sorted(n[0] for n in s) == sorted(n[0] for n in sets[GROUPS])   # matched by layer
+        assert sets[RANDOM][0] != sets[RANDOM][1]
+        assert 0 <= record["jaccard"] <= 1 and record["baseline"] == "zero"
+    assert with_groups >= 2
 
 
 # -- end to end ------------------------------------------------------------------------------------------
@@ -127,19 +146,34 @@ def test_robustness_end_to_end(lm, tmp_path, store):
     report, out = run("robustness", lm, data, tmp_path, store)
     assert (out / "report.md").exists() and (out / "robustness.csv").exists() and (out / "robustness.html").exists()
     table = report.tables["robustness"]
-    assert set(table["condition"]) == {"DKN", "KN", "random", "none"}
+    assert set(table["condition"]) == set(CONDITIONS)
     assert set(table["mode"]) == {"last", "weights"} and set(table["perturbation"]) == set(KINDS)
-    assert (table["facts"] == 5).all()
-    by = table.set_index(["perturbation", "mode", "condition"])["change_%"]
-    for kind in KINDS:
-        values = [by[(kind, "last", c)] for c in ("DKN", "KN", "random", "none")]
-        assert len({round(v, 6) for v in values}) == 4, values               # the conditions really differ
-    assert "paper_gpt2_%" in table and table["paper_gpt2_%"].notna().all()
+    assert report.summary["n_facts"] == 5
+    assert (table.loc[(table["condition"] == "none") & (table["perturbation"] == "filler"), "facts"] == 5).all()
+    rows = table[(table["facts"] > 0)]
+    assert np.isfinite(rows["median_log_ratio"]).all() and (rows["change_%_of_median"] <= 100).all()
+    by = table.set_index(["perturbation", "mode", "condition"])["median_log_ratio"]
+    values = [by[("filler", "last", c)] for c in (GROUPS, RANDOM, "none")]
+    assert len({round(v, 6) for v in values}) == 3, values                    # the conditions really differ
+    assert (table.set_index(["condition"]).loc["none", "minus_none_median"] == 0).all()
+    cost = report.tables["perturbation_cost"]
+    assert list(cost["perturbation"]) == list(KINDS) and cost["still_answered_%"].between(0, 100).all()
     supp = report.tables["suppression_effect"].set_index(["mode", "condition"])
-    assert supp.loc[("last", "KN"), "drop_of_P_normal_%"] > supp.loc[("last", "random"), "drop_of_P_normal_%"]
+    assert supp.loc[("last", KN), "median_log_drop"] > supp.loc[("last", RANDOM), "median_log_drop"]
     text = (out / "report.md").read_text()
-    assert "NTC" in text and "change_%" in text and "47" in text
-    json.loads((out / "summary.json").read_text())
+    assert "NTC" in text and "log P_normal" in text and "own cost" in text and "stage timings" in text
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert "attribution" in summary["stage_seconds"] and "interventions" in summary["stage_seconds"]
+
+
+def test_paper_perturbations_stay_available(lm, tmp_path, store):
+    data = write_jsonl(tmp_path / "facts.jsonl", known_rows(lm, 3))
+    params = replace(PARAMS["robustness"], kinds=PAPER_KINDS, modes=("last",))
+    report, out = run("robustness", lm, data, tmp_path, store, params=params)
+    table = report.tables["robustness"]
+    assert set(table["perturbation"]) == set(PAPER_KINDS)
+    assert table.loc[table["condition"] == GROUPS, "paper_gpt2_%"].notna().all()
+    assert "meaning-changing" in (out / "report.md").read_text()
 
 
 def test_enhancement_end_to_end(lm, tmp_path, store):
@@ -149,11 +183,13 @@ def test_enhancement_end_to_end(lm, tmp_path, store):
     fails = report.tables["failing_queries"]
     assert fails["failing"].sum() > 0
     assert (table[table["condition"] == "none"]["recovered_%"].dropna() == 0).all()   # nothing amplified
+    assert (table[table["condition"] == "none"]["median_log_gain"].dropna() == 0).all()
     rows = table[table["failing_queries"] > 0]
     assert ((rows["recovered_%"] >= 0) & (rows["recovered_%"] <= 100)).all()
-    dkn = rows[rows["condition"] == "DKN"]["median_P_change_%"].to_numpy()
-    rnd = rows[rows["condition"] == "random"]["median_P_change_%"].to_numpy()
-    assert not np.allclose(dkn, rnd)
+    assert np.isfinite(rows["median_log_gain"]).all()
+    groups = rows[rows["condition"] == GROUPS]["median_log_gain"].to_numpy()
+    rnd = rows[rows["condition"] == RANDOM]["median_log_gain"].to_numpy()
+    assert not np.allclose(groups, rnd)
     assert (out / "enhancement.csv").exists() and "recovered_%" in (out / "report.md").read_text()
 
 
@@ -163,12 +199,14 @@ def test_fact_checking_end_to_end(lm, tmp_path, store):
     table = report.tables["fact_checking"].set_index("condition")
     rels = report.tables["fact_checking_relations"]
     assert len(rels) == 3 and (rels["train"] >= 1).all() and (rels["validation"] >= 1).all() and (rels["test"] >= 1).all()
-    assert set(table.index) >= {"DKN", "KN", "random", "ask", "answer probability", "always true"}
+    assert set(table.index) >= {GROUPS, KN, KN_SUBSET, RANDOM, "ask", "answer probability", "always true"}
     n = report.summary["n_test_statements"]
     assert n > 0 and report.summary["n_test_true"] == n / 2        # one true and one wrong statement per fact
-    for c in ("DKN", "KN", "random", "answer probability", "always true"):
+    for c in (GROUPS, KN, RANDOM, "answer probability", "always true"):
         assert 0 <= table.loc[c, "F1"] <= 1 and table.loc[c, "F1_ci_low"] <= table.loc[c, "F1_ci_high"]
     assert table.loc["always true", "recall"] == 1
+    assert report.summary["n_validation_facts"] == rels["validation"].sum()
+    assert "**Verdict.**" in (out / "report.md").read_text()
     assert (out / "fact_checking.csv").exists()
 
 
@@ -223,6 +261,7 @@ def test_resume_after_a_crash_gives_the_same_results(name, lm, tmp_path, monkeyp
     assert len(calls) == total - 2                                   # finished items were not recomputed
     for key, table in full.tables.items():
         pd.testing.assert_frame_equal(table, resumed.tables[key])
+    full.summary.pop("stage_seconds"), resumed.summary.pop("stage_seconds")     # wall times differ, by nature
     assert json.dumps(full.summary, sort_keys=True) == json.dumps(resumed.summary, sort_keys=True)
 
 
@@ -244,7 +283,8 @@ def test_rows_with_missing_fields_are_skipped(lm, tmp_path, store, caplog):
 def test_dataset_the_model_does_not_answer(name, lm, tmp_path, store):
     rows = known_rows(lm, 6)
     for r in rows:   # replace each answer by a word the model does not put first
-        r["answer"] = next(w for w in ("madrid", "tokyo", "grass") if w != r["answer"] and w not in r["prompt"].split())
+        r["answer"] = next(w for w in ("madrid", "tokyo", "grass")
+                           if w != r["answer"] and w not in r["prompts"][0].split())
     data = write_jsonl(tmp_path / "unknown.jsonl", rows)
     with pytest.raises(DatasetError, match="answers none|facts the model answers"):
         run(name, lm, data, tmp_path, store)

@@ -7,12 +7,14 @@ import re
 
 import pytest
 import torch
+from tiny_models import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster on 2 cores
 
 from dkn.experiments.runner import Context, make_params, write_report
 from dkn.datasets import Fact
 from dkn.finetune import fresh_copy, neuron_masks, train_neurons
 from dkn.neurons import Neuron
-from tiny_models import tiny_model
 
 PAIRS = [("the capital of france is", "paris"), ("the capital of germany is", "berlin"),
          ("the sky is", "blue")]
@@ -101,18 +103,33 @@ def test_evolvability_end_to_end(store, tmp_path, monkeypatch):
         return real_train(copy, facts, neurons, **kw)
 
     monkeypatch.setattr(evolvability, "train_neurons", spy)
-    params = evolvability.Params(n_new=3, n_old=2, steps=3, lr=1e-2,
-                                 neurons=evolvability.ConditionParams(max_prompts=1, random_seeds=0, max_neurons=10))
+    params = evolvability.Params(n_new=3, n_old=2, steps=8, lrs=(1e-9, 5e-2), seeds=3,
+                                 conditions=("knowledge neurons", "random matched", "all"),
+                                 neurons=evolvability.ConditionParams(max_prompts=1, random_seeds=0, max_neurons=10,
+                                                                      held_out=False))
     ctx = Context(lm, store, "evo-test", seed=0)
     report = evolvability.run(ctx, _facts(), params, None)
     assert report.summary["original_weights_untouched"]
     assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in original.items())
-    assert len(starts) >= 2                                  # at least "KN" and "all" trained
-    for state in starts:                                     # every condition started from the original
+    # per condition: the two-rate sweep on seed 0, then seeds 1 and 2 at the chosen rate (seed 0 reused)
+    trained = [c for c in params.conditions if not report.tables["evolvability_runs"].query("condition == @c")
+               ["skipped"].astype(bool).any()]
+    assert len(starts) == len(trained) * 4 and len(trained) >= 2
+    for state in starts:                                     # every run started from the original
         assert all(torch.equal(state[k], original[k]) for k in original)
+    sweep = report.tables["evolvability_lr_sweep"]
+    assert set(sweep["lr"]) == {1e-9, 5e-2} and sweep.groupby("condition")["chosen"].sum().eq(1).all()
+    assert report.summary["chosen_lr"]["all"] == 5e-2        # a rate of 1e-9 learns nothing: never chosen
+    runs = report.tables["evolvability_runs"]
+    assert (runs[runs["condition"].isin(trained)].groupby("condition")["seed"].nunique() == 3).all()
+    assert set(runs.loc[runs["condition"] == "random matched", "layers"]) != {""}
     table = report.tables["evolvability"]
     assert set(table["metric"]) == {"Q_new", "Q_old", "Q_au"} and "none" in set(table["condition"])
     assert report.summary["n_new"] >= 1
+    trained_rows = table[table["condition"] != "none"]
+    assert (trained_rows["seeds"] == 3).all() and trained_rows["lr"].notna().all()
+    q_au = table[table["metric"] == "Q_au"]
+    assert (q_au["facts"] == report.summary["n_new"]).all()   # the bootstrap resamples facts, not prompts
     none = table[(table.condition == "none") & (table.metric == "Q_new")]["accuracy_%"].item()
     assert none == 0.0                                       # new facts are the unknown ones
     write_report(tmp_path / "out", report, {"experiment": "evolvability", "model_label": lm.label, "command": "x",
@@ -152,8 +169,8 @@ def test_complexity_on_two_tiny_models(store, tmp_path, monkeypatch):
 def test_make_params_from_the_command_line():
     p = make_params("complexity", ["models=default,gemma3-270m"])
     assert p.models == ("default", "gemma3-270m")
-    p = make_params("evolvability", ["steps=5", "lr=0.01", "n_old=none"])
-    assert (p.steps, p.lr, p.n_old) == (5, 0.01, None)
+    p = make_params("evolvability", ["steps=5", "lrs=0.01,0.03", "n_old=none", "seeds=4"])
+    assert (p.steps, tuple(map(float, p.lrs)), p.n_old, p.seeds) == (5, (0.01, 0.03), None, 4)
     assert make_params("evolvability", full=True).steps > make_params("evolvability").steps
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         make_params("evolvability", ["nope=1"])

@@ -6,8 +6,11 @@ same facts.  With `models=()` only the loaded model is measured (on the facts it
 answers).  Models are loaded one at a time with `load_model` and freed between.
 
 Per fact, with the shared condition settings (dkn.experiments.conditions:
-refined knowledge neurons over up to 3 prompts, the strongest `max_neurons` into
-the NTC graph): the NTC candidate groups (BDCs) and the degeneracy test.
+refined knowledge neurons over up to 3 prompts, every one of them into the NTC
+graph unless `max_neurons` caps it, which the report then counts; the
+integrated-gradients baseline is each model family's default, AMIG for families
+with a post-MLP norm such as Gemma 2/3, zero otherwise, and is stated per model):
+the NTC candidate groups (BDCs) and the degeneracy test.
 Per model:
 - DKN neurons: members of the NTC groups per fact (count, and per million neurons
   of the model, since models differ in size);
@@ -31,8 +34,9 @@ from dkn.cache import make_key
 from dkn.datasets import DatasetError
 from dkn.degeneracy import analyse
 from dkn.evaluate import answers_correctly
-from dkn.experiments.conditions import ConditionParams, jsonable
+from dkn.experiments.conditions import ConditionParams, default_attribution, jsonable
 from dkn.experiments.runner import Context, Report, known_facts
+from dkn.experiments.timing import stage
 from dkn.models import load_model, model_summary
 from dkn.selection import find_knowledge_neurons
 
@@ -43,10 +47,10 @@ NAME = "complexity"
 class Params:
     models: tuple[str, ...] = ()       # (): the loaded model only; else load_model names ("default", "gemma3-270m")
     max_checked: int = 2000            # facts checked for "answered by every model" (in dataset order)
-    neurons: ConditionParams = field(default_factory=lambda: ConditionParams(random_seeds=0))
+    neurons: ConditionParams = field(default_factory=lambda: ConditionParams(random_seeds=0, held_out=False))
 
     @classmethod
-    def full(cls) -> "Params":
+    def full(cls) -> Params:
         return cls(models=("default", "gemma3-270m"))
 
 
@@ -65,7 +69,7 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
     summary = {"n_facts": len(chosen), "facts": [f.id for f in chosen], "models": table.to_dict("records")}
     return Report(jsonable(summary), tables={"complexity": table, "complexity_layers": layers},
                   figures={"complexity": _figure(table), "complexity_layers": _layer_figure(layers)},
-                  markdown=_markdown(len(chosen), list(per_model)))
+                  markdown=_markdown(len(chosen), table, params))
 
 
 def shared_known_facts(ctx: Context, facts, limit, models) -> list:
@@ -117,15 +121,19 @@ def measure(ctx: Context, facts, params: Params) -> list[dict]:
 def fact_record(ctx: Context, fact, params: Params) -> dict:
     p = params.neurons
     prompts = list(fact.prompts[: p.max_prompts])
-    kns = find_knowledge_neurons(ctx.lm, prompts, fact.answer, p.attribution, t=p.t, p=p.p, store=ctx.store)
+    attribution = default_attribution(ctx.lm, p.attribution)
+    with stage(ctx, "attribution"):
+        kns = find_knowledge_neurons(ctx.lm, prompts, fact.answer, attribution, t=p.t, p=p.p, store=ctx.store)
     neurons, scores = kns.neurons[: p.max_neurons], kns.scores[: p.max_neurons]
-    r = analyse(ctx.lm, prompts[0], fact.answer, neurons, scores, p.degeneracy)
+    with stage(ctx, "clustering + subset grid"):
+        r = analyse(ctx.lm, prompts[0], fact.answer, neurons, scores, p.degeneracy)
     members = sorted({n for c in r.candidates for n in c.members})
     return jsonable({
         "fact": fact.id, "n_kn": len(kns.neurons), "n_bdcs": len(r.candidates),
         "bdc_sizes": [len(c.members) for c in r.candidates], "dkn_layers": [n.layer for n in members],
         "n_dkn": len(members), "degenerate": r.degenerate, "n_dkn_strict": sum(len(g) for g in r.dkn),
         "degeneracy_index": r.degeneracy_index, "union_drop": r.union_drop, "prob": r.prob,
+        "baseline": attribution.baseline, "capped": p.max_neurons is not None and len(kns.neurons) > p.max_neurons,
     })
 
 
@@ -138,7 +146,8 @@ def complexity_table(per_model: dict) -> pd.DataFrame:
                  for r in records if r["dkn_layers"]]
         n_dkn = [r["n_dkn"] for r in records]
         rows.append({
-            "model": name, "params_M": info["n_params"] / 1e6, "layers": info["n_layers"], "d_mlp": info["d_mlp"],
+            "model": name, "ig_baseline": ", ".join(sorted({r.get("baseline", "zero") for r in records})),
+            "capped_facts": sum(bool(r.get("capped")) for r in records), "params_M": info["n_params"] / 1e6, "layers": info["n_layers"], "d_mlp": info["d_mlp"],
             "facts": len(records), "mean_kn": _mean([r["n_kn"] for r in records]),
             "mean_dkn_neurons": _mean(n_dkn),
             "dkn_per_M_neurons": _mean(n_dkn) / info["n_neurons"] * 1e6 if n_dkn else np.nan,
@@ -190,9 +199,18 @@ def _layer_figure(layers: pd.DataFrame):
                   title="Where DKN neurons sit (share per tenth of the model's depth)")
 
 
-def _markdown(n: int, models: list[str]) -> str:
-    return (f"Models: {', '.join(models)}; facts: {n} (answered by every model). Per fact, the refined knowledge "
-            "neurons (up to 3 prompts) were clustered by NTC; the DKN neurons are the members of its groups (BDCs). "
+def _markdown(n: int, table: pd.DataFrame, params: Params) -> str:
+    cap = params.neurons.max_neurons
+    rows = table.to_dict("records")
+    baselines = "; ".join(f"{r['model']}: {r['ig_baseline']}" for r in rows)
+    clipped = ("no cap: every refined knowledge neuron went into the NTC graph" if cap is None else
+               f"the strongest {cap} knowledge neurons went into the NTC graph; facts clipped: "
+               + "; ".join(f"{r['model']} {r['capped_facts']}" for r in rows))
+    return (f"Models: {', '.join(r['model'] for r in rows)}; facts: {n} (answered by every model). Per fact, the "
+            f"refined knowledge neurons (up to {params.neurons.max_prompts} prompts) were clustered by NTC; the DKN "
+            "neurons are the members of its groups (BDCs). Integrated-gradients baseline per model (the family "
+            f"default: AMIG where the MLP output has its own norm, e.g. Gemma 2/3, whose zero-baseline IG puts "
+            f"everything in the first step; zero otherwise): {baselines}. Neuron cap: {clipped}. "
             "Degeneracy rate: share of facts passing the strict test (>= 2 groups that each lower P by < 5% "
             "alone and together by > 30%). The paper reports only that DKNs grow more numerous and complex with "
             "model size (GPT-2 vs LLaMA2-7b), without a table to compare with.\n")

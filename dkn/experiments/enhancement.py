@@ -1,32 +1,52 @@
 """Robustness, enhancement side: does amplifying the neurons bring a lost answer back?
 
-Per fact the model answers (top-1 = the answer's first token on its first prompt): the
-three seeded perturbations of robustness (same prompts, same seed), and for each perturbed
-prompt on which the model fails (top-1 is no longer an answer's first token), each
-condition's neurons amplified (factor 2) in two modes, "last" (activation values at the
-answer position: the paper's "values") and "weights" (input and output weights doubled).
+Per fact the model answers (top-1 = the answer's first token on its held-out first prompt):
+the seeded perturbations of robustness (same prompts, same seed; by default ones that keep
+the question answerable), and for each perturbed prompt on which the model fails (top-1 is
+no longer an answer's first token), each condition's neurons (dkn.experiments.conditions,
+selected on paraphrases) amplified (factor 2) in two modes, "last" (activation values at the
+answer position: the paper's "values") and "weights" (see dkn.interventions).
 
-The measure, per perturbation, mode and condition: the accuracy recovered,
+Measures, per perturbation, mode and condition, over the failing queries (one per fact and
+perturbation, so resampling them resamples facts):
 
     recovered_% = 100 * (# failing perturbed queries whose top-1 is correct again) / (# failing)
 
-("random": per query, the share of seeds that recover it; "none": nothing amplified, 0 by
-construction, a check).  Also the mean relative change of P(answer) on the perturbed prompt.
-Mean and a seeded 95% bootstrap CI over the failing queries (one per fact and perturbation).
+(seeded conditions: per query, the share of seeds that recover it; "none": nothing amplified,
+0 by construction, a check), mean with a seeded 95% bootstrap CI; and the bounded gain
+g_c = log P_amplified,c - log P_none (P floored at 1e-30), median with a bootstrap CI, with
+`P_change_%_of_median` = 100 * (exp(median g_c) - 1) beside it (finite; the old mean relative
+change divided by a tiny P and exploded).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 
-from dkn.experiments.conditions import (CONDITIONS, ConditionParams, bootstrap_mean, by_condition, ci_figure,
-                                        condition_value, first_tokens, jsonable, neuron_conditions, neuron_sets,
-                                        select_facts)
-from dkn.experiments.perturb import KINDS
-from dkn.experiments.robustness import perturbations
+from dkn.experiments.conditions import (
+    CONDITIONS,
+    NONE,
+    SEEDED,
+    ConditionParams,
+    bootstrap_facts,
+    by_condition,
+    ci_figure,
+    condition_sets,
+    condition_value,
+    first_tokens,
+    jsonable,
+    log_ratio,
+    neuron_conditions,
+    select_facts,
+    set_sizes,
+)
+from dkn.experiments.perturb import KINDS, check_kinds
+from dkn.experiments.robustness import PAPER_COLUMN, conditions_text, perturbations
 from dkn.experiments.runner import Context, Report
+from dkn.experiments.timing import stage
 from dkn.interventions import intervene_many_top1
 
 NAME = "enhancement"
@@ -42,10 +62,10 @@ PAPER = {
 @dataclass(frozen=True)
 class Params:
     conditions: ConditionParams = field(default_factory=ConditionParams)
-    max_prompts: int = 3                # prompts per fact for its knowledge neurons (overrides conditions')
+    max_prompts: int = 3                # selection paraphrases per fact (overrides conditions')
     factor: float = 2.0
     modes: tuple[str, ...] = ("last", "weights")
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = KINDS      # PAPER_KINDS for the paper's meaning-changing perturbations
     protect_subject: bool = True
     include_unknown: bool = False       # tests/diagnostics: skip the "model answers it" filter
     bootstrap: int = 2000
@@ -62,25 +82,28 @@ def amplified(ctx: Context, prompt: str, answers, labels, sets, factor: float, m
 
 
 def fact_record(ctx: Context, fact, params: Params) -> dict:
-    prompts = perturbations(ctx, fact, params)
+    prompts = perturbations(ctx, fact, fact.prompts[0], params)
     cond = None
     queries = {}
     for kind, prompt in prompts.items():
         if prompt is None:
             continue
         firsts = set(first_tokens(ctx.lm, prompt, fact.answers))
-        probs, top1 = intervene_many_top1(ctx.lm, prompt, fact.answer, [], 1.0, "last")
+        with stage(ctx, "interventions"):
+            probs, top1 = intervene_many_top1(ctx.lm, prompt, fact.answer, [], 1.0, "last")
         entry = {"prompt": prompt, "fails": bool(top1[0] not in firsts), "prob": float(probs[0])}
         if entry["fails"]:
             if cond is None:           # attribution only for facts that fail somewhere
                 cond = neuron_conditions(ctx, fact, params.conditions)
-                labels, sets = neuron_sets(cond)
-            entry["amplified"] = {m: amplified(ctx, prompt, fact.answers, labels, sets, params.factor, m)
-                                  for m in params.modes}
+                labels, sets = condition_sets(cond)
+            with stage(ctx, "interventions"):
+                entry["amplified"] = {m: amplified(ctx, prompt, fact.answers, labels, sets, params.factor, m)
+                                      for m in params.modes}
         queries[kind] = entry
-    return jsonable({"fact": fact.id, "relation": fact.relation, "prompt": fact.prompt, "queries": queries,
-                     "n": {"KN": len(cond["KN"]), "DKN": len(cond["DKN"])} if cond else None,
-                     "dkn_source": cond["dkn_source"] if cond else None,
+    return jsonable({"fact": fact.id, "relation": fact.relation, "prompt": fact.prompts[0], "queries": queries,
+                     "n": set_sizes(cond) if cond else None,
+                     "jaccard": cond["jaccard"] if cond else None, "baseline": cond["baseline"] if cond else None,
+                     "capped": cond["capped"] if cond else None,
                      "degenerate": cond["degenerate"] if cond else None})
 
 
@@ -89,8 +112,9 @@ def failing(records: list[dict], kind: str) -> list[dict]:
 
 
 def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
-    params = replace(params, conditions=replace(params.conditions, max_prompts=params.max_prompts))
-    facts = select_facts(ctx, facts, limit, params.include_unknown)
+    params = replace(params, conditions=replace(params.conditions, max_prompts=params.max_prompts),
+                     kinds=check_kinds(params.kinds))
+    facts = select_facts(ctx, facts, limit, params.include_unknown, params.conditions)
     records = ctx.each(NAME, [(f.id, f) for f in facts], lambda f: fact_record(ctx, f, params))
     records = [r for r in records if "error" not in r]
     table = enhancement_table(records, params, ctx.seed)
@@ -98,9 +122,9 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
                            "perturbed_queries": sum(k in r["queries"] for r in records),
                            "failing": len(failing(records, k))} for k in params.kinds])
     summary = {"n_facts": len(records), "failing": fails.to_dict("records"), "table": table.to_dict("records")}
-    figure = ci_figure(table.rename(columns={"recovered_%": "mean"}), "perturbation",
+    figure = ci_figure(table, "perturbation",
                        f"Robustness (enhancement): failing perturbed queries answered again after x{params.factor:g}",
-                       "accuracy recovered, % (95% CI)")
+                       "accuracy recovered, % (95% CI)", y="recovered_%", low="ci_low", high="ci_high")
     return Report(jsonable(summary), tables={"enhancement": table, "failing_queries": fails},
                   figures={"enhancement": figure}, markdown=_markdown(records, table, fails, params))
 
@@ -110,44 +134,50 @@ def enhancement_table(records: list[dict], params: Params, seed: int) -> pd.Data
     for kind in params.kinds:
         queries = failing(records, kind)
         for mode in params.modes:
-            for i, c in enumerate(CONDITIONS):
+            for c in CONDITIONS:
                 correct = [condition_value(q["amplified"][mode]["correct"], c) for q in queries]
                 correct = [None if v is None else 100.0 * float(v) for v in correct]
-                gain = []
-                for q in queries:
-                    p = q["amplified"][mode]["prob"]
-                    v = condition_value(p, c)
-                    gain.append(None if v is None or p["none"] <= 0 else 100 * (v - p["none"]) / p["none"])
-                acc, g = bootstrap_mean(correct, params.bootstrap, seed), bootstrap_mean(gain, params.bootstrap, seed)
+                gain = [query_gain(q["amplified"][mode]["prob"], c) for q in queries]
+                acc, g = bootstrap_facts(correct, params.bootstrap, seed), bootstrap_facts(gain, params.bootstrap, seed)
                 row = {"perturbation": kind, "mode": mode, "condition": c, "failing_queries": acc["n"],
                        "recovered_%": acc["mean"], "ci_low": acc["ci_low"], "ci_high": acc["ci_high"],
-                       "median_P_change_%": g["median"]}
+                       "median_log_gain": g["median"], "gain_ci_low": g["median_ci_low"],
+                       "gain_ci_high": g["median_ci_high"],
+                       "P_change_%_of_median": 100 * math.expm1(g["median"]) if g["n"] else np.nan}
                 for model in ("gpt2", "llama2"):
                     paper = PAPER.get((model, mode), {}).get(kind)
-                    row[f"paper_{model}_%"] = float(paper[i]) if paper and i < 3 else np.nan
+                    i = PAPER_COLUMN.get(c)
+                    row[f"paper_{model}_%"] = float(paper[i]) if paper and i is not None and i < 3 else np.nan
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+def query_gain(probs: dict, condition: str) -> float | None:
+    """log P(answer) with the condition amplified minus with nothing amplified (seeded: mean over seeds)."""
+    if condition in SEEDED:
+        return condition_value({condition: [log_ratio(p, probs[NONE]) for p in probs[condition]]}, condition)
+    return log_ratio(probs[condition], probs[NONE])
 
 
 def _markdown(records, table, fails, params: Params) -> str:
     n = len(records)
     with_cond = [r for r in records if r["n"] is not None]
-    strict = sum(bool(r["degenerate"]) for r in with_cond)
     lines = [
-        f"Facts the model answers: {n}. Their first prompts were perturbed as in the robustness experiment "
-        "(same seeds): a word replaced by a placeholder, a placeholder inserted, a word deleted (never the last "
-        "word or the subject). Failing perturbed queries (top-1 no longer an answer's first token): "
+        f"Facts the model answers: {n}. Their held-out first prompts were perturbed as in the robustness experiment "
+        f"(same seeds; kinds: {', '.join(params.kinds)}; never the last word or the subject). Failing perturbed "
+        "queries (top-1 no longer an answer's first token): "
         + ", ".join(f"{r['perturbation']} {r['failing']}/{r['perturbed_queries']}" for r in fails.to_dict("records"))
         + ".\n",
-        f"**Measure.** On each failing query, each condition's neurons were amplified x{params.factor:g} "
-        "(`last`: activations at the answer position, the paper's *values*; `weights`: input and output "
-        "weights); `recovered_%` = share of failing queries whose top-1 is an answer's first token again "
-        "(random: share of seeds, per query). `none` amplifies nothing (0 by construction). Mean over failing "
-        "queries with a seeded 95% bootstrap CI. `median_P_change_%`: median relative change of P(answer).\n",
-        f"**DKN here.** {strict} of {len(with_cond)} facts with a failing query passed the strict degeneracy "
-        "test (their DKN groups were used); otherwise DKN = the members of the NTC candidate groups (BDCs). "
-        f"KN = all refined knowledge neurons (up to {params.max_prompts} prompt(s) per fact); random = as many neurons as DKN in the same layers.\n",
-        "The paper's accuracies (GPT-2, LLaMA2-7b) are beside ours. With few failing queries the CIs are wide.\n",
+        (f"**Measure.** On each failing query, each condition's neurons were amplified x{params.factor:g} "
+        "(`last`: activations at the answer position, the paper's *values*; `weights`: see dkn.interventions); "
+        "`recovered_%` = share of failing queries whose top-1 is an answer's first token again (seeded conditions: "
+        "share of seeds, per query), mean with a seeded 95% bootstrap CI over failing queries (one per fact). "
+        "`median_log_gain` = median of log P_amplified,c - log P_none (bounded; CI by bootstrap over facts); "
+        "`P_change_%_of_median` = 100 * (exp(median gain) - 1), the relative change it stands for.\n"),
+        conditions_text(with_cond, params.conditions),
+        ("The paper's accuracies (GPT-2, LLaMA2-7b; their DKN / KN / random beside our candidate groups / knowledge "
+        "neurons / random matched, on the paper's perturbations) are beside ours. With few failing queries the "
+        "CIs are wide.\n"),
     ]
     for mode in params.modes:
         for kind in params.kinds:

@@ -27,6 +27,7 @@ from typing import Any
 from dkn import __version__
 from dkn.cache import ResultStore, make_key
 from dkn.datasets import DatasetError, Fact, load_dataset
+from dkn.experiments.timing import StageTimes
 from dkn.jsonsafe import jsonable
 from dkn.models import LoadedModel
 from dkn.paths import results_dir
@@ -63,6 +64,7 @@ class Context:
     progress: ProgressFn | None = None
     computed: int = 0            # items computed in this run (not taken from the store)
     pool: Any = None             # a distributed.WorkerPool: compute items on Ray workers
+    stages: StageTimes = field(default_factory=StageTimes)   # wall time per stage (dkn.experiments.timing)
 
     def each(self, step: str, items: Iterable[tuple[str, Any]], fn: Callable[[Any], dict]) -> list[dict]:
         """fn(item) for every (key, item), resumably: finished items come from the store.  A ValueError
@@ -138,6 +140,8 @@ def run_experiment(name: str, lm: LoadedModel, dataset: str, *, limit: int | Non
                       seed=seed, params=jsonable(params), version=__version__)[:16]
     ctx = Context(lm, store, run_id, seed, progress)
     report = _run_module(module, ctx, facts, params, limit, cluster)
+    report.summary["stage_seconds"] = ctx.stages.as_dict()
+    report.markdown += ctx.stages.markdown()
     out = Path(out_dir) if out_dir else results_dir() / name / _slug(lm.name)
     manifest = {"experiment": name, "model": lm.name, "model_label": lm.label, "fingerprint": lm.fingerprint,
                 "dataset": dataset, "limit": limit, "seed": seed, "params": jsonable(params), "run_id": run_id,
