@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dkn import __version__
-from dkn.forward import AnswerPositionRunner
+from dkn.forward import AnswerPositionRunner, rows_per_pass
 from dkn.hooks import edit_neurons, record_neurons
 from dkn.integration import integration_points
 from dkn.models import LoadedModel
@@ -109,11 +109,14 @@ def attribute(
     params: AttributionParams | None = None,
     *,
     store=None,
-    max_rows: int = 512,
+    max_rows: int | None = None,
+    memory_budget: int | None = None,
     reference_loop: bool = False,
     progress: Progress | None = None,
 ) -> Attribution:
-    """Attribute P(answer | prompt) to every neuron; reads and writes `store` (a dkn.cache.ResultStore) if given."""
+    """Attribute P(answer | prompt) to every neuron; reads and writes `store` (a dkn.cache.ResultStore) if given.
+    One batched pass holds at most `max_rows` tokens and about `memory_budget` bytes of activations
+    (defaults: `lm.max_rows`, `lm.memory_budget`); neither changes the result."""
     params = params or AttributionParams()
     params.validate()
     query = make_query(lm, prompt, answer)
@@ -123,7 +126,8 @@ def attribute(
         if entry is not None:
             return _from_entry(entry, params)
     start = time.perf_counter()
-    result = _compute(lm, query, params, max_rows=max_rows, reference_loop=reference_loop, progress=progress)
+    limits = (max_rows, memory_budget)
+    result = _compute(lm, query, params, limits=limits, reference_loop=reference_loop, progress=progress)
     result = replace(result, seconds=time.perf_counter() - start)
     if store is not None:
         store.put(key, _meta(result), {"scores": result.scores, "baseline_probs": result.baseline_probs}, kind="attribution")
@@ -150,11 +154,11 @@ def _from_entry(entry, params: AttributionParams) -> Attribution:
                        m["seconds"], cached=True)
 
 
-def _compute(lm, query: Query, params: AttributionParams, *, max_rows, reference_loop, progress) -> Attribution:
+def _compute(lm, query: Query, params: AttributionParams, *, limits, reference_loop, progress) -> Attribution:
     per_step = []
     for i, step in enumerate(query.steps):
         step_progress = None if progress is None else _sub_progress(progress, i, len(query.steps))
-        per_step.append(_attribute_step(lm, step, params, max_rows, reference_loop, step_progress))
+        per_step.append(_attribute_step(lm, step, params, limits, reference_loop, step_progress))
     scores = np.stack([s for s, _, _ in per_step])                          # [n_tokens, n_layers, d_mlp]
     scores = scores.sum(0) if params.combine == "sum" else scores.mean(0)   # [n_layers, d_mlp]
     token_probs = tuple(float(p) for _, p, _ in per_step)
@@ -167,7 +171,7 @@ def _sub_progress(progress: Progress, index: int, count: int) -> Progress:
     return lambda done, total: progress(index * total + done, count * total)
 
 
-def _attribute_step(lm, step: Step, params, max_rows, reference_loop, progress):
+def _attribute_step(lm, step: Step, params, limits, reference_loop, progress):
     """(scores [n_layers, d_mlp], P(target), P(target) with each layer at baseline [n_layers]) for one token."""
     ids = torch.tensor([step.input_ids], device=lm.device)                 # [1, T]
     acts, prob = _clean_activations(lm, ids, step, params.site)             # [L, d], float
@@ -184,7 +188,7 @@ def _attribute_step(lm, step: Step, params, max_rows, reference_loop, progress):
         grad_sum = _reference_integrated_grads(lm, ids, step, params.site, acts, base, alphas, weights, progress)
         base_probs = _baseline_probs(lm, ids, step, params.site, base, runner)
     else:
-        grad_sum, base_probs = _integrated_grads(lm, ids, step, params.site, acts, base, alphas, weights, max_rows,
+        grad_sum, base_probs = _integrated_grads(lm, ids, step, params.site, acts, base, alphas, weights, limits,
                                                  runner, progress)          # [L, d], [L]
     multiplier = acts - base if params.multiplier == "delta" else acts
     return (multiplier * grad_sum).cpu().numpy(), prob, base_probs
@@ -253,9 +257,10 @@ def _grad_at(lm, ids, step: Step, site, acts) -> torch.Tensor:
     return grad
 
 
-def _integrated_grads(lm, ids, step, site, acts, base, alphas, weights, max_rows, runner, progress):
+def _integrated_grads(lm, ids, step, site, acts, base, alphas, weights, limits, runner, progress):
     """([L, d] sum_k w_k dP/dh(l) at h(l) = b + alpha_k (a - b), [L] P with layer l at its baseline).
-    Rows are (layer, alpha) pairs in layer-major order, evaluated in chunks of at most `max_rows` tokens;
+    Rows are (layer, alpha) pairs in layer-major order, evaluated in chunks bounded by `limits`
+    ((max_rows, memory_budget), see dkn.forward.rows_per_pass);
     without a runner (masked LMs, the reference loop) each row is the whole prompt.  When the rule has no
     alpha = 0 point, one is added with weight 0, so that P(baseline) comes from the same pass."""
     if not np.any(alphas == 0):
@@ -270,7 +275,7 @@ def _integrated_grads(lm, ids, step, site, acts, base, alphas, weights, max_rows
         keep = row_alpha != at_one[0]
         row_layer, row_alpha = row_layer[keep], row_alpha[keep]
     tokens_per_row = 1 if runner is not None else len(step.input_ids)
-    rows_per_chunk = max(1, max_rows // tokens_per_row)
+    rows_per_chunk = rows_per_pass(lm, tokens_per_row, len(step.input_ids), *limits)
     alphas_t = torch.tensor(alphas, dtype=acts.dtype, device=acts.device)
     weights_t = torch.tensor(weights, dtype=acts.dtype, device=acts.device)
     grad_sum = torch.zeros_like(acts)                                        # [L, d]

