@@ -199,9 +199,9 @@ def _clean_activations(lm, ids, step: Step, site) -> tuple[torch.Tensor, float]:
     last = not lm.family.masked_lm and step.position == ids.shape[1] - 1
     with record_neurons(lm, site=site) as rec:
         if last:                        # the head on the answer position only
-            logits = lm.model(input_ids=ids, logits_to_keep=1).logits[0, -1]   # [vocab]
+            logits = lm.model(input_ids=ids, logits_to_keep=1, use_cache=False).logits[0, -1]   # [vocab]
         else:
-            logits = lm.model(input_ids=ids).logits[0, step.position]
+            logits = lm.model(input_ids=ids, use_cache=False).logits[0, step.position]
     acts = torch.stack([rec[l][0, step.position] for l in range(lm.n_layers)]).float()  # [L, d]
     return acts, float(logits.float().softmax(-1)[step.target])
 
@@ -214,9 +214,9 @@ def _baseline(lm, ids, step: Step, params, acts) -> torch.Tensor:
     replace_id = _end_of_text_id(lm.tokenizer)
     positions = [j for j in range(ids.shape[1]) if j != step.position or not lm.family.masked_lm]
     rows = ids.repeat(len(positions), 1)                                    # [n_pos, T]
-    rows[torch.arange(len(positions)), torch.tensor(positions)] = replace_id
+    rows[torch.arange(len(positions), device=ids.device), torch.tensor(positions, device=ids.device)] = replace_id
     with record_neurons(lm, site=params.site) as rec:
-        lm.model(input_ids=rows)
+        lm.model(input_ids=rows, use_cache=False)
     return torch.stack([rec[l][:, step.position].float().mean(0) for l in range(lm.n_layers)])  # [L, d]
 
 
@@ -246,12 +246,12 @@ def _grad_at(lm, ids, step: Step, site, acts) -> torch.Tensor:
     def perturb(layer):
         def edit(h):
             h = h.clone()
-            h[0, step.position] = h[0, step.position] + zeros[layer].to(h.dtype)
+            h[0, step.position] = h[0, step.position] + zeros[layer].to(h.device, h.dtype)
             return h
         return edit
 
     with torch.enable_grad(), edit_neurons(lm, {l: perturb(l) for l in range(lm.n_layers)}, site):
-        logits = lm.model(input_ids=ids).logits[0, step.position]
+        logits = lm.model(input_ids=ids, use_cache=False).logits[0, step.position]
         prob = logits.float().softmax(-1)[step.target]
         (grad,) = torch.autograd.grad(prob, zeros)
     return grad
@@ -309,11 +309,11 @@ def _reference_integrated_grads(lm, ids, step, site, acts, base, alphas, weights
 
 
 def _one_layer(lm, ids, step, site, acts, base, alphas, weights, layer) -> torch.Tensor:
-    alphas_t = torch.tensor(alphas, dtype=acts.dtype)
+    alphas_t = torch.tensor(alphas, dtype=acts.dtype, device=acts.device)
     path = base[layer] + alphas_t[:, None] * (acts[layer] - base[layer])    # [m, d]
-    layers = torch.full((len(alphas),), layer)
+    layers = torch.full((len(alphas),), layer, device=acts.device)
     grads, _, _ = _path_grads(lm, ids, step, site, layers, path, None)      # [m, d]
-    return (torch.tensor(weights, dtype=acts.dtype)[:, None] * grads).sum(0)
+    return (torch.tensor(weights, dtype=acts.dtype, device=acts.device)[:, None] * grads).sum(0)
 
 
 def _path_grads(lm, ids, step, site, layers, path, runner, with_clean: bool = False):
@@ -321,7 +321,8 @@ def _path_grads(lm, ids, step, site, layers, path, runner, with_clean: bool = Fa
     and, with `with_clean` (runner only), dP/dh at the clean activations of every layer [L, d] from one
     extra row that runs the clean model with a zero added to every layer."""
     leaf = path.detach().clone().requires_grad_(True)                       # [B, d]
-    zeros = torch.zeros(lm.n_layers, path.shape[1], requires_grad=True) if with_clean else None
+    zeros = (torch.zeros(lm.n_layers, path.shape[1], dtype=path.dtype, device=path.device, requires_grad=True)
+             if with_clean else None)                                        # [L, d]
     with torch.enable_grad():
         logits = _row_logits(lm, ids, step, site, layers, leaf, runner, zeros)   # [B (+1), vocab]
     with torch.no_grad():               # dP_t/dz_v = P_t (1[v = t] - p_v), written out: cheaper than autograd's
@@ -350,7 +351,7 @@ def _row_logits(lm, ids, step, site, layers, values, runner, zeros=None) -> torc
         starts = layers if zeros is None else torch.cat([layers.new_zeros(1), layers])
         return runner.logits(starts, edits)
     with edit_neurons(lm, edits, site):
-        return lm.model(input_ids=ids.expand(len(layers), -1)).logits[:, step.position]
+        return lm.model(input_ids=ids.expand(len(layers), -1), use_cache=False).logits[:, step.position]
 
 
 def _splice(rows: torch.Tensor, pos: int, values: torch.Tensor, offset: int = 0, add_to_first=None):
@@ -358,9 +359,9 @@ def _splice(rows: torch.Tensor, pos: int, values: torch.Tensor, offset: int = 0,
     def edit(h):                                  # h: [B, T, d]
         h = h.clone()
         if len(rows):
-            h[rows, pos] = values[rows - offset].to(h.dtype)
+            h[rows.to(h.device), pos] = values[rows - offset].to(h.device, h.dtype)
         if add_to_first is not None:
-            h[0, pos] = h[0, pos] + add_to_first.to(h.dtype)
+            h[0, pos] = h[0, pos] + add_to_first.to(h.device, h.dtype)
         return h
     return edit
 

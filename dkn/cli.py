@@ -92,7 +92,10 @@ def _command(sub, name, help_text, run):
 def _model_args(p):
     p.add_argument("--model", default="default",
                    help="'default', 'gemma3-270m' (after `make gemma`), a Hugging Face id, or a local folder")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto (default: CUDA, else MPS, else CPU), cpu, cuda or mps")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights' precision (float32); attribution accumulates in float32 anyway")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
 
 
@@ -141,7 +144,7 @@ def _load(args):
     from dkn.models import load_model
 
     start = time.perf_counter()
-    lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     log.info("loaded %s in %.1f s", lm.label, time.perf_counter() - start)
     if getattr(args, "max_rows", None) is not None:
         lm.max_rows = args.max_rows

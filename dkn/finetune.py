@@ -77,16 +77,16 @@ def answer_loss(lm: LoadedModel, batch: list[tuple[list[int], list[tuple[int, in
     """Mean over examples of the mean answer-token cross-entropy; right-padded batch."""
     width = max(len(ids) for ids, _ in batch)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(batch), width), pad, dtype=torch.long)           # [B, T]
-    attention = torch.zeros(len(batch), width, dtype=torch.long)           # [B, T]
+    ids = torch.full((len(batch), width), pad, dtype=torch.long, device=lm.device)   # [B, T]
+    attention = torch.zeros(len(batch), width, dtype=torch.long, device=lm.device)   # [B, T]
     rows, cols, targets, weights = [], [], [], []
     for b, (seq, steps) in enumerate(batch):
-        ids[b, : len(seq)] = torch.tensor(seq)
+        ids[b, : len(seq)] = torch.tensor(seq, device=lm.device)
         attention[b, : len(seq)] = 1
         for position, target in steps:
             rows.append(b), cols.append(position), targets.append(target), weights.append(1.0 / len(steps))
     logits = lm.model(input_ids=ids.to(lm.device), attention_mask=attention.to(lm.device)).logits   # [B, T, V]
-    picked = logits[torch.tensor(rows), torch.tensor(cols)].float()          # [n_targets, V]
+    picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)].float()
     nll = torch.nn.functional.cross_entropy(picked, torch.tensor(targets, device=picked.device), reduction="none")
     return (nll * torch.tensor(weights, device=nll.device)).sum() / len(batch)
 
