@@ -107,7 +107,7 @@ def _fact_args(p):
 def _attribution_args(p):
     p.add_argument("--method", choices=("ig", "grad_x_act", "activation"), default="ig")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--rule", default="midpoint", help="left, right, midpoint, trapezoid or linspace")
+    p.add_argument("--rule", default="midpoint", help="left, right, midpoint, trapezoid, linspace or gauss")
     p.add_argument("--baseline", choices=("zero", "amig"), default="zero")
     p.add_argument("--faithful", action="store_true", help="the DKN authors' script choices (see docs)")
     p.add_argument("--no-cache", action="store_true", help="recompute and do not store")

@@ -36,7 +36,7 @@ from dkn.hooks import Edit, edit_neurons
 from dkn.models import LoadedModel
 
 log = logging.getLogger(__name__)
-_CHECKED: dict[tuple, bool] = {}      # (model, fingerprint, site, prompt length) -> staggered pass reproduces logits
+RUNNER_CACHE_SIZE = 16                # runners kept per model (live interventions reuse them)
 
 
 class AnswerPositionRunner:
@@ -50,10 +50,10 @@ class AnswerPositionRunner:
             self.prefix = (lm.model.base_model(input_ids=input_ids[:, :-1], cache=empty_cache(lm), use_cache=True).cache
                            if input_ids.shape[1] > 1 else None)          # no head needed
             self.block_inputs, self.block_calls, self.clean_logits = self._capture()
-        key = (id(lm.model), lm.fingerprint, site, input_ids.shape[1])
-        if key not in _CHECKED:       # the replay depends on the architecture and the prompt length only
-            _CHECKED[key] = self._head_reproduces_logits()
-        self.staggered = _CHECKED[key]
+        key = (site, input_ids.shape[1])
+        if key not in lm.staggered_checks:   # the replay depends on the architecture and the prompt length only
+            lm.staggered_checks[key] = self._head_reproduces_logits()
+        self.staggered = lm.staggered_checks[key]
 
     def logits(self, row_start: torch.Tensor, edits: dict[int, Edit]) -> torch.Tensor:
         """[B, vocab] answer-position logits.  row_start [B], ascending: the first layer each row edits.
@@ -199,6 +199,25 @@ def rows_per_pass(lm: LoadedModel, tokens_per_row: int, context: int, max_rows: 
     by_tokens = max_rows // tokens_per_row
     by_memory = memory_budget // row_bytes(lm, tokens_per_row, context)
     return max(1, min(by_tokens, by_memory))
+
+
+def answer_runner(lm: LoadedModel, step, site: str = "post", keep: bool = True) -> AnswerPositionRunner | None:
+    """The one factory of runners: the AnswerPositionRunner of `step` (a dkn.query.Step) when its answer
+    position is the last token of a causal prompt, else None.  With `keep`, runners are kept on the
+    LoadedModel (the last RUNNER_CACHE_SIZE prompts), so that live interventions cost one single-token
+    pass; attribution builds a fresh one (keep=False) and lets it go with its rows."""
+    if lm.family.masked_lm or step.position != len(step.input_ids) - 1:
+        return None
+    ids = torch.tensor([step.input_ids], device=lm.device)                # [1, T]
+    if not keep:
+        return AnswerPositionRunner(lm, ids, site)
+    key = (tuple(step.input_ids), site)
+    with lm.lock:
+        runner = lm.runners.pop(key, None) or AnswerPositionRunner(lm, ids, site)
+        lm.runners[key] = runner
+        while len(lm.runners) > RUNNER_CACHE_SIZE:
+            lm.runners.popitem(last=False)
+    return runner
 
 
 def empty_cache(lm: LoadedModel):

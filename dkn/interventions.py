@@ -9,11 +9,11 @@ Factor 0 suppresses, 2 amplifies.  Every change is undone when the call returns,
 
 `intervene_many` evaluates many neuron sets in one batched pass ("last" and "all"), which the
 degeneracy grid needs; in "last" mode each set is one single-token row over the cached prompt
-prefix, starting at the lowest layer the set touches (see dkn.forward).
+prefix, starting at the lowest layer the set touches (see dkn.forward; the runner of each prompt is
+kept on the LoadedModel by dkn.forward.answer_runner).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from dkn.forward import AnswerPositionRunner
+from dkn.forward import answer_runner
 from dkn.hooks import edit_neurons
 from dkn.models import LoadedModel
 from dkn.neurons import Neuron, check_in_range
@@ -102,20 +102,15 @@ def _step_distributions(lm, query: Query, sets: list[tuple[Neuron, ...]], factor
     for step in query.steps:
         if mode == "weights":
             per_step.append(torch.stack([_weights_dist(lm, step, s, factor) for s in sets]))
-        elif mode == "last" and _runner_possible(lm, step):
-            per_step.append(_runner_dists(lm, step, sets, factor))
+        elif mode == "last" and (runner := answer_runner(lm, step)) is not None:
+            per_step.append(_runner_dists(lm, runner, sets, factor))
         else:
             per_step.append(_full_row_dists(lm, step, sets, factor, every_position=mode == "all"))
     return [[per_step[t][i] for t in range(len(query.steps))] for i in range(len(sets))]
 
 
-def _runner_possible(lm, step: Step) -> bool:
-    return not lm.family.masked_lm and step.position == len(step.input_ids) - 1
-
-
-def _runner_dists(lm, step: Step, sets, factor) -> torch.Tensor:
+def _runner_dists(lm, runner, sets, factor) -> torch.Tensor:
     """[n_sets, vocab]: one single-token row per set, each starting at its lowest layer."""
-    runner = runner_for(lm, step)
     starts = [min((n.layer for n in s), default=lm.n_layers) for s in sets]
     order = np.argsort(starts, kind="stable")                            # rows sorted by start layer
     masks = _multipliers(lm, [sets[i] for i in order], factor)          # layer -> [n_sets, d_mlp]
@@ -222,18 +217,3 @@ def _neuron_weight_slices(lm: LoadedModel, n: Neuron):
 
 
 neuron_weight_slices = _neuron_weight_slices   # public name (dkn.finetune trains exactly these slices)
-
-
-# -- runners are cached per prompt, so that live interventions in the app cost one single-token pass ----
-_RUNNERS: "OrderedDict[tuple, AnswerPositionRunner]" = OrderedDict()
-_RUNNER_CACHE_SIZE = 16
-
-
-def runner_for(lm: LoadedModel, step: Step, site: str = "post") -> AnswerPositionRunner:
-    key = (id(lm), lm.fingerprint, step.input_ids, site)
-    with lm.lock:
-        runner = _RUNNERS.pop(key, None) or AnswerPositionRunner(lm, torch.tensor([step.input_ids], device=lm.device), site)
-        _RUNNERS[key] = runner
-        while len(_RUNNERS) > _RUNNER_CACHE_SIZE:
-            _RUNNERS.popitem(last=False)
-    return runner

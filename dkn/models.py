@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -65,6 +66,10 @@ class LoadedModel:
     # bounds on one batched pass of rows (see dkn.forward.rows_per_pass); they never change results
     max_rows: int = DEFAULT_MAX_ROWS
     memory_budget: int = DEFAULT_MEMORY_BUDGET   # bytes of activations one pass may keep for its backward
+    # per-model caches of dkn.forward (never part of results): (site, prompt length) -> the staggered pass
+    # reproduces the logits; (prompt ids, site) -> AnswerPositionRunner, least recently used first
+    staggered_checks: dict = field(default_factory=dict, repr=False)
+    runners: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     @property
     def config(self):

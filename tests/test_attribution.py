@@ -400,7 +400,7 @@ def test_progress_reaches_total(models, reference_loop):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text"])
-@pytest.mark.parametrize("rule", ["linspace", "trapezoid", "right", "left"])
+@pytest.mark.parametrize("rule", ["linspace", "trapezoid", "right", "left", "gauss"])
 def test_fast_path_equals_reference_for_every_rule_and_chunking(models, family, rule):
     """Rules with alpha = 1 share one clean row across layers, and rules without alpha = 0 get an extra
     weight-0 row for P(baseline): both must leave scores and baseline probabilities unchanged."""

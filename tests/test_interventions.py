@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from dkn.interventions import intervene, intervene_many, scaled_weights
 from dkn.neurons import Neuron
-from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -284,3 +284,22 @@ def test_a_repeated_neuron_is_scaled_once_in_weights_mode():
         assert intervene(lm, PROMPT, ANSWER, [(0, 1), (0, 1)], 2.0, mode).prob_after == pytest.approx(
             intervene(lm, PROMPT, ANSWER, [(0, 1)], 2.0, mode).prob_after, rel=1e-6)
     assert twice == pytest.approx(once, rel=1e-5)
+
+
+def test_runners_and_checks_are_kept_on_the_model_and_bounded():
+    """The per-prompt runners (and the staggered-pass checks) live on the LoadedModel, not in a module-level
+    dict keyed by id(model): another model never sees them, and at most RUNNER_CACHE_SIZE are kept."""
+    from tiny_models import WORDS
+
+    from dkn.forward import RUNNER_CACHE_SIZE
+
+    lm, other = tiny_model("llama"), tiny_model("llama")
+    intervene_many(lm, PROMPT, ANSWER, [[(0, 1)]], 0.0, "last")
+    assert len(lm.runners) == 1 and len(other.runners) == 0 and not other.staggered_checks
+    assert lm.staggered_checks and all(lm.staggered_checks.values())
+    (runner,) = lm.runners.values()
+    intervene(lm, PROMPT, ANSWER, [(1, 2)], 2.0, "last")
+    assert list(lm.runners.values()) == [runner]                    # reused, not rebuilt
+    for word in WORDS[: RUNNER_CACHE_SIZE + 3]:
+        intervene_many(lm, f"the capital of {word} is", ANSWER, [[(0, 1)]], 0.0, "last")
+    assert len(lm.runners) == RUNNER_CACHE_SIZE
