@@ -163,6 +163,29 @@ def _checksum(meta_bytes: bytes, blob: bytes) -> str:
     return digest.hexdigest()
 
 
+# numpy parses each .npy header with ast.literal_eval.  CPython 3.11.7 keeps the AST constructor's recursion
+# depth per interpreter, not per thread, so two threads parsing at once can raise a spurious
+# "SystemError: AST constructor recursion depth mismatch" (fixed in later CPython releases).  The bytes passed
+# their checksum, so that error is not corruption: parse under one lock and retry the few times another
+# library's thread (Streamlit compiles pages with ast) still gets in the way.
+_NPZ_LOCK = threading.Lock()
+_NPZ_RETRIES = 3
+
+
+def _load_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    for _ in range(_NPZ_RETRIES - 1):
+        try:
+            return _parse_npz(blob)
+        except SystemError:
+            continue
+    return _parse_npz(blob)
+
+
+def _parse_npz(blob: bytes) -> dict[str, np.ndarray]:
+    with _NPZ_LOCK, np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
 def _decode(meta_bytes: bytes, blob: bytes, checksum: str, created: float) -> Entry:
     """Rebuild an Entry, raising CorruptEntry if anything does not check out."""
     if not isinstance(meta_bytes, bytes) or not isinstance(blob, bytes):
@@ -171,8 +194,7 @@ def _decode(meta_bytes: bytes, blob: bytes, checksum: str, created: float) -> En
         raise CorruptEntry("checksum mismatch")
     try:
         meta = json.loads(meta_bytes.decode("utf-8"))
-        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
+        arrays = _load_arrays(blob)
     except Exception as exc:  # untrusted bytes: any failure to decode is corruption
         raise CorruptEntry(f"cannot decode: {exc!r}") from exc
     if not isinstance(meta, dict):

@@ -329,3 +329,26 @@ def test_store_survives_pickling(store: ResultStore) -> None:
     store.put("k", {"v": 1})
     clone = pickle.loads(pickle.dumps(store))
     assert clone.path == store.path and clone.get("k").meta == {"v": 1}
+
+
+def test_transient_ast_error_while_parsing_is_not_corruption(store: ResultStore, monkeypatch, caplog) -> None:
+    """CPython 3.11.7 can raise a spurious SystemError from ast when two threads parse .npy headers at once
+    (seen in test_concurrent_processes_and_threads): the entry must be read on a retry, not deleted."""
+    import dkn.cache as cache
+
+    store.put("k", {"v": 1}, {"x": np.arange(3)})
+    real = np.load
+    failures = iter([True, False])
+
+    def flaky_load(*args, **kwargs):
+        if next(failures, False):
+            raise SystemError("AST constructor recursion depth mismatch (before=39, after=37)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache.np, "load", flaky_load)
+    with caplog.at_level(logging.WARNING, logger="dkn.cache"):
+        entry = store.get("k")
+    assert entry is not None and entry.arrays["x"].tolist() == [0, 1, 2]
+    assert "corrupt" not in caplog.text
+    monkeypatch.setattr(cache.np, "load", real)
+    assert store.get("k") is not None   # still there
