@@ -157,6 +157,10 @@ def main() -> int:
     return 0
 
 
+def _maybe(x) -> str:
+    return "" if x is None else f"{x:.1f}"
+
+
 def _markdown(report: dict) -> str:
     lines = ["# Peak memory of one attribution (default model, CPU, default parameters)", "",
              (f"Fresh process per row; peak RSS includes the model and torch. {report['note']}; "
@@ -169,7 +173,7 @@ def _markdown(report: dict) -> str:
             lines.append(f"| {r['path']} | {r['tokens']} | {r['error']} | | | | |")
         else:
             lines.append(f"| {r['path']} | {r['tokens']} | {r['peak_rss_mb']:.0f} | {r['rss_after_load_mb']:.0f} | "
-                         f"{r['seconds']:.1f} | {r['cpu_seconds_total']:.1f} | {r['prob']:.4f} |")
+                         f"{r['seconds']:.1f} | {_maybe(r.get('cpu_seconds_total'))} | {r['prob']:.4f} |")
     if "growth_mb_per_token" in report:
         lines += ["", (f"Growth of the current path between the shortest and the longest prompt: "
                        f"{report['growth_mb_per_token']:.3f} MB per token.")]
