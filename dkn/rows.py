@@ -99,19 +99,24 @@ def integrated_grads(job: RowJob, alphas: np.ndarray, weights: np.ndarray, progr
 def reference_integrated_grads(job: RowJob, alphas: np.ndarray, weights: np.ndarray,
                                progress: Progress | None = None) -> torch.Tensor:
     """[L, d]: the plain per-layer loop: one batch of full prompts per layer, only that layer scaled."""
+    grad_sum = torch.zeros_like(job.acts)
+    for layer in range(job.n_layers):
+        grad_sum[layer] = one_layer_grads(job, alphas, weights, layer)
+        if progress is not None:
+            progress((layer + 1) * len(alphas), job.n_layers * len(alphas))
+    return grad_sum
+
+
+def one_layer_grads(job: RowJob, alphas: np.ndarray, weights: np.ndarray, layer: int) -> torch.Tensor:
+    """[d]: sum_k w_k dP/dh(layer) at h = b + alpha_k (a - b), one batch of full prompts (no runner)."""
     full_prompts = RowJob(job.lm, job.ids, job.step, job.site, job.acts, job.base)     # no runner
     acts, base = job.acts, job.base
     alphas_t = torch.tensor(alphas, dtype=acts.dtype, device=acts.device)
     weights_t = torch.tensor(weights, dtype=acts.dtype, device=acts.device)
-    grad_sum = torch.zeros_like(acts)
-    for layer in range(job.n_layers):
-        path = base[layer] + alphas_t[:, None] * (acts[layer] - base[layer])    # [m, d]
-        layers = torch.full((len(alphas),), layer, device=acts.device)
-        grads, _, _ = _path_grads(full_prompts, layers, path)                    # [m, d]
-        grad_sum[layer] = (weights_t[:, None] * grads).sum(0)
-        if progress is not None:
-            progress((layer + 1) * len(alphas), job.n_layers * len(alphas))
-    return grad_sum
+    path = base[layer] + alphas_t[:, None] * (acts[layer] - base[layer])        # [m, d]
+    layers = torch.full((len(alphas),), layer, device=acts.device)
+    grads, _, _ = _path_grads(full_prompts, layers, path)                        # [m, d]
+    return (weights_t[:, None] * grads).sum(0)
 
 
 def _path_grads(job: RowJob, layers: torch.Tensor, path: torch.Tensor, with_clean: bool = False):
