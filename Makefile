@@ -2,6 +2,8 @@
 #   make run    set up (once) and start the app on the offline default model
 #   make test   set up (once) and run the whole test suite
 # Both are idempotent: a second call skips work already done.
+#   make lint         ruff check (make test runs it first)
+#   make screenshots  refresh the committed results/screenshots/*.png (tests write theirs to cache/screenshots/)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +13,7 @@ MODEL  := cache/models/smollm2-135m-instruct/model.safetensors
 HOST   ?= localhost
 PORT   ?= 8501
 
-.PHONY: setup run test test-fast browser bench clean gemma
+.PHONY: setup run test test-fast lint format screenshots browser bench clean gemma
 
 setup: $(DEPS) $(MODEL)
 
@@ -47,16 +49,27 @@ browser:
 run: setup browser
 	$(BIN)/streamlit run app.py --server.address $(HOST) --server.port $(PORT) --browser.gatherUsageStats false
 
-test: setup browser
+test: setup browser lint
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup lint
 	$(BIN)/python -m pytest -q -m "not real_model and not browser and not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+# Rewrites files: run it on purpose (and once over the whole tree when the team adopts it), never from `make test`.
+format: setup
+	$(BIN)/ruff format .
+
+screenshots: setup browser
+	DKN_SCREENSHOTS_DIR=$(CURDIR)/results/screenshots $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_browser.py
 
 bench: setup
 	$(BIN)/python bench/bench_attribution.py
 	$(BIN)/python bench/bench_interventions.py
 	$(BIN)/python bench/bench_cache_graph.py
+	$(BIN)/python bench/bench_cli_cache.py
 
 clean:
 	rm -rf $(VENV) cache

@@ -97,7 +97,8 @@ def accuracy(n_facts: int, reference_points: int) -> dict:
                 per[f"{rule}-{m}"].append(errors(result.scores, ref))
                 seconds[f"{rule}-{m}"].append(result.seconds)
         (RESULTS / "quadrature.partial.json").write_text(json.dumps({
-            "facts": [[f.prompts[0], f.answers[0]] for f in facts[: i + 1]], "reference": f"midpoint-{reference_points}",
+            "facts": [[f.prompts[0], f.answers[0]] for f in facts[: i + 1]],
+            "reference": f"midpoint-{reference_points}",
             "per_fact": per, "seconds": seconds}))
     return summarise(per, seconds, [[f.prompts[0], f.answers[0]] for f in facts], f"midpoint-{reference_points}")
 
@@ -139,7 +140,7 @@ def speed(chosen: tuple[str, int], repeats: int) -> dict:
         params = {"peer_rule": AttributionParams(**ba.MATCHED),
                   "chosen": AttributionParams(**{**ba.MATCHED, "rule": chosen[0], "steps": chosen[1]})}
         times = {k: [] for k in params}
-        for k, p in params.items():                      # warm-up
+        for p in params.values():                        # warm-up
             attribute(lm, prompt, ba.ANSWER.strip(), p)
         for _ in range(repeats):
             for k, p in params.items():

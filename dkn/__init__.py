@@ -20,4 +20,4 @@ docs/method.md says what each step computes and where it differs from the paper'
 """
 __version__ = "0.1.0"
 
-from dkn.neurons import Neuron, parse_neurons  # noqa: E402,F401
+from dkn.neurons import Neuron, parse_neurons  # noqa: F401

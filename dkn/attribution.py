@@ -15,8 +15,8 @@ prompts, which the tests and the benchmark compare against.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class AttributionParams:
     combine: str = "sum"            # over the tokens of a multi-token answer: "sum" or "mean"
 
     @classmethod
-    def faithful(cls, **overrides) -> "AttributionParams":
+    def faithful(cls, **overrides) -> AttributionParams:
         """The authors' script choices (pre-activation, AMIG baseline, left Riemann, m = 10, multiplier a)."""
         return replace(cls(steps=10, rule="left", baseline="amig", site="pre", multiplier="activation"), **overrides)
 
@@ -131,7 +131,8 @@ def attribute(
     result = _compute(lm, query, params, limits=limits, reference_loop=reference_loop, progress=progress)
     result = replace(result, seconds=time.perf_counter() - start)
     if store is not None:
-        store.put(key, _meta(result), {"scores": result.scores, "baseline_probs": result.baseline_probs}, kind="attribution")
+        arrays = {"scores": result.scores, "baseline_probs": result.baseline_probs}
+        store.put(key, _meta(result), arrays, kind="attribution")
     return result
 
 

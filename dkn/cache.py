@@ -9,12 +9,19 @@ This module owns everything about caching results between runs and processes:
   back with `allow_pickle=False`), meta as UTF-8 JSON, and a sha256 checksum
   over both guards against corruption.
 
-The database lives at `cache/results.sqlite` under the repo root unless a path
-is given or `DKN_CACHE_DIR` is set.  It runs in WAL mode with a busy timeout so
-several processes and threads (e.g. Streamlit sessions) can write at once; each
+The database lives at `dkn.paths.cache_dir() / results.sqlite` (`$DKN_CACHE_DIR`,
+else the checkout's `cache/`, else the user cache folder) unless a path is given.
+It runs in WAL mode with a busy timeout so several processes and threads (e.g.
+Streamlit sessions) can write at once; each
 thread gets its own connection.  A corrupt entry is logged, deleted and treated
 as a miss; a file that is not a database is moved aside to
-`<name>.corrupt-<timestamp>` and a fresh one is created.
+`<name>.corrupt-<timestamp>` and a fresh one is created.  A column whose type was changed
+(e.g. the blob turned into TEXT) counts as corrupt: the entry is deleted and recomputed.
+
+A store that cannot be written (a read-only folder or file) falls back to read-only use with one
+warning: stored results are still read, new ones are not kept.  A database file deleted while the
+store is open (e.g. `rm -rf cache/` mid-run) is noticed at the next operation, logged, and created
+afresh, so later results are not written into the deleted file.
 """
 from __future__ import annotations
 
@@ -27,17 +34,19 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
+from dkn import paths
+from dkn.errors import DknError
+
 log = logging.getLogger(__name__)
 
-ENV_DIR = "DKN_CACHE_DIR"
 DEFAULT_NAME = "results.sqlite"
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "cache"
 BUSY_TIMEOUT_S = 30.0
 SCHEMA_VERSION = 1
 _CORRUPTION_CODES = ("SQLITE_NOTADB", "SQLITE_CORRUPT")
@@ -68,6 +77,10 @@ class Entry:
 
 class CorruptEntry(ValueError):
     """A stored row whose checksum, JSON or npz blob does not check out."""
+
+
+class CacheError(DknError):
+    """The cache location cannot be used at all; the message says what to do."""
 
 
 # --------------------------------------------------------------------- keys
@@ -186,10 +199,11 @@ def _parse_npz(blob: bytes) -> dict[str, np.ndarray]:
         return {name: npz[name] for name in npz.files}
 
 
-def _decode(meta_bytes: bytes, blob: bytes, checksum: str, created: float) -> Entry:
-    """Rebuild an Entry, raising CorruptEntry if anything does not check out."""
-    if not isinstance(meta_bytes, bytes) or not isinstance(blob, bytes):
-        raise CorruptEntry("meta or blob column is not a blob")
+def _decode(meta_bytes: bytes, blob: bytes, checksum: str, created: float, types: tuple = ("blob", "blob")) -> Entry:
+    """Rebuild an Entry, raising CorruptEntry if anything does not check out.  `types`: SQLite's
+    typeof() of the meta and blob columns (both must still be 'blob')."""
+    if tuple(types) != ("blob", "blob") or not isinstance(meta_bytes, bytes) or not isinstance(blob, bytes):
+        raise CorruptEntry(f"meta or blob column is not a blob ({', '.join(map(str, types))})")
     if _checksum(meta_bytes, blob) != checksum:
         raise CorruptEntry("checksum mismatch")
     try:
@@ -206,9 +220,8 @@ def _decode(meta_bytes: bytes, blob: bytes, checksum: str, created: float) -> En
 
 
 def default_path() -> Path:
-    """`$DKN_CACHE_DIR/results.sqlite`, else `<repo>/cache/results.sqlite`."""
-    env = os.environ.get(ENV_DIR)
-    return (Path(env).expanduser() if env else DEFAULT_DIR) / DEFAULT_NAME
+    """`results.sqlite` in `dkn.paths.cache_dir()`."""
+    return paths.cache_dir() / DEFAULT_NAME
 
 
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
@@ -219,12 +232,20 @@ def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
     return "not a database" in text or "malformed" in text
 
 
+def _is_unwritable(exc: Exception) -> bool:
+    if isinstance(exc, PermissionError):
+        return True
+    text = str(exc).lower()
+    return "readonly" in text or "read-only" in text or "unable to open database" in text
+
+
 class ResultStore:
     """Thread- and process-safe key -> (meta, arrays) store in one SQLite file."""
 
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         path = Path(path).expanduser() if path is not None else default_path()
         self.path: Path = path / DEFAULT_NAME if path.is_dir() else path
+        self.read_only = False          # set when the location turned out not to be writable
         self._local = threading.local()
         self._open_lock = threading.Lock()
 
@@ -238,12 +259,14 @@ class ResultStore:
 
     def get(self, key: str) -> Entry | None:
         """The entry for `key`, or None on a miss or a corrupt entry."""
+        # CAST: a column turned into TEXT would otherwise fail to decode as UTF-8 inside sqlite3
         row = self._query_one(
-            "SELECT meta, blob, checksum, created FROM results WHERE key = ?", (key,))
+            "SELECT CAST(meta AS BLOB), CAST(blob AS BLOB), checksum, created, typeof(meta), typeof(blob) "
+            "FROM results WHERE key = ?", (key,))
         if row is None:
             return None
         try:
-            return _decode(*row)
+            return _decode(*row[:4], types=row[4:])
         except CorruptEntry as exc:
             log.warning("dkn cache: entry %s in %s is corrupt (%s); deleting it", key, self.path, exc)
             self.delete(key)
@@ -305,23 +328,58 @@ class ResultStore:
 
     # ---- connection handling
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self) -> sqlite3.Connection | None:
+        """This thread's connection (None: read-only and no database file to read)."""
         local = self._local
-        if getattr(local, "conn", None) is None or local.pid != os.getpid():
-            local.conn, local.ino = self._open()
-            local.pid = os.getpid()
+        if getattr(local, "conn", None) is not None and local.pid == os.getpid() and not self._vanished():
+            return local.conn
+        if getattr(local, "conn", None) is not None and local.pid == os.getpid():
+            log.warning("dkn cache: %s was deleted while in use; creating it again (results stored before "
+                        "are gone, new ones are kept)", self.path)
+            self.close()
+        local.conn, local.ino = self._open()
+        local.pid = os.getpid()
         return local.conn
 
-    def _open(self) -> tuple[sqlite3.Connection, int]:
+    def _vanished(self) -> bool:
+        """True when the open database file was deleted or replaced by another file."""
+        if self.read_only:
+            return False
+        try:
+            return self.path.stat().st_ino != self._local.ino
+        except FileNotFoundError:
+            return True
+
+    def _open(self) -> tuple[sqlite3.Connection | None, int | None]:
         with self._open_lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.read_only:
+                return self._connect_read_only()
             try:
-                return self._connect()
-            except sqlite3.DatabaseError as exc:
-                if not _is_corruption(exc):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    return self._connect()
+                except sqlite3.DatabaseError as exc:
+                    if not _is_corruption(exc):
+                        raise
+                    self._move_aside(exc)
+                    return self._connect()
+            except (PermissionError, sqlite3.OperationalError) as exc:
+                if not _is_unwritable(exc):
                     raise
-                self._move_aside(exc)
-                return self._connect()
+                self.read_only = True
+                log.warning("dkn cache: %s cannot be written (%s): results already stored are read, new ones are "
+                            "not kept. Set DKN_CACHE_DIR to a writable folder to keep them.", self.path, exc)
+                return self._connect_read_only()
+
+    def _connect_read_only(self) -> tuple[sqlite3.Connection | None, int | None]:
+        if not self.path.is_file():
+            return None, None
+        uri = f"{self.path.resolve().as_uri()}?mode=ro&immutable=1"   # immutable: no -wal/-shm files needed
+        try:
+            return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False), None
+        except sqlite3.OperationalError as exc:
+            raise CacheError(f"the cache {self.path} can be neither written nor read ({exc}): "
+                             "set DKN_CACHE_DIR to a writable folder") from exc
 
     def _connect(self) -> tuple[sqlite3.Connection, int]:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
@@ -366,21 +424,35 @@ class ResultStore:
             if still_same:  # nobody has replaced it yet
                 self._move_aside(exc)
 
-    def _run(self, action: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run `action`, recovering once from a database that turned out corrupt."""
+    def _run(self, action: Callable[[sqlite3.Connection], Any], empty: Any = None) -> Any:
+        """Run `action` (`empty` when there is no database to read), recovering once from a database
+        that turned out corrupt."""
         try:
-            return action(self._conn())
+            conn = self._conn()
+            return empty if conn is None else action(conn)
         except sqlite3.DatabaseError as exc:
             if not _is_corruption(exc):
                 raise
             self._recover(exc)
-            return action(self._conn())
+            conn = self._conn()
+            return empty if conn is None else action(conn)
 
     def _query_one(self, sql: str, params: tuple) -> tuple | None:
         return self._run(lambda conn: conn.execute(sql, params).fetchone())
 
     def _query_all(self, sql: str, params: tuple) -> list[tuple]:
-        return self._run(lambda conn: conn.execute(sql, params).fetchall())
+        return self._run(lambda conn: conn.execute(sql, params).fetchall(), empty=[])
 
     def _write(self, sql: str, params: tuple) -> None:
-        self._run(lambda conn: conn.execute(sql, params))
+        if not self.read_only:
+            self._conn()                  # may find the location read-only (and say so once)
+        if self.read_only:
+            return
+        try:
+            self._run(lambda conn: conn.execute(sql, params))
+        except sqlite3.OperationalError as exc:
+            if not _is_unwritable(exc):
+                raise
+            self.read_only = True
+            self.close()
+            log.warning("dkn cache: %s became read-only (%s): new results are not kept", self.path, exc)

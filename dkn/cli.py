@@ -7,11 +7,14 @@ the command names and JSON keys, so change them only with care.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import sys
 import time
+import traceback
 
+from dkn import jsonsafe, options
+from dkn.errors import USER_ERRORS, UsageError
 from dkn.neurons import parse_neurons
 
 log = logging.getLogger("dkn")
@@ -19,19 +22,7 @@ log = logging.getLogger("dkn")
 
 def _dumps(obj) -> str:
     """Strict JSON: NaN and infinities (e.g. a mean over no facts) become null."""
-    def clean(x):
-        if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-    return json.dumps(clean(json.loads(json.dumps(obj, default=str))), allow_nan=False)
-
-
-class UsageError(Exception):
-    """A user error: printed as one line, exit status 2."""
+    return jsonsafe.dumps(obj)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +31,50 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.run(args) or 0
-    except (UsageError, ValueError, RuntimeError, FileNotFoundError) as err:
+    except USER_ERRORS as err:   # the project's own errors and bad values; anything else is a bug
+        if args.verbose:
+            traceback.print_exc()
         print(f"dkn {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dkn {args.command}: interrupted; completed results are kept in the cache", file=sys.stderr)
         return 130
+
+
+# -- argument types: bad numbers are refused by argparse with a sentence (exit status 2) -------------------
+def positive_int(text: str) -> int:
+    """An int >= 1 (counts: --top, --top-k, --limit, --steps)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A float that is neither NaN nor infinite (factors, thresholds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def share(text: str) -> float:
+    """A finite float in [0, 1] (the shares t and p)."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
+def answer_text(text: str) -> str:
+    """An answer as typed: trailing newlines and whitespace (e.g. from `$(cat file)`) are not part of it."""
+    return text.rstrip()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,28 +85,29 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(p)
     _fact_args(p)
     _attribution_args(p)
-    p.add_argument("--top", type=int, default=20, help="how many top neurons to print (20)")
+    p.add_argument("--top", type=positive_int, default=20, help="how many top neurons to print (20)")
 
     p = _command(sub, "intervene", "suppress or amplify neurons and compare the answer's probability", run_intervene)
     _model_args(p)
     _fact_args(p)
     p.add_argument("--suppress", default="", help="neurons to multiply by 0, as LAYER:INDEX,LAYER:INDEX")
     p.add_argument("--amplify", default="", help="neurons to multiply by --factor (default 2)")
-    p.add_argument("--factor", type=float, default=None, help="factor for --amplify (2) or for --suppress (0)")
-    p.add_argument("--mode", choices=("last", "all", "weights"), default="last",
+    p.add_argument("--factor", type=finite_float, default=None, help="factor for --amplify (2) or for --suppress (0)")
+    p.add_argument("--mode", choices=options.MODES, default="last",
                    help="answer position only, every position, or through the weights")
-    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--top-k", type=positive_int, default=10, help="how many top tokens to list (10)")
 
     p = _command(sub, "neurons", "the refined knowledge neurons of a fact over its paraphrases", run_neurons)
     _model_args(p)
     p.add_argument("--fact-prompts", nargs="+", required=True, help="paraphrased prompts of one fact")
-    p.add_argument("--answer", required=True)
-    p.add_argument("--t", type=float, default=0.2, help="coarse threshold: share of the maximum score (0.2)")
-    p.add_argument("--p", type=float, default=0.5, help="refined: coarse in more than this share of prompts (0.5)")
+    p.add_argument("--answer", required=True, type=answer_text)
+    p.add_argument("--t", type=share, default=0.2, help="coarse threshold: share of the maximum score (0.2)")
+    p.add_argument("--p", type=share, default=0.5, help="refined: coarse in more than this share of prompts (0.5)")
     _attribution_args(p)
 
     _add_late_commands(sub)
     p = _command(sub, "prepare-default", "convert the offline default model to safetensors (once)", run_prepare)
+    _command(sub, "paths", "show the folders dkn uses (cache, models, results, data)", run_paths)
     return parser
 
 
@@ -92,38 +122,29 @@ def _command(sub, name, help_text, run):
 def _model_args(p):
     p.add_argument("--model", default="default",
                    help="'default', 'gemma3-270m' (after `make gemma`), a Hugging Face id, or a local folder")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+    p.add_argument("--device", default="auto", choices=options.DEVICES,
                    help="auto (default: CUDA, else MPS, else CPU), cpu, cuda or mps")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default="float32", choices=options.DTYPES,
                    help="weights' precision (float32); attribution accumulates in float32 anyway")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
 
 
 def _fact_args(p):
     p.add_argument("--prompt", required=True)
-    p.add_argument("--answer", required=True)
+    p.add_argument("--answer", required=True, type=answer_text)
 
 
 def _attribution_args(p):
-    p.add_argument("--method", choices=("ig", "grad_x_act", "activation"), default="ig")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--rule", default="midpoint", help="left, right, midpoint, trapezoid, linspace or gauss")
-    p.add_argument("--baseline", choices=("zero", "amig"), default="zero")
+    p.add_argument("--method", choices=options.METHODS, default="ig")
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--rule", choices=options.RULES, default="midpoint", help="the quadrature rule (midpoint)")
+    p.add_argument("--baseline", choices=options.BASELINES, default="zero")
     p.add_argument("--faithful", action="store_true", help="the DKN authors' script choices (see docs)")
     p.add_argument("--no-cache", action="store_true", help="recompute and do not store")
-    p.add_argument("--max-rows", type=_positive_int, default=None, help="at most this many tokens per batched pass (512)")
+    p.add_argument("--max-rows", type=positive_int, default=None,
+                   help="at most this many tokens per batched pass (512)")
     p.add_argument("--memory-budget", type=_memory_size, default=None,
                    help="activations one batched pass may keep, e.g. 512MB or 2GB (1GB); results do not change")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _memory_size(text: str) -> int:
@@ -183,23 +204,62 @@ def _progress(args, label: str):
 
 
 def run_attribute(args) -> int:
-    from dkn.attribution import attribute
+    from dkn import memo
 
-    lm = _load(args)
-    result = attribute(lm, args.prompt, args.answer, _params(args), store=_store(args),
-                       progress=_progress(args, "integrated gradients"))
-    top = [{"layer": n.layer, "neuron": n.index, "score": s} for n, s in result.top(args.top)]
-    out = {"model": lm.name, "prompt": result.prompt, "answer": result.answer, "prob": result.prob,
-           "n_layers": lm.n_layers, "d_mlp": lm.d_mlp, "top": top, "seconds": result.seconds,
-           "cached": result.cached, "answer_tokens": list(result.answer_tokens)}
+    store = _store(args)
+    request = _attribute_request(args)
+    out = _cached_attribution(store, args, request)
+    if out is None:
+        from dkn.attribution import attribute, attribution_key
+        from dkn.query import make_query
+
+        lm = _load(args)
+        params = _params(args)
+        result = attribute(lm, args.prompt, args.answer, params, store=store,
+                           progress=_progress(args, "integrated gradients"))
+        out = _attribution_out(lm.name, lm.label, result.prompt, result.answer, result.prob, result.scores,
+                               result.seconds, result.cached, result.answer_tokens, args.top)
+        memo.remember(store, "attribute", args.model, request,
+                      {"key": attribution_key(lm, make_query(lm, args.prompt, args.answer), params),
+                       "label": lm.label, "fingerprint": lm.fingerprint})
     if args.json:
-        print(_dumps(out))
+        print(_dumps({k: v for k, v in out.items() if k != "label"}))
         return 0
-    print(f"{lm.label}: P({result.answer!r} | {result.prompt!r}) = {result.prob:.4f}  "
-          f"[{'cached' if result.cached else f'{result.seconds:.2f} s'}]")
-    for row in top:
+    took = "cached" if out["cached"] else f"{out['seconds']:.2f} s"
+    print(f"{out['label']}: P({out['answer']!r} | {out['prompt']!r}) = {out['prob']:.4f}  [{took}]")
+    for row in out["top"]:
         print(f"  L{row['layer']:>3} N{row['neuron']:>6}  {row['score']:+.5f}")
     return 0
+
+
+def _attribute_request(args) -> dict:
+    """Everything of an `attribute` call that decides its stored result (the memo's key)."""
+    return {"prompt": args.prompt, "answer": args.answer, "method": args.method, "steps": args.steps,
+            "rule": args.rule, "baseline": args.baseline, "faithful": args.faithful,
+            "dtype": getattr(args, "dtype", None)}
+
+
+def _cached_attribution(store, args, request: dict) -> dict | None:
+    """The output of a remembered `attribute` request, read from the store without loading the model."""
+    from dkn import memo
+
+    remembered = memo.recall(store, "attribute", args.model, request)
+    entry = store.get(remembered["key"]) if remembered else None
+    if entry is None:
+        return None
+    m = entry.meta
+    log.info("answered from the cache without loading %s", args.model)
+    return _attribution_out(args.model, remembered.get("label", args.model), m["prompt"], m["answer"], m["prob"],
+                            entry.arrays["scores"], m["seconds"], True, m["answer_tokens"], args.top)
+
+
+def _attribution_out(model, label, prompt, answer, prob, scores, seconds, cached, answer_tokens, top) -> dict:
+    from dkn.neurons import top_neurons
+
+    n_layers, d_mlp = scores.shape                                           # scores: [n_layers, d_mlp]
+    rows = [{"layer": n.layer, "neuron": n.index, "score": s} for n, s in top_neurons(scores, top)]
+    return {"model": model, "label": label, "prompt": prompt, "answer": answer, "prob": prob, "n_layers": n_layers,
+            "d_mlp": d_mlp, "top": rows, "seconds": seconds, "cached": cached, "answer_tokens": list(answer_tokens)}
 
 
 def run_intervene(args) -> int:
@@ -252,25 +312,37 @@ def run_prepare(args) -> int:
     return 0
 
 
+def run_paths(args) -> int:
+    from dkn import __version__, paths
+
+    folders = dict(paths.describe(), version=__version__)
+    if args.json:
+        print(_dumps(folders))
+        return 0
+    for name, folder in folders.items():
+        print(f"{name:>9}  {folder or '-'}")
+    return 0
+
+
 def _add_late_commands(sub) -> None:
     p = _command(sub, "dkn", "knowledge neurons, their degenerate groups, and the degeneracy test", run_dkn)
     _model_args(p)
     _fact_args(p)
     p.add_argument("--paraphrase", action="append", default=[], help="another prompt of the same fact (repeat)")
-    p.add_argument("--clusterer", default="ntc", help="ntc, ntc_faithful, hierarchical, dbscan, kmeans or amig")
-    p.add_argument("--t", type=float, default=0.2)
-    p.add_argument("--p", type=float, default=0.5)
-    p.add_argument("--threshold-low", type=float, default=0.05)
-    p.add_argument("--threshold-high", type=float, default=0.3)
-    p.add_argument("--mode", choices=("last", "all", "weights"), default="last")
+    p.add_argument("--clusterer", choices=options.CLUSTERERS, default="ntc")
+    p.add_argument("--t", type=share, default=0.2)
+    p.add_argument("--p", type=share, default=0.5)
+    p.add_argument("--threshold-low", type=share, default=0.05)
+    p.add_argument("--threshold-high", type=share, default=0.3)
+    p.add_argument("--mode", choices=options.MODES, default="last")
     _attribution_args(p)
 
     p = _command(sub, "experiment", "run an analysis experiment over a dataset (resumable)", run_experiment_cmd)
-    p.add_argument("name", help="acquisition, robustness, enhancement, fact_checking, evolvability or complexity")
+    p.add_argument("name", choices=options.EXPERIMENTS, help="the experiment to run")
     _model_args(p)
     p.add_argument("--dataset", default="builtin",
                    help="builtin, pararel[:P36], rome, lre[:name], templama[:test|wrong], a file, or several joined by +")
-    p.add_argument("--limit", type=int, default=None, help="at most this many facts the model answers")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many facts the model answers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default results/NAME/MODEL)")
     p.add_argument("--param", action="append", default=[], metavar="FIELD=VALUE",
@@ -308,10 +380,11 @@ def run_dkn(args) -> int:
 
 
 def run_experiment_cmd(args) -> int:
-    from dkn.experiments.runner import experiment_module, make_params, run_experiment
+    from dkn.experiments.runner import experiment_module, load_facts, make_params, run_experiment
 
-    experiment_module(args.name)  # fail on a bad name before loading the model
+    experiment_module(args.name)  # fail on a bad name, settings or dataset before loading the model
     params = make_params(args.name, args.param, args.full)
+    facts = load_facts(args.dataset)
     lm = _load(args)
     bars = {}
 
@@ -325,7 +398,7 @@ def run_experiment_cmd(args) -> int:
         bar.refresh()
 
     report, out = run_experiment(args.name, lm, args.dataset, limit=args.limit, seed=args.seed, out_dir=args.out,
-                                 params=params, progress=progress)
+                                 params=params, progress=progress, facts=facts)
     if args.json:
         print(_dumps({"experiment": args.name, "out": str(out), "summary": report.summary}))
     else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from dkn.models import LoadedModel
-from dkn.query import make_query
+from dkn.query import first_answer_tokens
 
 
 @torch.no_grad()
@@ -22,12 +22,7 @@ def next_token_distribution(lm: LoadedModel, prompt: str) -> torch.Tensor:
 
 def answers_correctly(lm: LoadedModel, prompt: str, answers: tuple[str, ...] | list[str]) -> bool:
     """Top-1 next token (or the mask's top-1 for masked LMs) is the first token of any answer."""
-    firsts = set()
-    for answer in answers:
-        try:
-            firsts.add(make_query(lm, prompt, answer).steps[0].target)
-        except ValueError:
-            continue
+    firsts = set(first_answer_tokens(lm, prompt, answers))
     if not firsts:
         return False
     if lm.family.masked_lm:
@@ -46,13 +41,7 @@ def answers_correctly_many(lm: LoadedModel, items, batch_size: int = 32) -> list
         return [answers_correctly(lm, p, a) for p, a in items]
     firsts, ids = [], []
     for prompt, answers in items:
-        targets = set()
-        for answer in answers:
-            try:
-                targets.add(make_query(lm, prompt, answer).steps[0].target)
-            except ValueError:
-                continue
-        firsts.append(targets)
+        firsts.append(set(first_answer_tokens(lm, prompt, answers)))
         ids.append(lm.tokenizer(prompt)["input_ids"])
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     out = []

@@ -14,15 +14,17 @@ import concurrent.futures
 import datetime as _dt
 import io
 import json
-import math
 import os
 import shutil
 import zipfile
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 
 from dkn import __version__
+from dkn.errors import DknError
+from dkn.jsonsafe import jsonable
 
 IMAGE_FORMATS = ("png", "svg")
 TABLE_FORMATS = ("csv", "json")
@@ -35,7 +37,7 @@ MISSING_BROWSER = ("PNG and SVG export needs a Chromium-type browser (Plotly's K
                    "without it.")
 
 
-class ExportError(RuntimeError):
+class ExportError(DknError, RuntimeError):
     """An export could not be made; the message says what to do."""
 
 
@@ -136,23 +138,8 @@ def _records(table: Table) -> list[dict]:
     return [dict(r) for r in table]
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, NaN/inf to None, tuples to lists."""
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "tolist"):
-        return _clean(value.tolist())
-    return value
-
-
 def table_json(table: Table) -> bytes:
-    return json.dumps(_clean(_records(table)), indent=2, ensure_ascii=False).encode("utf-8")
+    return json.dumps(jsonable(_records(table)), indent=2, ensure_ascii=False).encode("utf-8")
 
 
 def table_csv(table: Table) -> bytes:
@@ -168,7 +155,7 @@ def manifest(*, model: Mapping[str, Any] | None = None, prompt: str = "", answer
              **extra: Any) -> dict:
     """What made an export: model name and fingerprint, fact, method and parameters, library version, date."""
     model = dict(model or {})
-    return _clean({
+    return jsonable({
         "model": model.get("name", ""), "model_label": model.get("label", ""),
         "fingerprint": model.get("fingerprint", ""), "prompt": prompt, "answer": answer,
         "paraphrases": list(paraphrases), "method": method, "parameters": dict(parameters or {}),
@@ -197,7 +184,7 @@ def export_zip(figures: Mapping[str, go.Figure], tables: Mapping[str, Table], ma
     for name, table in tables.items():
         files[f"tables/{name}.csv"] = table_csv(table)
         files[f"tables/{name}.json"] = table_json(table)
-    full = dict(_clean(dict(manifest)), files=sorted(files) + ["manifest.json"])
+    full = dict(jsonable(dict(manifest)), files=sorted(files) + ["manifest.json"])
     if notes:
         full["notes"] = notes
     buffer = io.BytesIO()

@@ -69,11 +69,6 @@ def family_of(model_type: str) -> Family:
     )
 
 
-def get_module(root: nn.Module, path: str) -> nn.Module:
-    """`root.a.b.3.c` for path "a.b.3.c"."""
-    return root.get_submodule(path)
-
-
 def d_mlp_of(config, family: Family) -> int:
     for key in family.d_mlp_keys:
         value = getattr(config, key, None)

@@ -95,7 +95,8 @@ class AnswerPositionRunner:
         scale = float(self.clean_logits.float().abs().max().clamp(min=1))
         try:
             with torch.no_grad(), self.lm.lock:
-                logits = self._staggered_logits(torch.zeros(1, dtype=torch.long, device="cpu"), {})  # one row, every block
+                one_row = torch.zeros(1, dtype=torch.long, device="cpu")       # one row through every block
+                logits = self._staggered_logits(one_row, {})
             ok = torch.allclose(logits.float(), self.clean_logits.float(), atol=tol * scale, rtol=tol)
         except Exception as err:  # an architecture variant whose blocks cannot be replayed
             log.info("staggered forward unavailable for %s (%s): running every row through the whole model",

@@ -14,9 +14,9 @@ kept on the LoadedModel by dkn.forward.answer_runner).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch

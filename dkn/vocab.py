@@ -25,7 +25,7 @@ def neuron_logits(lm: LoadedModel, neuron: Neuron, through_norm: bool = True) ->
     with lm.lock, torch.no_grad():            # the lock: "weights" interventions scale weights in place
         vector = lm.output_vectors(neuron.layer)[neuron.index].detach().clone()   # [d_model]
         if through_norm:
-            vector = _through_head(lm, vector)
+            vector = lm.through_head(vector[None, None, :])[0, 0]             # as a batch of one
         unembedding = lm.unembedding()                                         # [vocab, d_model]
         logits = unembedding.float() @ vector.float().to(unembedding.device)    # [vocab]
     return logits.cpu()
@@ -45,20 +45,6 @@ def project_neuron(lm: LoadedModel, neuron: Neuron, k: int = 10,
     promoted = [(decode(i), float(v)) for v, i in zip(top.values, top.indices)]
     demoted = [(decode(i), -float(v)) for v, i in zip(bottom.values, bottom.indices)]
     return promoted, demoted
-
-
-def _through_head(lm: LoadedModel, vector: torch.Tensor) -> torch.Tensor:
-    """The vector passed through the modules between the last block and the unembedding (final norm,
-    projections), as a batch of one.  For RMS norms this is the norm's weight times a positive scale,
-    which leaves the ranking unchanged; LayerNorm also centres the vector and adds its bias."""
-    x = vector[None, None, :]                                                  # [1, 1, d_model]
-    for path in lm.family.head:
-        try:
-            module = lm.model.get_submodule(path)
-        except AttributeError:
-            continue                                                           # absent in this config
-        x = module(x)
-    return x[0, 0]
 
 
 __all__ = ["project_neuron", "neuron_logits"]

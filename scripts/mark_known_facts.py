@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dkn.facts import BUILTIN_FACTS_PATH, builtin_facts  # noqa: E402
+from dkn.datasets import BUILTIN_FACTS_PATH, builtin_facts
 
 log = logging.getLogger("mark_known_facts")
 

@@ -1,10 +1,9 @@
 """Shared fixtures.
 
 `default_lm` is the real default model (SmolLM2-135M), loaded once per session from the converted
-safetensors under `cache/models/`.  `load_model("default")` finds that folder through
-`dkn.models.cache_dir()`, which honours DKN_CACHE_DIR, so DKN_CACHE_DIR is *not* redirected for it;
-tests that would write results get an explicit `ResultStore` under tmp_path (`store`) or the
-`isolated_cache_dir` fixture instead.
+safetensors under `dkn.paths.models_dir()` (`$DKN_MODELS_DIR`, else the checkout's `cache/models/`),
+which does not depend on DKN_CACHE_DIR; tests that would write results get an explicit `ResultStore`
+under tmp_path (`store`) or the `isolated_cache_dir` fixture.
 """
 from __future__ import annotations
 
@@ -21,9 +20,10 @@ if str(TESTS) not in sys.path:          # `import tiny_models` from every test m
 
 @pytest.fixture(scope="session")
 def default_lm():
-    from dkn.models import cache_dir, load_model
+    from dkn.models import load_model
+    from dkn.paths import model_folder
 
-    folder = cache_dir() / "models" / "smollm2-135m-instruct"
+    folder = model_folder("default")
     if not (folder / "model.safetensors").exists():
         pytest.skip(f"the converted default model is missing from {folder}: run `make setup`")
     return load_model("default", device="cpu")
@@ -38,8 +38,8 @@ def store(tmp_path):
 
 @pytest.fixture
 def isolated_cache_dir(tmp_path, monkeypatch):
-    """DKN_CACHE_DIR pointing at an empty tmp folder, for code that writes the default cache
-    (never combine with the default model: it is read from the cache folder)."""
+    """DKN_CACHE_DIR pointing at an empty tmp folder, for code that writes the default cache (the
+    converted models stay where they are: they live in `dkn.paths.models_dir()`)."""
     folder = tmp_path / "dkn-cache"
     folder.mkdir()
     monkeypatch.setenv("DKN_CACHE_DIR", str(folder))

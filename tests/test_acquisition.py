@@ -7,7 +7,7 @@ import pytest
 from dkn.cache import ResultStore
 from dkn.experiments import acquisition
 from dkn.experiments.runner import Context
-from dkn.facts import Fact
+from dkn.datasets import Fact
 from dkn.interventions import intervene_many
 from tiny_models import tiny_model
 

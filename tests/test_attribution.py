@@ -298,8 +298,8 @@ def test_faithful_uses_pre_activation_site(models):
     acts_pre = attribute(lm, PROMPT, ANSWER, AttributionParams(method="activation", site="pre")).scores
     np.testing.assert_array_equal(acts_pre, torch.stack([c_fc[l] for l in range(lm.n_layers)]).numpy())
     acts_post = attribute(lm, PROMPT, ANSWER, AttributionParams(method="activation")).scores
-    np.testing.assert_allclose(acts_post, torch.nn.functional.gelu(torch.from_numpy(acts_pre), approximate="tanh").numpy(),
-                               rtol=1e-5, atol=1e-6)
+    expected = torch.nn.functional.gelu(torch.from_numpy(acts_pre), approximate="tanh").numpy()
+    np.testing.assert_allclose(acts_post, expected, rtol=1e-5, atol=1e-6)
 
 
 # -- multi-token and masked answers -----------------------------------------------------------------

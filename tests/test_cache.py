@@ -352,3 +352,85 @@ def test_transient_ast_error_while_parsing_is_not_corruption(store: ResultStore,
     assert "corrupt" not in caplog.text
     monkeypatch.setattr(cache.np, "load", real)
     assert store.get("k") is not None   # still there
+
+
+# ---------------------------------------------------------------- damage and odd locations
+
+
+def test_blob_column_turned_text_is_recomputed_and_replaced(store: ResultStore, caplog) -> None:
+    """A row whose blob became TEXT used to raise from inside sqlite3 (not UTF-8) on every get."""
+    store.put("k", {"v": 1}, _arrays())
+    store.put("other", {"v": 2}, {"x": np.ones(3)})
+    store.close()
+    with sqlite3.connect(store.path) as conn:
+        conn.execute("UPDATE results SET blob = CAST(blob AS TEXT) WHERE key = 'k'")
+    assert _raw(store.path, "SELECT typeof(blob) FROM results WHERE key = 'k'") == [("text",)]
+    fresh = ResultStore(store.path)
+    with caplog.at_level(logging.WARNING, logger="dkn.cache"):
+        assert fresh.get("k") is None
+    assert any("not a blob" in r.getMessage() for r in caplog.records)
+    assert "k" not in fresh.keys()                              # removed, not kept to fail again
+    entry, cached = fresh.get_or_compute("k", lambda: ({"v": 3}, {"x": np.arange(4)}))
+    assert not cached and entry.meta == {"v": 3}
+    assert fresh.get("k").meta == {"v": 3} and fresh.get("other").meta == {"v": 2}
+    assert _raw(store.path, "SELECT typeof(blob) FROM results WHERE key = 'k'") == [("blob",)]
+
+
+def test_cache_folder_deleted_mid_run_is_recreated(tmp_path: Path, caplog) -> None:
+    import shutil
+
+    store = ResultStore(tmp_path / "cache" / "results.sqlite")
+    store.put("before", {"v": 1})
+    shutil.rmtree(tmp_path / "cache")                            # e.g. `rm -rf cache/` while a run goes on
+    with caplog.at_level(logging.WARNING, logger="dkn.cache"):
+        store.put("after", {"v": 2})
+    assert any("deleted while in use" in r.getMessage() for r in caplog.records)
+    assert store.path.is_file()                                  # written to a real file again, not the unlinked one
+    assert ResultStore(store.path).get("after").meta == {"v": 2}
+    assert store.get("before") is None
+
+
+_READ_ONLY_CHILD = """
+import json, sys
+from dkn.cache import ResultStore
+store = ResultStore(sys.argv[1])
+hit = store.get("k")
+store.put("new", {"v": 2})                   # not kept, no traceback
+print(json.dumps({"hit": hit.meta if hit else None, "new": store.get("new") is not None,
+                  "read_only": store.read_only}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+@pytest.mark.parametrize("where", ["existing", "missing"])
+def test_read_only_cache_is_read_with_a_warning(where: str) -> None:
+    """A read-only folder: stored results are still read, new ones not kept, one warning, no traceback.
+    Root ignores permissions, so under root the child runs as `nobody` (setpriv)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="dkn-ro-"))     # not under tmp_path: its parents are private to root
+    try:
+        db = folder / "results.sqlite"
+        if where == "existing":
+            seed = ResultStore(db)
+            seed.put("k", {"v": 1})
+            seed.close()
+            db.chmod(0o444)
+        folder.chmod(0o555)
+        cmd = [sys.executable, "-c", _READ_ONLY_CHILD, str(db)]
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root without setpriv: cannot drop the permissions")
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        repo = Path(__file__).resolve().parent.parent
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=repo,
+                              env=dict(os.environ, PYTHONPATH=str(repo)))
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "cannot be written" in proc.stderr and "DKN_CACHE_DIR" in proc.stderr
+        out = __import__("json").loads(proc.stdout)
+        assert out == {"hit": {"v": 1} if where == "existing" else None, "new": False, "read_only": True}
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)

@@ -104,7 +104,8 @@ def test_bad_prompt_or_neuron_exits_2(default_lm, monkeypatch, capsys):
     for argv, needle in [(["attribute", "--prompt", "", "--answer", ANSWER, "--no-cache"], "prompt is empty"),
                          (["attribute", "--prompt", PROMPT, "--answer", " ", "--no-cache"], "answer is empty"),
                          (["intervene", "--prompt", " ", "--answer", ANSWER, "--suppress", "1:2"], "prompt is empty"),
-                         (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--amplify", "0:1536"], "out of range")]:
+                         (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--amplify", "0:1536"],
+                          "out of range")]:
         _in_process_error(capsys, argv, needle)
     _in_process_error(capsys, ["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "3:7,30:1"],
                       "30:1", "out of range", "layers 0..29", "neurons 0..1535")
@@ -199,3 +200,173 @@ def test_unreadable_model_folder_exits_2(tmp_path, capsys, damage):
     (folder / damage).write_bytes(b"{ this is not what it should be" * 4)
     _in_process_error(capsys, ["attribute", "--model", str(folder), "--device", "cpu", "--prompt",
                                "the capital of france is", "--answer", "paris", "--no-cache"])
+
+
+# -- bad numbers, names and paths are refused before anything loads ---------------------------------------
+@pytest.mark.parametrize("argv, needle", [
+    (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--amplify", "1:2", "--factor", "nan"], "finite"),
+    (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--amplify", "1:2", "--factor", "inf"], "finite"),
+    (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "1:2", "--factor=-inf"], "finite"),
+    (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "1:2", "--top-k", "-1"], "at least 1"),
+    (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--top", "-5"], "at least 1"),
+    (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--top", "five"], "not a whole number"),
+    (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--steps", "0"], "at least 1"),
+    (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--rule", "simpson"], "invalid choice"),
+    (["experiment", "acquisition", "--limit", "0"], "at least 1"),
+    (["experiment", "acquisition", "--limit", "-1"], "at least 1"),
+    (["experiment", "no_such_experiment"], "invalid choice"),
+    (["neurons", "--fact-prompts", PROMPT, "--answer", ANSWER, "--t", "1.5"], "between 0 and 1"),
+    (["dkn", "--prompt", PROMPT, "--answer", ANSWER, "--clusterer", "spectral"], "invalid choice"),
+])
+def test_bad_numbers_and_names_are_refused(argv, needle, capsys, monkeypatch):
+    import dkn.models
+    from dkn.cli import main
+
+    monkeypatch.setattr(dkn.models, "load_model", _no_model)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model must not be loaded here")
+
+
+def test_missing_local_folder_says_no_such_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in (str(tmp_path / "nope"), "./no-such-model-folder", "~/no/such/folder"):
+        line = _in_process_error(capsys, ["attribute", "--model", name, "--prompt", PROMPT, "--answer", ANSWER,
+                                          "--no-cache"], "no such folder")
+        assert "Hugging Face Hub" not in line
+
+
+def test_dataset_errors_come_before_the_model_loads(capsys, monkeypatch):
+    import dkn.models
+
+    monkeypatch.setattr(dkn.models, "load_model", _no_model)
+    _in_process_error(capsys, ["experiment", "acquisition", "--dataset", "no_such_dataset"], "unknown dataset")
+    _in_process_error(capsys, ["experiment", "acquisition", "--dataset", "builtin:no_such_relation"],
+                      "no built-in relation")
+
+
+def test_option_lists_match_the_library():
+    """The CLI's choices come from dkn.options; the modules that implement them must agree."""
+    from dkn import attribution, degeneracy, integration, interventions, options
+    from dkn.experiments.runner import EXPERIMENTS
+
+    assert options.METHODS == attribution.METHODS
+    assert options.BASELINES == attribution.BASELINES
+    assert options.RULES == integration.RULES
+    assert options.MODES == interventions.MODES
+    assert options.CLUSTERERS == degeneracy.CLUSTERER_NAMES
+    assert options.EXPERIMENTS == tuple(EXPERIMENTS)
+
+
+def test_only_project_errors_are_user_errors(monkeypatch, capsys):
+    """A RuntimeError from a bug keeps its traceback; a user error gets one line, and a traceback under -v."""
+    from dkn import cli
+
+    def buggy(args):
+        raise RuntimeError("a bug")
+
+    def user_error(args):
+        raise cli.UsageError("say what to do")
+
+    parser = cli._parser
+    monkeypatch.setattr(cli, "_parser", lambda: _with_run(parser(), buggy))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["attribute", "--prompt", PROMPT, "--answer", ANSWER])
+    monkeypatch.setattr(cli, "_parser", lambda: _with_run(parser(), user_error))
+    assert cli.main(["attribute", "--prompt", PROMPT, "--answer", ANSWER]) == 2
+    assert capsys.readouterr().err == "dkn attribute: error: say what to do\n"
+    assert cli.main(["attribute", "-v", "--prompt", PROMPT, "--answer", ANSWER]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UsageError: say what to do" in err
+
+
+def _with_run(parser, run):
+    parser.set_defaults(run=run)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(run=run)
+    return parser
+
+
+def test_streamlit_binds_to_localhost():
+    """What Streamlit itself reads from .streamlit/config.toml for a plain `streamlit run app.py`."""
+    code = "from streamlit import config; config.get_config_options(force_reparse=True); " \
+           "print(config.get_option('server.address'))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "localhost"
+
+
+# -- the tiny local model: answers, neurons, and cached answers without the model ------------------------
+TINY_FACT = ["--prompt", "the capital of france is", "--answer", "paris"]
+
+
+def test_answer_trailing_newline_is_stripped_and_neurons_listed_once(tmp_path, capsys):
+    from dkn.cli import main
+
+    model = ["--model", str(_tiny_folder(tmp_path)), "--device", "cpu"]
+    capsys.readouterr()
+    assert main(["attribute", *model, *TINY_FACT, "--json", "--no-cache", "--steps", "2", "--top", "3"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    newline = ["--prompt", TINY_FACT[1], "--answer", "paris\n"]
+    assert main(["attribute", *model, *newline, "--json", "--no-cache", "--steps", "2", "--top", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"] == " paris" and out["answer_tokens"] == plain["answer_tokens"]
+    assert out["prob"] == pytest.approx(plain["prob"])
+    assert main(["intervene", *model, *TINY_FACT, "--suppress", "0:1,0:1,1:5,0:1", "--json"]) == 0
+    inter = json.loads(capsys.readouterr().out)
+    assert inter["neurons"] == ["0:1", "1:5"]
+
+
+def test_cached_attribute_answers_without_loading_the_model(tmp_path, capsys, monkeypatch):
+    import dkn.models
+    from dkn.cli import main
+
+    monkeypatch.setenv("DKN_CACHE_DIR", str(tmp_path / "cache"))
+    folder = _tiny_folder(tmp_path)
+    argv = ["attribute", "--model", str(folder), "--device", "cpu", *TINY_FACT, "--json", "--steps", "3", "--top", "4"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["cached"] is False
+    monkeypatch.setattr(dkn.models, "load_model", _no_model)
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["cached"] is True
+    assert {k: v for k, v in again.items() if k != "cached"} == {k: v for k, v in first.items() if k != "cached"}
+    assert main([*argv[:-2], "--top", "2"]) == 0                          # --top is not part of the result
+    assert json.loads(capsys.readouterr().out)["top"] == first["top"][:2]
+    # a changed weight file, or another request, is a miss: it needs the model again
+    config = folder / "config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="must not be loaded"):
+        main(argv)
+    with pytest.raises(AssertionError, match="must not be loaded"):
+        main([*argv[:-4], "--steps", "4", "--top", "4"])
+
+
+_NO_TORCH_CHILD = """
+import json, sys
+from dkn.cli import main
+status = main(sys.argv[1:])
+print(json.dumps({"status": status, "torch": "torch" in sys.modules}), file=sys.stderr)
+"""
+
+
+def test_cached_attribute_does_not_import_torch(tmp_path):
+    """The second, cached call in a fresh process never imports torch (that is what made it take seconds)."""
+    folder = _tiny_folder(tmp_path)
+    env = dict(os.environ, DKN_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    argv = ["attribute", "--model", str(folder), "--device", "cpu", *TINY_FACT, "--json", "--steps", "2"]
+    runs = [subprocess.run([sys.executable, "-c", _NO_TORCH_CHILD, *argv], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=240) for _ in range(2)]
+    reports = [json.loads(r.stderr.strip().splitlines()[-1]) for r in runs]
+    assert reports == [{"status": 0, "torch": True}, {"status": 0, "torch": False}], [r.stderr for r in runs]
+    first, second = (json.loads(r.stdout) for r in runs)
+    assert second["cached"] is True and second["top"] == first["top"] and second["prob"] == first["prob"]

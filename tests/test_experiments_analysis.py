@@ -20,7 +20,7 @@ from dkn.experiments import enhancement, fact_checking, robustness
 from dkn.experiments import runner
 from dkn.experiments.conditions import ConditionParams, neuron_conditions
 from dkn.experiments.perturb import KINDS, PerturbationError, perturb, perturb_all
-from dkn.facts import DatasetError
+from dkn.datasets import DatasetError
 
 SMALL = ConditionParams(max_neurons=10, random_seeds=2)
 PARAMS = {
@@ -103,7 +103,7 @@ def test_perturbations_never_empty():
 
 # -- conditions ----------------------------------------------------------------------------------------
 def test_conditions_differ_and_are_json(lm, store):
-    from dkn.facts import Fact
+    from dkn.datasets import Fact
 
     ctx = runner.Context(lm, store, "conditions-test", 0)
     rows = known_rows(lm, 3)
@@ -173,7 +173,7 @@ def test_fact_checking_end_to_end(lm, tmp_path, store):
 
 
 def test_fact_checking_uses_wrong_answers_and_splits_are_seeded(lm):
-    from dkn.facts import Fact
+    from dkn.datasets import Fact
     fact = Fact(id="x", subject="s", relation="r", answers=("paris",), prompts=("a b",), source="templama",
                 wrong_answers=("rome", "berlin"))
     assert fact_checking.wrong_candidates(fact, ["tokyo"], 1, 0) == ["rome"]

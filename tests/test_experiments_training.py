@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dkn.experiments.runner import Context, make_params, write_report
-from dkn.facts import Fact
+from dkn.datasets import Fact
 from dkn.finetune import fresh_copy, neuron_masks, train_neurons
 from dkn.neurons import Neuron
 from tiny_models import tiny_model

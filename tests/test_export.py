@@ -1,7 +1,7 @@
 """dkn.export: figures to PNG/SVG/HTML, tables to CSV/JSON, the zip with its manifest."""
 import io
-import re
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -70,3 +70,33 @@ def test_png_svg_and_zip_with_a_real_browser():
         assert {"figures/bars.png", "figures/bars.svg", "figures/bars.html", "tables/t.csv", "tables/t.json",
                 "manifest.json"} <= names
         assert set(json.loads(zf.read("manifest.json"))["files"]) == names
+
+
+def test_one_json_sanitiser_everywhere():
+    """cli, export, the experiments' conditions and the runner all use dkn.jsonsafe.jsonable."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from dkn import cli, jsonsafe
+    from dkn.experiments import conditions, runner
+
+    @dataclasses.dataclass
+    class Params:
+        steps: int = 3
+        models: tuple = ("a", "b")
+
+    assert conditions.jsonable is jsonsafe.jsonable and runner.jsonable is jsonsafe.jsonable
+    assert export.jsonable is jsonsafe.jsonable
+    value = {1: (np.float32(0.5), float("nan"), np.inf), "a": np.arange(3), "p": Params(), "path": Path("/x"),
+             "flag": np.bool_(True), "n": np.int64(7), "s": {2, 1}}
+    clean = jsonsafe.jsonable(value)
+    assert clean == {"1": [0.5, None, None], "a": [0, 1, 2], "p": {"steps": 3, "models": ["a", "b"]}, "path": "/x",
+                     "flag": True, "n": 7, "s": [1, 2]}
+    assert type(clean["n"]) is int and type(clean["flag"]) is bool
+    assert json.loads(cli._dumps(value)) == clean
+    with pytest.raises(TypeError):
+        jsonsafe.jsonable(object())
+    assert jsonsafe.dumps({"o": object()}).startswith('{"o": "<object')    # the CLI's default=str

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from dkn.facts import (
+from dkn.datasets import (
     DATASET_NAMES,
     DatasetError,
     Fact,
@@ -220,9 +220,10 @@ def test_user_csv_round_trip_with_pipes(tmp_path):
 
 def test_bad_rows_are_skipped_with_a_warning_or_raise_when_strict(tmp_path, caplog):
     p = tmp_path / "bad.jsonl"
-    rows = [FACTS[0], {"prompt": "The capital of Spain is"}, {"answer": "Rome"}, {"prompt": "Berlin is in", "answer": "Germany"}]
+    rows = [FACTS[0], {"prompt": "The capital of Spain is"}, {"answer": "Rome"},
+            {"prompt": "Berlin is in", "answer": "Germany"}]
     p.write_text("\n".join(json.dumps(r) for r in rows))
-    with caplog.at_level(logging.WARNING, logger="dkn.facts"):
+    with caplog.at_level(logging.WARNING, logger="dkn.datasets"):
         facts = load_user_file(p)
     assert [f.answer for f in facts] == ["Paris", "Germany"]
     text = caplog.text
@@ -276,3 +277,24 @@ def test_missing_file_and_unknown_name_errors(tmp_path):
     for name in DATASET_NAMES:
         assert name in str(e.value)
     assert isinstance(e.value, ValueError)
+
+
+def test_named_sources_come_from_the_registry(monkeypatch, tmp_path):
+    """load_dataset dispatches through datasets.SOURCES (no if-chain): a registered source is found by name,
+    gets its ':' argument and the data root, and detection asks each source in DETECTION_ORDER."""
+    import types
+
+    import dkn.datasets as datasets
+
+    assert tuple(datasets.SOURCES) == DATASET_NAMES == ("builtin", "pararel", "rome", "lre", "templama")
+    fact = Fact(id="toy/1", subject="x", relation="r", answers=("y",), prompts=("x is",), source="user")
+    calls = []
+    toy = types.SimpleNamespace(
+        load_named=lambda arg, root, limit, strict: calls.append((arg, root, limit, strict)) or [fact],
+        detect=lambda p, peek: p.suffix == ".toy", load_path=lambda p, limit, strict: [fact, fact][:limit])
+    monkeypatch.setitem(datasets.SOURCES, "toy", toy)
+    assert load_dataset("toy:a,b", limit=3, data_root=tmp_path) == [fact]
+    assert calls == [("a,b", tmp_path, 3, False)]
+    monkeypatch.setattr(datasets, "DETECTION_ORDER", (toy, *datasets.DETECTION_ORDER))
+    (tmp_path / "facts.toy").write_text("anything")
+    assert load_dataset(str(tmp_path / "facts.toy"), limit=1) == [fact]

@@ -18,8 +18,8 @@ import streamlit as st
 
 from dkn.attribution import Attribution, AttributionParams, attribute, attribution_key
 from dkn.cache import ResultStore, default_path
+from dkn.datasets import Fact, builtin_facts, load_dataset
 from dkn.degeneracy import DegeneracyParams, DegeneracyResult, analyse
-from dkn.facts import Fact, builtin_facts, load_dataset
 from dkn.interventions import InterventionResult, intervene
 from dkn.models import DEFAULT_MODEL, LoadedModel, load_model, model_summary
 from dkn.neurons import Neuron

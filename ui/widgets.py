@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dkn import export
-from dkn.facts import DatasetError
+from dkn.datasets import DatasetError
 from dkn.models import DEFAULT_LABEL, DEFAULT_MODEL, LoadedModel, ModelLoadError
 from dkn.query import QueryError
 from ui import state

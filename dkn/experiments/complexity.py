@@ -28,11 +28,11 @@ import numpy as np
 import pandas as pd
 
 from dkn.cache import make_key
+from dkn.datasets import DatasetError
 from dkn.degeneracy import analyse
 from dkn.evaluate import answers_correctly
 from dkn.experiments.conditions import ConditionParams, jsonable
 from dkn.experiments.runner import Context, Report, known_facts
-from dkn.facts import DatasetError
 from dkn.models import load_model, model_summary
 from dkn.selection import find_knowledge_neurons
 

@@ -26,7 +26,9 @@ import numpy as np
 
 from dkn.attribution import AttributionParams
 from dkn.degeneracy import DegeneracyParams, analyse, random_matched_sets
+from dkn.jsonsafe import jsonable
 from dkn.neurons import Neuron
+from dkn.query import first_answer_tokens as first_tokens  # noqa: F401  (re-exported, as above)
 from dkn.selection import find_knowledge_neurons
 
 CONDITIONS = ("DKN", "KN", "random", "none")
@@ -100,37 +102,6 @@ def condition_value(entry: dict, condition: str) -> float | None:
         v = [x for x in v if x is not None]
         return float(np.mean(v)) if v else None
     return v
-
-
-def first_tokens(lm, prompt: str, answers: Sequence[str]) -> list[int]:
-    """Ids of the first token of each answer after `prompt` (answers that cannot be tokenised are skipped)."""
-    from dkn.query import make_query
-
-    firsts = []
-    for a in answers:
-        try:
-            firsts.append(make_query(lm, prompt, a).steps[0].target)
-        except ValueError:
-            continue
-    return firsts
-
-
-def jsonable(obj: Any) -> Any:
-    """Plain JSON types: tuples -> lists, numpy scalars -> Python, NaN/inf -> None, keys -> str."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        obj = float(obj)
-        return obj if math.isfinite(obj) else None
-    return obj
 
 
 def bootstrap_mean(values: Sequence[float | None], n_boot: int = 2000, seed: int = 0) -> dict:

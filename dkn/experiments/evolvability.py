@@ -35,11 +35,11 @@ import numpy as np
 import pandas as pd
 
 from dkn.cache import make_key
+from dkn.datasets import DatasetError
 from dkn.degeneracy import random_matched_sets
 from dkn.evaluate import answers_correctly, answers_correctly_many
 from dkn.experiments.conditions import ConditionParams, bootstrap_mean, jsonable, neuron_conditions, to_neurons
 from dkn.experiments.runner import Context, Report
-from dkn.facts import DatasetError
 from dkn.finetune import fresh_copy, train_neurons
 from dkn.models import fingerprint
 from dkn.neurons import Neuron
@@ -75,7 +75,7 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
     unknown = [c for c in params.conditions if c not in TRAINED]
     if unknown:
         raise ValueError(f"unknown conditions {unknown}: use some of {', '.join(TRAINED)}")
-    new, old = select_facts(ctx, facts, limit or params.n_new, params.n_old)
+    new, old = new_and_old_facts(ctx, facts, limit or params.n_new, params.n_old)
     records = ctx.each("neurons", [(f.id, f) for f in new], lambda f: neuron_conditions(ctx, f, params.neurons))
     usable = [(f, r) for f, r in zip(new, records) if "error" not in r]
     if not usable:
@@ -100,7 +100,7 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
                                                                                params, untouched))
 
 
-def select_facts(ctx: Context, facts, n_new: int, n_old: int | None):
+def new_and_old_facts(ctx: Context, facts, n_new: int, n_old: int | None):
     """(new facts, old facts): a seeded shuffle walked once; unknown facts with >= 2 prompts are new,
     known ones old.  Known-checks share the "known" step with `known_facts`."""
     n_old = n_new if n_old is None else n_old

@@ -38,7 +38,7 @@ from dkn.cache import make_key
 from dkn.degeneracy import random_matched_sets
 from dkn.experiments.conditions import (ConditionParams, bootstrap_groups, jsonable, neuron_conditions, to_neurons)
 from dkn.experiments.runner import Context, Report, known_facts
-from dkn.facts import DatasetError
+from dkn.datasets import DatasetError
 from dkn.interventions import intervene_many
 
 NAME = "fact_checking"

@@ -3,7 +3,7 @@
 A run is identified by a hash of the experiment, model fingerprint, dataset,
 limit, seed and parameters; rerunning the same command resumes it, because
 every completed item is stored under (run id, step, item) in the ResultStore.
-Output goes to `results/<experiment>/<model>/` by default: records.jsonl, one
+Output goes to `dkn.paths.results_dir()/<experiment>/<model>/` by default: records.jsonl, one
 CSV per table, the figures (HTML, and PNG/SVG when a browser is available for
 Kaleido) and report.md.
 """
@@ -15,14 +15,16 @@ import json
 import logging
 import shlex
 import sys
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from dkn import __version__
 from dkn.cache import ResultStore, make_key
-from dkn.facts import DatasetError, Fact, load_dataset
-from dkn.models import REPO_ROOT, LoadedModel
+from dkn.datasets import DatasetError, Fact, load_dataset
+from dkn.jsonsafe import jsonable
+from dkn.models import LoadedModel
+from dkn.paths import results_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +90,23 @@ def experiment_module(name: str):
 
 def run_experiment(name: str, lm: LoadedModel, dataset: str, *, limit: int | None = None, seed: int = 0,
                    params: Any = None, store: ResultStore | None = None, out_dir: str | Path | None = None,
-                   progress: ProgressFn | None = None, command: str | None = None) -> tuple[Report, Path]:
-    """Run (or resume) experiment `name` on `dataset` and write its report; returns (report, folder)."""
+                   progress: ProgressFn | None = None, command: str | None = None,
+                   facts: list[Fact] | None = None) -> tuple[Report, Path]:
+    """Run (or resume) experiment `name` on `dataset` and write its report; returns (report, folder).
+    `facts`: the dataset already loaded by `load_facts(dataset)` (the CLI checks it before loading the model)."""
     module = experiment_module(name)
     params = params or module.Params()
-    facts = load_facts(dataset)
+    facts = load_facts(dataset) if facts is None else facts
     if not facts:
         raise DatasetError(f"dataset {dataset!r} has no facts")
     store = store or ResultStore()
     run_id = make_key(experiment=name, model=lm.name, fingerprint=lm.fingerprint, dataset=dataset,
-                      seed=seed, params=_jsonable(params), version=__version__)[:16]
+                      seed=seed, params=jsonable(params), version=__version__)[:16]
     ctx = Context(lm, store, run_id, seed, progress)
     report = module.run(ctx, facts, params, limit)
-    out = Path(out_dir) if out_dir else REPO_ROOT / "results" / name / _slug(lm.name)
+    out = Path(out_dir) if out_dir else results_dir() / name / _slug(lm.name)
     manifest = {"experiment": name, "model": lm.name, "model_label": lm.label, "fingerprint": lm.fingerprint,
-                "dataset": dataset, "limit": limit, "seed": seed, "params": _jsonable(params), "run_id": run_id,
+                "dataset": dataset, "limit": limit, "seed": seed, "params": jsonable(params), "run_id": run_id,
                 "version": __version__, "date": dt.datetime.now().isoformat(timespec="seconds"),
                 "command": command or "python -m dkn " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     write_report(out, report, manifest)
@@ -205,14 +209,6 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "model"
 
 
-def _jsonable(params) -> Any:
-    if is_dataclass(params):
-        return {f.name: _jsonable(getattr(params, f.name)) for f in fields(params)}
-    if isinstance(params, (list, tuple)):
-        return [_jsonable(p) for p in params]
-    return params
-
-
 def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact]:
     """The facts the model answers (top-1 is the first token of an answer), up to `limit`, in order.
     Checked lazily in the dataset's order and stored, so large datasets cost only what is needed."""
@@ -230,7 +226,8 @@ def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact
     return chosen
 
 
-__all__ = ["Context", "Report", "run_experiment", "known_facts", "make_params", "EXPERIMENTS", "experiment_module", "asdict"]
+__all__ = ["Context", "Report", "run_experiment", "known_facts", "make_params", "EXPERIMENTS", "experiment_module",
+           "load_facts", "write_report", "past_runs"]
 
 
 def past_runs(*roots: str | Path) -> list[dict]:

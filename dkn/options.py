@@ -1,0 +1,37 @@
+"""The option lists every front end offers (CLI `choices=`, the app's pickers), with their labels.
+
+One tuple per option, torch-free so that the CLI can build its parser (and answer cached requests)
+without importing the model code.  The modules that implement the options validate against these:
+`tests/test_cli.py::test_option_lists_match_the_library` checks that `dkn.attribution.METHODS`,
+`BASELINES`, `dkn.interventions.MODES` and `dkn.degeneracy.CLUSTERER_NAMES` are these same tuples.
+"""
+
+from __future__ import annotations
+
+from dkn.integration import RULES  # noqa: F401  (the quadrature rules are defined with their code)
+from dkn.topology import CLUSTERERS as _TOPOLOGY_CLUSTERERS
+
+#: Attribution methods (dkn.attribution), with the app's labels.
+METHOD_LABELS = {
+    "ig": "Integrated gradients",
+    "grad_x_act": "Gradient × activation (fast)",
+    "activation": "Activation only",
+}
+METHODS = tuple(METHOD_LABELS)
+
+#: Integrated-gradients baselines: zero (Dai et al.) or AMIG (Chen et al.).
+BASELINES = ("zero", "amig")
+
+#: Where an intervention acts (dkn.interventions), with the app's labels.
+MODE_LABELS = {"last": "answer position", "all": "every position", "weights": "weights"}
+MODES = tuple(MODE_LABELS)
+
+#: Clusterers of the knowledge neurons into candidate groups: dkn.topology's, plus "amig" (dkn.degeneracy).
+CLUSTERERS = tuple(_TOPOLOGY_CLUSTERERS) + ("amig",)
+
+#: Devices and weight precisions of dkn.models.load_model (attribution accumulates in float32 anyway).
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+
+#: Analysis experiments (dkn.experiments.runner.EXPERIMENTS).
+EXPERIMENTS = ("acquisition", "robustness", "enhancement", "fact_checking", "evolvability", "complexity")
