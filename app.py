@@ -8,20 +8,27 @@ import streamlit as st
 st.set_page_config(page_title="Degenerate Knowledge Neurons", page_icon=":material/neurology:", layout="wide",
                    initial_sidebar_state="expanded")
 
-from ui import state, widgets  # noqa: E402  (after set_page_config)
+from ui import link, state, widgets  # noqa: E402  (after set_page_config)
 
 PAGES = [
     st.Page("pages/explore.py", title="Explore", icon=":material/search:", default=True),
     st.Page("pages/degenerate.py", title="Degenerate neurons", icon=":material/hub:"),
     st.Page("pages/intervene.py", title="Intervene", icon=":material/tune:"),
+    st.Page("pages/compare.py", title="Facts compared", icon=":material/compare_arrows:"),
     st.Page("pages/experiments.py", title="Experiments", icon=":material/science:"),
 ]
 
+link.restore()                      # a shared link: its state, before any widget is drawn
 page = st.navigation(PAGES)
 with st.sidebar:
     lm = widgets.model_picker()
-widgets.reset_figures()
-page.run()
-with st.sidebar:
     st.divider()
-    widgets.export_all_button(lm)
+    share = st.container()          # filled after the page ran (the page decides the fact and the groups)
+widgets.reset_figures()
+link.write()                        # the view as the last run left it (a page may stop early)
+page.run()
+ws = state.current_workspace(lm, load_cached=False) if lm is not None else None
+link.write(ws)
+with share:
+    link.copy_link_button(ws)
+    widgets.export_all_button(lm, ws)

@@ -329,9 +329,16 @@ def _add_late_commands(sub) -> None:
     _model_args(p)
     _fact_args(p)
     p.add_argument("--paraphrase", action="append", default=[], help="another prompt of the same fact (repeat)")
-    p.add_argument("--clusterer", choices=options.CLUSTERERS, default="ntc")
+    p.add_argument("--clusterer", choices=options.CLUSTERERS, default="ntc",
+                   help="amig: AMIG's pair definition; backup: conditional attribution rounds")
+    p.add_argument("--edge", choices=options.EDGES, default="static", help="graph edge definition")
+    p.add_argument("--max-span", type=positive_int, default=3, help="graph: most layers apart two neurons are linked")
+    p.add_argument("--require-sufficiency", action="store_true",
+                   help="also demand that each group alone (the others off) keeps the fact")
+    p.add_argument("--backup-rounds", type=positive_int, default=4, help="backup discovery: most rounds")
     p.add_argument("--t", type=share, default=0.2)
     p.add_argument("--p", type=share, default=0.5)
+    p.add_argument("--per-layer", action="store_true", help="selection: threshold t x the max of each layer")
     p.add_argument("--threshold-low", type=share, default=0.05)
     p.add_argument("--threshold-high", type=share, default=0.3)
     p.add_argument("--mode", choices=options.MODES, default="last")
@@ -348,6 +355,10 @@ def _add_late_commands(sub) -> None:
     p.add_argument("--param", action="append", default=[], metavar="FIELD=VALUE",
                    help="change one of the experiment's Params (repeatable), e.g. steps=50 or models=default,gemma3-270m")
     p.add_argument("--full", action="store_true", help="the experiment's full-size settings (for a GPU), where it has them")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="run the per-fact steps on Ray with this many model copies (default: in this process)")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="join this Ray cluster (with --workers); default: start a local one with this machine's cores")
 
 
 def run_dkn(args) -> int:
@@ -355,13 +366,15 @@ def run_dkn(args) -> int:
     from dkn.selection import find_knowledge_neurons
 
     params = DegeneracyParams(clusterer=args.clusterer, threshold_low=args.threshold_low,
-                              threshold_high=args.threshold_high, mode=args.mode)
+                              threshold_high=args.threshold_high, mode=args.mode, edge=args.edge,
+                              max_span=args.max_span, require_sufficiency=args.require_sufficiency,
+                              backup_rounds=args.backup_rounds, backup_attribution=_params(args))
     params.validate()
     lm = _load(args)
     start = time.perf_counter()
     prompts = [args.prompt] + args.paraphrase
     kns = find_knowledge_neurons(lm, prompts, args.answer, _params(args), t=args.t, p=args.p, store=_store(args),
-                                 progress=_progress(args, "attribution"))
+                                 progress=_progress(args, "attribution"), per_layer=args.per_layer)
     result = analyse(lm, args.prompt, args.answer, kns.neurons, kns.scores, params)
     out = result.as_json()
     out.update(model=lm.name, seconds=time.perf_counter() - start)
@@ -371,10 +384,17 @@ def run_dkn(args) -> int:
     print(f"{len(kns.neurons)} knowledge neurons; clusterer {args.clusterer}: {len(result.candidates)} candidate groups")
     for i, c in enumerate(result.candidates):
         members = " ".join(str(n) for n in c.members)
-        print(f"  BDC {i}: drop {c.single_drop:+.1%}  {'pass' if c.passed else 'fail'}  [{members}]")
+        found = f"  round {c.round}" if c.round else ""
+        print(f"  BDC {i}: drop alone {c.single_drop:+.1%}  {'pass' if c.passed else 'fail'}  "
+              f"only it left {c.alone_drop:+.1%} {'sufficient' if c.sufficient else 'insufficient'}{found}  [{members}]")
     print(f"all groups together: drop {result.union_drop:+.1%}; random control {result.random_control['mean']:+.1%} "
           f"(sd {result.random_control['std']:.1%}, n={result.random_control['n']})")
-    print(f"degeneracy index {result.degeneracy_index:.2f}, groups combine: {result.combination}")
+    if result.rounds:
+        print("peeling (P after each backup round): " + " -> ".join(f"{p:.4f}" for p in result.peeling))
+    print(f"redundancy R {result.redundancy:+.2f}, groups combine: {result.combination}")
+    pairs = [(s, v) for s, v in result.interactions if len(s) >= 2]
+    if pairs:
+        print("interactions: " + ", ".join(f"{'+'.join(map(str, s))} {v:+.1%}" for s, v in pairs[:10]))
     print(result.verdict)
     return 0
 
@@ -385,6 +405,7 @@ def run_experiment_cmd(args) -> int:
     experiment_module(args.name)  # fail on a bad name, settings or dataset before loading the model
     params = make_params(args.name, args.param, args.full)
     facts = load_facts(args.dataset)
+    cluster = _cluster(args)
     lm = _load(args)
     bars = {}
 
@@ -398,9 +419,20 @@ def run_experiment_cmd(args) -> int:
         bar.refresh()
 
     report, out = run_experiment(args.name, lm, args.dataset, limit=args.limit, seed=args.seed, out_dir=args.out,
-                                 params=params, progress=progress, facts=facts)
+                                 params=params, progress=progress, facts=facts, cluster=cluster)
     if args.json:
         print(_dumps({"experiment": args.name, "out": str(out), "summary": report.summary}))
     else:
         print(f"{args.name}: report written to {out / 'report.md'}")
     return 0
+
+
+def _cluster(args):
+    """The Ray settings of --workers / --ray-address, or None for a run in this process."""
+    if args.workers is None:
+        if args.ray_address:
+            raise UsageError("--ray-address needs --workers N: how many model copies to run on the cluster")
+        return None
+    from dkn.experiments.distributed import ClusterSpec
+
+    return ClusterSpec(workers=args.workers, address=args.ray_address, device=args.device)

@@ -14,20 +14,20 @@ Every builder also has a table form (`*_table`) for the CSV/JSON export.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from dkn.neurons import Neuron
+from dkn.neurons import Neuron, neuron_label
 
 GROUP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                  "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31")
 NO_GROUP = "#b0b0b0"
 EXCITATORY = "#2b6cb0"
 INHIBITORY = "#c53030"
-BASE_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=50, b=50), font=dict(size=13))
+BASE_LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=80, b=50), font=dict(size=13))
 
 
 def group_colour(i: int) -> str:
@@ -47,9 +47,10 @@ def group_name(i: int) -> str:
 # ------------------------------------------------------------------ attribution
 def attribution_heatmap(scores: np.ndarray, title: str = "Attribution score of every MLP neuron",
                         highlight: Sequence[Neuron] = (), max_columns: int | None = None,
-                        saturate: float = 0.3) -> go.Figure:
+                        saturate: float = 1.0) -> go.Figure:
     """Heatmap of scores [n_layers, d_mlp], layer 0 at the bottom, diverging colours centred at 0.
-    Colours saturate at `saturate` x the largest |score| (a few neurons dominate; the hover stays exact).
+    The colour scale spans +-`saturate` x the largest |score| (default: the whole range, so that the colour
+    bar reads the true top score; the hover stays exact).  The y axis spans exactly the layers.
     `max_columns` keeps, per block of columns, the entry of largest magnitude (display only; the hover
     then names the exact neuron of that entry).  `highlight` marks neurons with open circles."""
     scores = np.asarray(scores, dtype=np.float32)
@@ -74,8 +75,8 @@ def attribution_heatmap(scores: np.ndarray, title: str = "Attribution score of e
     fig.update_layout(**BASE_LAYOUT, title=title, height=max(320, 14 * n_layers + 120),
                       xaxis_title="neuron index" + (" (columns binned for display)" if index is not None else ""),
                       yaxis_title="layer", showlegend=bool(highlight),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
-    fig.update_yaxes(dtick=max(1, n_layers // 15))
+                      legend=dict(orientation="h", yanchor="top", y=-0.12, xanchor="right", x=1.0))
+    fig.update_yaxes(dtick=max(1, n_layers // 15), range=[-0.5, n_layers - 0.5])
     return fig
 
 
@@ -179,7 +180,7 @@ def kn_graph(graph, groups: Sequence[Sequence[Neuron]] = (), scores: Sequence[fl
         fig.add_trace(go.Scatter(
             x=[(pos[i][0] + pos[j][0]) / 2 for i, j, _ in edges], y=[(pos[i][1] + pos[j][1]) / 2 for i, j, _ in edges],
             mode="markers", marker=dict(size=6, color="rgba(0,0,0,0)"), showlegend=False,
-            text=[f"{neurons[i]} - {neurons[j]}<br>strength {w:+.4f} ({'excitatory' if w >= 0 else 'inhibitory'})"
+            text=[f"{neuron_label(neurons[i])} - {neuron_label(neurons[j])}<br>strength {w:+.4f} ({'excitatory' if w >= 0 else 'inhibitory'})"
                   for i, j, w in edges], hovertemplate="%{text}<extra></extra>"))
         for positive in (True, False):
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="excitatory (w > 0)" if positive
@@ -198,20 +199,29 @@ def kn_graph(graph, groups: Sequence[Sequence[Neuron]] = (), scores: Sequence[fl
             name = f"BDC {group_name(gi)}{status}"
         fig.add_trace(go.Scatter(
             x=[pos[k][0] for k in idx], y=[pos[k][1] for k in idx], mode="markers+text", name=name,
-            text=[str(neurons[k]) for k in idx], textposition="top center", textfont=dict(size=10),
+            text=[neuron_label(neurons[k]) for k in idx], textfont=dict(size=10),
+            textposition=[_label_side(neurons, k) for k in idx],
             marker=dict(size=[12 + 16 * abs(scores[k]) / smax for k in idx],
                         color=NO_GROUP if gi < 0 else group_colour(gi), line=dict(width=1, color="#333")),
             customdata=[[neurons[k].layer, neurons[k].index, scores[k]] for k in idx],
             hovertemplate="layer %{customdata[0]}, neuron %{customdata[1]}<br>score %{customdata[2]:.4f}"
                           f"<br>{name}<extra></extra>"))
     layers = sorted({n.layer for n in neurons})
-    fig.update_layout(**BASE_LAYOUT, title=title, height=460,
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0))
+    # the legend below the plot: above it, it overwrote the title (also in exported images)
+    fig.update_layout(**BASE_LAYOUT, title=title, height=500,
+                      legend=dict(orientation="h", yanchor="top", y=-0.14, xanchor="left", x=0.0))
     fig.update_xaxes(title_text="layer", tickmode="array", tickvals=list(range(len(layers))),
                      ticktext=[str(l) for l in layers], zeroline=False, showgrid=False,
                      range=[-0.6, len(layers) - 0.4])
     fig.update_yaxes(visible=False)
     return fig
+
+
+def _label_side(neurons: Sequence[Neuron], k: int) -> str:
+    """Alternate labels of the nodes of one layer left and right of their markers, so that the labels of
+    neighbouring nodes on a busy layer do not overlap."""
+    same_layer = [i for i, n in enumerate(neurons) if n.layer == neurons[k].layer]
+    return "middle right" if same_layer.index(k) % 2 == 0 else "middle left"
 
 
 def edge_table(graph) -> list[dict]:
@@ -318,20 +328,42 @@ def grid_table(subset_probs: Sequence[tuple[Sequence[int], float]], prob: float,
 def intervention_bars(top_before: Sequence[tuple[str, float]], top_after: Sequence[tuple[str, float]],
                       answer_tokens: Sequence[str] = (), title: str = "Top next tokens") -> go.Figure:
     """Two horizontal bar charts (before | after), most likely token at the top, answer tokens highlighted."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("before", "after"), horizontal_spacing=0.18)
+    return go.Figure(intervention_bars_spec(top_before, top_after, answer_tokens, title))
+
+
+def intervention_bars_spec(top_before: Sequence[tuple[str, float]], top_after: Sequence[tuple[str, float]],
+                           answer_tokens: Sequence[str] = (), title: str = "Top next tokens") -> dict:
+    """`intervention_bars` as a plain figure dict (st.plotly_chart draws it without plotly's validation,
+    which costs more than the intervention itself on a small machine: this one redraws live)."""
     answers = {a.strip() for a in answer_tokens}
+    data = []
     for col, top in ((1, top_before), (2, top_after)):
         toks = [_token_label(t) for t, _ in top][::-1]
-        probs = [p for _, p in top][::-1]
+        probs = [float(p) for _, p in top][::-1]
         colours = ["#dd6b20" if t.strip() in answers else "#4299e1" for t, _ in top][::-1]
-        fig.add_trace(go.Bar(x=probs, y=list(range(len(toks))), orientation="h", marker_color=colours,
-                             text=[f"{p:.1%}" for p in probs], textposition="outside", showlegend=False,
-                             customdata=toks, hovertemplate="%{customdata}: %{x:.2%}<extra></extra>"), row=1, col=col)
-        fig.update_yaxes(tickmode="array", tickvals=list(range(len(toks))), ticktext=toks, row=1, col=col)
+        suffix = "" if col == 1 else "2"
+        data.append({"type": "bar", "x": probs, "y": list(range(len(toks))), "orientation": "h",
+                     "marker": {"color": colours}, "text": [f"{p:.1%}" for p in probs], "textposition": "outside",
+                     "showlegend": False, "customdata": toks, "hovertemplate": "%{customdata}: %{x:.2%}<extra></extra>",
+                     "xaxis": f"x{suffix}", "yaxis": f"y{suffix}", "cliponaxis": False})
     top = max([p for _, p in list(top_before) + list(top_after)] + [1e-9])
-    fig.update_xaxes(range=[0, min(1.0, top * 1.3)], tickformat=".0%")
-    fig.update_layout(**BASE_LAYOUT, title=title, height=120 + 28 * max(len(top_before), len(top_after), 1))
-    return fig
+    xrange = [0, min(1.0, top * 1.3)]
+    n = max(len(top_before), len(top_after), 1)
+
+    def yaxis(top_list, anchor):
+        toks = [_token_label(t) for t, _ in top_list][::-1]
+        return {"tickmode": "array", "tickvals": list(range(len(toks))), "ticktext": toks, "anchor": anchor,
+                "automargin": True}
+    layout = {**BASE_LAYOUT, "title": {"text": title}, "height": 140 + 28 * n,
+              "xaxis": {"domain": [0.0, 0.41], "range": xrange, "tickformat": ".0%", "anchor": "y"},
+              "xaxis2": {"domain": [0.59, 1.0], "range": xrange, "tickformat": ".0%", "anchor": "y2"},
+              "yaxis": yaxis(top_before, "x"), "yaxis2": yaxis(top_after, "x2"),
+              "annotations": [{"text": "before", "x": 0.205, "y": 1.0, "xref": "paper", "yref": "paper",
+                               "yanchor": "bottom", "showarrow": False, "font": {"size": 14}},
+                              {"text": "after", "x": 0.795, "y": 1.0, "xref": "paper", "yref": "paper",
+                               "yanchor": "bottom", "showarrow": False, "font": {"size": 14}}]}
+    layout["margin"] = {**BASE_LAYOUT["margin"], "t": 100}
+    return {"data": data, "layout": layout}
 
 
 def _token_label(token: str) -> str:
@@ -363,6 +395,103 @@ def probability_bars(values: Mapping[str, float], title: str = "P(answer)",
     return fig
 
 
-__all__ = ["attribution_heatmap", "layer_summary", "layer_table", "kn_graph", "edge_table", "graph_positions",
-           "node_groups", "barcode", "bar_table", "degeneracy_grid", "grid_table", "intervention_bars",
-           "token_table", "probability_bars", "group_name", "group_colour"]
+def dose_response(factors: Sequence[float], probs: Sequence[Sequence[float]], names: Sequence[str],
+                  prob: float, title: str = "Dose-response") -> go.Figure:
+    """P(answer) against the factor, one line per group (probs[g][k] at factors[k]); the unchanged model's
+    P as a grey dashed line, factor 1 (nothing changed) as a dotted vertical line."""
+    fig = go.Figure()
+    for g, (name, row) in enumerate(zip(names, probs)):
+        fig.add_trace(go.Scatter(x=list(factors), y=list(row), mode="lines+markers", name=name,
+                                 line=dict(color=group_colour(g)),
+                                 hovertemplate=f"{name}<br>factor %{{x:g}}: %{{y:.2%}}<extra></extra>"))
+    fig.add_hline(y=prob, line=dict(color="#718096", dash="dash"), annotation_text="unchanged",
+                  annotation_position="top left")
+    fig.add_vline(x=1.0, line=dict(color="#a0aec0", dash="dot"))
+    top = max([p for row in probs for p in row] + [prob, 1e-9])
+    fig.update_layout(**BASE_LAYOUT, title=title, height=380, xaxis_title="factor", yaxis_title="P(answer)",
+                      yaxis_tickformat=".0%", yaxis_range=[0, min(1.0, top * 1.15)],
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
+    return fig
+
+
+def overlap_matrix(facts: Sequence[str], shared: np.ndarray, jaccard: np.ndarray,
+                   title: str = "Knowledge neurons shared by each pair of facts") -> go.Figure:
+    """Facts x facts: colour = Jaccard index of their knowledge-neuron sets, text = neurons shared
+    (the diagonal: each fact's own count)."""
+    labels = [_short(f, 32) for f in facts]
+    fig = go.Figure(go.Heatmap(z=jaccard, x=labels, y=labels, zmin=0, zmax=1, colorscale="Blues",
+                               text=shared, texttemplate="%{text}", colorbar=dict(title="Jaccard"),
+                               hovertemplate="%{y}<br>%{x}<br>shared: %{text}<br>Jaccard %{z:.2f}<extra></extra>"))
+    fig.update_layout(**BASE_LAYOUT, title=title, height=200 + 36 * len(facts))
+    fig.update_layout(margin=dict(l=220, r=20, t=80, b=160))
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+__all__ = ["attribution_heatmap", "overlap_matrix", "layer_summary", "layer_table", "kn_graph", "edge_table",
+           "graph_positions", "node_groups", "barcode", "bar_table", "degeneracy_grid", "grid_table",
+           "intervention_bars", "intervention_bars_spec", "token_table", "probability_bars", "dose_response",
+           "group_name", "group_colour"]
+
+
+# ------------------------------------------------------------------ degeneracy: sufficiency, interactions, peeling
+def group_drop_bars(single_drops: Sequence[float], alone_drops: Sequence[float], threshold_low: float,
+                    threshold_high: float, title: str = "Each group: switched off alone, and left on alone"
+                    ) -> go.Figure:
+    """Per group, two bars: the relative drop of P with only this group suppressed (must stay within
+    +-threshold_low) and with every OTHER group suppressed (sufficiency: must stay below threshold_high)."""
+    names = [f"BDC {group_name(i)}" for i in range(len(single_drops))]
+    fig = go.Figure([
+        go.Bar(name="drop with it switched off", x=names, y=list(single_drops), marker_color="#dd6b20",
+               hovertemplate="%{x}: P drops by %{y:.1%} with it off<extra></extra>"),
+        go.Bar(name="drop with only it left", x=names, y=list(alone_drops), marker_color="#4299e1",
+               hovertemplate="%{x}: P drops by %{y:.1%} with every other group off<extra></extra>")])
+    for y, text in ((threshold_low, "low"), (-threshold_low, ""), (threshold_high, "high")):
+        fig.add_hline(y=y, line_dash="dot", line_color="#718096", annotation_text=text)
+    fig.update_layout(**BASE_LAYOUT, title=title, barmode="group", height=340, yaxis_tickformat=".0%",
+                      yaxis_title="relative drop of P(answer)")
+    return fig
+
+
+def group_drop_table(single_drops: Sequence[float], alone_drops: Sequence[float]) -> list[dict]:
+    return [{"group": group_name(i), "drop_alone": float(s), "drop_only_it_left": float(a)}
+            for i, (s, a) in enumerate(zip(single_drops, alone_drops))]
+
+
+def interaction_bars(interactions: Sequence[tuple[Sequence[int], float]],
+                     title: str = "Moebius (Harsanyi) interaction of every subset of groups") -> go.Figure:
+    """One bar per subset: its Harsanyi dividend of the drop (singles: their own drop; a positive pair:
+    the two groups stand in for each other; the bars add up to the drop with every group suppressed)."""
+    labels = ["+".join(group_name(i) for i in s) for s, _ in interactions]
+    values = [float(v) for _, v in interactions]
+    fig = go.Figure(go.Bar(x=labels, y=values, marker_color=[EXCITATORY if v >= 0 else INHIBITORY for v in values],
+                           text=[f"{v:+.1%}" for v in values], textposition="outside",
+                           hovertemplate="%{x}: %{y:+.2%}<extra></extra>"))
+    fig.update_layout(**BASE_LAYOUT, title=title, height=340, yaxis_tickformat=".0%",
+                      xaxis_title="subset of groups", yaxis_title="interaction (share of P)")
+    return fig
+
+
+def interaction_table(interactions: Sequence[tuple[Sequence[int], float]]) -> list[dict]:
+    return [{"subset": "+".join(group_name(i) for i in s), "size": len(s), "interaction": float(v)}
+            for s, v in interactions]
+
+
+def peeling_curve(peeling: Sequence[float], round_sizes: Sequence[int] = (),
+                  title: str = "Backup discovery: P(answer) after each round is switched off") -> go.Figure:
+    """P(answer) unchanged (round 0) and after each round's neurons are suppressed on top of the earlier ones."""
+    xs = list(range(len(peeling)))
+    text = ["unchanged"] + [f"round {k}: {n} neurons" for k, n in enumerate(round_sizes, 1)]
+    fig = go.Figure(go.Scatter(x=xs, y=list(peeling), mode="lines+markers+text", text=[f"{p:.1%}" for p in peeling],
+                               textposition="top center", customdata=text[: len(xs)] + [""] * (len(xs) - len(text)),
+                               line={"color": "#2b6cb0"},
+                               hovertemplate="%{customdata}<br>P(answer) %{y:.2%}<extra></extra>"))
+    fig.update_layout(**BASE_LAYOUT, title=title, height=320, yaxis_tickformat=".0%",
+                      yaxis_range=[0, min(1.05, max(list(peeling) + [1e-9]) * 1.25)],
+                      xaxis={"tickmode": "array", "tickvals": xs, "title": "rounds suppressed"})
+    return fig
+
+
+def peeling_table(peeling: Sequence[float], round_sizes: Sequence[int] = ()) -> list[dict]:
+    return [{"round": k, "neurons": (round_sizes[k - 1] if 0 < k <= len(round_sizes) else 0), "p_answer": float(p)}
+            for k, p in enumerate(peeling)]

@@ -19,6 +19,11 @@ class Neuron(NamedTuple):
         return f"{self.layer}:{self.index}"
 
 
+def neuron_label(n) -> str:
+    """The one label a neuron gets in figures and tables: "L12:N345" (parse_neurons reads it back)."""
+    return f"L{n[0]}:N{n[1]}"
+
+
 def parse_neurons(text: str) -> list[Neuron]:
     """Parse "12:345,3:7" (layer:index pairs, comma separated) into neurons, each once, in first-seen order."""
     neurons = []

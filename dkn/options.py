@@ -26,8 +26,12 @@ BASELINES = ("zero", "amig")
 MODE_LABELS = {"last": "answer position", "all": "every position", "weights": "weights"}
 MODES = tuple(MODE_LABELS)
 
-#: Clusterers of the knowledge neurons into candidate groups: dkn.topology's, plus "amig" (dkn.degeneracy).
-CLUSTERERS = tuple(_TOPOLOGY_CLUSTERERS) + ("amig",)
+#: Methods that propose candidate groups: dkn.topology's clusterers, plus "amig" (AMIG's pair definition,
+#: dkn.degeneracy) and "backup" (conditional attribution rounds, dkn.backup).
+CLUSTERERS = tuple(_TOPOLOGY_CLUSTERERS) + ("amig", "backup")
+
+#: Edge definitions of the knowledge-neuron graph (dkn.graph.EDGES).
+EDGES = ("static", "functional", "faithful")
 
 #: Devices and weight precisions of dkn.models.load_model (attribution accumulates in float32 anyway).
 DEVICES = ("auto", "cpu", "cuda", "mps")

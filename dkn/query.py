@@ -8,9 +8,15 @@ the i-th mask, with the earlier masks filled by the gold tokens.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from dkn.models import LoadedModel
+
+# Longest prompt (in tokens) that make_query accepts.  Attribution holds [steps, T, d_mlp] activations per
+# layer, so a prompt of thousands of tokens would exhaust the memory of a small machine; facts are short.
+# Raise it per call (max_prompt_tokens=...) or for a whole process with $DKN_MAX_PROMPT_TOKENS.
+MAX_PROMPT_TOKENS = int(os.environ.get("DKN_MAX_PROMPT_TOKENS", "256") or 256)
 
 
 class QueryError(ValueError):
@@ -43,11 +49,15 @@ def normalise_answer(prompt: str, answer: str) -> str:
     return " " + answer
 
 
-def make_query(lm: LoadedModel, prompt: str, answer: str, max_answer_tokens: int = 16) -> Query:
+def make_query(lm: LoadedModel, prompt: str, answer: str, max_answer_tokens: int = 16,
+               max_prompt_tokens: int | None = None) -> Query:
+    """The query of one prompt/answer pair; QueryError (saying what to change) for unusable input.
+    max_prompt_tokens: longest prompt accepted, default MAX_PROMPT_TOKENS."""
     if not prompt or not prompt.strip():
         raise QueryError("the prompt is empty: type the start of a sentence whose next word is the answer")
     if not answer or not answer.strip():
         raise QueryError("the answer is empty: give the word the model should say next, e.g. 'Paris'")
+    check_prompt_length(lm, prompt, max_prompt_tokens)
     answer = normalise_answer(prompt, answer)
     build = _masked_steps if lm.family.masked_lm else _causal_steps
     steps = build(lm.tokenizer, prompt, answer)
@@ -60,6 +70,24 @@ def make_query(lm: LoadedModel, prompt: str, answer: str, max_answer_tokens: int
         raise QueryError(f"prompt and answer take {longest} tokens but this model reads at most {lm.max_length}: shorten the prompt")
     tokens = tuple(lm.tokenizer.decode([s.target]) for s in steps)
     return Query(prompt, answer, tuple(steps), tokens)
+
+
+def prompt_tokens(lm: LoadedModel, prompt: str) -> int:
+    """How many tokens the tokenizer makes of `prompt` (special tokens included)."""
+    return len(lm.tokenizer(prompt)["input_ids"])
+
+
+def check_prompt_length(lm: LoadedModel, prompt: str, max_prompt_tokens: int | None = None) -> int:
+    """The prompt's token count; QueryError when it exceeds max_prompt_tokens (default MAX_PROMPT_TOKENS)."""
+    limit = MAX_PROMPT_TOKENS if max_prompt_tokens is None else int(max_prompt_tokens)
+    if limit < 1:
+        raise ValueError(f"max_prompt_tokens must be at least 1, got {limit}")
+    n = prompt_tokens(lm, prompt)
+    if n > limit:
+        raise QueryError(f"the prompt is {n:,} tokens long; dkn accepts prompts of at most {limit:,} tokens "
+                         "(a fact's prompt is one sentence): shorten it, or raise the limit with "
+                         "$DKN_MAX_PROMPT_TOKENS if the machine has the memory")
+    return n
 
 
 def _causal_steps(tokenizer, prompt: str, answer: str) -> list[Step]:

@@ -1,6 +1,7 @@
 """Experiments: the analysis framework's past runs and their reports, and small runs on the loaded model."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -61,16 +62,39 @@ with st.form("run_experiment"):
                                                        "a CSV/JSONL file, or several joined by +")
     limit = c3.number_input("Facts", 1, 500, 5)
     seed = c4.number_input("Seed", 0, 10_000, 0)
+    r1, r2 = st.columns([1, 3])       # Ray: the per-fact steps on a cluster (dkn.experiments.distributed)
+    workers = r1.number_input("Ray workers", 0, 256, 0, help="0: in this process; N: N model copies on Ray")
+    ray_address = r2.text_input("Ray address", os.environ.get("RAY_ADDRESS", ""), placeholder="auto or HOST:PORT",
+                                help="blank: start a local Ray with this machine's cores (with Ray workers > 0)")
     submitted = st.form_submit_button("Run", type="primary", icon=":material/play_arrow:")
 if submitted:
     with widgets.guard("the experiment"):
         def work(update):
             return run_experiment(name, lm, dataset, limit=int(limit), seed=int(seed), store=state.get_store(),
+                                  cluster=cluster,
                                   out_dir=APP_RUNS / name / f"{lm.name.replace('/', '_')}-{dataset.replace('/', '_')}-{limit}-{seed}",
                                   progress=lambda step, done, total: update(done / max(total, 1), f"{step} {done}/{total}"),
                                   command=f"python -m dkn experiment {name} --model {lm.name} --dataset {dataset} "
-                                          f"--limit {limit} --seed {seed}")
-        report, out = widgets.run_with_progress(f"Running {name}", work)
-        st.success(f"Done: {report.summary.get('n_facts', '')} facts. The report is listed above (reload the page).",
-                   icon=":material/check_circle:")
-        st.json(report.summary, expanded=False)
+                                          f"--limit {limit} --seed {seed}" + (f" --workers {workers}" * bool(workers)))
+        try:
+            cluster = None
+            if workers:
+                from dkn.experiments.distributed import ClusterSpec
+                cluster = ClusterSpec(workers=int(workers), address=ray_address.strip() or None)
+            label = f"Running {name}" + (f" on {workers} Ray workers" if workers else "")
+            report, out = widgets.run_with_progress(label, work, cancel_key="cancel_experiment")
+        except RuntimeError as err:      # Ray: no cluster at that address, a worker that cannot load the model
+            if not workers:
+                raise
+            st.error(f"The run on Ray failed: {err}", icon=":material/error:")
+            st.stop()
+        st.session_state["experiment_done"] = (name, report.summary)
+        st.rerun()            # the new report appears in the list above at once
+if st.session_state.pop("cancelled_cancel_experiment", False):
+    st.info("Experiment cancelled. Facts already finished are kept: running it again resumes from them.",
+            icon=":material/cancel:")
+if "experiment_done" in st.session_state:
+    done_name, summary = st.session_state["experiment_done"]
+    st.success(f"Done: {done_name}, {summary.get('n_facts', '')} facts. Its report is listed above.",
+               icon=":material/check_circle:")
+    st.json(summary, expanded=False)

@@ -59,7 +59,8 @@ with right:
             with guard("Reading the facts"):
                 facts = state.get_dataset(name.strip())
                 if not facts:
-                    st.warning("The file holds no usable facts.")
+                    st.warning(f"The file holds no usable facts: {state.why_no_facts(name.strip())}",
+                               icon=":material/warning:")
                 else:
                     by_id = {f.id: f for f in facts}
                     chosen = persistent(st.selectbox, f"Fact ({len(facts):,} in the file)", list(by_id),
@@ -69,8 +70,12 @@ with right:
                     base = state.FactChoice(f.prompt, f.answer, f.prompts[1:], f.id)
         else:
             st.info("Type a dataset name or the path of a facts file.")
+        if base is None:          # no fact from this file: never leave the previous fact's results on screen
+            st.stop()
     else:
         st.caption("Type a prompt that the answer should complete, e.g. *The Eiffel Tower is in* → *Paris*.")
+        st.button("New fact", key="new_custom_fact", on_click=state.clear_custom_fact, icon=":material/note_add:",
+                  help="Empty the prompt, the answer and the paraphrases.")
         base = state.FactChoice("", "", (), "custom")
 
 if base is not None:
@@ -80,18 +85,22 @@ if base is not None:
     prompt = c1.text_input("Prompt", value=start.prompt, key=f"prompt_{base.fact_id}",
                            help="Ends where the answer starts; no trailing space.")
     answer = c2.text_input("Answer", value=start.answer, key=f"answer_{base.fact_id}")
-    with st.expander(f"Paraphrases ({len(start.paraphrases)}) — the knowledge neurons must hold across them",
-                     expanded=not start.paraphrases and base.fact_id == "custom"):
-        editor_key = f"para_{base.fact_id}"
+    # a fixed label and a fixed `expanded`: a label that changes would make a new expander, which collapses
+    # and drops the row being typed
+    with st.expander("Paraphrases — the knowledge neurons must hold across them",
+                     expanded=base.fact_id == "custom"):
+        editor_key = f"para_{base.fact_id}_{st.session_state.get('custom_generation', 0)}"
         if editor_key not in st.session_state:   # a fresh editor (first time, or back from another page)
-            st.session_state[f"para_init_{base.fact_id}"] = list(start.paraphrases)
-        initial = st.session_state.get(f"para_init_{base.fact_id}", list(start.paraphrases))
+            st.session_state[f"para_init_{editor_key}"] = list(start.paraphrases)
+        initial = st.session_state.get(f"para_init_{editor_key}", list(start.paraphrases))
         edited = st.data_editor(pd.DataFrame({"paraphrase": initial}, dtype="string"),
                                 num_rows="dynamic", key=editor_key, width="stretch", hide_index=True,
                                 column_config={"paraphrase": st.column_config.TextColumn(
                                     "Paraphrased prompt", help="Same fact, other wording; the answer must follow.")})
         paraphrases = tuple(str(p).strip() for p in edited["paraphrase"].tolist()
                             if isinstance(p, str) and p.strip())
+        st.caption(f"{widgets.count(len(paraphrases), 'paraphrase')}: the fact has "
+                   f"{widgets.count(1 + len(paraphrases), 'prompt')}.")
     fact = state.FactChoice(prompt.rstrip(), answer.strip(), paraphrases, base.fact_id)
     state.set_fact(fact)
 
@@ -100,15 +109,29 @@ if not fact.prompt.strip() or not fact.answer.strip():
     st.stop()
 
 # ------------------------------------------------------------------ 2. the prediction
+too_long = state.prompt_length_error(lm, fact)
+if too_long:                  # before any model call: a huge prompt must not reach attribution or the model
+    st.error(f"This prompt cannot be used: {too_long}", icon=":material/error:")
+    st.stop()
 st.header("2 · What the model predicts", divider="gray")
 with guard():
     prob, top = state.model_prediction(lm, lm.fingerprint, fact.prompt, fact.answer)
+    tokens = state.answer_tokens(lm, lm.fingerprint, fact.prompt, fact.answer)
     c1, c2 = st.columns([1, 2], gap="large")
     c1.metric(f"P({fact.answer!r} | prompt)", pct(prob), help="Product over the answer's tokens, each conditioned "
               "on the prompt and the answer's earlier tokens.")
-    rank = next((i + 1 for i, (t, _) in enumerate(top) if t.strip() and t.strip() == fact.answer.split()[0]), None)
-    c1.caption(f"The answer's first token is the model's **#{rank}** guess." if rank
-               else "The answer is not among the model's top 10 next tokens: it may not know this fact.")
+    first = tokens[0]
+    if len(tokens) > 1:
+        c1.caption(f"The answer is {len(tokens)} tokens; each is ranked given the prompt and the tokens before it.")
+        c1.dataframe(pd.DataFrame({"answer token": [repr(t.token) for t in tokens],
+                                   "probability": [t.prob for t in tokens], "rank": [t.rank for t in tokens]}),
+                     hide_index=True, width="stretch", key="answer_tokens",
+                     column_config={"probability": st.column_config.NumberColumn(format="percent")})
+    elif first.rank <= len(top):
+        c1.caption(f"The answer is the model's **#{first.rank}** guess.")
+    else:
+        c1.caption(f"The answer is the model's #{first.rank:,} guess, not among its top {len(top)} next tokens: "
+                   "it may not know this fact.")
     c2.dataframe(pd.DataFrame({"next token": [repr(t) for t, _ in top], "probability": [p for _, p in top]}),
                  hide_index=True, width="stretch", height=230,
                  column_config={"probability": st.column_config.ProgressColumn(
@@ -132,10 +155,13 @@ with st.expander("Settings", icon=":material/settings:"):
     p = c2.slider("Refined share p", 0.0, 0.9, settings.p, 0.1, key="set_p",
                   help="A knowledge neuron is coarse in more than this share of the prompts.")
     n_max = max(1, len(fact.prompts))
-    max_prompts = c3.number_input("Prompts to use", 1, max(n_max, 1),
-                                  min(settings.max_prompts, n_max), key="set_max_prompts",
-                                  help="The prompt plus this many minus one paraphrases; each costs one attribution.")
-    state.set_settings(state.Settings(method, int(steps), baseline, float(t), float(p), int(max_prompts)))
+    # keyed by the number of prompts, and written to the settings only when the user changes it: a fact
+    # with one prompt must not pin "Prompts to use" to 1 for the paraphrases typed next or the facts after
+    c3.number_input("Prompts to use", 1, n_max, min(settings.max_prompts, n_max), key=f"set_max_prompts_{n_max}",
+                    on_change=state.keep_max_prompts, args=(f"set_max_prompts_{n_max}",),
+                    help="The prompt plus this many minus one paraphrases; each costs one attribution.")
+    state.set_settings(state.Settings(method, int(steps), baseline, float(t), float(p),
+                                      state.current_settings().max_prompts))
 
 settings = state.current_settings()
 n_prompts = min(settings.max_prompts, len(fact.prompts))
@@ -147,7 +173,10 @@ with guard():
                     key="run_attribution", disabled=ws is not None, icon=":material/play_arrow:",
                     help="Results are cached on disk: a fact you ran before appears at once.")
     if run and ws is None:
-        ws = widgets.run_with_progress("Attributing", lambda progress: state.run_attribution(lm, progress))
+        ws = widgets.run_with_progress("Attributing", lambda progress: state.run_attribution(lm, progress),
+                                       cancel_key="cancel_attribution")
+    if ws is None and st.session_state.pop("cancelled_cancel_attribution", False):
+        st.info("Attribution cancelled: nothing was stored for the unfinished prompt.", icon=":material/cancel:")
     if ws is None:
         st.caption("About 10 s per prompt for the default model on a CPU. Cached results appear at once.")
 
@@ -165,7 +194,8 @@ shown = st.selectbox("Scores of", options, key="heat_prompt",
                      format_func=lambda o: "mean over all prompts" if o == "mean" else f"prompt {o + 1}: {ws.prompts[o]}")
 scores = ws.mean_scores() if shown == "mean" else ws.attributions[shown].scores
 fig = figures.attribution_heatmap(scores, highlight=ws.kn.neurons,
-                                  title="Attribution score of every MLP neuron (circles: knowledge neurons)")
+                                  title=widgets.titled("Attribution score of every MLP neuron (circles: "
+                                                       "knowledge neurons)", lm, ws))
 hmap = pd.DataFrame({"layer": np.repeat(np.arange(scores.shape[0]), scores.shape[1]),
                      "neuron": np.tile(np.arange(scores.shape[1]), scores.shape[0]), "score": scores.ravel()})
 event = widgets.show_figure(fig, "attribution-heatmap", hmap, key="fig_heatmap", on_select="rerun",
@@ -187,7 +217,8 @@ if picked:
         st.toast(f"Group of {len(picked[:64])} neurons added: test it on the Intervene page.")
 
 layers = figures.layer_table(scores, settings.t)
-widgets.show_figure(figures.layer_summary(scores, settings.t), "layer-summary", layers, key="fig_layers",
+widgets.show_figure(figures.layer_summary(scores, settings.t, title=widgets.titled("Attribution per layer", lm, ws)),
+                    "layer-summary", layers, key="fig_layers",
                     caption="Where the fact lives: the positive attribution of each layer, and its strongest neuron.")
 
 # ------------------------------------------------------------------ 4. knowledge neurons
@@ -199,11 +230,13 @@ if not kn.neurons:
     st.warning("No knowledge neurons: lower t or p in the settings, or use fewer paraphrases.")
     st.stop()
 with guard():
+    generic = st.session_state.get("generic_neurons")
+    generic_set = generic["neurons"] if generic else set()
     rows = []
     for n, s, c in zip(kn.neurons, kn.scores, kn.counts):
         promoted, _ = state.get_vocab(lm, ws, n)
         rows.append({"pick": False, "neuron": widgets.neuron_label(n), "layer": n.layer, "index": n.index,
-                     "score": s, "prompts": f"{c}/{kn.n_prompts}",
+                     "score": s, "prompts": f"{c}/{kn.n_prompts}", "generic": n in generic_set,
                      "promotes": "  ".join(repr(t) for t, _ in promoted[:4])})
     table = pd.DataFrame(rows)
     st.session_state.setdefault("_tables", {})["knowledge-neurons"] = table.drop(columns=["pick"])
@@ -213,10 +246,15 @@ with guard():
                                                                                    "to form your own group"),
                                            "score": st.column_config.NumberColumn("score", format="%.4f"),
                                            "prompts": st.column_config.TextColumn("coarse in"),
+                                           "generic": st.column_config.CheckboxColumn(
+                                               "generic", help="Also a knowledge neuron of most other facts"),
                                            "promotes": st.column_config.TextColumn("promotes (vocabulary)")})
     c1, c2, c3 = st.columns([3, 1, 1])
     c1.caption("Score: mean attribution over the prompts. *Promotes*: the tokens whose logits the neuron's "
-               "output weights raise most.")
+               "output weights raise most. *Generic*: a knowledge neuron of at least "
+               + (f"{generic['share']:.0%} of the {generic['n_facts']} facts compared" if generic else
+                  "half the facts compared")
+               + " on the Facts compared page" + ("" if generic else " (compare facts there to set it)") + ".")
     chosen = [kn.neurons[i] for i, v in enumerate(edited["pick"].tolist()) if v]
     if c2.button(f"Group the {len(chosen)} picked", key="group_from_table", disabled=len(chosen) < 1,
                  icon=":material/group_add:"):
@@ -230,6 +268,17 @@ with guard():
                "output weight vector promotes and demotes (per unit of activation; later layers ignored).")
     neuron = st.selectbox("Neuron", list(kn.neurons), format_func=widgets.neuron_label, key="vocab_neuron")
     promoted, demoted = state.get_vocab(lm, ws, neuron)
+    detail = state.get_neuron_detail(lm, ws, neuron)
+    d = st.columns(3)
+    d[0].metric("Activation at the answer position", f"{detail.activation:+.3f}")
+    d[1].metric(f"Direct effect on the {detail.answer_token!r} logit", f"{detail.direct_effect:+.3f}",
+                help=f"activation × {detail.logit_per_unit:+.3f} (the logit change per unit of activation "
+                     "through the unembedding; later layers ignored)")
+    facts_of = generic["facts_of"].get(neuron, ()) if generic else ()
+    d[2].metric("Knowledge neuron of", widgets.count(len(facts_of), "compared fact") if generic else "—",
+                help="Facts compared on the Facts compared page.")
+    if facts_of:
+        st.caption("Also a knowledge neuron of: " + "; ".join(facts_of))
     c1, c2 = st.columns(2)
     vocab_cfg = {"logit change": st.column_config.NumberColumn(format="%+.3f")}
     c1.markdown("**Promotes**")

@@ -10,9 +10,9 @@ import os
 import pytest
 
 pytest.importorskip("streamlit")
-from streamlit.testing.v1 import AppTest  # noqa: E402
+from streamlit.testing.v1 import AppTest
 
-from tests.app_support import FRANCE, REPO, env_var, make_cache_dir, seed_store  # noqa: E402
+from tests.app_support import FRANCE, REPO, env_var, make_cache_dir, seed_store
 
 pytestmark = pytest.mark.real_model
 TIMEOUT = 180
@@ -75,7 +75,7 @@ def test_degenerate_page_shows_graph(app):
     no_exceptions(at)
     assert at.title[0].value == "Degenerate knowledge neurons"
     assert any(w.label == "Clusterer" for w in at.selectbox)
-    assert any(m.label == "Degeneracy index" for m in at.metric)
+    assert any(m.label == "Redundancy R" for m in at.metric)
     specs = [c.proto.spec for c in charts(at)]
     assert any("BDC A" in s for s in specs)          # the graph colours nodes by group
     assert len(specs) >= 2                            # graph and barcode
@@ -155,3 +155,193 @@ def test_bad_model_shows_error(app):
     at.switch_page("pages/intervene.py").run()
     no_exceptions(at)
     assert "No model is loaded" in texts(at.error)
+
+
+# ------------------------------------------------------------------ issue 12 §2: nothing typed takes it down
+def _type_fact(at, prompt: str, answer: str):
+    next(r for r in at.radio if r.label == "Where the fact comes from").set_value("Type your own").run()
+    next(t for t in at.text_input if t.label == "Prompt").input(prompt).run()
+    next(t for t in at.text_input if t.label == "Answer").input(answer).run()
+    return at
+
+
+def _run_label(at) -> str:
+    return next(b.label for b in at.button if b.label.startswith(("Run attribution", "Attribution done")))
+
+
+def test_long_prompt_refused_before_the_model_runs(app):
+    from dkn.query import MAX_PROMPT_TOKENS
+
+    at = _type_fact(app.run(), " ".join(["word"] * 3000), "Paris")
+    no_exceptions(at)
+    assert "tokens long" in texts(at.error) and f"at most {MAX_PROMPT_TOKENS}" in texts(at.error)
+    assert not any(b.label.startswith("Run attribution") for b in at.button)     # stopped before attribution
+    assert not at.metric                                                          # and before the prediction
+
+
+def _add_paraphrases(at, key: str, rows: list[str]):
+    at.session_state[key] = {"edited_rows": {}, "added_rows": [{"paraphrase": r} for r in rows], "deleted_rows": []}
+    return at.run()
+
+
+def test_typed_paraphrases_are_used_and_do_not_pin_the_prompt_count(app):
+    at = _type_fact(app.run(), "The capital of Japan is", "Tokyo")
+    no_exceptions(at)
+    assert _run_label(at) == "Run attribution on 1 prompt"
+    at = _add_paraphrases(at, "para_custom_0", ["Japan's capital is", "The capital city of Japan is"])
+    no_exceptions(at)
+    assert _run_label(at) == "Run attribution on 3 prompts"          # was stuck at 1
+    assert "2 paraphrases: the fact has 3 prompts." in texts(at.caption)   # the count is not one edit behind
+    # a built-in fact chosen afterwards uses its paraphrases too
+    next(r for r in at.radio if r.label == "Where the fact comes from").set_value("Built-in facts").run()
+    assert _run_label(at) in ("Run attribution on 3 prompts", "Attribution done")
+    # "New fact" on the typed source starts empty: the Japanese paraphrases do not carry over
+    next(r for r in at.radio if r.label == "Where the fact comes from").set_value("Type your own").run()
+    next(b for b in at.button if b.label == "New fact").click().run()
+    no_exceptions(at)
+    assert [t.value for t in at.text_input if t.label == "Prompt"] == [""]
+    assert "0 paraphrases" in texts(at.caption)
+
+
+def test_multi_token_answer_lists_each_token_with_its_rank(app):
+    at = _type_fact(app.run(), "The capital of France is", "Paris, France")
+    no_exceptions(at)
+    assert "may not know this fact" not in texts(at.caption)
+    table = next(d.value for d in at.dataframe if "answer token" in d.value.columns)
+    assert table["answer token"].tolist()[0] == repr(" Paris")
+    assert table["rank"].tolist()[0] == 1                           # " Paris" is the model's top guess
+    assert len(table) >= 3 and (table["probability"] > 0).all()
+
+
+def test_dataset_missing_column_named_and_stale_results_cleared(app, tmp_path):
+    path = tmp_path / "facts.csv"
+    path.write_text("prompt,solution\nThe capital of Japan is,Tokyo\n")
+    at = app.run()
+    assert "Loaded from the cache at once" in texts(at.success)      # the France results are on screen
+    next(r for r in at.radio if r.label == "Where the fact comes from").set_value("Dataset file").run()
+    next(t for t in at.text_input if t.label == "Dataset name or file").input(str(path)).run()
+    no_exceptions(at)
+    assert "lacks the column answer" in texts(at.warning)
+    assert "Loaded from the cache at once" not in texts(at.success)  # no stale results
+    assert not charts(at)
+
+
+def test_back_to_default_model_clears_the_bad_path(app):
+    bad = os.path.join(str(REPO), "app.py")
+    app.session_state["model_name"] = bad
+    app.session_state["model_source"] = "Local folder"
+    app.session_state["model_text"] = bad
+    at = app.run()
+    assert "is a file" in texts(at.sidebar.error)
+    next(b for b in at.sidebar.button if b.label == "Back to the default model").click().run()
+    no_exceptions(at)
+    assert not at.error and "Loaded from the cache at once" in texts(at.success)   # the default model is back
+    # the widgets' own state: the sidebar shows "Offline default" and no longer the bad path
+    assert at.session_state["model_source"] == "Offline default"
+    assert at.session_state["model_text"] == ""
+
+
+def test_typed_neurons_survive_a_validation_error_and_none_unticks(app):
+    at = app.run()
+    at.switch_page("pages/intervene.py").run()
+    typed = next(t for t in at.text_input if t.label == "Other neurons")
+    typed.input("L99:N1")
+    next(b for b in at.button if b.label == "Add group").click().run()
+    no_exceptions(at)
+    assert "out of range" in texts(at.error) or "layer" in texts(at.error)
+    assert next(t for t in at.text_input if t.label == "Other neurons").value == "L99:N1"
+    next(t for t in at.text_input if t.label == "Other neurons").input("L3:N7")
+    next(b for b in at.button if b.label == "Add group").click().run()
+    no_exceptions(at)
+    assert next(t for t in at.text_input if t.label == "Other neurons").value == ""   # added: the form empties
+    assert any(c.label.startswith("My group 1 · 1 neuron") for c in at.checkbox)     # not "1 neurons"
+    for box in at.checkbox:
+        box.check()
+    at.run()
+    assert _p_after(at) != next(m.value for m in at.metric if m.label == "P(answer) before")
+    next(b for b in at.button if b.label == "None").click().run()
+    no_exceptions(at)
+    assert not any(c.value for c in at.checkbox)
+    assert _p_after(at) == next(m.value for m in at.metric if m.label == "P(answer) before")
+
+
+def test_facts_compared_flags_shared_neurons(app):
+    from ui.state import Settings
+
+    app.session_state["settings"] = Settings(max_prompts=1)          # one prompt a fact: France's is seeded
+    app.session_state["compare_facts"] = ["builtin/capital/France", "builtin/capital/Japan"]
+    at = app.run()
+    at.switch_page("pages/compare.py").run()
+    no_exceptions(at)
+    assert "1 fact of 2 not attributed yet" in texts(at.info)
+    next(b for b in at.button if b.label == "Attribute the 1 missing fact").click().run()
+    no_exceptions(at)
+    assert any(m.label == "Generic knowledge neurons" for m in at.metric)
+    assert any("Knowledge neurons shared by each pair" in c.proto.spec for c in charts(at))
+    table = next(d.value for d in at.dataframe if "share" in d.value.columns)
+    compared = at.session_state["generic_neurons"]
+    assert set(table.loc[table["generic"], "neuron"]) == {f"L{n.layer}:N{n.index}" for n in compared["neurons"]}
+    assert ((table["share"] == 1.0) == table["generic"]).all()       # 2 facts, share 0.5: generic = in both
+    at.switch_page("pages/explore.py").run()
+    no_exceptions(at)
+    assert any("generic" in d.value.columns for d in at.dataframe)   # the knowledge-neuron table's flag
+    assert any(m.label == "Knowledge neuron of" for m in at.metric)   # the neuron detail panel
+    assert any(m.label.startswith("Direct effect on the") for m in at.metric)
+
+
+def test_per_prompt_effects_and_dose_response(app):
+    at = app.run()
+    at.switch_page("pages/intervene.py").run()
+    for box in [c for c in at.checkbox if c.label.startswith("BDC ")]:
+        box.check()
+    at.run()
+    next(t for t in at.toggle if t.label == "Per-prompt effects").set_value(True).run()
+    no_exceptions(at)
+    table = next(d.value for d in at.dataframe if "KL random" in d.value.columns)
+    assert len(table) == 3                                            # every prompt of the fact
+    assert (table["P after"] < table["P before"]).all()              # suppressing the BDCs lowers P everywhere
+    next(b for b in at.button if b.label == "Dose-response").click().run()
+    no_exceptions(at)
+    spec = next(c.proto.spec for c in charts(at) if "Dose-response" in c.proto.spec)
+    assert '"factor"' in spec and "BDC A" in spec
+
+
+def test_link_restores_the_view_and_follows_it(app):
+    app.query_params.update({"fact": "builtin/capital/France", "factor": "0.5", "mode": "all", "bdc": "0",
+                             "group": "L3:N7 L4:N1"})
+    at = app.run()
+    no_exceptions(at)
+    at.switch_page("pages/intervene.py").run()
+    no_exceptions(at)
+    assert next(c for c in at.checkbox if c.label.startswith("BDC A")).value
+    assert next(s for s in at.slider if s.label == "Factor").value == 0.5
+    assert next(r for r in at.radio if r.label == "Where").value == "all"
+    assert next(c for c in at.checkbox if c.label.startswith("My group 1")).value      # the group is back, ticked
+    # and the URL follows a change
+    next(s for s in at.slider if s.label == "Factor").set_value(2.0).run()
+    assert at.query_params["factor"] in ("2", ["2"]) and at.query_params["bdc"] in ("0", ["0"])
+    assert at.query_params["group"] in ("L3:N7 L4:N1", ["L3:N7 L4:N1"])
+
+
+def test_export_all_builds_every_figure_with_the_intervention_and_link(app):
+    import io
+    import json
+    import zipfile
+
+    from ui import state, widgets
+
+    at = app.run()
+    no_exceptions(at)
+    ws = next(iter(at.session_state["workspaces"].values()))
+    lm = state.get_model("default")
+    summary = state.summary(lm)
+    intervention = {"neurons": ["L3:N7", "L20:N5"], "factor": 0.0, "mode": "last", "clusterer": "ntc"}
+    data = widgets.export_all_zip(lm, ws, {}, {}, intervention, "http://x/intervene?fact=f", summary, images=False)
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    manifest = json.loads(zf.read("manifest.json"))
+    assert manifest["intervention"] == intervention and manifest["link"] == "http://x/intervene?fact=f"
+    names = {n.split("/")[1].rsplit(".", 1)[0] for n in zf.namelist() if n.startswith("figures/")}
+    # only the Explore page was visited, yet the graph, barcode, grid and intervention are all there
+    assert {"attribution-heatmap", "layer-summary", "kn-graph-ntc", "barcode-ntc", "intervention"} <= names
+    html = zf.read("figures/intervention.html").decode()
+    assert summary["label"] in html and "The capital of France is" in html and "2 neurons" in html

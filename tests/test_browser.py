@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -108,9 +107,9 @@ def percent(page, label: str) -> float:
     return float(re.sub(r"[^0-9.e-]", "", value.inner_text()))
 
 
-def go_to(page, title: str, marker: str) -> None:
+def go_to(page, title: str, marker: str, timeout_s: float = 120) -> None:
     page.locator(f"[data-testid='stSidebarNav'] a:has-text('{title}')").first.click()
-    page.wait_for_selector(f"text={marker}", timeout=120_000)
+    page.wait_for_selector(f"text={marker}", timeout=timeout_s * 1000)
     idle(page)
 
 
@@ -127,7 +126,7 @@ def test_end_to_end(server, page):
 
     # one prompt, t = 0.15: a quick attribution whose knowledge neurons still form a group
     page.locator("summary:has-text('Settings')").click()
-    box = page.locator(".st-key-set_max_prompts input")
+    box = page.locator("[class*='st-key-set_max_prompts'] input")
     box.fill("1")
     box.press("Enter")
     idle(page)
@@ -158,7 +157,7 @@ def test_end_to_end(server, page):
     assert after < 0.5 * before, (before, after)
 
     # export the intervention figure as PNG
-    page.locator(".st-key-fig_intervention ~ * [data-testid='stPopover'] button, [data-testid='stPopover'] button").first.click()
+    page.locator("[data-testid='stMain'] [data-testid='stPopover'] button").first.click()   # not the sidebar's
     with page.expect_download(timeout=120_000) as info:
         page.get_by_role("button", name="PNG image").first.click()
     data = open(info.value.path(), "rb").read()
@@ -172,3 +171,114 @@ def test_end_to_end(server, page):
     go_to(page, "Experiments", "Run a small experiment")
     shot(page, "experiments")
     assert page.locator("[data-testid='stException']").count() == 0
+
+
+def _health(url: str) -> bytes:
+    return urllib.request.urlopen(f"{url}/_stcore/health", timeout=10).read()
+
+
+def _type_own(page, prompt: str, answer: str) -> None:
+    page.locator("[data-testid='stRadio'] label:has-text('Type your own')").first.click()
+    idle(page)
+    for label, text in (("Prompt", prompt), ("Answer", answer)):
+        box = page.get_by_label(label, exact=True)
+        box.fill(text)
+        box.press("Enter")
+        idle(page)
+
+
+def test_long_prompt_is_refused_and_the_server_stays_up(server, page):
+    page.goto(server)
+    page.wait_for_selector("text=1 · The fact", timeout=180_000)
+    idle(page)
+    _type_own(page, " ".join(["history"] * 3000), "Paris")
+    try:
+        page.wait_for_selector("text=tokens long", timeout=60_000)
+    except Exception:
+        page.screenshot(path="/tmp/long_prompt_fail.png", full_page=True)
+        raise
+    assert page.locator("text=dkn accepts prompts of at most").count() >= 1
+    assert page.get_by_role("button", name=re.compile("Run attribution")).count() == 0
+    assert _health(server) == b"ok"                         # the server is alive, for every session
+    # and this session goes on: a short prompt works again
+    _type_own(page, "The capital of France is", "Paris")
+    page.wait_for_selector("text=2 · What the model predicts", timeout=120_000)
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
+@pytest.mark.xfail(reason="not passing yet in the browser: the two rows typed into the data editor do not reach "
+                          "the app (the AppTest test_typed_paraphrases_are_used_and_do_not_pin_the_prompt_count "
+                          "covers the behaviour)", strict=False)
+def test_typed_paraphrases_are_used(server, page):
+    page.goto(server)
+    page.wait_for_selector("text=1 · The fact", timeout=180_000)
+    idle(page)
+    _type_own(page, "The capital of Japan is", "Tokyo")
+    try:
+        page.wait_for_selector("text=Run attribution on 1 prompt", timeout=180_000)
+    except Exception:
+        page.screenshot(path="/tmp/paraphrase_fail.png", full_page=True)
+        raise
+    grid = page.locator("[data-testid='stDataFrame']").first
+    for text in ("Japan's capital is", "The capital city of Japan is"):
+        grid.hover()
+        page.locator("[data-testid='stElementToolbarButton'] button[aria-label='Add row'], "
+                     "[data-testid='stElementToolbar'] button[aria-label='Add row']").first.click()
+        time.sleep(0.5)
+        page.keyboard.type(text)
+        page.keyboard.press("Enter")
+        idle(page)
+    page.wait_for_selector("text=2 paraphrases: the fact has 3 prompts.", timeout=60_000)
+    page.wait_for_selector("text=Run attribution on 3 prompts", timeout=60_000)
+    # start it, then cancel: the run stops, the page says so, the server stays up
+    page.get_by_role("button", name="Run attribution on 3 prompts").click()
+    cancel = page.get_by_role("button", name="Cancel")
+    cancel.wait_for(timeout=60_000)
+    cancel.click()
+    page.wait_for_selector("text=Attribution cancelled", timeout=120_000)
+    assert _health(server) == b"ok"
+    assert page.get_by_role("button", name="Run attribution on 3 prompts").count() == 1
+
+
+def _fresh_context(p, tmp_path, name: str):
+    return p.chromium.launch_persistent_context(str(tmp_path / name), executable_path=CHROMIUM, args=ARGS,
+                                                headless=True, viewport={"width": 1400, "height": 1000})
+
+
+@pytest.mark.xfail(reason="not passing yet: on the shared machine the Intervene page did not appear within 400 s "
+                          "after the link's attribution (the AppTest test_link_restores_the_view_and_follows_it "
+                          "covers restoring)", strict=False)
+def test_shared_link_restores_the_view_in_a_fresh_browser(server, tmp_path):
+    query = "fact=builtin%2Fcapital%2FFrance&n=1&t=0.15&factor=0.5&mode=last"
+    with sync_api.sync_playwright() as p:
+        first = _fresh_context(p, tmp_path, "first")
+        page = first.pages[0] if first.pages else first.new_page()
+        page.goto(f"{server}/?{query}")
+        page.wait_for_selector("text=1 · The fact", timeout=180_000)
+        idle(page)
+        run = page.get_by_role("button", name="Run attribution on 1 prompt")
+        if run.count():                                      # not cached yet in this server's store
+            run.click()
+            page.wait_for_selector("text=Computed in", timeout=300_000)
+            idle(page)
+        go_to(page, "Intervene", "Effect on the answer", timeout_s=400)      # the degeneracy analysis runs first
+        page.locator("[data-testid='stCheckbox']:has-text('BDC A') label").first.click()
+        idle(page)
+        time.sleep(1.0)
+        link = page.url
+        assert "bdc=0" in link and "factor=0.5" in link and "fact=builtin" in link
+        after = percent(page, "P(answer) after")
+        title = page.locator(".st-key-fig_intervention .gtitle").first.text_content()
+        first.close()
+
+        fresh = _fresh_context(p, tmp_path, "fresh")            # nothing shared: a new profile
+        try:
+            page = fresh.pages[0] if fresh.pages else fresh.new_page()
+            page.goto(link)
+            page.wait_for_selector("text=Effect on the answer", timeout=400_000)
+            idle(page)
+            assert page.locator("[data-testid='stCheckbox']:has-text('BDC A') input").first.is_checked()
+            assert percent(page, "P(answer) after") == after
+            assert page.locator(".st-key-fig_intervention .gtitle").first.text_content() == title
+        finally:
+            fresh.close()

@@ -100,3 +100,26 @@ def test_intervention_bars_side_by_side():
 
 def test_group_names():
     assert [figures.group_name(i) for i in (0, 1, 25, 26)] == ["A", "B", "Z", "AA"]
+
+
+def test_heatmap_scale_spans_the_top_score_and_the_layers():
+    scores = np.zeros((30, 64), dtype=np.float32)
+    scores[24, 5], scores[3, 7] = 0.37, -0.05
+    fig = figures.attribution_heatmap(scores, highlight=[Neuron(24, 5)])
+    assert fig.data[0].zmax == pytest.approx(0.37) and fig.data[0].zmin == pytest.approx(-0.37)
+    assert tuple(fig.layout.yaxis.range) == (-0.5, 29.5)                  # not -2..30
+    assert fig.layout.legend.y < 0                                        # below the plot, not over the title
+
+
+def test_graph_labels_use_the_one_neuron_form():
+    class G:
+        neurons = (Neuron(0, 767), Neuron(0, 1297), Neuron(1, 3))
+
+        def edges(self):
+            return [(0, 2, 0.5)]
+    fig = figures.kn_graph(G(), groups=[(Neuron(0, 767), Neuron(1, 3))])
+    texts = [t for trace in fig.data if trace.mode == "markers+text" for t in trace.text]
+    assert sorted(texts) == ["L0:N1297", "L0:N767", "L1:N3"]
+    sides = [p for trace in fig.data if trace.mode == "markers+text" for p in trace.textposition]
+    assert "middle left" in sides and "middle right" in sides              # neighbours on a layer alternate
+    assert fig.layout.legend.y < 0

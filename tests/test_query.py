@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
+from tiny_models import tiny_model
 
 from dkn.query import QueryError, make_query, normalise_answer
-from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,3 +101,21 @@ def test_masked_steps_fill_earlier_masks_with_gold_tokens(masked):
         assert step.position == first_mask + i
         assert step.input_ids[step.position] == tok.mask_token_id
         assert list(step.input_ids).count(tok.mask_token_id) == 3 - i
+
+
+def test_long_prompt_refused_with_its_length(causal):
+    from dkn.query import MAX_PROMPT_TOKENS, check_prompt_length
+
+    long_prompt = " ".join(["the capital of france is"] * 200)
+    n = len(_ids(causal, long_prompt))
+    assert n > MAX_PROMPT_TOKENS
+    with pytest.raises(QueryError, match=rf"{n:,} tokens long.*at most {MAX_PROMPT_TOKENS:,}"):
+        make_query(causal, long_prompt, "paris")
+    # configurable per call: a higher limit lets it through to the next check (this tiny model reads 64 tokens)
+    with pytest.raises(QueryError, match="this model reads at most"):
+        make_query(causal, long_prompt, "paris", max_prompt_tokens=n)
+    with pytest.raises(QueryError, match="at most 3 tokens"):
+        make_query(causal, PROMPT, "paris", max_prompt_tokens=3)
+    assert check_prompt_length(causal, PROMPT) == len(_ids(causal, PROMPT))
+    with pytest.raises(ValueError, match="at least 1"):
+        check_prompt_length(causal, PROMPT, 0)

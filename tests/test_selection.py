@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dkn.neurons import Neuron
-from dkn.selection import coarse_neurons, refine
+from dkn.selection import coarse_neurons, generic_pushout, refine
 
 
 def grid(values: dict[tuple[int, int], float], shape=(3, 5), fill=0.0) -> np.ndarray:
@@ -96,3 +96,58 @@ def test_refine_argument_errors():
         refine([])
     with pytest.raises(ValueError, match="share p"):
         refine([grid({(0, 0): 1})], p=1.0)
+
+
+# -- the generic-neuron blind spot (issue 8 §2) -----------------------------------------------------------
+def _facts_with_a_generic_neuron():
+    """Three facts: neuron (0, 0) scores 10 on every one; each fact has its own neurons scoring 1.0."""
+    own = [{(1, 1): 1.0, (2, 2): 1.0}, {(1, 3): 1.0, (2, 0): 1.0}, {(2, 4): 1.0, (1, 2): 0.9}]
+    return [grid({(0, 0): 10.0, **o}) for o in own], own
+
+
+def test_one_generic_neuron_pushes_the_fact_specific_ones_under_the_threshold():
+    maps, own = _facts_with_a_generic_neuron()
+    for scores in maps:
+        assert coarse_neurons(scores, 0.2) == [Neuron(0, 0)]           # the blind spot, today's rule
+    pushed = generic_pushout(maps, t=0.2)
+    assert pushed.generic == (Neuron(0, 0),)
+    assert pushed.facts_affected == 3 and pushed.mean_lost == 2.0
+    assert set(pushed.lost[0]) == {Neuron(1, 1), Neuron(2, 2)}
+    # control: without a generic neuron nothing is lost
+    clean = generic_pushout([grid(o) for o in own], t=0.2)
+    assert clean.generic == () and clean.facts_affected == 0
+
+
+def test_contrast_with_negative_facts_recovers_the_fact_specific_neurons():
+    maps, _ = _facts_with_a_generic_neuron()
+    fact, negatives = maps[0], maps[1:]
+    dropped = refine([fact], 0.2, 0.5, negatives, negatives="drop")
+    assert dropped.neurons == ()                                        # Dai et al.'s drop removes (0, 0) only
+    kns = refine([fact], 0.2, 0.5, negatives, negatives="contrast")
+    assert set(kns.neurons) == {Neuron(1, 1), Neuron(2, 2)}
+    assert kns.scores == (1.0, 1.0) and kns.mean_scores.shape == fact.shape
+    with pytest.raises(ValueError, match="negatives mode"):
+        refine([fact], negatives="ignore")
+
+
+def test_per_layer_threshold_keeps_each_layers_leaders():
+    maps, _ = _facts_with_a_generic_neuron()
+    assert set(coarse_neurons(maps[0], 0.2, per_layer=True)) == {Neuron(0, 0), Neuron(1, 1), Neuron(2, 2)}
+    assert set(refine([maps[0]], 0.2, per_layer=True).neurons) == {Neuron(0, 0), Neuron(1, 1), Neuron(2, 2)}
+    assert coarse_neurons(grid({(0, 0): 1.0}, fill=-1.0), 0.2, per_layer=True) == [Neuron(0, 0)]
+
+
+def test_find_knowledge_neurons_returns_the_per_prompt_attributions_and_the_mean_map():
+    from tiny_models import tiny_model
+
+    from dkn.attribution import AttributionParams, attribute
+    from dkn.selection import find_knowledge_neurons
+
+    lm = tiny_model("gpt2")
+    params = AttributionParams(steps=4)
+    prompts = ["the capital of france is", "the city of france is"]
+    kns = find_knowledge_neurons(lm, prompts, "paris", params, negative_prompts=[("the sky is", "blue")])
+    assert [a.prompt for a in kns.attributions] == prompts and len(kns.negative_attributions) == 1
+    direct = [attribute(lm, q, "paris", params).scores for q in prompts]
+    assert np.allclose(kns.mean_scores, np.mean(direct, axis=0), atol=1e-6)
+    assert kns == refine(direct, 0.2, 0.5, [kns.negative_attributions[0].scores])

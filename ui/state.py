@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 
 import streamlit as st
 
 from dkn.attribution import Attribution, AttributionParams, attribute, attribution_key
 from dkn.cache import ResultStore, default_path
-from dkn.datasets import Fact, builtin_facts, load_dataset
+from dkn.custom_groups import DoseResponse, GroupGrid, RandomControl
+from dkn.datasets import DatasetError, Fact, builtin_facts, load_dataset
 from dkn.degeneracy import DegeneracyParams, DegeneracyResult, analyse
+from dkn.figures import group_name
 from dkn.interventions import InterventionResult, intervene
 from dkn.models import DEFAULT_MODEL, LoadedModel, load_model, model_summary
-from dkn.neurons import Neuron
-from dkn.query import make_query
-from dkn.selection import KnowledgeNeurons, refine
+from dkn.neurons import Neuron, neuron_label
+from dkn.prediction import answer_token_ranks
+from dkn.query import QueryError, check_prompt_length, make_query
+from dkn.selection import KnowledgeNeurons, find_knowledge_neurons, refine
 
 DEFAULT_FACT_ID = "builtin/capital/France"
 MAX_PROMPTS_DEFAULT = 3
@@ -54,6 +58,13 @@ def get_builtin_facts() -> list[Fact]:
 @st.cache_data(show_spinner="Reading the facts file...", max_entries=8)
 def get_dataset(name_or_path: str, limit: int = 2000) -> list[Fact]:
     return load_dataset(name_or_path, limit=limit)
+
+
+def exclusive(lm: LoadedModel):
+    """One model computation at a time per server process (the model's re-entrant lock).  Every session
+    shares the one model, and dkn's fast paths switch the model's attention implementation while they run,
+    so two sessions computing at once must not interleave (that raised LookupError 'dkn_shared_prefix')."""
+    return lm.lock
 
 
 # ------------------------------------------------------------------ model choice
@@ -107,6 +118,39 @@ def set_fact(choice: FactChoice) -> None:
     st.session_state["fact"] = choice
 
 
+def clear_custom_fact() -> None:
+    """The "New fact" button (a callback, before the widgets are drawn): an empty typed fact, and a fresh
+    paraphrase editor, so nothing of the previous typed fact carries over."""
+    st.session_state["fact"] = FactChoice("", "", (), "custom")
+    st.session_state["prompt_custom"] = ""
+    st.session_state["answer_custom"] = ""
+    st.session_state["custom_generation"] = st.session_state.get("custom_generation", 0) + 1
+
+
+def prompt_length_error(lm: LoadedModel, fact: FactChoice) -> str | None:
+    """Why one of the fact's prompts is too long for dkn (dkn.query's limit), or None."""
+    for prompt in fact.prompts:
+        try:
+            check_prompt_length(lm, prompt)
+        except QueryError as err:
+            return str(err)
+    return None
+
+
+def why_no_facts(name_or_path: str) -> str:
+    """The first reason a facts file gave no fact (e.g. the column it lacks), from a strict re-read."""
+    try:
+        load_dataset(name_or_path, limit=1, strict=True)
+    except DatasetError as err:
+        text = str(err).replace(" (strict mode: fix the row, or load without strict to skip it)", "")
+        missing = sorted(set(re.findall(r"missing field '(\w+)'", text)))
+        if missing:
+            return (f"every row lacks the column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                    f"(first: {text}). The file needs the columns prompt and answer.")
+        return text
+    return "no row has both a prompt and an answer; the file needs the columns prompt and answer."
+
+
 # ------------------------------------------------------------------ settings
 @dataclass(frozen=True)
 class Settings:
@@ -119,6 +163,11 @@ class Settings:
 
     def attribution_params(self) -> AttributionParams:
         return AttributionParams(method=self.method, steps=self.steps, baseline=self.baseline)
+
+
+def keep_max_prompts(widget_key: str) -> None:
+    """The "Prompts to use" callback: the user's choice goes to the settings (only when they change it)."""
+    set_settings(replace(current_settings(), max_prompts=int(st.session_state[widget_key])))
 
 
 def current_settings() -> Settings:
@@ -144,8 +193,11 @@ class Workspace:
     vocab: dict[Neuron, tuple] = field(default_factory=dict)
     interventions: dict[tuple, InterventionResult] = field(default_factory=dict)
     custom_groups: list[tuple[Neuron, ...]] = field(default_factory=list)
-    custom_grid: dict | None = None
-    random_control: dict | None = None
+    custom_grid: GroupGrid | None = None
+    random_control: RandomControl | None = None
+    random_control_for: tuple[Neuron, ...] = ()
+    dose: DoseResponse | None = None
+    dose_for: tuple | None = None
 
     @property
     def main(self) -> Attribution:
@@ -197,14 +249,15 @@ def run_attribution(lm: LoadedModel, progress: Callable[[float, str], None] | No
     start = time.perf_counter()
     results = []
     for i, prompt in enumerate(prompts):
-        label = f"prompt {i + 1} of {len(prompts)}: {prompt!r}"
+        label = f"prompt {i + 1} of {len(prompts)}: {prompt[:60]!r}"
 
         def sub(done: int, total: int, i=i, label=label) -> None:
             if progress is not None and total:
                 progress((i + done / total) / len(prompts), label)
         if progress is not None:
             progress(i / len(prompts), label)
-        results.append(attribute(lm, prompt, fact.answer, params, store=store, progress=sub))
+        with exclusive(lm):
+            results.append(attribute(lm, prompt, fact.answer, params, store=store, progress=sub))
     if progress is not None:
         progress(1.0, "done")
     kn = refine([a.scores for a in results], settings.t, settings.p)
@@ -214,20 +267,69 @@ def run_attribution(lm: LoadedModel, progress: Callable[[float, str], None] | No
     return ws
 
 
-def get_degeneracy(lm: LoadedModel, ws: Workspace, clusterer: str = "ntc", mode: str = "last") -> DegeneracyResult:
-    """The degeneracy analysis of the workspace's knowledge neurons (about a second; kept per clusterer)."""
-    key = f"{clusterer}/{mode}"
+def get_degeneracy(lm: LoadedModel, ws: Workspace, clusterer: str = "ntc", mode: str = "last",
+                   **options) -> DegeneracyResult:
+    """The degeneracy analysis of the workspace's knowledge neurons (about a second; kept per clusterer and
+    options; `options` are further DegeneracyParams fields, e.g. edge="functional")."""
+    if clusterer == "backup":      # the rounds attribute again: with the workspace's attribution settings
+        options.setdefault("backup_attribution", ws.settings.attribution_params())
+    key = f"{clusterer}/{mode}" + "".join(f"/{k}={options[k]}" for k in sorted(options))
     if key not in ws.degeneracy:
-        ws.degeneracy[key] = analyse(lm, ws.fact.prompt, ws.fact.answer, ws.kn.neurons, ws.kn.scores,
-                                     DegeneracyParams(clusterer=clusterer, mode=mode))
+        with exclusive(lm):
+            ws.degeneracy[key] = analyse(lm, ws.fact.prompt, ws.fact.answer, ws.kn.neurons, ws.kn.scores,
+                                         DegeneracyParams(clusterer=clusterer, mode=mode, **options))
     return ws.degeneracy[key]
+
+
+def get_edit_effects(lm: LoadedModel, ws: Workspace, neurons: tuple[Neuron, ...], factor: float, mode: str):
+    """dkn.prediction.edit_effects on every prompt of the workspace (kept per setting)."""
+    from dkn.prediction import edit_effects
+
+    cache = st.session_state.setdefault("_edit_effects", {})
+    key = (ws.key, tuple(sorted(neurons)), round(float(factor), 4), mode)
+    if key not in cache:
+        if len(cache) > 128:
+            cache.clear()
+        with exclusive(lm):
+            cache[key] = edit_effects(lm, ws.prompts, ws.fact.answer, neurons, factor, mode)
+    return cache[key]
+
+
+def get_neuron_detail(lm: LoadedModel, ws: Workspace, neuron: Neuron):
+    """dkn.compare.neuron_detail on the fact's main prompt (kept per neuron)."""
+    from dkn.compare import neuron_detail
+
+    cache = st.session_state.setdefault("_neuron_details", {})
+    key = (ws.key, neuron)
+    if key not in cache:
+        with exclusive(lm):
+            cache[key] = neuron_detail(lm, ws.fact.prompt, ws.fact.answer, neuron)
+    return cache[key]
+
+
+def ticked_groups(ws: Workspace, clusterer: str, candidates) -> list[tuple[str, tuple[Neuron, ...]]]:
+    """(name, neurons) of every ticked BDC and user group on the Intervene page; the ticked single
+    knowledge neurons form one more group."""
+    ss = st.session_state
+    groups = [(f"BDC {group_name(i)}", c.members) for i, c in enumerate(candidates)
+              if ss.get(f"p_bdc_{ws.key}_{clusterer}_{i}")]
+    groups += [(f"My group {i + 1}", g) for i, g in enumerate(ws.custom_groups) if ss.get(f"p_g_{ws.key}_{i}")]
+    singles = tuple(n for n in ws.kn.neurons if ss.get(f"p_n_{ws.key}_{n}"))
+    if singles:
+        groups.append(("single neuron" if len(singles) == 1 else f"{len(singles)} single neurons", singles))
+    return groups
+
+
+def ticked_neurons(ws: Workspace, clusterer: str, candidates) -> tuple[Neuron, ...]:
+    return tuple(sorted({n for _, g in ticked_groups(ws, clusterer, candidates) for n in g}))
 
 
 def get_vocab(lm: LoadedModel, ws: Workspace, neuron: Neuron, k: int = 10):
     from dkn.vocab import project_neuron
 
     if neuron not in ws.vocab:
-        ws.vocab[neuron] = project_neuron(lm, neuron, k)
+        with exclusive(lm):
+            ws.vocab[neuron] = project_neuron(lm, neuron, k)
     return ws.vocab[neuron]
 
 
@@ -238,12 +340,94 @@ def get_intervention(lm: LoadedModel, ws: Workspace, neurons: tuple[Neuron, ...]
     if key not in ws.interventions:
         if len(ws.interventions) > 256:
             ws.interventions.clear()
-        ws.interventions[key] = intervene(lm, ws.fact.prompt, ws.fact.answer, key[0], factor, mode, top_k)
+        with exclusive(lm):
+            ws.interventions[key] = intervene(lm, ws.fact.prompt, ws.fact.answer, key[0], factor, mode, top_k)
     return ws.interventions[key]
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def model_prediction(_lm: LoadedModel, fingerprint: str, prompt: str, answer: str, top_k: int = 10):
     """(P(answer), top next tokens) of the unchanged model; cached per model and fact."""
-    r = intervene(_lm, prompt, answer, (), 1.0, "last", top_k)
+    with exclusive(_lm):
+        r = intervene(_lm, prompt, answer, (), 1.0, "last", top_k)
     return r.prob_before, r.top_before
+
+
+def cached_figure(name: str, build: Callable, *args, **kwargs):
+    """build(*args, **kwargs), remembered per session for the same arguments (a rerun that changes nothing
+    does not rebuild the figure)."""
+    cache = st.session_state.setdefault("_figure_cache", {})
+    key = (name, getattr(build, "__qualname__", repr(build)), repr(args), repr(sorted(kwargs.items())))
+    if key not in cache:
+        if len(cache) > 64:
+            cache.clear()
+        cache[key] = build(*args, **kwargs)
+    return cache[key]
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def answer_tokens(_lm: LoadedModel, fingerprint: str, prompt: str, answer: str):
+    """Each answer token's probability and rank (dkn.prediction); cached per model and fact."""
+    with exclusive(_lm):
+        return answer_token_ranks(_lm, prompt, answer)
+
+
+def figure_title(title: str, model_label: str, fact: FactChoice) -> str:
+    """A figure title that names the model and the fact (an exported figure stands alone)."""
+    return f"{title}<br><sup>{model_label} · {fact.prompt} → {fact.answer}</sup>"
+
+
+def all_figures(lm: LoadedModel, ws: Workspace, clusterer: str, neurons: tuple[Neuron, ...], factor: float,
+                mode: str, model_label: str) -> tuple[dict, dict]:
+    """Every figure of the fact, built from the workspace's results (the degeneracy analysis is computed
+    if no page asked for it yet): (name -> figure, name -> table).  No Streamlit calls: it runs when the
+    Export all button is clicked."""
+    from dkn import figures as fg
+    from dkn.topology import h0_barcode
+
+    title = lambda t: figure_title(t, model_label, ws.fact)   # noqa: E731
+    scores = ws.mean_scores()                                                     # [n_layers, d_mlp]
+    figs = {"attribution-heatmap": fg.attribution_heatmap(scores, highlight=ws.kn.neurons,
+                                                         title=title("Attribution score of every MLP neuron")),
+            "layer-summary": fg.layer_summary(scores, ws.settings.t, title=title("Attribution per layer"))}
+    tables = {"layer-summary": fg.layer_table(scores, ws.settings.t), "knowledge-neurons": ws.kn.as_records()}
+    result = get_degeneracy(lm, ws, clusterer)
+    if result.graph is not None:
+        figs[f"kn-graph-{clusterer}"] = fg.kn_graph(result.graph, result.bdcs, result.kn_scores,
+                                                    passed=[c.passed for c in result.candidates],
+                                                    title=title("Knowledge-neuron graph"))
+        tables[f"kn-graph-{clusterer}"] = fg.edge_table(result.graph)
+        bars = h0_barcode(result.graph.distance)
+        labels = [" ".join(neuron_label(result.graph.neurons[i]) for i in b.members) for b in bars]
+        figs[f"barcode-{clusterer}"] = fg.barcode(bars, labels, title=title("Persistence barcode"))
+    if result.candidates:
+        sub = [(s, result.prob * (1 - d)) for s, d in result.subset_drops]
+        figs[f"degeneracy-grid-{clusterer}"] = fg.degeneracy_grid(sub, result.prob, len(result.candidates),
+                                                                  title=title("P(answer) with each subset of "
+                                                                              "groups suppressed"))
+        tables[f"degeneracy-grid-{clusterer}"] = fg.grid_table(sub, result.prob)
+    r = get_intervention(lm, ws, neurons, factor, mode)
+    figs["intervention"] = fg.intervention_bars(r.top_before, r.top_after, answer_tokens=ws.main.answer_tokens[:1],
+                                                title=title(f"Top next tokens, {len(neurons)} neuron"
+                                                            f"{'' if len(neurons) == 1 else 's'} × {factor:g} "
+                                                            f"({mode})"))
+    tables["intervention"] = fg.token_table(r.top_before, r.top_after)
+    return figs, tables
+
+
+def fact_kn(lm: LoadedModel, fact: FactChoice, settings: Settings, *, compute: bool = False,
+            progress: Callable[[float, str], None] | None = None) -> KnowledgeNeurons | None:
+    """The knowledge neurons of any fact (not the session's current one) under `settings`: from the store,
+    or computed when `compute` (each attribution is stored); None when not cached and not computed."""
+    if not compute and not all_cached(lm, fact, settings):
+        return None
+    prompts = fact.prompts[: settings.max_prompts]
+    with exclusive(lm):
+        sub = None if progress is None else (lambda done, total: progress(done / max(total, 1), fact.prompt[:60]))
+        return find_knowledge_neurons(lm, prompts, fact.answer, settings.attribution_params(), t=settings.t,
+                                      p=settings.p, store=get_store(), progress=sub)
+
+
+def builtin_choice(fact_id: str) -> FactChoice:
+    f = next(f for f in get_builtin_facts() if f.id == fact_id)
+    return FactChoice(f.prompt, f.answer, f.prompts[1:], f.id)

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
 from dkn import export
+from dkn import neurons as neurons_mod
 from dkn.datasets import DatasetError
 from dkn.models import DEFAULT_LABEL, DEFAULT_MODEL, LoadedModel, ModelLoadError
 from dkn.query import QueryError
@@ -47,6 +49,22 @@ def pct(x: float) -> str:
     return f"{x:.1%}" if abs(x) >= 0.001 or x == 0 else f"{x:.2e}"
 
 
+def signed_pct(x: float) -> str:
+    """A relative change with its sign, "+0.0%" (never "-0.0%") when it rounds to zero."""
+    text = f"{x:+.1%}"
+    return "+0.0%" if text in ("-0.0%", "+0.0%") else text
+
+
+def count(n: int, noun: str) -> str:
+    """ "1 neuron", "2 neurons"."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
+def titled(title: str, lm: LoadedModel, ws) -> str:
+    """A figure title that names the model and the fact (exported figures stand alone)."""
+    return state.figure_title(title, state.summary(lm)["label"], ws.fact)
+
+
 # ------------------------------------------------------------------ model picker (sidebar)
 SOURCES = {"Offline default": "default", "Hugging Face id": "hub", "Local folder": "folder"}
 
@@ -68,9 +86,8 @@ def model_picker() -> LoadedModel | None:
     lm = state.current_model()
     if lm is None:
         st.error(f"{st.session_state.get('model_error', 'no model loaded')}", icon=":material/error:")
-        if state.model_name() != DEFAULT_MODEL and st.button("Back to the default model", key="model_reset"):
-            st.session_state["model_name"] = DEFAULT_MODEL
-            st.rerun()
+        if state.model_name() != DEFAULT_MODEL:
+            st.button("Back to the default model", key="model_reset", on_click=back_to_default)
         return None
     s = state.summary(lm)
     st.success(f"**{s['label']}**", icon=":material/memory:")
@@ -78,6 +95,15 @@ def model_picker() -> LoadedModel | None:
                f"{s['d_mlp']:,} neurons = {s['n_neurons']:,} MLP neurons · {s['device']} {s['dtype']} · "
                f"fingerprint `{s['fingerprint']}`")
     return lm
+
+
+def back_to_default() -> None:
+    """The reset button's callback (before the widgets are drawn): the default model, and the bad name or
+    path gone from the sidebar."""
+    st.session_state["model_name"] = DEFAULT_MODEL
+    st.session_state["model_source"] = next(iter(SOURCES))
+    st.session_state["model_text"] = ""
+    st.session_state.pop("model_error", None)
 
 
 def require_model() -> LoadedModel:
@@ -166,26 +192,58 @@ def show_table(table: pd.DataFrame | list[dict], name: str, *, key: str, caption
         export_menu(None, name, frame, key=key)
 
 
-def export_all_button(lm: LoadedModel | None) -> None:
-    """One zip with every figure and table shown for the current fact in this session, plus a manifest."""
-    ws = state.current_workspace(lm, load_cached=False) if lm is not None else None
-    figures = dict(st.session_state.get("_figures", {}))
-    tables = dict(st.session_state.get("_tables", {}))
-    if ws is None or not figures:
+def export_all_button(lm: LoadedModel | None, ws: state.Workspace | None = None) -> None:
+    """One zip with every figure of the current fact, whatever pages were visited (the missing ones are built
+    from the cached results when the button is clicked), its tables, and a manifest with the intervention
+    state and the link that reproduces the view."""
+    if lm is None or ws is None:
         st.caption("Export all: run an attribution first.")
         return
+    from ui import link
+
+    clusterer = st.session_state.get("clusterer_value", "ntc")
+    factor, mode = float(st.session_state.get("p_factor", 0.0)), st.session_state.get("p_mode", "last")
+    shown = dict(st.session_state.get("_figures", {}))
+    tables = dict(st.session_state.get("_tables", {}))
+    result = ws.degeneracy.get(f"{clusterer}/last")
+    ticked = state.ticked_neurons(ws, clusterer, result.candidates) if result is not None else ()
+    intervention = {"neurons": [neuron_label(n) for n in ticked], "factor": factor, "mode": mode,
+                    "clusterer": clusterer}
+    url = link.share_url(ws)
+    summary = state.summary(lm)
+    fact = ws.fact
+
+    def build() -> bytes:
+        return export_all_zip(lm, ws, shown, tables, intervention, url, summary)
+
+    st.download_button("Export all (zip)", build, f"dkn-{_slug(fact.prompt)}-{_slug(fact.answer)}.zip",
+                       "application/zip", key="export_all", on_click="ignore", icon=":material/folder_zip:",
+                       width="stretch",
+                       help="Every figure of this fact (PNG, SVG, HTML) and table (CSV, JSON), and a manifest "
+                            "(model, fingerprint, prompt, answer, method, parameters, intervention, link, version, "
+                            "date).")
+
+
+def export_all_zip(lm: LoadedModel, ws: state.Workspace, shown: dict, tables: dict, intervention: dict, url: str,
+                   summary: dict, images: bool | None = None) -> bytes:
+    """The Export-all zip: every figure of the fact (what the pages drew, and the rest built from the cached
+    results), the tables, and a manifest with the intervention state and the link.  No Streamlit calls (it
+    runs when the button is clicked)."""
+    neurons = tuple(neurons_mod.parse_neurons(",".join(intervention["neurons"])))
+    figures, all_tables = state.all_figures(lm, ws, intervention["clusterer"], neurons, intervention["factor"],
+                                            intervention["mode"], summary["label"])
+    figures.update(shown)                   # what the pages drew wins (same names)
+    figures = {k: v if isinstance(v, go.Figure) else go.Figure(v) for k, v in figures.items()}
+    all_tables.update(tables)
     fact, settings = ws.fact, ws.settings
     manifest = export.manifest(
-        model=state.summary(lm), prompt=fact.prompt, answer=fact.answer, paraphrases=list(ws.prompts[1:]),
+        model=summary, prompt=fact.prompt, answer=fact.answer, paraphrases=list(ws.prompts[1:]),
         method=settings.method,
         parameters={**ws.main.params.__dict__, "t": settings.t, "p": settings.p, "max_prompts": settings.max_prompts,
                     "degeneracy": {k: r.params.__dict__ for k, r in ws.degeneracy.items()}},
-        p_answer=ws.main.prob, knowledge_neurons=[str(n) for n in ws.kn.neurons])
-    st.download_button("Export all (zip)", lambda: export.export_zip(figures, tables, manifest),
-                       f"dkn-{_slug(fact.prompt)}-{_slug(fact.answer)}.zip", "application/zip",
-                       key="export_all", on_click="ignore", icon=":material/folder_zip:", width="stretch",
-                       help="Every figure (PNG, SVG, HTML) and table (CSV, JSON) shown for this fact, "
-                            "and a manifest (model, fingerprint, prompt, answer, method, parameters, version, date).")
+        p_answer=ws.main.prob, knowledge_neurons=[neuron_label(n) for n in ws.kn.neurons],
+        intervention=intervention, link=url)
+    return export.export_zip(figures, all_tables, manifest, images=images)
 
 
 def reset_figures() -> None:
@@ -197,16 +255,29 @@ def reset_figures() -> None:
         st.session_state["_figures_for"] = key
 
 
-def neuron_label(n) -> str:
-    return f"L{n.layer}:N{n.index}"
+neuron_label = neurons_mod.neuron_label      # "L12:N345" everywhere
 
 
-def run_with_progress(label: str, work: Callable[[Callable[[float, str], None]], Any]) -> Any:
+def _mark_cancelled(key: str) -> None:
+    st.session_state[f"cancelled_{key}"] = True
+
+
+def run_with_progress(label: str, work: Callable[[Callable[[float, str], None]], Any], *,
+                      cancel_key: str | None = None) -> Any:
+    """work(update) under a progress bar.  With cancel_key, a Cancel button beside it: clicking it starts a
+    new run of the page, which stops this one at its next progress update (results are only stored when
+    complete); the new run finds session_state[f"cancelled_{cancel_key}"] set."""
+    holder = st.empty()
+    if cancel_key:
+        holder.button("Cancel", key=cancel_key, on_click=_mark_cancelled, args=(cancel_key,),
+                      icon=":material/cancel:", help="Stop this run; nothing unfinished is stored.")
     bar = st.progress(0.0, text=label)
 
     def update(frac: float, text: str) -> None:
+        text = text if len(text) <= 90 else text[:87] + "..."
         bar.progress(min(1.0, max(0.0, frac)), text=f"{label}: {text} ({frac:.0%})")
     try:
         return work(update)
     finally:
         bar.empty()
+        holder.empty()

@@ -6,6 +6,10 @@ every completed item is stored under (run id, step, item) in the ResultStore.
 Output goes to `dkn.paths.results_dir()/<experiment>/<model>/` by default: records.jsonl, one
 CSV per table, the figures (HTML, and PNG/SVG when a browser is available for
 Kaleido) and report.md.
+
+With a cluster (`run_experiment(..., cluster=ClusterSpec(workers=N))`, the CLI's --workers), the
+items of every step are computed on Ray actors (dkn.experiments.distributed) and this process, the
+driver, still writes each result to the store as it arrives: the same run id, the same resume.
 """
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from dkn import __version__
 from dkn.cache import ResultStore, make_key
@@ -56,12 +61,16 @@ class Context:
     run_id: str
     seed: int = 0
     progress: ProgressFn | None = None
-    computed: int = 0            # items computed in this process (not taken from the store)
+    computed: int = 0            # items computed in this run (not taken from the store)
+    pool: Any = None             # a distributed.WorkerPool: compute items on Ray workers
 
     def each(self, step: str, items: Iterable[tuple[str, Any]], fn: Callable[[Any], dict]) -> list[dict]:
         """fn(item) for every (key, item), resumably: finished items come from the store.  A ValueError
-        (bad fact, unusable prompt) is recorded as {"error": message} for that item and the run goes on."""
+        (bad fact, unusable prompt) is recorded as {"error": message} for that item and the run goes on.
+        With a pool, the missing items are computed on its workers and stored here as they arrive."""
         items = list(items)
+        if self.pool is not None:
+            return self._each_on_pool(step, items, fn)
         results = []
         for done, (key, item) in enumerate(items):
             store_key = make_key(run=self.run_id, step=step, item=key)
@@ -81,6 +90,29 @@ class Context:
                 self.progress(step, done + 1, len(items))
         return results
 
+    def _each_on_pool(self, step: str, items: list[tuple[str, Any]], fn: Callable[[Any], dict]) -> list[dict]:
+        keys = [make_key(run=self.run_id, step=step, item=key) for key, _ in items]
+        results: list[dict | None] = []
+        for store_key in keys:
+            entry = self.store.get(store_key)
+            results.append(None if entry is None else entry.meta)
+        jobs = [(i, str(items[i][0]), items[i][1]) for i, r in enumerate(results) if r is None]
+        done = len(items) - len(jobs)
+        if self.progress is not None and done:
+            self.progress(step, done, len(items))
+        for i, outcome in self.pool.map(step, fn, jobs, getattr(self.store, "path", None)):
+            if outcome["error"] is not None:
+                log.warning("%s: %s skipped: %s", step, items[i][0], outcome["error"])
+            for key, meta, arrays, kind in outcome["writes"]:     # the worker's caches (attributions)
+                self.store.put(key, meta, arrays, kind=kind)
+            self.store.put(keys[i], outcome["record"], kind=f"run:{self.run_id}")
+            results[i] = outcome["record"]
+            self.computed += 1
+            done += 1
+            if self.progress is not None:
+                self.progress(step, done, len(items))
+        return results
+
 
 def experiment_module(name: str):
     if name not in EXPERIMENTS:
@@ -91,9 +123,11 @@ def experiment_module(name: str):
 def run_experiment(name: str, lm: LoadedModel, dataset: str, *, limit: int | None = None, seed: int = 0,
                    params: Any = None, store: ResultStore | None = None, out_dir: str | Path | None = None,
                    progress: ProgressFn | None = None, command: str | None = None,
-                   facts: list[Fact] | None = None) -> tuple[Report, Path]:
+                   facts: list[Fact] | None = None, cluster: Any = None) -> tuple[Report, Path]:
     """Run (or resume) experiment `name` on `dataset` and write its report; returns (report, folder).
-    `facts`: the dataset already loaded by `load_facts(dataset)` (the CLI checks it before loading the model)."""
+    `facts`: the dataset already loaded by `load_facts(dataset)` (the CLI checks it before loading the model).
+    `cluster`: a distributed.ClusterSpec (a pool is started for this run and closed after it) or an open
+    distributed.WorkerPool; None runs every step in this process."""
     module = experiment_module(name)
     params = params or module.Params()
     facts = load_facts(dataset) if facts is None else facts
@@ -103,7 +137,7 @@ def run_experiment(name: str, lm: LoadedModel, dataset: str, *, limit: int | Non
     run_id = make_key(experiment=name, model=lm.name, fingerprint=lm.fingerprint, dataset=dataset,
                       seed=seed, params=jsonable(params), version=__version__)[:16]
     ctx = Context(lm, store, run_id, seed, progress)
-    report = module.run(ctx, facts, params, limit)
+    report = _run_module(module, ctx, facts, params, limit, cluster)
     out = Path(out_dir) if out_dir else results_dir() / name / _slug(lm.name)
     manifest = {"experiment": name, "model": lm.name, "model_label": lm.label, "fingerprint": lm.fingerprint,
                 "dataset": dataset, "limit": limit, "seed": seed, "params": jsonable(params), "run_id": run_id,
@@ -111,6 +145,19 @@ def run_experiment(name: str, lm: LoadedModel, dataset: str, *, limit: int | Non
                 "command": command or "python -m dkn " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     write_report(out, report, manifest)
     return report, out
+
+
+def _run_module(module, ctx: Context, facts: list[Fact], params: Any, limit: int | None, cluster: Any) -> Report:
+    if cluster is None:
+        return module.run(ctx, facts, params, limit)
+    from dkn.experiments.distributed import ClusterSpec, worker_pool
+
+    if not isinstance(cluster, ClusterSpec):        # an open pool
+        ctx.pool = cluster
+        return module.run(ctx, facts, params, limit)
+    with worker_pool(ctx.lm, cluster) as pool:
+        ctx.pool = pool
+        return module.run(ctx, facts, params, limit)
 
 
 def make_params(name: str, settings: Iterable[str] = (), full: bool = False) -> Any:
@@ -215,19 +262,22 @@ def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact
     from dkn.evaluate import answers_correctly
 
     chosen = []
-    for fact in facts:
-        [record] = ctx.each("known", [(fact.id, fact)], lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)})
-        if record.get("known"):
-            chosen.append(fact)
-            if limit is not None and len(chosen) >= limit:
-                break
+    chunk = 1 if ctx.pool is None else 4 * ctx.pool.workers   # on a cluster: a few facts per worker at once
+    for start in range(0, len(facts), chunk):
+        part = facts[start:start + chunk]
+        records = ctx.each("known", [(f.id, f) for f in part],
+                           lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)})
+        chosen += [fact for fact, record in zip(part, records) if record.get("known")]
+        if limit is not None and len(chosen) >= limit:
+            chosen = chosen[:limit]
+            break
     if not chosen:
         raise DatasetError("the model answers none of this dataset's facts: choose another dataset or model")
     return chosen
 
 
-__all__ = ["Context", "Report", "run_experiment", "known_facts", "make_params", "EXPERIMENTS", "experiment_module",
-           "load_facts", "write_report", "past_runs"]
+__all__ = ["EXPERIMENTS", "Context", "Report", "experiment_module", "known_facts", "load_facts", "make_params",
+           "past_runs", "run_experiment", "write_report"]
 
 
 def past_runs(*roots: str | Path) -> list[dict]:

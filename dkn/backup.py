@@ -1,0 +1,106 @@
+"""Backup discovery: conditional attribution rounds, which see what integrated gradients cannot.
+
+Integrated gradients scales one layer at a time while every other layer stays on, so when two
+groups of neurons each carry the answer on their own, scaling either barely moves P and neither
+scores high: the redundant storage that the degeneracy test looks for is exactly what one
+attribution misses.  Self-repair ("hydra effect", McGrath et al. 2023) is the other side of the same
+coin: switch the first carriers off and others take over.  So, in rounds:
+
+1. round 1: the given knowledge neurons (or, without them, the coarse neurons of an attribution);
+2. suppress every neuron found so far, and attribute again *on the suppressed model*: the coarse
+   neurons of that attribution (score > t x the top score, at most `max_neurons`, never one already
+   found) are the backups that now carry the fact: the next round;
+3. repeat until P(answer) with everything found so far suppressed has dropped by more than
+   `threshold_high` (the fact is gone), no new neuron is found, or `rounds` rounds are done.
+
+Each round's neurons form one candidate component, which dkn.degeneracy then tests like any other
+group; P after each round is the "peeling" curve.  During the rounds, neurons are suppressed (set to
+0) at every prompt position, inside a context manager around dkn.attribution.attribute, so the
+attribution engine needs no change; the degeneracy grid afterwards uses its own `mode`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from dkn.hooks import edit_neurons
+from dkn.models import LoadedModel
+from dkn.neurons import Neuron, check_in_range
+
+if TYPE_CHECKING:
+    from dkn.degeneracy import DegeneracyParams, Round
+
+
+@contextmanager
+def suppressed(lm: LoadedModel, neurons: Iterable[Neuron], site: str = "post") -> Iterator[None]:
+    """Within the block, `neurons` output 0 at every position (hooks removed on exit, also on errors)."""
+    neurons = tuple(Neuron(*n) for n in neurons)
+    check_in_range(neurons, lm.n_layers, lm.d_mlp)
+    by_layer: dict[int, list[int]] = {}
+    for n in neurons:
+        by_layer.setdefault(n.layer, []).append(n.index)
+
+    def zero(index: list[int]):
+        def edit(h):                                                  # h: [B, T, d_mlp]
+            mask = torch.ones(h.shape[-1], device=h.device, dtype=h.dtype)
+            mask[index] = 0
+            return h * mask
+        return edit
+
+    with edit_neurons(lm, {layer: zero(index) for layer, index in by_layer.items()}, site):
+        yield
+
+
+def attribute_suppressed(lm: LoadedModel, prompt: str, answer: str, neurons: Sequence[Neuron], params=None):
+    """dkn.attribution.attribute with `neurons` suppressed at every position (never cached: the store's key
+    does not know about the suppression)."""
+    from dkn.attribution import attribute
+
+    with suppressed(lm, neurons):
+        return attribute(lm, prompt, answer, params, store=None)
+
+
+def discover(lm: LoadedModel, prompt: str, answer: str, params: DegeneracyParams,
+             first_round: Sequence[Neuron] = ()) -> tuple[Round, ...]:
+    """The rounds of backup discovery (see the module docstring); thresholds and limits from `params`:
+    threshold_high (the fact is gone), backup_rounds, backup_t, backup_max_neurons, backup_attribution."""
+    from dkn.degeneracy import Round
+    from dkn.interventions import intervene_many
+
+    found: list[Neuron] = []
+    rounds: list[Round] = []
+    prob0, _ = intervene_many(lm, prompt, answer, [], 0.0, "all")
+    prob_before = prob0
+    given = tuple(dict.fromkeys(Neuron(*n) for n in first_round))[: params.backup_max_neurons]
+    for k in range(params.backup_rounds):
+        if k == 0 and given:
+            new, scores = given, (float("nan"),) * len(given)
+        else:
+            attribution = attribute_suppressed(lm, prompt, answer, found, params.backup_attribution)
+            new, scores = round_neurons(attribution.scores, set(found), params.backup_t, params.backup_max_neurons)
+        if not new:
+            break
+        found += new
+        _, [prob_after] = intervene_many(lm, prompt, answer, [tuple(found)], 0.0, "all")
+        drop = (prob0 - prob_after) / prob0 if prob0 > 0 else 0.0
+        rounds.append(Round(tuple(new), tuple(scores), float(prob_before), float(prob_after), float(drop)))
+        prob_before = prob_after
+        if drop > params.threshold_high:
+            break
+    return tuple(rounds)
+
+
+def round_neurons(scores: np.ndarray, exclude: set[Neuron], t: float, max_neurons: int
+                  ) -> tuple[tuple[Neuron, ...], tuple[float, ...]]:
+    """The coarse neurons of one round: score > t x the top score, not in `exclude`, highest first, at most
+    `max_neurons`; scores [n_layers, d_mlp].  Empty when no score is positive."""
+    from dkn.selection import coarse_neurons
+
+    chosen = [n for n in coarse_neurons(scores, t) if n not in exclude]
+    chosen.sort(key=lambda n: -scores[n.layer, n.index])
+    chosen = chosen[:max_neurons]
+    return tuple(chosen), tuple(float(scores[n.layer, n.index]) for n in chosen)

@@ -1,0 +1,140 @@
+"""dkn.backup: conditional attribution rounds find a second copy of a fact that one attribution misses."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from dkn.attribution import AttributionParams, attribute
+from dkn.backup import attribute_suppressed, suppressed
+from dkn.degeneracy import DegeneracyParams, analyse
+from dkn.interventions import intervene_many
+from dkn.models import wrap_model
+from dkn.neurons import Neuron
+from dkn.selection import coarse_neurons
+
+PROMPT, ANSWER = "the capital of france is", "paris"
+GROUP_A = (Neuron(0, 0), Neuron(0, 1))        # layer 0, the stronger copy
+GROUP_B = (Neuron(1, 2), Neuron(1, 3))        # layer 1, the weaker copy: still enough alone
+FAST = AttributionParams(steps=8)
+
+
+def _stored_twice_in_two_layers(with_b: bool = True):
+    """A 2-layer LLaMA-shaped model whose only MLP neurons are two disjoint groups in different layers, each
+    reading the last token and writing the answer's unembedding direction; attention writes nothing.
+    Integrated gradients scales one layer at a time: with A on, scaling B changes nothing, so B scores about
+    1% of A and is no knowledge neuron, although either group alone keeps P within 2%."""
+    lm = tiny_model("llama")
+    lm.model.model.layers = lm.model.model.layers[:2]
+    lm.model.config.num_hidden_layers = 2
+    tok = lm.tokenizer
+    last, answer = tok.convert_tokens_to_ids("is"), tok.convert_tokens_to_ids("paris")
+    basis = torch.eye(lm.model.config.hidden_size)
+    e_last, r_ans = basis[0], basis[1]
+    with torch.no_grad():
+        emb = lm.model.model.embed_tokens.weight
+        emb[:] = 0.05 * torch.randn_like(emb)
+        emb[:, :4] = 0
+        emb[last] = 3 * e_last
+        lm.model.lm_head.weight.zero_()
+        lm.model.lm_head.weight[answer] = r_ans
+        for layer in lm.model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                proj.weight.zero_()
+        for group, strength in ((GROUP_A, 0.3), (GROUP_B, 0.2 if with_b else 0.0)):
+            for n in group:
+                mlp = lm.model.model.layers[n.layer].mlp
+                mlp.gate_proj.weight[n.index] = e_last
+                mlp.up_proj.weight[n.index] = e_last
+                mlp.down_proj.weight[:, n.index] = strength * r_ans
+    return wrap_model(lm.model, tok, name=f"stored-twice-two-layers-{with_b}")
+
+
+def _knowledge_neurons(lm):
+    return coarse_neurons(attribute(lm, PROMPT, ANSWER, FAST).scores, 0.2)
+
+
+def test_the_planted_model_is_degenerate_and_integrated_gradients_misses_the_weaker_copy():
+    lm = _stored_twice_in_two_layers()
+    p0, (pa, pb, pab) = intervene_many(lm, PROMPT, ANSWER, [GROUP_A, GROUP_B, GROUP_A + GROUP_B])
+    assert (p0 - pa) / p0 < 0.05 and (p0 - pb) / p0 < 0.05 and (p0 - pab) / p0 > 0.9
+    assert set(_knowledge_neurons(lm)) == set(GROUP_A)
+
+
+def test_backup_rounds_find_both_copies_where_ntc_cannot():
+    lm = _stored_twice_in_two_layers()
+    kns = _knowledge_neurons(lm)
+    ntc = analyse(lm, PROMPT, ANSWER, kns, params=DegeneracyParams(random_seeds=1))
+    assert not ntc.degenerate
+    r = analyse(lm, PROMPT, ANSWER, kns, params=DegeneracyParams(clusterer="backup", random_seeds=1,
+                                                               backup_attribution=FAST))
+    assert r.degenerate, r.verdict
+    assert [set(c.members) for c in r.candidates] == [set(GROUP_A), set(GROUP_B)]
+    assert [c.round for c in r.candidates] == [1, 2]
+    assert len(r.rounds) == 2 and r.rounds[1].drop_after > 0.3          # stopped when the fact was gone
+    assert r.peeling[0] == pytest.approx(r.prob) and r.peeling[1] > 0.95 * r.prob and r.peeling[2] < 0.1 * r.prob
+    assert all(c.sufficient for c in r.candidates) and r.redundancy > 0.9
+    assert r.as_json()["rounds"][1]["neurons"] == [{"layer": 1, "neuron": 2}, {"layer": 1, "neuron": 3}]
+
+
+def test_backup_rounds_invent_no_second_copy_for_a_single_pathway():
+    lm = _stored_twice_in_two_layers(with_b=False)
+    r = analyse(lm, PROMPT, ANSWER, _knowledge_neurons(lm),
+                params=DegeneracyParams(clusterer="backup", random_seeds=1, backup_attribution=FAST))
+    assert len(r.candidates) == 1 and set(r.candidates[0].members) == set(GROUP_A)
+    assert not r.degenerate and "single group" in r.verdict
+    assert len(r.rounds) == 1 and r.rounds[0].drop_after > 0.9
+
+
+def test_backup_without_given_neurons_attributes_its_first_round():
+    lm = _stored_twice_in_two_layers()
+    r = analyse(lm, PROMPT, ANSWER, (), params=DegeneracyParams(clusterer="backup", random_seeds=0,
+                                                               backup_attribution=FAST))
+    assert [set(c.members) for c in r.candidates] == [set(GROUP_A), set(GROUP_B)] and r.degenerate
+
+
+def test_attribution_under_suppression_zeroes_the_suppressed_and_matches_the_reference_loop():
+    lm = tiny_model("gpt2")
+    off = [Neuron(0, 3), Neuron(2, 7), Neuron(2, 8)]
+    fast = attribute_suppressed(lm, PROMPT, ANSWER, off, FAST)
+    with suppressed(lm, off):
+        ref = attribute(lm, PROMPT, ANSWER, FAST, reference_loop=True)
+    assert np.allclose(fast.scores, ref.scores, atol=1e-6)
+    assert all(fast.scores[n.layer, n.index] == 0 for n in off)
+    plain = attribute(lm, PROMPT, ANSWER, FAST)
+    assert not np.allclose(plain.scores, fast.scores, atol=1e-6)
+    p0, [p_off] = intervene_many(lm, PROMPT, ANSWER, [off], 0.0, "all")
+    assert fast.prob == pytest.approx(p_off, rel=1e-5) and plain.prob == pytest.approx(p0, rel=1e-5)
+    # the hooks are gone afterwards
+    assert attribute(lm, PROMPT, ANSWER, FAST).prob == pytest.approx(p0, rel=1e-6)
+
+
+def test_bad_backup_settings_are_refused():
+    with pytest.raises(ValueError, match="backup_rounds"):
+        DegeneracyParams(clusterer="backup", backup_rounds=0).validate()
+
+
+def test_cli_dkn_json_carries_rounds_sufficiency_redundancy_and_interactions(tmp_path, capsys):
+    import json
+
+    from dkn.cli import main
+
+    lm = _stored_twice_in_two_layers()
+    folder = tmp_path / "planted"
+    lm.model.save_pretrained(folder, safe_serialization=True)
+    lm.tokenizer.save_pretrained(folder)
+    argv = ["dkn", "--model", str(folder), "--device", "cpu", "--prompt", PROMPT, "--answer", ANSWER,
+            "--clusterer", "backup", "--json", "--no-cache", "--steps", "8"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["clusterer"] == "backup" and out["degenerate"] is True
+    assert len(out["rounds"]) == 2 and out["rounds"][1]["prob_after"] < 0.1 * out["prob"]
+    assert [s["sufficient"] for s in out["sufficiency"]] == [True, True]
+    assert out["redundancy"] > 0.9 and [i["subset"] for i in out["interactions"]] == [[0], [1], [0, 1]]
+    assert out["conditions"]["together_remove_fact"] is True and out["edge"] == "static"
+    assert main(argv[:-6] + ["--clusterer", "ntc", "--no-cache", "--steps", "8"]) == 0      # the text report
+    text = capsys.readouterr().out
+    assert "redundancy R" in text and "no candidate group" in text          # IG found one copy only
