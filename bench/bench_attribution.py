@@ -259,16 +259,18 @@ def ours_breakdown(lm, prompt: str, answer: str, params) -> dict:
     for one run, nothing in dkn changed) and the top aten ops of a second run under torch.profiler."""
     import torch
     import dkn.attribution as A
+    import dkn.rows as R
     from torch.profiler import ProfilerActivity, profile
 
     phases = {"_clean_activations": "clean forward (record activations, P(answer))",
-              "_runner_for": "runner setup (prefix KV cache, clean capture, head check)",
-              "_baseline_probs": "baseline probs (one extra row per layer)",
-              "_integrated_grads": "integrated gradients (all layer x alpha rows)",
+              "answer_runner": "runner setup (prefix KV cache, clean capture, head check)",
+              "baseline_probs": "baseline probs (one extra row per layer)",
+              "integrated_grads": "integrated gradients (all layer x alpha rows)",
               "_row_logits": "  of which: forward of the rows (staggered blocks + head)"}
     spent = {name: 0.0 for name in phases}
     stack = []
-    originals = {name: getattr(A, name) for name in phases}
+    owner = {name: R if name == "_row_logits" else A for name in phases}   # where attribute() looks each up
+    originals = {name: getattr(owner[name], name) for name in phases}
 
     def wrapped(name):
         f = originals[name]
@@ -281,21 +283,21 @@ def ours_breakdown(lm, prompt: str, answer: str, params) -> dict:
             finally:
                 dt = time.perf_counter() - t
                 stack.pop()
-                if name != "_row_logits" or "_integrated_grads" in stack:
+                if name != "_row_logits" or "integrated_grads" in stack:
                     spent[name] += dt
         return g
 
     for name in phases:
-        setattr(A, name, wrapped(name))
+        setattr(owner[name], name, wrapped(name))
     try:
         t0 = time.perf_counter()
         A.attribute(lm, prompt, answer, params)
         total = time.perf_counter() - t0
     finally:
         for name, f in originals.items():
-            setattr(A, name, f)
+            setattr(owner[name], name, f)
     rows = {phases[n]: round(v, 3) for n, v in spent.items()}
-    rows["  of which: softmax + backward of the rows"] = round(spent["_integrated_grads"] - spent["_row_logits"], 3)
+    rows["  of which: softmax + backward of the rows"] = round(spent["integrated_grads"] - spent["_row_logits"], 3)
     rows["other (query, numpy, ...)"] = round(total - sum(v for n, v in spent.items() if n != "_row_logits"), 3)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         A.attribute(lm, prompt, answer, params)

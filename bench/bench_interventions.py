@@ -17,12 +17,13 @@ import platform
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 
-from dkn.interventions import intervene, intervene_many, runner_for
+from dkn.forward import answer_runner
+from dkn.interventions import intervene, intervene_many
 from dkn.models import load_model
 from dkn.neurons import Neuron
 from dkn.query import make_query
-from timing import median_seconds
 
 PROMPT, ANSWER = "The capital of France is", "Paris"
 OUT = Path(__file__).resolve().parent / "results"
@@ -45,7 +46,7 @@ def main() -> None:
             lm.model(input_ids=ids)
 
     step = make_query(lm, PROMPT, ANSWER).steps[0]
-    runner_for(lm, step)  # built once per prompt and kept, as in the app
+    answer_runner(lm, step)  # built once per prompt and kept, as in the app
     rows = {
         "plain forward (full prompt, 1 row)": median_seconds(plain, args.repeats),
         "intervene_many, 1 set (answer position)": median_seconds(
@@ -59,8 +60,7 @@ def main() -> None:
     }
 
     def cold():
-        from dkn import interventions
-        interventions._RUNNERS.clear()
+        lm.runners.clear()
         intervene_many(lm, PROMPT, ANSWER, [neurons], 0.0, "last")
     rows["intervene_many, 1 set, first call on a new prompt (builds the prefix cache)"] = median_seconds(cold, args.repeats)
 

@@ -123,7 +123,10 @@ def _command(sub, name, help_text, run):
 def _model_args(p):
     p.add_argument("--model", default="default",
                    help="'default', 'gemma3-270m' (after `make gemma`), a Hugging Face id, or a local folder")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default="auto", choices=options.DEVICES,
+                   help="auto (default: CUDA, else MPS, else CPU), cpu, cuda or mps")
+    p.add_argument("--dtype", default="float32", choices=options.DTYPES,
+                   help="weights' precision (float32); attribution accumulates in float32 anyway")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
 
 
@@ -139,14 +142,36 @@ def _attribution_args(p):
     p.add_argument("--baseline", choices=options.BASELINES, default="zero")
     p.add_argument("--faithful", action="store_true", help="the DKN authors' script choices (see docs)")
     p.add_argument("--no-cache", action="store_true", help="recompute and do not store")
+    p.add_argument("--max-rows", type=positive_int, default=None,
+                   help="at most this many tokens per batched pass (512)")
+    p.add_argument("--memory-budget", type=_memory_size, default=None,
+                   help="activations one batched pass may keep, e.g. 512MB or 2GB (1GB); results do not change")
+
+
+def _memory_size(text: str) -> int:
+    """'2GB', '512MB', '1.5G' or a plain number of bytes -> bytes."""
+    units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
+    number = text.strip().lower().rstrip("bgkm")
+    unit = text.strip().lower()[len(number):]
+    try:
+        size = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size: write e.g. 512MB or 2GB") from None
+    if not size >= 1:
+        raise argparse.ArgumentTypeError(f"the memory budget must be positive, got {text!r}")
+    return int(size)
 
 
 def _load(args):
     from dkn.models import load_model
 
     start = time.perf_counter()
-    lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     log.info("loaded %s in %.1f s", lm.label, time.perf_counter() - start)
+    if getattr(args, "max_rows", None) is not None:
+        lm.max_rows = args.max_rows
+    if getattr(args, "memory_budget", None) is not None:
+        lm.memory_budget = args.memory_budget
     return lm
 
 

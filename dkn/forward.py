@@ -36,7 +36,7 @@ from dkn.hooks import Edit, edit_neurons
 from dkn.models import LoadedModel
 
 log = logging.getLogger(__name__)
-_CHECKED: dict[tuple, bool] = {}      # (model, fingerprint, site, prompt length) -> staggered pass reproduces logits
+RUNNER_CACHE_SIZE = 16                # runners kept per model (live interventions reuse them)
 
 
 class AnswerPositionRunner:
@@ -47,13 +47,13 @@ class AnswerPositionRunner:
         self.lm, self.site = lm, site
         self.last = input_ids[:, -1:]                                  # [1, 1]
         with torch.no_grad(), lm.lock:
-            self.prefix = (lm.model.base_model(input_ids=input_ids[:, :-1], use_cache=True).cache   # no head needed
-                           if input_ids.shape[1] > 1 else None)
+            self.prefix = (lm.model.base_model(input_ids=input_ids[:, :-1], cache=empty_cache(lm), use_cache=True).cache
+                           if input_ids.shape[1] > 1 else None)          # no head needed
             self.block_inputs, self.block_calls, self.clean_logits = self._capture()
-        key = (id(lm.model), lm.fingerprint, site, input_ids.shape[1])
-        if key not in _CHECKED:       # the replay depends on the architecture and the prompt length only
-            _CHECKED[key] = self._head_reproduces_logits()
-        self.staggered = _CHECKED[key]
+        key = (site, input_ids.shape[1])
+        if key not in lm.staggered_checks:   # the replay depends on the architecture and the prompt length only
+            lm.staggered_checks[key] = self._head_reproduces_logits()
+        self.staggered = lm.staggered_checks[key]
 
     def logits(self, row_start: torch.Tensor, edits: dict[int, Edit]) -> torch.Tensor:
         """[B, vocab] answer-position logits.  row_start [B], ascending: the first layer each row edits.
@@ -88,10 +88,16 @@ class AnswerPositionRunner:
         return inputs, calls, logits
 
     def _head_reproduces_logits(self) -> bool:
+        # float32 replays agree to ~1e-6; half precision rounds every block differently from the model's own
+        # attention kernel, so it is compared at its own resolution (bf16: 8 bits of mantissa)
+        dtype = self.clean_logits.dtype
+        tol = 1e-4 if dtype == torch.float32 else 8 * torch.finfo(dtype).eps
+        scale = float(self.clean_logits.float().abs().max().clamp(min=1))
         try:
             with torch.no_grad(), self.lm.lock:
-                logits = self._staggered_logits(torch.tensor([0]), {})            # one row through every block
-            ok = torch.allclose(logits, self.clean_logits, atol=1e-4, rtol=1e-4)
+                one_row = torch.zeros(1, dtype=torch.long, device="cpu")       # one row through every block
+                logits = self._staggered_logits(one_row, {})
+            ok = torch.allclose(logits.float(), self.clean_logits.float(), atol=tol * scale, rtol=tol)
         except Exception as err:  # an architecture variant whose blocks cannot be replayed
             log.info("staggered forward unavailable for %s (%s): running every row through the whole model",
                      self.lm.name, err)
@@ -154,14 +160,74 @@ class AnswerPositionRunner:
     def _cache(self, batch: int):
         """A copy of the prefix cache with its keys/values repeated `batch` times (views, no copy)."""
         if self.prefix is None:
-            from transformers import DynamicCache
-            return DynamicCache(config=self.lm.config)
+            return empty_cache(self.lm)
         cache = copy.copy(self.prefix)
         cache.layers = [copy.copy(layer) for layer in self.prefix.layers]
         for layer in cache.layers:
             layer.keys = layer.keys.expand(batch, *layer.keys.shape[1:])
             layer.values = layer.values.expand(batch, *layer.values.shape[1:])
         return cache
+
+
+# -- how many rows one pass may hold ------------------------------------------------------------------
+# Activations that autograd keeps per row, in units of the widths they scale with (measured on the LLaMA
+# family: MLP hidden vectors, residual-stream vectors, attention probabilities per head and key).
+_KEPT_PER_MLP_UNIT, _KEPT_PER_RESIDUAL_UNIT, _KEPT_PER_ATTENTION_KEY = 8, 16, 6
+
+
+def row_bytes(lm: LoadedModel, tokens_per_row: int, context: int) -> int:
+    """Bytes one row keeps for the backward pass when it runs through every layer: `tokens_per_row` new
+    tokens (1 in the staggered pass, the whole prompt without it) attending over `context` keys each,
+    plus the logits, their float32 softmax and its gradient for every token that reaches the head."""
+    c = lm.config
+    elem = next(lm.model.parameters()).element_size()
+    d_model = int(getattr(c, "hidden_size", 0) or lm.d_mlp // 4)
+    heads = int(getattr(c, "num_attention_heads", 0) or 1)
+    per_layer = (tokens_per_row * (_KEPT_PER_MLP_UNIT * lm.d_mlp + _KEPT_PER_RESIDUAL_UNIT * d_model) * elem
+                 + heads * tokens_per_row * (context + 1) * _KEPT_PER_ATTENTION_KEY * 4)
+    head = tokens_per_row * int(c.vocab_size) * (elem + 8)
+    return lm.n_layers * per_layer + head
+
+
+def rows_per_pass(lm: LoadedModel, tokens_per_row: int, context: int, max_rows: int | None = None,
+                  memory_budget: int | None = None) -> int:
+    """How many rows one batched pass runs: at most `max_rows` tokens, and no more rows than fit
+    `memory_budget` bytes (defaults: the LoadedModel's `max_rows` and `memory_budget`); at least one."""
+    max_rows = lm.max_rows if max_rows is None else max_rows
+    memory_budget = lm.memory_budget if memory_budget is None else memory_budget
+    if max_rows < 1 or memory_budget < 1:
+        raise ValueError(f"max_rows and memory_budget must be positive, got {max_rows} and {memory_budget}")
+    by_tokens = max_rows // tokens_per_row
+    by_memory = memory_budget // row_bytes(lm, tokens_per_row, context)
+    return max(1, min(by_tokens, by_memory))
+
+
+def answer_runner(lm: LoadedModel, step, site: str = "post", keep: bool = True) -> AnswerPositionRunner | None:
+    """The one factory of runners: the AnswerPositionRunner of `step` (a dkn.query.Step) when its answer
+    position is the last token of a causal prompt, else None.  With `keep`, runners are kept on the
+    LoadedModel (the last RUNNER_CACHE_SIZE prompts), so that live interventions cost one single-token
+    pass; attribution builds a fresh one (keep=False) and lets it go with its rows."""
+    if lm.family.masked_lm or step.position != len(step.input_ids) - 1:
+        return None
+    ids = torch.tensor([step.input_ids], device=lm.device)                # [1, T]
+    if not keep:
+        return AnswerPositionRunner(lm, ids, site)
+    key = (tuple(step.input_ids), site)
+    with lm.lock:
+        runner = lm.runners.pop(key, None) or AnswerPositionRunner(lm, ids, site)
+        lm.runners[key] = runner
+        while len(lm.runners) > RUNNER_CACHE_SIZE:
+            lm.runners.popitem(last=False)
+    return runner
+
+
+def empty_cache(lm: LoadedModel):
+    """A key/value cache for `lm` whose own bookkeeping tensors (sliding-window layers make one when
+    built) live on the model's device."""
+    from transformers import DynamicCache
+
+    with torch.device(lm.device):
+        return DynamicCache(config=lm.config)
 
 
 def _optional_submodule(root, path: str):
@@ -192,18 +258,27 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
                             softcap=None, **kwargs):
     """Attention of one new token per row over the shared prefix and itself.
     query [B, H, 1, hd]; key, value [B, kv_heads, 1, hd] (the new token's); the prefix comes from the
-    running _SharedPrefixCache.  Returns ([B, 1, H, hd], None) like transformers' attention functions."""
+    running _SharedPrefixCache.  Returns ([B, 1, H, hd], None) like transformers' attention functions.
+
+    The prefix's keys/values [1, kv_heads, P, hd] are never broadcast to the B rows (a broadcast matmul
+    would materialise them per row, and autograd would keep the copies for every layer): the rows are
+    folded into the matrix dimension instead, one [B * groups, hd] @ [hd, P] product per key/value head."""
     cache = _PREFIX.get()
-    groups = query.shape[1] // key.shape[1]
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    B, H, _, hd = query.shape
+    kv = key.shape[1]
+    groups = H // kv
+    scaling = scaling if scaling is not None else hd ** -0.5
     k_new, v_new = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)   # [B, H, 1, hd]
     scores_self = (query * k_new).sum(-1, keepdim=True) * scaling                          # [B, H, 1, 1]
     if cache.layers is None:
-        scores, k_pre, v_pre = scores_self, None, None
+        scores, v_pre = scores_self, None
     else:
-        k_pre, v_pre = cache.layers[module.layer_idx]
-        k_pre, v_pre = k_pre.repeat_interleave(groups, 1), v_pre.repeat_interleave(groups, 1)  # [1, H, P, hd]
-        scores = torch.cat([torch.matmul(query, k_pre.transpose(2, 3)) * scaling, scores_self], -1)  # [B, H, 1, P+1]
+        k_pre, v_pre = cache.layers[module.layer_idx]                                      # [1, kv, P, hd]
+        # head h reads key/value head h // groups (repeat_interleave order)
+        q_rows = query.reshape(B, kv, groups, hd).permute(1, 0, 2, 3).reshape(kv, B * groups, hd)
+        scores_pre = torch.matmul(q_rows, k_pre[0].transpose(1, 2)) * scaling            # [kv, B * groups, P]
+        scores_pre = scores_pre.reshape(kv, B, groups, -1).permute(1, 0, 2, 3).reshape(B, H, 1, -1)  # [B, H, 1, P]
+        scores = torch.cat([scores_pre, scores_self], -1)                                   # [B, H, 1, P+1]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
@@ -211,7 +286,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     weights = scores.float().softmax(-1).to(query.dtype)
     out = weights[..., -1:] * v_new                                                        # [B, H, 1, hd]
     if v_pre is not None:
-        out = out + torch.matmul(weights[..., :-1], v_pre)
+        w_rows = weights[..., :-1].reshape(B, kv, groups, -1).permute(1, 0, 2, 3).reshape(kv, B * groups, -1)
+        out_pre = torch.matmul(w_rows, v_pre[0])                                           # [kv, B * groups, hd]
+        out = out + out_pre.reshape(kv, B, groups, hd).permute(1, 0, 2, 3).reshape(B, H, 1, hd)
     return out.transpose(1, 2).contiguous(), None
 
 

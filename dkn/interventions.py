@@ -3,25 +3,25 @@
 Modes:
 - "last":    multiply the neurons' activations at the answer position(s) only;
 - "all":     multiply them at every position of the prompt;
-- "weights": multiply the neurons' input weight vectors (and biases) and output weight
-             vectors by the factor, which acts at every position (the paper's weights variant).
+- "weights": multiply the neurons' output weight vectors (columns of the down projection) by the
+             factor, which acts at every position and equals "all" (the paper's weights variant).
 Factor 0 suppresses, 2 amplifies.  Every change is undone when the call returns, also on errors.
 
 `intervene_many` evaluates many neuron sets in one batched pass ("last" and "all"), which the
 degeneracy grid needs; in "last" mode each set is one single-token row over the cached prompt
-prefix, starting at the lowest layer the set touches (see dkn.forward).
+prefix, starting at the lowest layer the set touches (see dkn.forward; the runner of each prompt is
+kept on the LoadedModel by dkn.forward.answer_runner).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from dkn.forward import AnswerPositionRunner
+from dkn.forward import answer_runner
 from dkn.hooks import edit_neurons
 from dkn.models import LoadedModel
 from dkn.neurons import Neuron, check_in_range
@@ -102,27 +102,22 @@ def _step_distributions(lm, query: Query, sets: list[tuple[Neuron, ...]], factor
     for step in query.steps:
         if mode == "weights":
             per_step.append(torch.stack([_weights_dist(lm, step, s, factor) for s in sets]))
-        elif mode == "last" and _runner_possible(lm, step):
-            per_step.append(_runner_dists(lm, step, sets, factor))
+        elif mode == "last" and (runner := answer_runner(lm, step)) is not None:
+            per_step.append(_runner_dists(lm, runner, sets, factor))
         else:
             per_step.append(_full_row_dists(lm, step, sets, factor, every_position=mode == "all"))
     return [[per_step[t][i] for t in range(len(query.steps))] for i in range(len(sets))]
 
 
-def _runner_possible(lm, step: Step) -> bool:
-    return not lm.family.masked_lm and step.position == len(step.input_ids) - 1
-
-
-def _runner_dists(lm, step: Step, sets, factor) -> torch.Tensor:
+def _runner_dists(lm, runner, sets, factor) -> torch.Tensor:
     """[n_sets, vocab]: one single-token row per set, each starting at its lowest layer."""
-    runner = runner_for(lm, step)
     starts = [min((n.layer for n in s), default=lm.n_layers) for s in sets]
     order = np.argsort(starts, kind="stable")                            # rows sorted by start layer
     masks = _multipliers(lm, [sets[i] for i in order], factor)          # layer -> [n_sets, d_mlp]
     edits = {layer: _scale_rows(mask, position=None) for layer, mask in masks.items()}
-    logits = runner.logits(torch.tensor([starts[i] for i in order]), edits)   # [n_sets, vocab]
-    dists = logits.float().softmax(-1)
-    return dists[torch.from_numpy(np.argsort(order))]                    # back to the caller's order
+    row_start = torch.tensor([starts[i] for i in order], device="cpu")  # bookkeeping: read with .tolist()
+    dists = runner.logits(row_start, edits).float().softmax(-1)         # [n_sets, vocab]
+    return dists[torch.from_numpy(np.argsort(order)).to(dists.device)]  # back to the caller's order
 
 
 def _full_row_dists(lm, step: Step, sets, factor, every_position: bool) -> torch.Tensor:
@@ -132,7 +127,7 @@ def _full_row_dists(lm, step: Step, sets, factor, every_position: bool) -> torch
     position = None if every_position else step.position
     edits = {layer: _scale_rows(mask, position) for layer, mask in masks.items()}
     with edit_neurons(lm, edits):
-        logits = lm.model(input_ids=ids).logits[:, step.position]         # [n_sets, vocab]
+        logits = lm.model(input_ids=ids, use_cache=False).logits[:, step.position]         # [n_sets, vocab]
     return logits.float().softmax(-1)
 
 
@@ -151,7 +146,7 @@ def _scale_rows(mask: torch.Tensor, position: int | None):
     """Edit: h [n, T, d] *= mask[:n] at `position` (every position when None).  The first n rows are
     the ones running at this layer (see AnswerPositionRunner.logits)."""
     def edit(h):
-        m = mask[: h.shape[0]].to(h.dtype)                                # [n, d]
+        m = mask[: h.shape[0]].to(h.device, h.dtype)                      # [n, d]
         if position is None:
             return h * m[:, None, :]
         h = h.clone()
@@ -163,51 +158,62 @@ def _scale_rows(mask: torch.Tensor, position: int | None):
 def _weights_dist(lm, step: Step, neurons: tuple[Neuron, ...], factor: float) -> torch.Tensor:
     ids = torch.tensor([step.input_ids], device=lm.device)
     with scaled_weights(lm, neurons, factor):
-        logits = lm.model(input_ids=ids).logits[0, step.position]
+        logits = lm.model(input_ids=ids, use_cache=False).logits[0, step.position]
     return logits.float().softmax(-1)
 
 
 @contextmanager
 def scaled_weights(lm: LoadedModel, neurons: Iterable[Neuron], factor: float):
-    """Multiply each neuron's input weight rows (+ biases) and output weight column by `factor`;
-    the original values are written back on exit, also when the body raises."""
-    saved = []
+    """Multiply each neuron's output weight column (what it writes into the residual stream) by `factor`:
+    one factor, linear in the neuron's contribution, at every position; so this equals scaling its
+    activation at every position ("all" mode).  The input rows are left alone: scaling them too would
+    grow the output by about factor^2 (GELU) or factor^3 (gated MLPs).  The original values are written
+    back on exit, also when the body raises.  A down projection whose weights accelerate has offloaded
+    (loaded at each call, `meta` in between) gets the same product as a hook scaling its input column."""
+    saved, hooks = [], []
+    offloaded: dict[int, list[int]] = {}
     with lm.lock, torch.no_grad():
         try:
             for n in dict.fromkeys(Neuron(*n) for n in neurons):   # a repeated neuron is scaled once
-                for param, index in _neuron_weight_slices(lm, n):
-                    saved.append((param, index, param[index].clone()))
-                    param[index] *= factor
+                param, index = output_column(lm, n)
+                if param.device.type == "meta":
+                    offloaded.setdefault(n.layer, []).append(n.index)
+                    continue
+                saved.append((param, index, param[index].clone()))
+                param[index] *= factor
+            for layer, indices in offloaded.items():
+                hooks.append(lm.down_proj(layer).register_forward_pre_hook(_scale_input_columns(indices, factor)))
             yield
         finally:
+            for hook in hooks:
+                hook.remove()
             for param, index, value in reversed(saved):
                 param[index] = value
 
 
+def _scale_input_columns(indices: list[int], factor: float):
+    def pre_hook(module, args):
+        h = args[0].clone()                                   # [..., d_mlp]
+        h[..., indices] = h[..., indices] * factor
+        return (h, *args[1:])
+    return pre_hook
+
+
+def output_column(lm: LoadedModel, n: Neuron):
+    """(parameter, index) of neuron n's output weight column in the down projection's storage layout."""
+    down = lm.down_proj(n.layer)                           # read the neuron: columns of [d_model, d_mlp]
+    return down.weight, (n.index,) if lm.family.conv1d else (slice(None), n.index)
+
+
 def _neuron_weight_slices(lm: LoadedModel, n: Neuron):
-    """(parameter, index) pairs that hold neuron n's weights, in their storage layout."""
+    """(parameter, index) pairs that hold neuron n's weights, in their storage layout: its input rows
+    (and biases) and its output column (dkn.finetune trains exactly these)."""
     conv1d = lm.family.conv1d
     for module in lm.up_projs(n.layer):                    # write the neuron: rows of [d_mlp, d_model]
         yield module.weight, (slice(None), n.index) if conv1d else (n.index,)
         if getattr(module, "bias", None) is not None:
             yield module.bias, (n.index,)
-    down = lm.down_proj(n.layer)                           # read the neuron: columns of [d_model, d_mlp]
-    yield down.weight, (n.index,) if conv1d else (slice(None), n.index)
+    yield output_column(lm, n)
 
 
 neuron_weight_slices = _neuron_weight_slices   # public name (dkn.finetune trains exactly these slices)
-
-
-# -- runners are cached per prompt, so that live interventions in the app cost one single-token pass ----
-_RUNNERS: "OrderedDict[tuple, AnswerPositionRunner]" = OrderedDict()
-_RUNNER_CACHE_SIZE = 16
-
-
-def runner_for(lm: LoadedModel, step: Step, site: str = "post") -> AnswerPositionRunner:
-    key = (id(lm), lm.fingerprint, step.input_ids, site)
-    with lm.lock:
-        runner = _RUNNERS.pop(key, None) or AnswerPositionRunner(lm, torch.tensor([step.input_ids], device=lm.device), site)
-        _RUNNERS[key] = runner
-        while len(_RUNNERS) > _RUNNER_CACHE_SIZE:
-            _RUNNERS.popitem(last=False)
-    return runner

@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -27,7 +28,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from dkn import paths
+from dkn import options, paths
 from dkn.errors import DknError
 from dkn.families import Family, as_linear_weight, d_mlp_of, family_of
 
@@ -44,6 +45,8 @@ GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA_LABEL = "Gemma 3 270M (Q4_K_M, offline; Gemma Terms of Use)"
 PLANTED_MODEL = "planted-default"     # the default model with planted redundancy (dkn.planted), built on first use
 OFFLINE_MODELS = (DEFAULT_MODEL, GEMMA_MODEL, PLANTED_MODEL)
+DEFAULT_MAX_ROWS = 512
+DEFAULT_MEMORY_BUDGET = 1 << 30
 
 
 class ModelLoadError(DknError, RuntimeError):
@@ -64,6 +67,13 @@ class LoadedModel:
     label: str                      # human-readable description
     fingerprint: str                # hash of config + sampled weights: part of every cache key
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    # bounds on one batched pass of rows (see dkn.forward.rows_per_pass); they never change results
+    max_rows: int = DEFAULT_MAX_ROWS
+    memory_budget: int = DEFAULT_MEMORY_BUDGET   # bytes of activations one pass may keep for its backward
+    # per-model caches of dkn.forward (never part of results): (site, prompt length) -> the staggered pass
+    # reproduces the logits; (prompt ids, site) -> AnswerPositionRunner, least recently used first
+    staggered_checks: dict = field(default_factory=dict, repr=False)
+    runners: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     @property
     def config(self):
@@ -79,7 +89,21 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the embedding's execution device on a model dispatched by accelerate
+        (device_map / offload), else the device of the first parameter that holds data."""
+        hook = getattr(self.model.get_input_embeddings(), "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+        for p in self.model.parameters():
+            if p.device.type != "meta":
+                return p.device
+        return torch.device("cpu")
+
+    @property
+    def dispatched(self) -> bool:
+        """True when accelerate placed the model (a device map over several devices, or offloading)."""
+        return getattr(self.model, "hf_device_map", None) is not None or any(
+            hasattr(m, "_hf_hook") for m in self.model.modules())
 
     @property
     def n_params(self) -> int:
@@ -138,15 +162,64 @@ class LoadedModel:
         return torch.tanh(logits / cap) * cap if cap else logits
 
 
+DEVICES = options.DEVICES
+DTYPES = dict(zip(options.DTYPES, (torch.float32, torch.bfloat16, torch.float16)))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto"/None: CUDA when available, else MPS, else CPU; "cpu", "cuda", "cuda:N", "mps" as asked,
+    with a ModelLoadError saying what to do when that device is not available."""
+    name = str(device or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}: use one of {', '.join(DEVICES)} (or cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} asked for, but torch sees no CUDA GPU here "
+                             "(torch.cuda.is_available() is False): use --device cpu or --device auto")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError("device 'mps' asked for, but torch sees no Apple GPU here: use --device cpu or auto")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ModelLoadError(f"unknown device {device!r}: use one of {', '.join(DEVICES)} (or cuda:N)")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """float32 (None), bfloat16 or float16, by name or as a torch.dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ModelLoadError(f"unsupported dtype {dtype}: use one of {', '.join(DTYPES)}")
+        return dtype
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype | None = torch.float32,
     trust_remote_code: bool = False,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
-    """Load "default", a local folder, or a Hugging Face id, in eval mode on `device`
-    (CUDA when available, else CPU, when `device` is None)."""
+    """Load "default", a local folder, or a Hugging Face id, in eval mode on `device` (see
+    `resolve_device`: "auto"/None picks CUDA, else MPS, else CPU) with weights in `dtype` (float32,
+    bfloat16 or float16; attribution accumulates in float32 whatever the weights).
+    With device "auto", a model that does not fit the chosen accelerator's free memory (or any model when
+    `max_memory` is given, e.g. {0: "20GiB", "cpu": "60GiB"}) is placed by accelerate with
+    device_map="auto": split over the GPUs, then CPU memory, then `offload_folder` on disk."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
@@ -154,7 +227,8 @@ def load_model(
     name = (name or "").strip()
     if not name:
         raise ModelLoadError("no model given: use 'default', a Hugging Face id such as 'gpt2', or a local folder")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    auto = str(device or "auto").strip().lower() == "auto"
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     if name == DEFAULT_MODEL:
         folder, label = prepare_default_model(), DEFAULT_LABEL
     elif name == GEMMA_MODEL:
@@ -177,7 +251,15 @@ def load_model(
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot read the model's config.json in {folder}: {err}") from err
     family = family_of(config.model_type)
-    model = _from_pretrained(folder, family, dtype, trust_remote_code).to(device).eval()
+    if auto and (max_memory is not None or not _fits(folder, dtype, device)):
+        offload = Path(offload_folder) if offload_folder else cache_dir() / "offload" / hashlib.sha256(
+            str(folder).encode()).hexdigest()[:12]
+        log.info("%s does not fit one device: dispatching it with device_map='auto' (offload folder %s)",
+                 name, offload)
+        placement = {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(offload)}
+        model = _from_pretrained(folder, family, dtype, trust_remote_code, **placement).eval()
+    else:
+        model = _from_pretrained(folder, family, dtype, trust_remote_code).to(device).eval()
     tokenizer = _load_tokenizer(folder, trust_remote_code)
     return LoadedModel(model, tokenizer, family, name, label, fingerprint(model))
 
@@ -200,13 +282,30 @@ def fingerprint(model: nn.Module) -> str:
     (bar a change confined to unsampled entries), and costs milliseconds even on large models."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_FINGERPRINTED}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    offloaded = _offloaded_values(model)
     for name, p in model.state_dict().items():
+        if p.device.type == "meta" and name in offloaded:      # offloaded by accelerate: read the stored value
+            p = offloaded[name]
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         h.update(flat[::step].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _offloaded_values(model: nn.Module) -> dict:
+    """name -> value of each parameter/buffer that accelerate keeps offloaded (its `weights_map`), {} when
+    nothing is offloaded."""
+    out = {}
+    for prefix, module in model.named_modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights is None:
+            continue
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if t.device.type == "meta" and name in weights:
+                out[f"{prefix}.{name}" if prefix else name] = weights[name]
+    return out
 
 
 def prepare_default_model() -> Path:
@@ -284,12 +383,24 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
-def _from_pretrained(folder, family: Family, dtype, trust_remote_code: bool) -> nn.Module:
+def _fits(folder, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the weights (their safetensors size, rescaled to `dtype`) fit the free memory of a CUDA
+    device with 20% to spare; the CPU and MPS are taken to fit (they share the machine's memory)."""
+    if device.type != "cuda":
+        return True
+    stored = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    needed = stored * torch.finfo(dtype).bits / 32          # the converted files hold float32 weights
+    free, _ = torch.cuda.mem_get_info(device)
+    return needed * 1.2 < free
+
+
+def _from_pretrained(folder, family: Family, dtype, trust_remote_code: bool, **placement) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     auto = AutoModelForMaskedLM if family.masked_lm else AutoModelForCausalLM
     try:
-        return auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+        return auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                    **placement)
     except OSError as err:
         raise ModelLoadError(
             f"could not load weights from {folder}: dkn reads safetensors only (no pickle files). "
@@ -356,5 +467,6 @@ def model_summary(lm: LoadedModel) -> dict:
     }
 
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model", "wrap_model", "prepare_default_model", "prepare_gemma_model",
+__all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_dtype", "DEVICES", "DTYPES",
+           "wrap_model", "prepare_default_model", "prepare_gemma_model",
            "model_summary", "OFFLINE_MODELS"]

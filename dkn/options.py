@@ -33,5 +33,9 @@ CLUSTERERS = tuple(_TOPOLOGY_CLUSTERERS) + ("amig", "backup")
 #: Edge definitions of the knowledge-neuron graph (dkn.graph.EDGES).
 EDGES = ("static", "functional", "faithful")
 
+#: Devices and weight precisions of dkn.models.load_model (attribution accumulates in float32 anyway).
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+
 #: Analysis experiments (dkn.experiments.runner.EXPERIMENTS).
 EXPERIMENTS = ("acquisition", "robustness", "enhancement", "fact_checking", "evolvability", "complexity")

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import time
 
 import numpy as np
 import pytest
 import torch
+from tiny_models import FAMILY_CONFIGS, tiny_model
 
 from dkn.attribution import AttributionParams, attribute
+from dkn.forward import row_bytes, rows_per_pass
 from dkn.integration import integration_points
-from tiny_models import FAMILY_CONFIGS, tiny_model
+from dkn.models import DEFAULT_MEMORY_BUDGET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -297,8 +298,8 @@ def test_faithful_uses_pre_activation_site(models):
     acts_pre = attribute(lm, PROMPT, ANSWER, AttributionParams(method="activation", site="pre")).scores
     np.testing.assert_array_equal(acts_pre, torch.stack([c_fc[l] for l in range(lm.n_layers)]).numpy())
     acts_post = attribute(lm, PROMPT, ANSWER, AttributionParams(method="activation")).scores
-    np.testing.assert_allclose(acts_post, torch.nn.functional.gelu(torch.from_numpy(acts_pre), approximate="tanh").numpy(),
-                               rtol=1e-5, atol=1e-6)
+    expected = torch.nn.functional.gelu(torch.from_numpy(acts_pre), approximate="tanh").numpy()
+    np.testing.assert_allclose(acts_post, expected, rtol=1e-5, atol=1e-6)
 
 
 # -- multi-token and masked answers -----------------------------------------------------------------
@@ -341,21 +342,26 @@ def test_masked_lm_answer_at_the_mask(models):
 
 
 # -- cache, progress ------------------------------------------------------------------------------
-def test_cache_round_trip(models, store):
+def test_cache_round_trip(models, store, monkeypatch):
+    import dkn.attribution
+
     lm = models("gpt2")
     params = AttributionParams(steps=96)
-    start = time.perf_counter()
     first = attribute(lm, PROMPT, ANSWER, params, store=store)
-    compute_s = time.perf_counter() - start
-    start = time.perf_counter()
+    (key,) = store.keys("attribution")
+    compute = dkn.attribution._compute
+
+    def must_not_compute(*args, **kwargs):
+        raise AssertionError("a cached result was recomputed")
+    monkeypatch.setattr(dkn.attribution, "_compute", must_not_compute)
     second = attribute(lm, PROMPT, ANSWER, params, store=store)
-    cached_s = time.perf_counter() - start
+    monkeypatch.setattr(dkn.attribution, "_compute", compute)
     assert not first.cached and second.cached
+    assert store.keys("attribution") == [key]           # a hit: nothing recomputed or written again
     np.testing.assert_array_equal(first.scores, second.scores)
     np.testing.assert_array_equal(first.baseline_probs, second.baseline_probs)
     assert second.prob == first.prob and second.token_probs == first.token_probs
     assert second.answer == first.answer and second.params == params
-    assert cached_s < compute_s / 3, (cached_s, compute_s)
     other = attribute(lm, PROMPT, ANSWER, AttributionParams(steps=95), store=store)
     assert not other.cached                     # params are part of the key
     assert len(store.keys("attribution")) == 2
@@ -394,7 +400,7 @@ def test_progress_reaches_total(models, reference_loop):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text"])
-@pytest.mark.parametrize("rule", ["linspace", "trapezoid", "right", "left"])
+@pytest.mark.parametrize("rule", ["linspace", "trapezoid", "right", "left", "gauss"])
 def test_fast_path_equals_reference_for_every_rule_and_chunking(models, family, rule):
     """Rules with alpha = 1 share one clean row across layers, and rules without alpha = 0 get an extra
     weight-0 row for P(baseline): both must leave scores and baseline probabilities unchanged."""
@@ -406,3 +412,92 @@ def test_fast_path_equals_reference_for_every_rule_and_chunking(models, family, 
         scale = np.abs(reference.scores).max()
         np.testing.assert_allclose(fast.scores, reference.scores, atol=1e-5 * scale)
         np.testing.assert_allclose(fast.baseline_probs, reference.baseline_probs, atol=1e-6)
+
+
+# -- memory: rows never copy the prefix, and chunking by a memory budget changes nothing -----------------
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text", "opt"])
+def test_result_does_not_change_with_the_memory_budget(models, family):
+    lm = models(family)
+    params = AttributionParams(steps=5, rule="linspace")
+    free = attribute(lm, PROMPT, "paris new", params, memory_budget=1 << 40)
+    for budget in (1, 3 * row_bytes(lm, 1, 6)):            # one row per pass, then three
+        tight = attribute(lm, PROMPT, "paris new", params, memory_budget=budget)
+        np.testing.assert_allclose(tight.scores, free.scores, rtol=1e-5, atol=1e-6 * np.abs(free.scores).max())
+        np.testing.assert_allclose(tight.baseline_probs, free.baseline_probs, atol=1e-6)
+    lm.memory_budget = 1                                      # the model's own default is used when none is given
+    try:
+        by_model = attribute(lm, PROMPT, "paris new", params)
+    finally:
+        lm.memory_budget = DEFAULT_MEMORY_BUDGET
+    np.testing.assert_allclose(by_model.scores, free.scores, rtol=1e-5, atol=1e-6 * np.abs(free.scores).max())
+
+
+def test_rows_per_pass_follows_the_budget_and_the_prompt_length(models):
+    lm = models("llama")
+    one = row_bytes(lm, 1, 100)
+    assert rows_per_pass(lm, 1, 100, max_rows=10**6, memory_budget=7 * one) == 7
+    assert rows_per_pass(lm, 1, 100, max_rows=5, memory_budget=7 * one) == 5
+    assert rows_per_pass(lm, 1, 100, max_rows=10**6, memory_budget=1) == 1     # always at least one row
+    assert row_bytes(lm, 1, 1000) > row_bytes(lm, 1, 100)                         # longer prompts: fewer rows
+    assert rows_per_pass(lm, 20, 20, max_rows=100, memory_budget=1 << 40) == 5   # full-prompt rows count tokens
+    with pytest.raises(ValueError, match="positive"):
+        rows_per_pass(lm, 1, 100, max_rows=0)
+
+
+def test_shared_prefix_attention_keeps_no_per_row_copy_of_the_prefix():
+    """The bytes autograd keeps for B rows attending over a P-token prefix stay below one [B, H, P, hd]
+    copy of the prefix keys (what a broadcast matmul against [1, H, hd, P] materialises)."""
+    from types import SimpleNamespace
+
+    from dkn.forward import _PREFIX, _SharedPrefixCache, shared_prefix_attention
+
+    B, H, kv, P, hd = 8, 4, 2, 64, 32
+    g = torch.Generator().manual_seed(0)
+    cache = _SharedPrefixCache(None)
+    cache.layers = [(torch.randn(1, kv, P, hd, generator=g), torch.randn(1, kv, P, hd, generator=g))]
+    query = torch.randn(B, H, 1, hd, generator=g, requires_grad=True)
+    key, value = torch.randn(B, kv, 1, hd, generator=g), torch.randn(B, kv, 1, hd, generator=g)
+    kept = {}
+
+    def pack(t):
+        kept[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+    token = _PREFIX.set(cache)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, _ = shared_prefix_attention(SimpleNamespace(layer_idx=0), query, key, value, None)
+    finally:
+        _PREFIX.reset(token)
+    assert out.shape == (B, 1, H, hd)
+    prefix_copy = B * H * P * hd * 4
+    assert sum(kept.values()) < prefix_copy / 2, (sum(kept.values()), prefix_copy)
+    # and it is attention: against a plain softmax over [prefix, self] with each head's key/value head
+    k_all = torch.cat([cache.layers[0][0].expand(B, -1, -1, -1), key], 2).repeat_interleave(H // kv, 1)
+    v_all = torch.cat([cache.layers[0][1].expand(B, -1, -1, -1), value], 2).repeat_interleave(H // kv, 1)
+    expected = ((query @ k_all.transpose(2, 3)) * hd ** -0.5).softmax(-1) @ v_all            # [B, H, 1, hd]
+    torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_row_limits_change_nothing_and_bad_values_exit_2(tmp_path, capsys):
+    import json
+
+    from dkn.cli import main
+
+    lm = tiny_model("llama")
+    folder = tmp_path / "tiny"
+    lm.model.save_pretrained(folder, safe_serialization=True)
+    lm.tokenizer.save_pretrained(folder)
+    base = ["attribute", "--model", str(folder), "--device", "cpu", "--prompt", PROMPT, "--answer", ANSWER,
+            "--json", "--no-cache", "--steps", "4", "--top", "5"]
+    capsys.readouterr()
+    assert main(base) == 0
+    free = json.loads(capsys.readouterr().out)["top"]
+    assert main([*base, "--max-rows", "2", "--memory-budget", "1KB"]) == 0
+    tight = json.loads(capsys.readouterr().out)["top"]
+    assert [(r["layer"], r["neuron"]) for r in tight] == [(r["layer"], r["neuron"]) for r in free]
+    np.testing.assert_allclose([r["score"] for r in tight], [r["score"] for r in free], rtol=1e-5)
+    for flag, value in (("--max-rows", "0"), ("--memory-budget", "lots"), ("--memory-budget", "-1GB")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, flag, value])
+        assert exit_info.value.code == 2
+        assert flag in capsys.readouterr().err

@@ -5,9 +5,9 @@ import threading
 
 import pytest
 import torch
+from tiny_models import FAMILY_CONFIGS, tiny_model
 
 from dkn.hooks import edit_neurons, record_neurons
-from tiny_models import FAMILY_CONFIGS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

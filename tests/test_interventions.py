@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from dkn.interventions import intervene, intervene_many, scaled_weights
 from dkn.neurons import Neuron
-from tiny_models import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,16 +160,6 @@ def test_suppressing_a_whole_layer_leaves_the_down_projection_bias(lm):
     assert weights.prob_after == pytest.approx(expected, rel=1e-4)
 
 
-def test_weights_mode_factor_zero_equals_all_mode(lm):
-    for neurons in _sets(lm):
-        all_mode = intervene(lm, PROMPT, ANSWER, neurons, 0.0, "all").prob_after
-        weights = intervene(lm, PROMPT, ANSWER, neurons, 0.0, "weights").prob_after
-        assert weights == pytest.approx(all_mode, rel=1e-4, abs=1e-9), neurons
-    _, many = intervene_many(lm, PROMPT, ANSWER, _sets(lm), 0.0, "weights")
-    _, many_all = intervene_many(lm, PROMPT, ANSWER, _sets(lm), 0.0, "all")
-    np.testing.assert_allclose(many, many_all, rtol=1e-4, atol=1e-9)
-
-
 def _snapshot(lm):
     return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
 
@@ -204,9 +194,9 @@ def _param_name(lm, param):
     return name
 
 
-def test_scaled_weights_scale_the_right_slices(lm):
-    """Inside the context the neuron's column of the output vectors and rows of the input vectors are scaled,
-    nothing else."""
+def test_scaled_weights_scale_only_the_output_column(lm):
+    """Inside the context the neuron's output vector is scaled, nothing else: its input vectors (and
+    biases) stay, so the neuron's contribution is linear in the factor."""
     layer, index = 1, 5
     out_before = lm.output_vectors(layer).detach().clone()            # [d_mlp, d_model]
     in_before = [m.detach().clone() for m in lm.input_vectors(layer)]
@@ -217,9 +207,21 @@ def test_scaled_weights_scale_the_right_slices(lm):
     expected[index] *= 3.0
     torch.testing.assert_close(out_during, expected, rtol=0, atol=0)
     for before, during in zip(in_before, in_during):
-        expected = before.clone()
-        expected[index] *= 3.0
-        torch.testing.assert_close(during, expected, rtol=0, atol=0)
+        torch.testing.assert_close(during, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("factor", [0.0, 2.0, 3.5])
+def test_weights_mode_equals_all_mode_for_suppression_and_amplification(lm, factor):
+    """Scaling the output column by f is scaling the activation by f at every position (the old
+    weights mode, which also scaled the input rows, gave ~f^2 or f^3 instead and failed for f = 2)."""
+    sets = _sets(lm)
+    for neurons in sets:
+        all_mode = intervene(lm, PROMPT, ANSWER, neurons, factor, "all").prob_after
+        weights = intervene(lm, PROMPT, ANSWER, neurons, factor, "weights").prob_after
+        assert weights == pytest.approx(all_mode, rel=1e-4, abs=1e-9), neurons
+    _, many = intervene_many(lm, PROMPT, ANSWER, sets, factor, "weights")
+    _, many_all = intervene_many(lm, PROMPT, ANSWER, sets, factor, "all")
+    np.testing.assert_allclose(many, many_all, rtol=1e-4, atol=1e-9)
 
 
 # -- direction of the effect -------------------------------------------------------------------------
@@ -282,3 +284,22 @@ def test_a_repeated_neuron_is_scaled_once_in_weights_mode():
         assert intervene(lm, PROMPT, ANSWER, [(0, 1), (0, 1)], 2.0, mode).prob_after == pytest.approx(
             intervene(lm, PROMPT, ANSWER, [(0, 1)], 2.0, mode).prob_after, rel=1e-6)
     assert twice == pytest.approx(once, rel=1e-5)
+
+
+def test_runners_and_checks_are_kept_on_the_model_and_bounded():
+    """The per-prompt runners (and the staggered-pass checks) live on the LoadedModel, not in a module-level
+    dict keyed by id(model): another model never sees them, and at most RUNNER_CACHE_SIZE are kept."""
+    from tiny_models import WORDS
+
+    from dkn.forward import RUNNER_CACHE_SIZE
+
+    lm, other = tiny_model("llama"), tiny_model("llama")
+    intervene_many(lm, PROMPT, ANSWER, [[(0, 1)]], 0.0, "last")
+    assert len(lm.runners) == 1 and len(other.runners) == 0 and not other.staggered_checks
+    assert lm.staggered_checks and all(lm.staggered_checks.values())
+    (runner,) = lm.runners.values()
+    intervene(lm, PROMPT, ANSWER, [(1, 2)], 2.0, "last")
+    assert list(lm.runners.values()) == [runner]                    # reused, not rebuilt
+    for word in WORDS[: RUNNER_CACHE_SIZE + 3]:
+        intervene_many(lm, f"the capital of {word} is", ANSWER, [[(0, 1)]], 0.0, "last")
+    assert len(lm.runners) == RUNNER_CACHE_SIZE

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from dkn.attribution import AttributionParams, _clean_activations, _one_layer, attribute
+from dkn.attribution import AttributionParams, _clean_activations, attribute
 from dkn.integration import integration_points
 from dkn.interventions import intervene
 from dkn.neurons import Neuron
 from dkn.query import make_query
+from dkn.rows import RowJob, one_layer_grads
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_thread")]
 
@@ -82,7 +83,7 @@ def test_fast_path_matches_the_reference_for_two_layers(default_lm, ig, top10):
     alphas, weights = integration_points(PARAMS.rule, PARAMS.steps)
     first = top10[0].layer
     for layer in (first, 0 if first != 0 else lm.n_layers - 1):
-        grads = _one_layer(lm, ids, step, PARAMS.site, acts, base, alphas, weights, layer)
+        grads = one_layer_grads(RowJob(lm, ids, step, PARAMS.site, acts, base), alphas, weights, layer)
         reference = (acts[layer] * grads).numpy()
         fast = ig.scores[layer]
         assert np.corrcoef(fast, reference)[0, 1] >= 0.9999, layer
