@@ -2,7 +2,7 @@
 #   make run    set up (once) and start the app on the offline default model
 #   make test   set up (once) and run the whole test suite
 # Both are idempotent: a second call skips work already done.
-#   make lint         ruff check (make test runs it first)
+#   make lint         ruff check and ruff format --check (make test runs it first)
 #   make screenshots  refresh the committed results/screenshots/*.png (tests write theirs to cache/screenshots/)
 
 PYTHON ?= python3
@@ -57,8 +57,9 @@ test-fast: setup lint
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
-# Rewrites files: run it on purpose (and once over the whole tree when the team adopts it), never from `make test`.
+# Rewrites files: run it on purpose before committing (`make lint` checks that the tree is formatted), never from `make test`.
 format: setup
 	$(BIN)/ruff format .
 

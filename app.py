@@ -3,10 +3,15 @@
 Run with `make run` (or `streamlit run app.py --server.address localhost`).  The pages only call into
 `dkn` (no torch here); the model is loaded once per server process and shared by every session.
 """
+
 import streamlit as st
 
-st.set_page_config(page_title="Degenerate Knowledge Neurons", page_icon=":material/neurology:", layout="wide",
-                   initial_sidebar_state="expanded")
+st.set_page_config(
+    page_title="Degenerate Knowledge Neurons",
+    page_icon=":material/neurology:",
+    layout="wide",
+    initial_sidebar_state="expanded",
+)
 
 from ui import link, state, widgets  # noqa: E402  (after set_page_config)
 
@@ -18,14 +23,14 @@ PAGES = [
     st.Page("pages/experiments.py", title="Experiments", icon=":material/science:"),
 ]
 
-link.restore()                      # a shared link: its state, before any widget is drawn
+link.restore()  # a shared link: its state, before any widget is drawn
 page = st.navigation(PAGES)
 with st.sidebar:
     lm = widgets.model_picker()
     st.divider()
-    share = st.container()          # filled after the page ran (the page decides the fact and the groups)
+    share = st.container()  # filled after the page ran (the page decides the fact and the groups)
 widgets.reset_figures()
-link.write()                        # the view as the last run left it (a page may stop early)
+link.write()  # the view as the last run left it (a page may stop early)
 page.run()
 ws = state.current_workspace(lm, load_cached=False) if lm is not None else None
 link.write(ws)

@@ -15,6 +15,7 @@ read the ratios.  Needs /usr/bin/chromium and playwright (as tests/test_browser.
 
     .venv/bin/python bench/bench_app.py [--repeats 10] [--attribution-repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,18 @@ from tests.test_browser import ARGS, CHROMIUM, free_port  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 # fresh facts for the attribution runs (one prompt each, never cached before in this bench's store)
-FRESH = [("The Eiffel Tower is located in the city of", "Paris"), ("Albert Einstein was born in", "Germany"),
-         ("The capital of Japan is", "Tokyo"), ("The Colosseum is located in", "Rome"),
-         ("The capital of Italy is", "Rome"), ("The capital of Spain is", "Madrid"),
-         ("The capital of Germany is", "Berlin"), ("The Great Wall is located in", "China"),
-         ("The capital of Egypt is", "Cairo"), ("The Statue of Liberty is in", "New York")]
+FRESH = [
+    ("The Eiffel Tower is located in the city of", "Paris"),
+    ("Albert Einstein was born in", "Germany"),
+    ("The capital of Japan is", "Tokyo"),
+    ("The Colosseum is located in", "Rome"),
+    ("The capital of Italy is", "Rome"),
+    ("The capital of Spain is", "Madrid"),
+    ("The capital of Germany is", "Berlin"),
+    ("The Great Wall is located in", "China"),
+    ("The capital of Egypt is", "Cairo"),
+    ("The Statue of Liberty is in", "New York"),
+]
 
 WATCH = """(sel) => {
   window.__inputAt = null; window.__changedAt = null;
@@ -66,10 +74,29 @@ def start_server(cache: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, DKN_CACHE_DIR=str(cache), BROWSER_PATH=CHROMIUM, DKN_APP_TIMING="1")
     log = open(cache / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-                             "--server.headless", "true", "--server.address", "localhost",
-                             "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--server.address",
+            "localhost",
+            "--browser.gatherUsageStats",
+            "false",
+            "--server.fileWatcherType",
+            "none",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://localhost:{port}"
     for _ in range(240):
         try:
@@ -85,8 +112,10 @@ def idle(page, timeout_s: float = 300) -> None:
     end = time.time() + timeout_s
     time.sleep(0.3)
     while time.time() < end:
-        if page.locator("[data-testid='stStatusWidget'] :text('Running')").count() == 0 and \
-                page.locator("[data-testid='stSpinner']").count() == 0:
+        if (
+            page.locator("[data-testid='stStatusWidget'] :text('Running')").count() == 0
+            and page.locator("[data-testid='stSpinner']").count() == 0
+        ):
             return
         time.sleep(0.1)
     raise RuntimeError("the app kept running")
@@ -142,7 +171,7 @@ def bench_attribution(page, url: str, lm, repeats: int) -> dict:
         page.wait_for_selector("text=Computed in", timeout=600_000)
         app_s.append(time.perf_counter() - start)
         idle(page)
-        start = time.perf_counter()            # the library, same prompt, no store, right after (same load)
+        start = time.perf_counter()  # the library, same prompt, no store, right after (same load)
         attribute(lm, prompt, answer, AttributionParams())
         lib_s.append(time.perf_counter() - start)
         prompts.append(prompt)
@@ -188,8 +217,11 @@ def main(argv=None) -> None:
             page.wait_for_selector("text=1 · The fact", timeout=300_000)
             idle(page)
             inter = bench_intervene(page, url, args.repeats)
-            attr = (bench_attribution(page, url, lm, args.attribution_repeats) if args.attribution_repeats
-                    else {"app_s": [float("nan")], "library_s": [float("nan")], "prompts": []})
+            attr = (
+                bench_attribution(page, url, lm, args.attribution_repeats)
+                if args.attribution_repeats
+                else {"app_s": [float("nan")], "library_s": [float("nan")], "prompts": []}
+            )
             browser.close()
     finally:
         proc.terminate()
@@ -197,35 +229,51 @@ def main(argv=None) -> None:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
-        panel = [float(line.split(":")[1].split()[0]) for line in (cache / "streamlit.log").read_text().splitlines()
-                 if line.startswith("intervention panel:")]
+        panel = [
+            float(line.split(":")[1].split()[0])
+            for line in (cache / "streamlit.log").read_text().splitlines()
+            if line.startswith("intervention panel:")
+        ]
         shutil.rmtree(root, ignore_errors=True)
     lib_inter = bench_library_intervention(lm, args.repeats)
     med = statistics.median
     ratio = med(attr["app_s"]) / med(attr["library_s"])
     overhead = med([a - b for a, b in zip(attr["app_s"], attr["library_s"])])
     out = {
-        "machine": {"nproc": os.cpu_count(), "loadavg_start": load, "loadavg_end": os.getloadavg(),
-                    "shared": "the machine was shared with other helpers' jobs while this ran: absolute times "
-                              "are noisy, ratios are the figure to read"},
-        "intervene_tick_median_s": med(inter["tick_s"]), "intervene_factor_median_s": med(inter["factor_s"]),
+        "machine": {
+            "nproc": os.cpu_count(),
+            "loadavg_start": load,
+            "loadavg_end": os.getloadavg(),
+            "shared": "the machine was shared with other helpers' jobs while this ran: absolute times "
+            "are noisy, ratios are the figure to read",
+        },
+        "intervene_tick_median_s": med(inter["tick_s"]),
+        "intervene_factor_median_s": med(inter["factor_s"]),
         "library_intervention_median_s": med(lib_inter),
-        "attribution_app_median_s": med(attr["app_s"]), "attribution_library_median_s": med(attr["library_s"]),
-        "attribution_ratio_app_over_library": ratio, "attribution_overhead_median_s": overhead,
+        "attribution_app_median_s": med(attr["app_s"]),
+        "attribution_library_median_s": med(attr["library_s"]),
+        "attribution_ratio_app_over_library": ratio,
+        "attribution_overhead_median_s": overhead,
         "targets": {"intervene_update_s": 0.3, "attribution": "app <= 1.3 x library + 1 s"},
-        "meets": {"intervene_tick": med(inter["tick_s"]) <= 0.3, "intervene_factor": med(inter["factor_s"]) <= 0.3,
-                  "attribution": med(attr["app_s"]) <= 1.3 * med(attr["library_s"]) + 1.0},
+        "meets": {
+            "intervene_tick": med(inter["tick_s"]) <= 0.3,
+            "intervene_factor": med(inter["factor_s"]) <= 0.3,
+            "attribution": med(attr["app_s"]) <= 1.3 * med(attr["library_s"]) + 1.0,
+        },
         "server_panel_median_s": med(panel) if panel else None,
         "raw": {**inter, **attr, "library_intervention_s": lib_inter, "server_panel_s": panel},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "app.json").write_text(json.dumps(out, indent=2))
     md = [
-        "# App latency in a real browser (bench/bench_app.py)", "",
+        "# App latency in a real browser (bench/bench_app.py)",
+        "",
         f"Machine: {os.cpu_count()} cores, load average {load[0]:.1f} at the start, "
         f"{out['machine']['loadavg_end'][0]:.1f} at the end. **Shared with other helpers' jobs**: absolute "
-        "times are noisy; read the ratios.", "",
-        "| measure | median | runs | target |", "|---|---|---|---|",
+        "times are noisy; read the ratios.",
+        "",
+        "| measure | median | runs | target |",
+        "|---|---|---|---|",
         f"| Intervene: tick a group -> chart redrawn | {med(inter['tick_s']) * 1000:.0f} ms | {args.repeats} "
         "| <= 300 ms |",
         f"| Intervene: factor slider step -> chart redrawn | {med(inter['factor_s']) * 1000:.0f} ms | {args.repeats} "
@@ -238,7 +286,8 @@ def main(argv=None) -> None:
         f"{len(attr['library_s'])} | |",
         f"| attribution ratio app / library | {ratio:.2f} | | app <= 1.3 x library + 1 s: "
         f"{'met' if out['meets']['attribution'] else 'NOT met'} |",
-        f"| attribution overhead app - library | {overhead:.2f} s | | |", "",
+        f"| attribution overhead app - library | {overhead:.2f} s | | |",
+        "",
     ]
     (RESULTS / "app.md").write_text("\n".join(md))
     print("\n".join(md))

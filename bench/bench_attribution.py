@@ -29,6 +29,7 @@ Matched definitions (read from knowledge_neurons/knowledge_neurons.py and patch.
   with model_type="gpt2" only single-token answers work, so the answer is one token, given with its
   leading space as our make_query normalises it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,12 @@ ANSWER = " Paris"
 # name -> (prompt, expected token count, speed-up target)
 PROMPTS = {
     "short": ("The capital of France is", 5, 6.0),
-    "long": ("The old travel guide that my grandmother kept on the shelf beside the kitchen window says, "
-             "in the chapter about Europe, that the capital of France is", 29, 20.0),
+    "long": (
+        "The old travel guide that my grandmother kept on the shelf beside the kitchen window says, "
+        "in the chapter about Europe, that the capital of France is",
+        29,
+        20.0,
+    ),
 }
 DEFAULT_PROMPT, DEFAULT_ANSWER = "The capital of France is", "Paris"
 MATCHED = dict(steps=STEPS, rule="linspace", baseline="zero", site="pre", multiplier="delta")
@@ -87,9 +92,12 @@ def our_transformers_version() -> str:
         m = re.search(r"^\s*transformers\s*==\s*([^\s;#]+)", req.read_text(), re.M)
         if m:
             return m.group(1)
-    out = subprocess.run([str(OUR_VENV / "bin" / "python"), "-c",
-                          "import importlib.metadata as m; print(m.version('transformers'))"],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(OUR_VENV / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('transformers'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip()
 
 
@@ -105,16 +113,22 @@ def _base_python() -> str:
 def ensure_peer_venv() -> dict:
     """Create/refresh .bench-venv-peer; a marker file records what was installed so reruns are no-ops."""
     tf = our_transformers_version()
-    spec = {"torch": TORCH_PIN, "transformers": tf, "peer": PEER_PACKAGE,
-            "requirements": PEER_REQUIREMENTS.read_text()}
+    spec = {"torch": TORCH_PIN, "transformers": tf, "peer": PEER_PACKAGE, "requirements": PEER_REQUIREMENTS.read_text()}
     marker = PEER_VENV / ".bench-installed.json"
     py = PEER_VENV / "bin" / "python"
     if marker.exists() and py.exists():
         try:
             if json.loads(marker.read_text()) == spec:
-                check = subprocess.run([str(py), "-c", "import torch, transformers, knowledge_neurons, einops;"
-                                        "print(torch.__version__, transformers.__version__)"],
-                                       capture_output=True, text=True)
+                check = subprocess.run(
+                    [
+                        str(py),
+                        "-c",
+                        "import torch, transformers, knowledge_neurons, einops;"
+                        "print(torch.__version__, transformers.__version__)",
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 if check.returncode == 0:
                     log(f"peer venv up to date ({check.stdout.strip()})")
                     return spec
@@ -129,8 +143,9 @@ def ensure_peer_venv() -> dict:
     subprocess.run(pip + [f"torch=={TORCH_PIN}"], check=True)
     subprocess.run(pip + ["-r", str(PEER_REQUIREMENTS), f"transformers=={tf}"], check=True)
     subprocess.run(pip + ["--no-deps", PEER_PACKAGE], check=True)
-    got = subprocess.run([str(py), "-c", "import torch; print(torch.__version__)"],
-                         check=True, capture_output=True, text=True).stdout.strip()
+    got = subprocess.run(
+        [str(py), "-c", "import torch; print(torch.__version__)"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     if got.split("+")[0] != TORCH_PIN:
         raise SystemExit(f"the peer venv got torch {got}, not {TORCH_PIN}: refusing to benchmark")
     marker.write_text(json.dumps(spec, indent=1))
@@ -157,8 +172,9 @@ def ensure_model() -> Path:
     # tokenizer: byte-level BPE trained on TRAIN_TEXT (every word of it becomes one token), then padded
     # with unreachable filler entries to ids 0..50255 and <|endoftext|> at 50256, like GPT-2.
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TRAIN_TEXT] * 8, vocab_size=VOCAB - 1, min_frequency=2, special_tokens=[],
-                            show_progress=False)
+    bpe.train_from_iterator(
+        [TRAIN_TEXT] * 8, vocab_size=VOCAB - 1, min_frequency=2, special_tokens=[], show_progress=False
+    )
     with tempfile.TemporaryDirectory() as d:
         vocab_file, merges_file = bpe.save_model(d)
         vocab = json.loads(Path(vocab_file).read_text())
@@ -171,7 +187,7 @@ def ensure_model() -> Path:
     tok = GPT2TokenizerFast(vocab=vocab, merges=merges)
     tok.save_pretrained(tmp)
     torch.manual_seed(SEED)
-    config = GPT2Config()                       # 12 layers, 768 wide, 3072 MLP, vocab 50257
+    config = GPT2Config()  # 12 layers, 768 wide, 3072 MLP, vocab 50257
     model = GPT2LMHeadModel(config).eval()
     model.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(MODEL_DIR, ignore_errors=True)
@@ -231,10 +247,17 @@ def worker_main(side: str, model_dir: str) -> None:
 
         def profile(prompt, answer):
             return ours_breakdown(lm, prompt, answer, params)
+
     out = sys.stdout
-    sys.stdout = sys.stderr             # anything the libraries print goes to stderr, not the protocol
-    hello = {"ready": True, "side": side, "torch": torch.__version__, "transformers": transformers.__version__,
-             "threads": torch.get_num_threads(), "python": sys.executable}
+    sys.stdout = sys.stderr  # anything the libraries print goes to stderr, not the protocol
+    hello = {
+        "ready": True,
+        "side": side,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "python": sys.executable,
+    }
     out.write(json.dumps(hello) + "\n")
     out.flush()
     for line in sys.stdin:
@@ -257,19 +280,21 @@ def worker_main(side: str, model_dir: str) -> None:
 def ours_breakdown(lm, prompt: str, answer: str, params) -> dict:
     """Where our attribution call spends its time: wall seconds per phase (dkn.attribution's helpers wrapped
     for one run, nothing in dkn changed) and the top aten ops of a second run under torch.profiler."""
-    import torch
-    import dkn.attribution as A
-    import dkn.rows as R
     from torch.profiler import ProfilerActivity, profile
 
-    phases = {"_clean_activations": "clean forward (record activations, P(answer))",
-              "answer_runner": "runner setup (prefix KV cache, clean capture, head check)",
-              "baseline_probs": "baseline probs (one extra row per layer)",
-              "integrated_grads": "integrated gradients (all layer x alpha rows)",
-              "_row_logits": "  of which: forward of the rows (staggered blocks + head)"}
-    spent = {name: 0.0 for name in phases}
+    import dkn.attribution as A
+    import dkn.rows as R
+
+    phases = {
+        "_clean_activations": "clean forward (record activations, P(answer))",
+        "answer_runner": "runner setup (prefix KV cache, clean capture, head check)",
+        "baseline_probs": "baseline probs (one extra row per layer)",
+        "integrated_grads": "integrated gradients (all layer x alpha rows)",
+        "_row_logits": "  of which: forward of the rows (staggered blocks + head)",
+    }
+    spent = dict.fromkeys(phases, 0.0)
     stack = []
-    owner = {name: R if name == "_row_logits" else A for name in phases}   # where attribute() looks each up
+    owner = {name: R if name == "_row_logits" else A for name in phases}  # where attribute() looks each up
     originals = {name: getattr(owner[name], name) for name in phases}
 
     def wrapped(name):
@@ -285,6 +310,7 @@ def ours_breakdown(lm, prompt: str, answer: str, params) -> dict:
                 stack.pop()
                 if name != "_row_logits" or "integrated_grads" in stack:
                     spent[name] += dt
+
         return g
 
     for name in phases:
@@ -303,18 +329,32 @@ def ours_breakdown(lm, prompt: str, answer: str, params) -> dict:
         A.attribute(lm, prompt, answer, params)
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     top = [{"op": e.key, "self_s": round(e.self_cpu_time_total / 1e6, 3), "calls": e.count} for e in ops]
-    return {"total_s": round(total, 3), "phases_s": rows, "top_ops": top,
-            "profiled_total_s": round(sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6, 3)}
+    return {
+        "total_s": round(total, 3),
+        "phases_s": rows,
+        "top_ops": top,
+        "profiled_total_s": round(sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6, 3),
+    }
 
 
 class Worker:
     def __init__(self, side: str, python: Path, model_dir: Path):
         self.side = side
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([str(python), str(Path(__file__).resolve()), "--worker", side,
-                                      "--model-dir", str(model_dir)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+        env = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONUNBUFFERED="1",
+        )
+        self.proc = subprocess.Popen(
+            [str(python), str(Path(__file__).resolve()), "--worker", side, "--model-dir", str(model_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=str(ROOT),
+        )
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -324,8 +364,9 @@ class Worker:
         return json.loads(line)
 
     def run(self, prompt: str, answer: str, save: Path | None = None) -> float:
-        self.proc.stdin.write(json.dumps({"prompt": prompt, "answer": answer,
-                                          "save": str(save) if save else None}) + "\n")
+        self.proc.stdin.write(
+            json.dumps({"prompt": prompt, "answer": answer, "save": str(save) if save else None}) + "\n"
+        )
         self.proc.stdin.flush()
         return self._read()["seconds"]
 
@@ -364,8 +405,10 @@ def bench_random_model(repeats: int, skip_peer: bool) -> dict:
             workers["peer"] = Worker("peer", PEER_VENV / "bin" / "python", model_dir)
         workers["ours"] = Worker("ours", OUR_VENV / "bin" / "python", model_dir)
         for w in workers.values():
-            log(f"{w.side} worker ready: torch {w.info['torch']}, transformers {w.info['transformers']}, "
-                f"{w.info['threads']} threads")
+            log(
+                f"{w.side} worker ready: torch {w.info['torch']}, transformers {w.info['transformers']}, "
+                f"{w.info['threads']} threads"
+            )
         results = {"workers": {k: w.info for k, w in workers.items()}, "prompts": {}}
         for name, (prompt, _, target) in PROMPTS.items():
             # warm-up, once per side and prompt; its scores are the ones compared (the method is deterministic)
@@ -374,19 +417,23 @@ def bench_random_model(repeats: int, skip_peer: bool) -> dict:
                 log(f"{name}: {side} warm-up {s:.2f} s")
             times = {side: [] for side in workers}
             for r in range(repeats):
-                for side, w in workers.items():     # peer, ours, peer, ours, ...
+                for side, w in workers.items():  # peer, ours, peer, ours, ...
                     times[side].append(w.run(prompt, ANSWER))
                     log(f"{name}: {side} run {r + 1}/{repeats} {times[side][-1]:.2f} s")
-            entry = dict(prompts[name], steps=STEPS, target_speedup=target,
-                         seconds={side: t for side, t in times.items()},
-                         median_s={side: statistics.median(t) for side, t in times.items()},
-                         min_s={side: min(t) for side, t in times.items()})
+            entry = dict(
+                prompts[name],
+                steps=STEPS,
+                target_speedup=target,
+                seconds=dict(times),
+                median_s={side: statistics.median(t) for side, t in times.items()},
+                min_s={side: min(t) for side, t in times.items()},
+            )
             ours_scores = np.load(scratch / f"{name}-ours.npy")
             entry["scores_shape"] = list(ours_scores.shape)
             if "peer" in workers:
                 peer_scores = np.load(scratch / f"{name}-peer.npy")
                 entry["speedup"] = entry["median_s"]["peer"] / entry["median_s"]["ours"]
-                entry["speedup_of_fastest"] = min(times["peer"]) / min(times["ours"])   # less hit by contention
+                entry["speedup_of_fastest"] = min(times["peer"]) / min(times["ours"])  # less hit by contention
                 entry["pass"] = entry["speedup"] >= target
                 entry["pearson"] = pearson(peer_scores, ours_scores)
                 entry["max_abs_diff"] = float(np.abs(peer_scores - ours_scores).max())
@@ -423,10 +470,16 @@ def default_worker_main(fast_runs: int) -> None:
     from dkn.models import load_model
 
     lm = load_model("default")
-    out = {"model": lm.label, "n_layers": lm.n_layers, "d_mlp": lm.d_mlp, "threads": torch.get_num_threads(),
-           "prompt": DEFAULT_PROMPT, "answer": DEFAULT_ANSWER,
-           "prompt_tokens": len(lm.tokenizer(DEFAULT_PROMPT)["input_ids"])}
-    attribute(lm, DEFAULT_PROMPT, DEFAULT_ANSWER)                                # warm-up
+    out = {
+        "model": lm.label,
+        "n_layers": lm.n_layers,
+        "d_mlp": lm.d_mlp,
+        "threads": torch.get_num_threads(),
+        "prompt": DEFAULT_PROMPT,
+        "answer": DEFAULT_ANSWER,
+        "prompt_tokens": len(lm.tokenizer(DEFAULT_PROMPT)["input_ids"]),
+    }
+    attribute(lm, DEFAULT_PROMPT, DEFAULT_ANSWER)  # warm-up
     fast = []
     for i in range(fast_runs):
         res = attribute(lm, DEFAULT_PROMPT, DEFAULT_ANSWER)
@@ -435,18 +488,36 @@ def default_worker_main(fast_runs: int) -> None:
     log("default model: reference loop (slow) ...")
     ref = attribute(lm, DEFAULT_PROMPT, DEFAULT_ANSWER, reference_loop=True)
     log(f"default model: reference loop {ref.seconds:.2f} s")
-    out.update(params={k: v for k, v in vars(res.params).items()}, fast_seconds=fast,
-               fast_median_s=statistics.median(fast), loop_seconds=ref.seconds,
-               speedup=ref.seconds / statistics.median(fast), pearson=pearson(res.scores, ref.scores),
-               max_abs_diff=float(np.abs(res.scores - ref.scores).max()),
-               max_abs_score=float(np.abs(ref.scores).max()), prob=res.prob)
+    out.update(
+        params=dict(vars(res.params)),
+        fast_seconds=fast,
+        fast_median_s=statistics.median(fast),
+        loop_seconds=ref.seconds,
+        speedup=ref.seconds / statistics.median(fast),
+        pearson=pearson(res.scores, ref.scores),
+        max_abs_diff=float(np.abs(res.scores - ref.scores).max()),
+        max_abs_score=float(np.abs(ref.scores).max()),
+        prob=res.prob,
+    )
     print(json.dumps(out))
 
 
 def bench_default_model(fast_runs: int) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([str(OUR_VENV / "bin" / "python"), str(Path(__file__).resolve()), "--worker", "default",
-                           "--repeats", str(fast_runs)], stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
+    proc = subprocess.run(
+        [
+            str(OUR_VENV / "bin" / "python"),
+            str(Path(__file__).resolve()),
+            "--worker",
+            "default",
+            "--repeats",
+            str(fast_runs),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+    )
     if proc.returncode != 0:
         raise SystemExit(f"the default-model worker failed (exit code {proc.returncode})")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -466,8 +537,12 @@ def machine_info(results: dict) -> dict:
         pass
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"nproc": int(nproc) if nproc.isdigit() else os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
-            "loadavg_at_end": load}
+    return {
+        "nproc": int(nproc) if nproc.isdigit() else os.cpu_count(),
+        "cpu": cpu,
+        "platform": platform.platform(),
+        "loadavg_at_end": load,
+    }
 
 
 def write_reports(report: dict) -> tuple[Path, Path]:
@@ -511,7 +586,8 @@ def render_markdown(r: dict) -> str:
                 f"{'n/a' if 'pass' not in e else ('PASS' if e['pass'] else 'FAIL')} | "
                 f"{_f(e.get('speedup_of_fastest'), 1, 'x')} | {_f(e.get('pearson'), 7)} | "
                 f"{_f(e.get('max_abs_diff'), 3, '', 'e')} / {_f(e.get('max_abs_score'), 3, '', 'e')} | "
-                f"{e.get('top20_overlap', 'n/a')} |")
+                f"{e.get('top20_overlap', 'n/a')} |"
+            )
         lines += ["", "Raw seconds:", ""]
         for name, e in rm["prompts"].items():
             for side, ts in e["seconds"].items():
@@ -521,12 +597,21 @@ def render_markdown(r: dict) -> str:
             b = e.get("ours_breakdown")
             if not b:
                 continue
-            lines += [f"### Where our time goes: {name} prompt ({e['tokens']} tokens), one extra run, "
-                      f"{b['total_s']:.2f} s", "", "| phase | s |", "| --- | ---: |"]
+            lines += [
+                f"### Where our time goes: {name} prompt ({e['tokens']} tokens), one extra run, {b['total_s']:.2f} s",
+                "",
+                "| phase | s |",
+                "| --- | ---: |",
+            ]
             lines += [f"| {k} | {v:.3f} |" for k, v in b["phases_s"].items()]
-            lines += ["", f"Top aten ops by self CPU time (a second run under torch.profiler, "
-                      f"{b['profiled_total_s']:.2f} s of op time):", "", "| op | self s | calls |",
-                      "| --- | ---: | ---: |"]
+            lines += [
+                "",
+                f"Top aten ops by self CPU time (a second run under torch.profiler, "
+                f"{b['profiled_total_s']:.2f} s of op time):",
+                "",
+                "| op | self s | calls |",
+                "| --- | ---: | ---: |",
+            ]
             lines += [f"| `{o['op']}` | {o['self_s']:.3f} | {o['calls']} |" for o in b["top_ops"]]
             lines.append("")
     d = r.get("default_model")
@@ -553,8 +638,7 @@ def render_markdown(r: dict) -> str:
 def _versions_line(r: dict) -> str:
     parts = []
     for side, info in (r.get("random_model") or {}).get("workers", {}).items():
-        parts.append(f"{side}: torch {info['torch']}, transformers {info['transformers']}, "
-                     f"{info['threads']} threads")
+        parts.append(f"{side}: torch {info['torch']}, transformers {info['transformers']}, {info['threads']} threads")
     if r.get("peer_venv"):
         parts.append(f"peer package {r['peer_venv']['peer']}")
     return "; ".join(parts) or f"torch/transformers of {OUR_VENV}"
@@ -567,18 +651,24 @@ def _f(x, digits: int = 2, suffix: str = "", fmt: str = "f") -> str:
 def print_table(r: dict) -> None:
     rm = r.get("random_model")
     if rm:
-        print(f"\n{'prompt':<8}{'tokens':>7}{'peer s':>10}{'ours s':>10}{'speed-up':>10}{'target':>8}"
-              f"{'pass':>6}{'pearson':>12}")
+        print(
+            f"\n{'prompt':<8}{'tokens':>7}{'peer s':>10}{'ours s':>10}{'speed-up':>10}{'target':>8}"
+            f"{'pass':>6}{'pearson':>12}"
+        )
         for name, e in rm["prompts"].items():
-            print(f"{name:<8}{e['tokens']:>7}{_f(e['median_s'].get('peer')):>10}{_f(e['median_s']['ours']):>10}"
-                  f"{_f(e.get('speedup'), 1, 'x'):>10}{e['target_speedup']:>7.0f}x"
-                  f"{('n/a' if 'pass' not in e else ('PASS' if e['pass'] else 'FAIL')):>6}"
-                  f"{_f(e.get('pearson'), 7):>12}   (fastest runs: {_f(e.get('speedup_of_fastest'), 1, 'x')})")
+            print(
+                f"{name:<8}{e['tokens']:>7}{_f(e['median_s'].get('peer')):>10}{_f(e['median_s']['ours']):>10}"
+                f"{_f(e.get('speedup'), 1, 'x'):>10}{e['target_speedup']:>7.0f}x"
+                f"{('n/a' if 'pass' not in e else ('PASS' if e['pass'] else 'FAIL')):>6}"
+                f"{_f(e.get('pearson'), 7):>12}   (fastest runs: {_f(e.get('speedup_of_fastest'), 1, 'x')})"
+            )
     d = r.get("default_model")
     if d:
-        print(f"\ndefault model ({d['model']}): fast {d['fast_median_s']:.2f} s (median of "
-              f"{len(d['fast_seconds'])}), loop {d['loop_seconds']:.2f} s, speed-up {d['speedup']:.1f}x, "
-              f"pearson {d['pearson']:.7f}")
+        print(
+            f"\ndefault model ({d['model']}): fast {d['fast_median_s']:.2f} s (median of "
+            f"{len(d['fast_seconds'])}), loop {d['loop_seconds']:.2f} s, speed-up {d['speedup']:.1f}x, "
+            f"pearson {d['pearson']:.7f}"
+        )
 
 
 def main(argv=None) -> int:
@@ -599,8 +689,12 @@ def main(argv=None) -> int:
 
     if args.threads:
         os.environ["BENCH_THREADS"] = str(args.threads)
-    report = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "repeats": args.repeats,
-              "matched_params": MATCHED, "notes": []}
+    report = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "repeats": args.repeats,
+        "matched_params": MATCHED,
+        "notes": [],
+    }
     if not args.skip_peer:
         report["peer_venv"] = ensure_peer_venv()
         report["peer_venv"].pop("requirements", None)

@@ -15,6 +15,7 @@ each component and <= 5% false positives on the controls.  Writes bench/results/
 
     .venv/bin/python bench/bench_degeneracy_recall.py [--seeds 2] [--no-default] [--methods ntc,amig]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkout's dkn, not an installed one
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's dkn, not an installed one
 from dkn import degeneracy
 from dkn.attribution import attribute
 from dkn.degeneracy import DegeneracyParams, analyse
@@ -45,7 +46,7 @@ from dkn.selection import coarse_neurons
 OUT = Path(__file__).resolve().parent / "results"
 TINY_CASES = (("degenerate", 2), ("degenerate", 3), ("single", 1), ("additive", 2))
 EDGE_FIELDS = ("edges", "edge", "edge_definition", "edge_weight")
-GRAPHLESS = ("amig", "backup")        # methods that do not read the knowledge-neuron graph
+GRAPHLESS = ("amig", "backup")  # methods that do not read the knowledge-neuron graph
 
 
 def edge_variants() -> tuple[str | None, tuple[str, ...]]:
@@ -83,16 +84,20 @@ def jaccard(a, b) -> float:
 
 def score(fact: PlantedFact, result) -> dict:
     best = [max((jaccard(g, c) for c in result.dkn), default=0.0) for g in fact.groups]
-    return {"degenerate": bool(result.degenerate), "jaccards": best,
-            "matched": bool(result.degenerate and min(best) >= 0.5), "n_candidates": len(result.candidates)}
+    return {
+        "degenerate": bool(result.degenerate),
+        "jaccards": best,
+        "matched": bool(result.degenerate and min(best) >= 0.5),
+        "n_candidates": len(result.candidates),
+    }
 
 
 def neuron_sets(lm, fact: PlantedFact) -> dict[str, tuple[list, list]]:
     """pipeline -> (neurons, scores): the prompt's coarse knowledge neurons, and those plus the planted ones."""
-    scores = attribute(lm, fact.prompt, fact.answer).scores                  # [n_layers, d_mlp]
+    scores = attribute(lm, fact.prompt, fact.answer).scores  # [n_layers, d_mlp]
     kns = sorted(coarse_neurons(scores, 0.2), key=lambda n: -scores[n.layer, n.index])
     oracle = sorted(set(kns) | set(fact.neurons), key=lambda n: -scores[n.layer, n.index])
-    value = lambda ns: [float(scores[n.layer, n.index]) for n in ns]   # noqa: E731
+    value = lambda ns: [float(scores[n.layer, n.index]) for n in ns]  # noqa: E731
     return {"kn": (kns, value(kns)), "oracle": (oracle, value(oracle))}
 
 
@@ -108,14 +113,18 @@ def tiny_cases(seeds: int):
 def default_cases(folder: str | None, notes: list[str]):
     pm = load_planted(folder=folder)
     kl = pm.info.get("kl_heldout", {})
-    notes.append(f"planted default model: {sum(f.verified for f in pm.facts)} of {len(pm.facts)} planted facts "
-                 f"verified; KL on {kl.get('n')} held-out prompts: mean {kl.get('mean', float('nan')):.4f}, max "
-                 f"{kl.get('max', float('nan')):.4f} nats")
+    notes.append(
+        f"planted default model: {sum(f.verified for f in pm.facts)} of {len(pm.facts)} planted facts "
+        f"verified; KL on {kl.get('n')} held-out prompts: mean {kl.get('mean', float('nan')):.4f}, max "
+        f"{kl.get('max', float('nan')):.4f} nats"
+    )
     for fact in pm.facts:
         every = measure_planted(pm.lm, fact, "all")
-        fmt = lambda d: ", ".join(f"{k} {v:+.1%}" for k, v in d.items() if k != "p")   # noqa: E731
-        notes.append(f"{fact.kind} {fact.prompt!r}: drops at the answer position {fmt(fact.drops)}; at every "
-                     f"position {fmt(every.drops)}{'' if fact.verified else ' (not verified: skipped)'}")
+        fmt = lambda d: ", ".join(f"{k} {v:+.1%}" for k, v in d.items() if k != "p")  # noqa: E731
+        notes.append(
+            f"{fact.kind} {fact.prompt!r}: drops at the answer position {fmt(fact.drops)}; at every "
+            f"position {fmt(every.drops)}{'' if fact.verified else ' (not verified: skipped)'}"
+        )
         if fact.verified:
             yield "default", pm.lm, fact
 
@@ -127,12 +136,23 @@ def run(cases, method_list) -> list[dict]:
         for pipeline, (neurons, scores) in sets.items():
             for label, overrides in method_list:
                 start = time.perf_counter()
-                result = analyse(lm, fact.prompt, fact.answer, neurons, scores,
-                                 DegeneracyParams(random_seeds=1, **overrides))
-                records.append({"suite": suite, "model": lm.name, "prompt": fact.prompt, "kind": fact.kind,
-                                "n_groups": len(fact.groups), "pipeline": pipeline, "method": label,
-                                "n_neurons": len(neurons), "seconds": time.perf_counter() - start,
-                                **score(fact, result)})
+                result = analyse(
+                    lm, fact.prompt, fact.answer, neurons, scores, DegeneracyParams(random_seeds=1, **overrides)
+                )
+                records.append(
+                    {
+                        "suite": suite,
+                        "model": lm.name,
+                        "prompt": fact.prompt,
+                        "kind": fact.kind,
+                        "n_groups": len(fact.groups),
+                        "pipeline": pipeline,
+                        "method": label,
+                        "n_neurons": len(neurons),
+                        "seconds": time.perf_counter() - start,
+                        **score(fact, result),
+                    }
+                )
         print(f"  {suite:8s} {lm.name:38s} {fact.kind:10s} kn={len(sets['kn'][0])} done", flush=True)
     return records
 
@@ -144,16 +164,22 @@ def summarise(records: list[dict]) -> list[dict]:
         rs = [r for r in records if (r["suite"], r["pipeline"], r["method"]) == (suite, pipeline, method)]
         deg = [r for r in rs if r["kind"] == "degenerate"]
         ctl = [r for r in rs if r["kind"] != "degenerate"]
-        rows.append({
-            "suite": suite, "pipeline": pipeline, "method": method,
-            "n_degenerate": len(deg), "found": sum(r["degenerate"] for r in deg),
-            "matched": sum(r["matched"] for r in deg),
-            "mean_jaccard": float(np.mean([j for r in deg for j in r["jaccards"]])) if deg else float("nan"),
-            "n_controls": len(ctl), "false_positives": sum(r["degenerate"] for r in ctl),
-            "fp_single": sum(r["degenerate"] for r in ctl if r["kind"] == "single"),
-            "fp_additive": sum(r["degenerate"] for r in ctl if r["kind"] == "additive"),
-            "seconds": float(np.mean([r["seconds"] for r in rs])),
-        })
+        rows.append(
+            {
+                "suite": suite,
+                "pipeline": pipeline,
+                "method": method,
+                "n_degenerate": len(deg),
+                "found": sum(r["degenerate"] for r in deg),
+                "matched": sum(r["matched"] for r in deg),
+                "mean_jaccard": float(np.mean([j for r in deg for j in r["jaccards"]])) if deg else float("nan"),
+                "n_controls": len(ctl),
+                "false_positives": sum(r["degenerate"] for r in ctl),
+                "fp_single": sum(r["degenerate"] for r in ctl if r["kind"] == "single"),
+                "fp_additive": sum(r["degenerate"] for r in ctl if r["kind"] == "additive"),
+                "seconds": float(np.mean([r["seconds"] for r in rs])),
+            }
+        )
     for row in rows:
         row["recall"] = row["matched"] / row["n_degenerate"] if row["n_degenerate"] else float("nan")
         row["fp_rate"] = row["false_positives"] / row["n_controls"] if row["n_controls"] else float("nan")
@@ -162,20 +188,28 @@ def summarise(records: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = ["# Degeneracy recall on planted ground truth", "",
-             f"Measured {meta['date']} on {meta['machine']} (shared by several jobs; times are indicative only).",
-             f"Methods: {', '.join(meta['methods'])}. Edge definitions: {meta['edges'] or 'none offered yet'}.",
-             "Pipelines: `kn` = the coarse knowledge neurons of the prompt (IG, t = 0.2), as the instrument runs;",
-             "`oracle` = the planted neurons added to them. Matched = called degenerate and every planted group has a",
-             "DKN component with Jaccard >= 0.5. Target: matched >= 90% and false positives <= 5% of the controls.", "",
-             ("| suite | pipeline | method | degenerate found | matched (J >= 0.5) | mean J | false positives "
-              "(single / additive) | target | s per fact |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Degeneracy recall on planted ground truth",
+        "",
+        f"Measured {meta['date']} on {meta['machine']} (shared by several jobs; times are indicative only).",
+        f"Methods: {', '.join(meta['methods'])}. Edge definitions: {meta['edges'] or 'none offered yet'}.",
+        "Pipelines: `kn` = the coarse knowledge neurons of the prompt (IG, t = 0.2), as the instrument runs;",
+        "`oracle` = the planted neurons added to them. Matched = called degenerate and every planted group has a",
+        "DKN component with Jaccard >= 0.5. Target: matched >= 90% and false positives <= 5% of the controls.",
+        "",
+        (
+            "| suite | pipeline | method | degenerate found | matched (J >= 0.5) | mean J | false positives "
+            "(single / additive) | target | s per fact |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['suite']} | {r['pipeline']} | {r['method']} | {r['found']}/{r['n_degenerate']} | "
-                     f"{r['matched']}/{r['n_degenerate']} ({r['recall']:.0%}) | {r['mean_jaccard']:.2f} | "
-                     f"{r['false_positives']}/{r['n_controls']} ({r['fp_single']} / {r['fp_additive']}) | "
-                     f"{'met' if r['meets_target'] else 'no'} | {r['seconds']:.2f} |")
+        lines.append(
+            f"| {r['suite']} | {r['pipeline']} | {r['method']} | {r['found']}/{r['n_degenerate']} | "
+            f"{r['matched']}/{r['n_degenerate']} ({r['recall']:.0%}) | {r['mean_jaccard']:.2f} | "
+            f"{r['false_positives']}/{r['n_controls']} ({r['fp_single']} / {r['fp_additive']}) | "
+            f"{'met' if r['meets_target'] else 'no'} | {r['seconds']:.2f} |"
+        )
     met = [f"{r['method']} ({r['suite']}, {r['pipeline']})" for r in rows if r["meets_target"]]
     lines += ["", f"Target met by: {', '.join(met) if met else 'no method'}.", ""]
     lines += [f"- {k}: {v}" for k, v in meta["suites"].items()]
@@ -187,8 +221,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="tiny models per family and kind (2)")
     parser.add_argument("--no-tiny", action="store_true")
     parser.add_argument("--no-default", action="store_true", help="skip the planted default model")
-    parser.add_argument("--planted", default=None, help="folder of a planted default model (default: build or "
-                                                        "load cache/planted/default-twice)")
+    parser.add_argument(
+        "--planted",
+        default=None,
+        help="folder of a planted default model (default: build or load cache/planted/default-twice)",
+    )
     parser.add_argument("--methods", default="", help="comma-separated clusterer names (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
@@ -200,8 +237,10 @@ def main() -> None:
     if not args.no_tiny:
         t = time.perf_counter()
         records += run(tiny_cases(args.seeds), method_list)
-        suites["tiny"] = (f"{len(TINY_FAMILIES)} families ({', '.join(TINY_FAMILIES)}) x {args.seeds} seeds x "
-                          f"{', '.join(f'{k}-{n}' for k, n in TINY_CASES)}; {time.perf_counter() - t:.0f} s")
+        suites["tiny"] = (
+            f"{len(TINY_FAMILIES)} families ({', '.join(TINY_FAMILIES)}) x {args.seeds} seeds x "
+            f"{', '.join(f'{k}-{n}' for k, n in TINY_CASES)}; {time.perf_counter() - t:.0f} s"
+        )
     if not args.no_default:
         t = time.perf_counter()
         notes: list[str] = []
@@ -210,16 +249,21 @@ def main() -> None:
         suites.update({f"default fact {i}": note for i, note in enumerate(notes)})
     rows = summarise(records)
     field, edges = edge_variants()
-    meta = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-            "methods": [m for m, _ in method_list], "edges": f"{field}: {', '.join(edges)}" if field else "",
-            "suites": suites, "seconds": time.perf_counter() - start}
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "methods": [m for m, _ in method_list],
+        "edges": f"{field}: {', '.join(edges)}" if field else "",
+        "suites": suites,
+        "seconds": time.perf_counter() - start,
+    }
     text = markdown(rows, meta)
     print(text)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "degeneracy_recall.md").write_text(text)
-    (OUT / "degeneracy_recall.json").write_text(json.dumps({"meta": meta, "summary": rows, "records": records},
-                                                           indent=1, default=str))
+    (OUT / "degeneracy_recall.json").write_text(
+        json.dumps({"meta": meta, "summary": rows, "records": records}, indent=1, default=str)
+    )
 
 
 if __name__ == "__main__":

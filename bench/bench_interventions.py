@@ -6,6 +6,7 @@ Prints a table and writes bench/results/interventions.{json,md}.
 
     .venv/bin/python bench/bench_interventions.py [--repeats 15]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,27 @@ def main() -> None:
     args = parser.parse_args()
     lm = load_model("default")
     ids = torch.tensor([lm.tokenizer(PROMPT)["input_ids"]])
-    neurons = [Neuron(l, i) for l, i in [(0, 1297), (24, 1005), (29, 778), (29, 1066), (27, 1392), (8, 412),
-                                         (29, 1285), (29, 922), (21, 402), (0, 885), (12, 77), (16, 900)]]
+    neurons = [
+        Neuron(l, i)
+        for l, i in [
+            (0, 1297),
+            (24, 1005),
+            (29, 778),
+            (29, 1066),
+            (27, 1392),
+            (8, 412),
+            (29, 1285),
+            (29, 922),
+            (21, 402),
+            (0, 885),
+            (12, 77),
+            (16, 900),
+        ]
+    ]
     groups = [neurons[i::6] for i in range(6)]
-    sixty_four = [tuple(n for i in s for n in groups[i])
-                  for r in range(0, 7) for s in itertools.combinations(range(6), r)][:64]   # every subset of 6
+    sixty_four = [
+        tuple(n for i in s for n in groups[i]) for r in range(0, 7) for s in itertools.combinations(range(6), r)
+    ][:64]  # every subset of 6
 
     def plain():
         with torch.no_grad():
@@ -50,37 +67,61 @@ def main() -> None:
     rows = {
         "plain forward (full prompt, 1 row)": median_seconds(plain, args.repeats),
         "intervene_many, 1 set (answer position)": median_seconds(
-            lambda: intervene_many(lm, PROMPT, ANSWER, [neurons], 0.0, "last"), args.repeats),
+            lambda: intervene_many(lm, PROMPT, ANSWER, [neurons], 0.0, "last"), args.repeats
+        ),
         "intervene(), before + after + top-k": median_seconds(
-            lambda: intervene(lm, PROMPT, ANSWER, neurons, 0.0, "last"), args.repeats),
+            lambda: intervene(lm, PROMPT, ANSWER, neurons, 0.0, "last"), args.repeats
+        ),
         "intervene_many, 64 sets (answer position)": median_seconds(
-            lambda: intervene_many(lm, PROMPT, ANSWER, sixty_four, 0.0, "last"), args.repeats),
+            lambda: intervene_many(lm, PROMPT, ANSWER, sixty_four, 0.0, "last"), args.repeats
+        ),
         "intervene_many, 64 sets, every position (full rows)": median_seconds(
-            lambda: intervene_many(lm, PROMPT, ANSWER, sixty_four, 0.0, "all"), max(3, args.repeats // 3)),
+            lambda: intervene_many(lm, PROMPT, ANSWER, sixty_four, 0.0, "all"), max(3, args.repeats // 3)
+        ),
     }
 
     def cold():
         lm.runners.clear()
         intervene_many(lm, PROMPT, ANSWER, [neurons], 0.0, "last")
-    rows["intervene_many, 1 set, first call on a new prompt (builds the prefix cache)"] = median_seconds(cold, args.repeats)
+
+    rows["intervene_many, 1 set, first call on a new prompt (builds the prefix cache)"] = median_seconds(
+        cold, args.repeats
+    )
 
     base = rows["plain forward (full prompt, 1 row)"]
     one = rows["intervene_many, 1 set (answer position)"]
     many = rows["intervene_many, 64 sets (answer position)"]
     result = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "load_average": os.getloadavg(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "model": lm.label, "prompt": PROMPT,
-        "seconds": rows, "ratio_one_set": one / base, "ratio_64_sets": many / base,
-        "target_one_set": 1.5, "target_64_sets": 4.0,
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load_average": os.getloadavg(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "model": lm.label,
+        "prompt": PROMPT,
+        "seconds": rows,
+        "ratio_one_set": one / base,
+        "ratio_64_sets": many / base,
+        "target_one_set": 1.5,
+        "target_64_sets": 4.0,
         "pass": one / base <= 1.5 and many / base <= 4.0,
     }
     OUT.mkdir(exist_ok=True)
     (OUT / "interventions.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# Intervention cost on {lm.label}", "", f"{result['date']}, {result['machine']}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}",
-             "", "| what | median ms | x plain forward |", "|---|---|---|"]
+    lines = [
+        f"# Intervention cost on {lm.label}",
+        "",
+        f"{result['date']}, {result['machine']}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}",
+        "",
+        "| what | median ms | x plain forward |",
+        "|---|---|---|",
+    ]
     lines += [f"| {k} | {v * 1000:.1f} | {v / base:.2f} |" for k, v in rows.items()]
-    lines += ["", f"One set: {one / base:.2f}x (target <= 1.5x); 64 sets: {many / base:.2f}x (target <= 4x): "
-              f"{'PASS' if result['pass'] else 'FAIL'}"]
+    lines += [
+        "",
+        f"One set: {one / base:.2f}x (target <= 1.5x); 64 sets: {many / base:.2f}x (target <= 4x): "
+        f"{'PASS' if result['pass'] else 'FAIL'}",
+    ]
     (OUT / "interventions.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

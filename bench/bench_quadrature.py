@@ -19,6 +19,7 @@ points times our measured linspace-20 / chosen ratio.
 
 Writes bench/results/quadrature.json and bench/results/quadrature.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,14 @@ for path in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(path))
 
 RESULTS = ROOT / "bench" / "results"
-GRID = {"linspace": (10, 20), "left": (20,), "right": (20,), "midpoint": (3, 5, 10, 20),
-        "trapezoid": (5, 10, 20), "gauss": (2, 3, 4, 5, 6, 8, 10)}
+GRID = {
+    "linspace": (10, 20),
+    "left": (20,),
+    "right": (20,),
+    "midpoint": (3, 5, 10, 20),
+    "trapezoid": (5, 10, 20),
+    "gauss": (2, 3, 4, 5, 6, 8, 10),
+}
 PEER = ("linspace", 20)
 TOP = 20
 
@@ -54,23 +61,25 @@ def rows_per_layer(rule: str, points: int) -> int:
 
 def errors(scores: np.ndarray, reference: np.ndarray) -> dict:
     diff = np.abs(scores - reference)
-    top = lambda s: set(np.argsort(s, axis=None)[::-1][:TOP].tolist())        # noqa: E731
+    top = lambda s: set(np.argsort(s, axis=None)[::-1][:TOP].tolist())  # noqa: E731
     a, b = top(scores), top(reference)
-    return {"max_rel": float(diff.max() / np.abs(reference).max()),
-            "mean_rel": float(diff.mean() / np.abs(reference).mean()),
-            "jaccard": len(a & b) / len(a | b)}
+    return {
+        "max_rel": float(diff.max() / np.abs(reference).max()),
+        "mean_rel": float(diff.mean() / np.abs(reference).mean()),
+        "jaccard": len(a & b) / len(a | b),
+    }
 
 
 def _facts(n: int):
     try:
         from dkn.facts import builtin_facts
-    except ImportError:                       # after the facts module became a package
+    except ImportError:  # after the facts module became a package
         from dkn.datasets import builtin_facts
     facts = builtin_facts(known_only=True)
     by_relation: dict[str, list] = {}
     for f in facts:
         by_relation.setdefault(f.relation, []).append(f)
-    picked = []                               # round-robin over relations: varied facts
+    picked = []  # round-robin over relations: varied facts
     while len(picked) < min(n, len(facts)):
         for group in by_relation.values():
             if group and len(picked) < n:
@@ -89,17 +98,26 @@ def accuracy(n_facts: int, reference_points: int) -> dict:
     for i, fact in enumerate(facts):
         start = time.perf_counter()
         ref = attribute(lm, fact.prompts[0], fact.answers[0], AttributionParams(steps=reference_points)).scores
-        print(f"fact {i + 1}/{len(facts)} {fact.prompts[0]!r} -> {fact.answers[0]!r}: reference "
-              f"{time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"fact {i + 1}/{len(facts)} {fact.prompts[0]!r} -> {fact.answers[0]!r}: reference "
+            f"{time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
         for rule, ms in GRID.items():
             for m in ms:
                 result = attribute(lm, fact.prompts[0], fact.answers[0], AttributionParams(steps=m, rule=rule))
                 per[f"{rule}-{m}"].append(errors(result.scores, ref))
                 seconds[f"{rule}-{m}"].append(result.seconds)
-        (RESULTS / "quadrature.partial.json").write_text(json.dumps({
-            "facts": [[f.prompts[0], f.answers[0]] for f in facts[: i + 1]],
-            "reference": f"midpoint-{reference_points}",
-            "per_fact": per, "seconds": seconds}))
+        (RESULTS / "quadrature.partial.json").write_text(
+            json.dumps(
+                {
+                    "facts": [[f.prompts[0], f.answers[0]] for f in facts[: i + 1]],
+                    "reference": f"midpoint-{reference_points}",
+                    "per_fact": per,
+                    "seconds": seconds,
+                }
+            )
+        )
     return summarise(per, seconds, [[f.prompts[0], f.answers[0]] for f in facts], f"midpoint-{reference_points}")
 
 
@@ -110,16 +128,25 @@ def summarise(per: dict, seconds: dict, facts: list, reference: str) -> dict:
         for m in ms:
             key = f"{rule}-{m}"
             rows = per[key]
-            table.append({"rule": rule, "points": m, "rows_per_layer": rows_per_layer(rule, m),
-                          "max_rel": float(np.mean([r["max_rel"] for r in rows])),
-                          "max_rel_worst": float(np.max([r["max_rel"] for r in rows])),
-                          "mean_rel": float(np.mean([r["mean_rel"] for r in rows])),
-                          "jaccard": float(np.mean([r["jaccard"] for r in rows])),
-                          "seconds_median": float(np.median(seconds[key])) if seconds.get(key) else None})
+            table.append(
+                {
+                    "rule": rule,
+                    "points": m,
+                    "rows_per_layer": rows_per_layer(rule, m),
+                    "max_rel": float(np.mean([r["max_rel"] for r in rows])),
+                    "max_rel_worst": float(np.max([r["max_rel"] for r in rows])),
+                    "mean_rel": float(np.mean([r["mean_rel"] for r in rows])),
+                    "jaccard": float(np.mean([r["jaccard"] for r in rows])),
+                    "seconds_median": float(np.median(seconds[key])) if seconds.get(key) else None,
+                }
+            )
     (RESULTS / "quadrature.partial.json").unlink(missing_ok=True)
     peer = next(r for r in table if (r["rule"], r["points"]) == PEER)
-    as_good = [r for r in table if r["max_rel"] <= peer["max_rel"] and r["mean_rel"] <= peer["mean_rel"]
-               and r["jaccard"] >= peer["jaccard"]]
+    as_good = [
+        r
+        for r in table
+        if r["max_rel"] <= peer["max_rel"] and r["mean_rel"] <= peer["mean_rel"] and r["jaccard"] >= peer["jaccard"]
+    ]
     chosen = min(as_good, key=lambda r: (r["rows_per_layer"], r["max_rel"]))
     return {"facts": facts, "reference": reference, "table": table, "peer_rule": peer, "chosen": chosen}
 
@@ -137,10 +164,12 @@ def speed(chosen: tuple[str, int], repeats: int) -> dict:
     peer_file = json.loads((RESULTS / "attribution.json").read_text())["random_model"]["prompts"]
     out = {}
     for name, (prompt, _, _) in ba.PROMPTS.items():
-        params = {"peer_rule": AttributionParams(**ba.MATCHED),
-                  "chosen": AttributionParams(**{**ba.MATCHED, "rule": chosen[0], "steps": chosen[1]})}
+        params = {
+            "peer_rule": AttributionParams(**ba.MATCHED),
+            "chosen": AttributionParams(**{**ba.MATCHED, "rule": chosen[0], "steps": chosen[1]}),
+        }
         times = {k: [] for k in params}
-        for p in params.values():                        # warm-up
+        for p in params.values():  # warm-up
             attribute(lm, prompt, ba.ANSWER.strip(), p)
         for _ in range(repeats):
             for k, p in params.items():
@@ -148,11 +177,15 @@ def speed(chosen: tuple[str, int], repeats: int) -> dict:
         med = {k: float(np.median(v)) for k, v in times.items()}
         peer_s = peer_file[name]["median_s"]["peer"]
         then_ratio = peer_s / peer_file[name]["median_s"]["ours"]
-        out[name] = {"tokens": peer_file[name]["tokens"], "ours_s": times, "ours_median_s": med,
-                     "peer_s_from_attribution_json": peer_s,
-                     "speedup_vs_peer_direct": peer_s / med["chosen"],
-                     "speedup_vs_peer_by_ratios": then_ratio * med["peer_rule"] / med["chosen"],
-                     "speedup_at_equal_work_then": then_ratio}
+        out[name] = {
+            "tokens": peer_file[name]["tokens"],
+            "ours_s": times,
+            "ours_median_s": med,
+            "peer_s_from_attribution_json": peer_s,
+            "speedup_vs_peer_direct": peer_s / med["chosen"],
+            "speedup_vs_peer_by_ratios": then_ratio * med["peer_rule"] / med["chosen"],
+            "speedup_at_equal_work_then": then_ratio,
+        }
     return out
 
 
@@ -163,13 +196,22 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--chosen", default=None, help="skip part 1 and time this RULE-POINTS (e.g. gauss-5)")
-    parser.add_argument("--from-partial", action="store_true",
-                        help="part 1 from the facts finished so far (bench/results/quadrature.partial.json)")
+    parser.add_argument(
+        "--from-partial",
+        action="store_true",
+        help="part 1 from the facts finished so far (bench/results/quadrature.partial.json)",
+    )
     args = parser.parse_args()
     import torch
+
     torch.set_num_threads(2)
-    report = {"machine": {"nproc": os.cpu_count(), "loadavg_start": os.getloadavg(),
-                          "note": "shared machine (other jobs running): seconds are noisy, rows are not"}}
+    report = {
+        "machine": {
+            "nproc": os.cpu_count(),
+            "loadavg_start": os.getloadavg(),
+            "note": "shared machine (other jobs running): seconds are noisy, rows are not",
+        }
+    }
     if args.chosen:
         rule, points = args.chosen.rsplit("-", 1)
         chosen = (rule, int(points))
@@ -194,33 +236,54 @@ def main() -> int:
 
 
 def markdown(r: dict) -> str:
-    lines = ["# Integration rules: accuracy per pass, and speed at equal accuracy", "",
-             f"Machine: nproc {r['machine']['nproc']}, load average {r['machine']['loadavg_start'][0]:.1f} "
-             f"at start; {r['machine']['note']}.", ""]
+    lines = [
+        "# Integration rules: accuracy per pass, and speed at equal accuracy",
+        "",
+        f"Machine: nproc {r['machine']['nproc']}, load average {r['machine']['loadavg_start'][0]:.1f} "
+        f"at start; {r['machine']['note']}.",
+        "",
+    ]
     if "accuracy" in r:
         a = r["accuracy"]
-        lines += [f"## Default model, {len(a['facts'])} facts, reference {a['reference']}", "",
-                  "| rule | points | rows per layer | max rel. error (mean over facts) | worst fact | "
-                  "mean rel. error | Jaccard top-20 | s (median) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## Default model, {len(a['facts'])} facts, reference {a['reference']}",
+            "",
+            "| rule | points | rows per layer | max rel. error (mean over facts) | worst fact | "
+            "mean rel. error | Jaccard top-20 | s (median) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for t in sorted(a["table"], key=lambda t: (t["rows_per_layer"], t["rule"])):
-            lines.append(f"| {t['rule']} | {t['points']} | {t['rows_per_layer']} | {t['max_rel']:.2e} | "
-                         f"{t['max_rel_worst']:.2e} | {t['mean_rel']:.2e} | {t['jaccard']:.3f} | "
-                         f"{'' if t['seconds_median'] is None else format(t['seconds_median'], '.2f')} |")
+            lines.append(
+                f"| {t['rule']} | {t['points']} | {t['rows_per_layer']} | {t['max_rel']:.2e} | "
+                f"{t['max_rel_worst']:.2e} | {t['mean_rel']:.2e} | {t['jaccard']:.3f} | "
+                f"{'' if t['seconds_median'] is None else format(t['seconds_median'], '.2f')} |"
+            )
         c, p = a["chosen"], a["peer_rule"]
-        lines += ["", f"Peer's rule (linspace-20): {p['rows_per_layer']} rows per layer. Cheapest rule at least "
-                      f"as accurate on all three measures: **{c['rule']}-{c['points']}**, {c['rows_per_layer']} rows "
-                      f"per layer ({p['rows_per_layer'] / c['rows_per_layer']:.1f}x fewer).", ""]
+        lines += [
+            "",
+            f"Peer's rule (linspace-20): {p['rows_per_layer']} rows per layer. Cheapest rule at least "
+            f"as accurate on all three measures: **{c['rule']}-{c['points']}**, {c['rows_per_layer']} rows "
+            f"per layer ({p['rows_per_layer'] / c['rows_per_layer']:.1f}x fewer).",
+            "",
+        ]
     if "speed" in r:
-        lines += ["## Random GPT-2-small (12 x 3072): ours with the chosen rule vs the peer", "",
-                  "Peer seconds are those of bench/results/attribution.json (knowledge-neurons 0.0.2, 20 steps; "
-                  "not rerun here).", "",
-                  "| prompt tokens | ours linspace-20 s | ours chosen s | peer s (file) | speed-up direct | "
-                  "speed-up by ratios | at equal work (file) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "## Random GPT-2-small (12 x 3072): ours with the chosen rule vs the peer",
+            "",
+            "Peer seconds are those of bench/results/attribution.json (knowledge-neurons 0.0.2, 20 steps; "
+            "not rerun here).",
+            "",
+            "| prompt tokens | ours linspace-20 s | ours chosen s | peer s (file) | speed-up direct | "
+            "speed-up by ratios | at equal work (file) |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for s in r["speed"].values():
             m = s["ours_median_s"]
-            lines.append(f"| {s['tokens']} | {m['peer_rule']:.2f} | {m['chosen']:.2f} | "
-                         f"{s['peer_s_from_attribution_json']:.2f} | {s['speedup_vs_peer_direct']:.1f}x | "
-                         f"{s['speedup_vs_peer_by_ratios']:.1f}x | {s['speedup_at_equal_work_then']:.1f}x |")
+            lines.append(
+                f"| {s['tokens']} | {m['peer_rule']:.2f} | {m['chosen']:.2f} | "
+                f"{s['peer_s_from_attribution_json']:.2f} | {s['speedup_vs_peer_direct']:.1f}x | "
+                f"{s['speedup_vs_peer_by_ratios']:.1f}x | {s['speedup_at_equal_work_then']:.1f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 

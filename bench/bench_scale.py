@@ -16,6 +16,7 @@ thread.  Prints a table and writes bench/results/scale.{json,md}.
     .venv/bin/python bench/bench_scale.py --facts 12 --rounds 3            # on an idle machine
     .venv/bin/python bench/bench_scale.py --model path/to/folder --experiment robustness
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,7 @@ def main() -> None:
         os.nice(args.nice)
     torch.set_num_threads(1)
     counts = [int(n) for n in args.workers.split(",")]
-    runner._write_static = lambda figure, stem: False          # no Kaleido/Chromium in the timings
+    runner._write_static = lambda figure, stem: False  # no Kaleido/Chromium in the timings
     load_before = os.getloadavg()
     lm = load_model(args.model, device="cpu")
     params = runner.make_params(args.experiment, args.param)
@@ -74,19 +75,28 @@ def main() -> None:
         summaries = {}
         with tempfile.TemporaryDirectory(prefix="dkn-bench-scale-") as tmp:
             for r in range(args.rounds):
-                order = configs[r % len(configs):] + configs[:r % len(configs)]
+                order = configs[r % len(configs) :] + configs[: r % len(configs)]
                 for config in order:
                     folder = Path(tmp) / f"{r}-{configs.index(config)}"
                     start = time.perf_counter()
                     report, _ = runner.run_experiment(
-                        args.experiment, lm, args.dataset, limit=args.facts, params=params,
-                        store=ResultStore(folder / "results.sqlite"), out_dir=folder / "out", command="bench",
-                        cluster=pools.get(config))
+                        args.experiment,
+                        lm,
+                        args.dataset,
+                        limit=args.facts,
+                        params=params,
+                        store=ResultStore(folder / "results.sqlite"),
+                        out_dir=folder / "out",
+                        command="bench",
+                        cluster=pools.get(config),
+                    )
                     seconds = time.perf_counter() - start
                     runs[config].append(seconds)
                     summaries[config] = report.summary
-                    print(f"round {r + 1}: {config:<16} {seconds:7.1f} s  "
-                          f"{60 * args.facts / seconds:6.2f} facts/min", flush=True)
+                    print(
+                        f"round {r + 1}: {config:<16} {seconds:7.1f} s  {60 * args.facts / seconds:6.2f} facts/min",
+                        flush=True,
+                    )
     finally:
         for pool in pools.values():
             pool.close()
@@ -104,42 +114,75 @@ def _result(args, lm, counts, runs, startup, summaries, load_before) -> dict:
     rows = []
     for config, rate in rates.items():
         n = 1 if config == LOCAL else int(config.split(", ")[1].split()[0])
-        rows.append({"config": config, "workers": 0 if config == LOCAL else n, "seconds": runs[config],
-                     "median_s": statistics.median(runs[config]), "facts_per_min": rate,
-                     "speedup_vs_local": rate / rates[LOCAL],
-                     "efficiency_vs_1_worker": rate / (n * one) if one and config != LOCAL else None,
-                     "efficiency_vs_local": rate / (n * rates[LOCAL]) if config != LOCAL else None})
+        rows.append(
+            {
+                "config": config,
+                "workers": 0 if config == LOCAL else n,
+                "seconds": runs[config],
+                "median_s": statistics.median(runs[config]),
+                "facts_per_min": rate,
+                "speedup_vs_local": rate / rates[LOCAL],
+                "efficiency_vs_1_worker": rate / (n * one) if one and config != LOCAL else None,
+                "efficiency_vs_local": rate / (n * rates[LOCAL]) if config != LOCAL else None,
+            }
+        )
     reference = json.dumps(summaries[LOCAL], sort_keys=True, default=str)
     return {
-        "date": dt.datetime.now().isoformat(timespec="seconds"), "machine": platform.machine(),
-        "cores": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__,
-        "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0],
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "load_average_before": load_before[0],
+        "load_average_after": os.getloadavg()[0],
         "shared_machine_note": "other jobs shared these cores: compare the ratios, not the absolute rates",
-        "niced": args.nice, "model": lm.label, "experiment": args.experiment, "dataset": args.dataset,
-        "facts": args.facts, "rounds": args.rounds, "params": args.param, "startup": startup, "rows": rows,
-        "same_summary_as_local": {c: json.dumps(s, sort_keys=True, default=str) == reference
-                                  for c, s in summaries.items()},
+        "niced": args.nice,
+        "model": lm.label,
+        "experiment": args.experiment,
+        "dataset": args.dataset,
+        "facts": args.facts,
+        "rounds": args.rounds,
+        "params": args.param,
+        "startup": startup,
+        "rows": rows,
+        "same_summary_as_local": {
+            c: json.dumps(s, sort_keys=True, default=str) == reference for c, s in summaries.items()
+        },
     }
 
 
 def _markdown(result: dict) -> str:
-    lines = [f"# Experiment throughput on Ray: {result['experiment']} on {result['model']}", "",
-             (f"{result['date']}, {result['machine']}, {result['cores']} cores, torch {result['torch']}, "
-             f"ray {result['ray']}; {result['facts']} facts of `{result['dataset']}` per run, "
-             f"{result['rounds']} round(s), one torch thread per worker; niced by {result['niced']}; load "
-             f"average {result['load_average_before']:.1f} before, {result['load_average_after']:.1f} after."), "",
-             f"**{result['shared_machine_note']}.**", "",
-             "| configuration | median s | facts/min | x local | efficiency vs 1 worker | efficiency vs local |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Experiment throughput on Ray: {result['experiment']} on {result['model']}",
+        "",
+        (
+            f"{result['date']}, {result['machine']}, {result['cores']} cores, torch {result['torch']}, "
+            f"ray {result['ray']}; {result['facts']} facts of `{result['dataset']}` per run, "
+            f"{result['rounds']} round(s), one torch thread per worker; niced by {result['niced']}; load "
+            f"average {result['load_average_before']:.1f} before, {result['load_average_after']:.1f} after."
+        ),
+        "",
+        f"**{result['shared_machine_note']}.**",
+        "",
+        "| configuration | median s | facts/min | x local | efficiency vs 1 worker | efficiency vs local |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in result["rows"]:
         eff1 = "" if row["efficiency_vs_1_worker"] is None else f"{row['efficiency_vs_1_worker']:.0%}"
         effl = "" if row["efficiency_vs_local"] is None else f"{row['efficiency_vs_local']:.0%}"
-        lines.append(f"| {row['config']} | {row['median_s']:.1f} | {row['facts_per_min']:.2f} | "
-                     f"{row['speedup_vs_local']:.2f} | {eff1} | {effl} |")
+        lines.append(
+            f"| {row['config']} | {row['median_s']:.1f} | {row['facts_per_min']:.2f} | "
+            f"{row['speedup_vs_local']:.2f} | {eff1} | {effl} |"
+        )
     start = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in result["startup"].items())
     same = ", ".join(f"{c}: {'yes' if v else 'NO'}" for c, v in result["same_summary_as_local"].items())
-    lines += ["", f"Paid once per run, left out of the rates: {start}.", "",
-              f"Same summary as the local run (exact JSON): {same}.", ""]
+    lines += [
+        "",
+        f"Paid once per run, left out of the rates: {start}.",
+        "",
+        f"Same summary as the local run (exact JSON): {same}.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ No timings: the machine is shared, and this measures selection, not speed.
 
     nice -n 10 .venv/bin/python bench/bench_selection_generic.py --facts 12
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ def main() -> int:
     by_relation: dict[str, list] = {}
     for f in facts:
         by_relation.setdefault(f.relation, []).append(f)
-    chosen = [fs[k] for k in range(max(map(len, by_relation.values()))) for fs in by_relation.values()
-              if k < len(fs)][: args.facts]
+    chosen = [fs[k] for k in range(max(map(len, by_relation.values()))) for fs in by_relation.values() if k < len(fs)][
+        : args.facts
+    ]
     maps = []
     for i, f in enumerate(chosen):
         maps.append(attribute(lm, f.prompts[0], f.answer, store=store).scores)
@@ -52,27 +54,44 @@ def main() -> int:
     pushed = generic_pushout(maps, args.t, args.share)
     rows = []
     for i, f in enumerate(chosen):
-        others = maps[:i] + maps[i + 1:]
-        rows.append({"fact": f.id, "top": str(max(((n, maps[i][n]) for n in coarse_neurons(maps[i], args.t)),
-                                                  key=lambda x: x[1])[0]),
-                     "global": len(coarse_neurons(maps[i], args.t)),
-                     "per_layer": len(coarse_neurons(maps[i], args.t, per_layer=True)),
-                     "contrast": len(refine([maps[i]], args.t, 0.5, others, negatives="contrast").neurons),
-                     "drop": len(refine([maps[i]], args.t, 0.5, others, negatives="drop").neurons),
-                     "lost_to_generic": len(pushed.lost[i])})
-    summary = {"facts": len(chosen), "t": args.t, "share": args.share, "generic": [str(n) for n in pushed.generic],
-               "facts_affected": pushed.facts_affected, "share_affected": pushed.facts_affected / len(chosen),
-               "mean_lost": pushed.mean_lost, "rows": rows,
-               "mean_kns": {k: float(np.mean([r[k] for r in rows])) for k in ("global", "per_layer", "contrast",
-                                                                             "drop")},
-               "note": "default model, first prompt per fact, IG defaults; the machine was shared"}
-    print(f"generic neurons (coarse in >= {args.share:.0%} of {len(chosen)} facts): {', '.join(summary['generic']) or 'none'}")
-    print(f"facts where generic neurons push fact-specific ones under t x max: {pushed.facts_affected}/{len(chosen)}"
-          f" ({summary['share_affected']:.0%}); neurons lost per fact: {pushed.mean_lost:.2f}")
+        others = maps[:i] + maps[i + 1 :]
+        rows.append(
+            {
+                "fact": f.id,
+                "top": str(max(((n, maps[i][n]) for n in coarse_neurons(maps[i], args.t)), key=lambda x: x[1])[0]),
+                "global": len(coarse_neurons(maps[i], args.t)),
+                "per_layer": len(coarse_neurons(maps[i], args.t, per_layer=True)),
+                "contrast": len(refine([maps[i]], args.t, 0.5, others, negatives="contrast").neurons),
+                "drop": len(refine([maps[i]], args.t, 0.5, others, negatives="drop").neurons),
+                "lost_to_generic": len(pushed.lost[i]),
+            }
+        )
+    summary = {
+        "facts": len(chosen),
+        "t": args.t,
+        "share": args.share,
+        "generic": [str(n) for n in pushed.generic],
+        "facts_affected": pushed.facts_affected,
+        "share_affected": pushed.facts_affected / len(chosen),
+        "mean_lost": pushed.mean_lost,
+        "rows": rows,
+        "mean_kns": {k: float(np.mean([r[k] for r in rows])) for k in ("global", "per_layer", "contrast", "drop")},
+        "note": "default model, first prompt per fact, IG defaults; the machine was shared",
+    }
+    print(
+        f"generic neurons (coarse in >= {args.share:.0%} of {len(chosen)} facts): "
+        f"{', '.join(summary['generic']) or 'none'}"
+    )
+    print(
+        f"facts where generic neurons push fact-specific ones under t x max: {pushed.facts_affected}/{len(chosen)}"
+        f" ({summary['share_affected']:.0%}); neurons lost per fact: {pushed.mean_lost:.2f}"
+    )
     print("mean knowledge neurons per fact: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["mean_kns"].items()))
     for r in rows:
-        print(f"  {r['fact']:<40} top {r['top']:<8} global {r['global']:>3}  per-layer {r['per_layer']:>3}  "
-              f"contrast {r['contrast']:>3}  drop {r['drop']:>3}  lost {r['lost_to_generic']:>3}")
+        print(
+            f"  {r['fact']:<40} top {r['top']:<8} global {r['global']:>3}  per-layer {r['per_layer']:>3}  "
+            f"contrast {r['contrast']:>3}  drop {r['drop']:>3}  lost {r['lost_to_generic']:>3}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))
     return 0

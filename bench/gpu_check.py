@@ -7,6 +7,7 @@ degeneracy grid on the default model, on CUDA and on the CPU; compares the resul
 Writes bench/results/gpu_check.json and bench/results/gpu_check.md.  Exit status 1 when a CUDA result
 disagrees with the CPU one beyond the tolerances printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,11 @@ if str(ROOT) not in sys.path:
 PROMPT, ANSWER = "The capital of France is", "Paris"
 NEURONS = [(20, 100), (25, 7), (29, 1000)]
 # float32 on both sides: different kernels and summation orders only
-TOLERANCE = {"float32": {"scores_corr": 0.999, "prob_rel": 1e-3}, "bfloat16": {"scores_corr": 0.99, "prob_rel": 5e-2},
-             "float16": {"scores_corr": 0.99, "prob_rel": 5e-2}}
+TOLERANCE = {
+    "float32": {"scores_corr": 0.999, "prob_rel": 1e-3},
+    "bfloat16": {"scores_corr": 0.99, "prob_rel": 5e-2},
+    "float16": {"scores_corr": 0.99, "prob_rel": 5e-2},
+}
 
 
 def _timed(fn):
@@ -45,9 +49,11 @@ def _cases():
 
     for method in METHODS:
         for baseline in BASELINES:
-            for rule in (RULES if method == "ig" else ("midpoint",)):
-                yield f"attribute {method}/{baseline}/{rule}", AttributionParams(method=method, rule=rule,
-                                                                                 baseline=baseline)
+            for rule in RULES if method == "ig" else ("midpoint",):
+                yield (
+                    f"attribute {method}/{baseline}/{rule}",
+                    AttributionParams(method=method, rule=rule, baseline=baseline),
+                )
 
 
 def run(lm, label: str) -> dict:
@@ -58,7 +64,7 @@ def run(lm, label: str) -> dict:
 
     out = {}
     for name, params in _cases():
-        attribute(lm, PROMPT, ANSWER, params)                          # warm-up
+        attribute(lm, PROMPT, ANSWER, params)  # warm-up
         result, seconds = _timed(lambda p=params: attribute(lm, PROMPT, ANSWER, p))
         out[name] = {"scores": result.scores, "prob": result.prob, "seconds": seconds}
         print(f"  [{label}] {name}: {seconds:.2f} s", flush=True)
@@ -95,8 +101,11 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=tuple(TOLERANCE))
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device is visible to torch (torch.cuda.is_available() is False); "
-              "run this on a machine with an NVIDIA GPU. Nothing was measured.", file=sys.stderr)
+        print(
+            "gpu_check: no CUDA device is visible to torch (torch.cuda.is_available() is False); "
+            "run this on a machine with an NVIDIA GPU. Nothing was measured.",
+            file=sys.stderr,
+        )
         return 2
     from dkn.models import load_model
 
@@ -104,18 +113,32 @@ def main() -> int:
     cpu = run(load_model("default", device="cpu"), "cpu")
     gpu = run(load_model("default", device="cuda", dtype=args.dtype), "cuda")
     rows = compare(cpu, gpu, TOLERANCE[args.dtype])
-    report = {"device": torch.cuda.get_device_name(0), "dtype": args.dtype, "torch": torch.__version__,
-              "tolerance": TOLERANCE[args.dtype], "rows": rows}
+    report = {
+        "device": torch.cuda.get_device_name(0),
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "tolerance": TOLERANCE[args.dtype],
+        "rows": rows,
+    }
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# CUDA vs CPU on the default model ({report['device']}, CUDA weights {args.dtype})", "",
-             "| check | CPU s | CUDA s | speed-up | agreement | ok |", "|---|---:|---:|---:|---|---|"]
+    lines = [
+        f"# CUDA vs CPU on the default model ({report['device']}, CUDA weights {args.dtype})",
+        "",
+        "| check | CPU s | CUDA s | speed-up | agreement | ok |",
+        "|---|---:|---:|---:|---|---|",
+    ]
     for r in rows:
-        agree = (f"corr {r['scores_corr']:.5f}, P rel {r['prob_rel']:.1e}" if "scores_corr" in r
-                 else f"max rel {r['max_rel']:.1e}")
-        lines.append(f"| {r['check']} | {r['cpu_s']:.2f} | {r['cuda_s']:.3f} | {r['speedup']:.1f}x | {agree} | "
-                     f"{'yes' if r['ok'] else 'NO'} |")
+        agree = (
+            f"corr {r['scores_corr']:.5f}, P rel {r['prob_rel']:.1e}"
+            if "scores_corr" in r
+            else f"max rel {r['max_rel']:.1e}"
+        )
+        lines.append(
+            f"| {r['check']} | {r['cpu_s']:.2f} | {r['cuda_s']:.3f} | {r['speedup']:.1f}x | {agree} | "
+            f"{'yes' if r['ok'] else 'NO'} |"
+        )
     (results / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(r["ok"] for r in rows) else 1

@@ -1,9 +1,10 @@
 """Shared by the benchmark scripts: median wall time of a call after one warm-up."""
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

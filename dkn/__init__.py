@@ -18,6 +18,7 @@ knowledge neurons (Dai et al. 2022).  Start here:
 
 docs/method.md says what each step computes and where it differs from the paper's scripts.
 """
+
 __version__ = "0.1.0"
 
 from dkn.neurons import Neuron, parse_neurons  # noqa: F401

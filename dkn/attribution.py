@@ -12,6 +12,7 @@ single-token row of one batched forward and backward pass, chunked to bound
 memory (the row engine: dkn.rows).  `reference_loop=True` gives the plain per-layer loop over full
 prompts, which the tests and the benchmark compare against.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,18 +33,18 @@ from dkn.rows import RowJob, baseline_probs, integrated_grads, reference_integra
 
 METHODS = ("ig", "grad_x_act", "activation")
 BASELINES = ("zero", "amig")
-Progress = Callable[[int, int], None]   # (done, total)
+Progress = Callable[[int, int], None]  # (done, total)
 
 
 @dataclass(frozen=True)
 class AttributionParams:
-    method: str = "ig"              # one of METHODS
-    steps: int = 20                 # m, integrated gradients only
-    rule: str = "midpoint"          # see dkn.integration.RULES
-    baseline: str = "zero"          # "zero" (Dai et al.) or "amig" (Chen et al.)
-    site: str = "post"              # "post": after the activation (dkn's neuron); "pre": the scripts' choice
-    multiplier: str = "delta"       # "delta": a - b (correct IG); "activation": a (the scripts' choice)
-    combine: str = "sum"            # over the tokens of a multi-token answer: "sum" or "mean"
+    method: str = "ig"  # one of METHODS
+    steps: int = 20  # m, integrated gradients only
+    rule: str = "midpoint"  # see dkn.integration.RULES
+    baseline: str = "zero"  # "zero" (Dai et al.) or "amig" (Chen et al.)
+    site: str = "post"  # "post": after the activation (dkn's neuron); "pre": the scripts' choice
+    multiplier: str = "delta"  # "delta": a - b (correct IG); "activation": a (the scripts' choice)
+    combine: str = "sum"  # over the tokens of a multi-token answer: "sum" or "mean"
 
     @classmethod
     def faithful(cls, **overrides) -> AttributionParams:
@@ -66,10 +67,10 @@ class AttributionParams:
 class Attribution:
     """Scores of one prompt/answer pair: numpy only, picklable, cacheable."""
 
-    scores: np.ndarray              # [n_layers, d_mlp]
-    prob: float                     # P(answer | prompt): product over answer tokens, gold-prefix conditioned
+    scores: np.ndarray  # [n_layers, d_mlp]
+    prob: float  # P(answer | prompt): product over answer tokens, gold-prefix conditioned
     token_probs: tuple[float, ...]  # one per answer token
-    baseline_probs: np.ndarray      # [n_layers, n_answer_tokens]: P(token) with layer l at its baseline
+    baseline_probs: np.ndarray  # [n_layers, n_answer_tokens]: P(token) with layer l at its baseline
     prompt: str
     answer: str
     answer_tokens: tuple[str, ...]
@@ -139,21 +140,47 @@ def attribute(
 def attribution_key(lm: LoadedModel, query: Query, params: AttributionParams) -> str:
     from dkn.cache import make_key
 
-    return make_key(kind="attribution", model=lm.name, fingerprint=lm.fingerprint, prompt=query.prompt,
-                    answer=query.answer, params=asdict(params), version=__version__)
+    return make_key(
+        kind="attribution",
+        model=lm.name,
+        fingerprint=lm.fingerprint,
+        prompt=query.prompt,
+        answer=query.answer,
+        params=asdict(params),
+        version=__version__,
+    )
 
 
 def _meta(result: Attribution) -> dict:
-    return {"prob": result.prob, "token_probs": list(result.token_probs), "prompt": result.prompt,
-            "answer": result.answer, "answer_tokens": list(result.answer_tokens), "model": result.model,
-            "fingerprint": result.fingerprint, "seconds": result.seconds, "params": asdict(result.params)}
+    return {
+        "prob": result.prob,
+        "token_probs": list(result.token_probs),
+        "prompt": result.prompt,
+        "answer": result.answer,
+        "answer_tokens": list(result.answer_tokens),
+        "model": result.model,
+        "fingerprint": result.fingerprint,
+        "seconds": result.seconds,
+        "params": asdict(result.params),
+    }
 
 
 def _from_entry(entry, params: AttributionParams) -> Attribution:
     m = entry.meta
-    return Attribution(entry.arrays["scores"], m["prob"], tuple(m["token_probs"]), entry.arrays["baseline_probs"],
-                       m["prompt"], m["answer"], tuple(m["answer_tokens"]), params, m["model"], m["fingerprint"],
-                       m["seconds"], cached=True)
+    return Attribution(
+        entry.arrays["scores"],
+        m["prob"],
+        tuple(m["token_probs"]),
+        entry.arrays["baseline_probs"],
+        m["prompt"],
+        m["answer"],
+        tuple(m["answer_tokens"]),
+        params,
+        m["model"],
+        m["fingerprint"],
+        m["seconds"],
+        cached=True,
+    )
 
 
 def _compute(lm, query: Query, params: AttributionParams, *, limits, reference_loop, progress) -> Attribution:
@@ -161,12 +188,22 @@ def _compute(lm, query: Query, params: AttributionParams, *, limits, reference_l
     for i, step in enumerate(query.steps):
         step_progress = None if progress is None else _sub_progress(progress, i, len(query.steps))
         per_step.append(_attribute_step(lm, step, params, limits, reference_loop, step_progress))
-    scores = np.stack([s for s, _, _ in per_step])                          # [n_tokens, n_layers, d_mlp]
-    scores = scores.sum(0) if params.combine == "sum" else scores.mean(0)   # [n_layers, d_mlp]
+    scores = np.stack([s for s, _, _ in per_step])  # [n_tokens, n_layers, d_mlp]
+    scores = scores.sum(0) if params.combine == "sum" else scores.mean(0)  # [n_layers, d_mlp]
     token_probs = tuple(float(p) for _, p, _ in per_step)
-    baseline_probs = np.stack([b for _, _, b in per_step], axis=1)         # [n_layers, n_tokens]
-    return Attribution(scores.astype(np.float32), float(np.prod(token_probs)), token_probs, baseline_probs,
-                       query.prompt, query.answer, query.answer_tokens, params, lm.name, lm.fingerprint)
+    baseline_probs = np.stack([b for _, _, b in per_step], axis=1)  # [n_layers, n_tokens]
+    return Attribution(
+        scores.astype(np.float32),
+        float(np.prod(token_probs)),
+        token_probs,
+        baseline_probs,
+        query.prompt,
+        query.answer,
+        query.answer_tokens,
+        params,
+        lm.name,
+        lm.fingerprint,
+    )
 
 
 def _sub_progress(progress: Progress, index: int, count: int) -> Progress:
@@ -175,23 +212,23 @@ def _sub_progress(progress: Progress, index: int, count: int) -> Progress:
 
 def _attribute_step(lm, step: Step, params, limits, reference_loop, progress):
     """(scores [n_layers, d_mlp], P(target), P(target) with each layer at baseline [n_layers]) for one token."""
-    ids = torch.tensor([step.input_ids], device=lm.device)                 # [1, T]
-    acts, prob = _clean_activations(lm, ids, step, params.site)             # [L, d], float
-    base = _baseline(lm, ids, step, params, acts)                           # [L, d]
-    runner = answer_runner(lm, step, params.site, keep=False)               # None for masked LMs
+    ids = torch.tensor([step.input_ids], device=lm.device)  # [1, T]
+    acts, prob = _clean_activations(lm, ids, step, params.site)  # [L, d], float
+    base = _baseline(lm, ids, step, params, acts)  # [L, d]
+    runner = answer_runner(lm, step, params.site, keep=False)  # None for masked LMs
     job = RowJob(lm, ids, step, params.site, acts, base, runner, *limits)
     if params.method != "ig":
-        base_probs = baseline_probs(job)                                    # [L]
+        base_probs = baseline_probs(job)  # [L]
         if params.method == "activation":
             return acts.cpu().numpy(), prob, base_probs
-        grads = _grad_at(lm, ids, step, params.site, acts)                  # [L, d]
+        grads = _grad_at(lm, ids, step, params.site, acts)  # [L, d]
         return (acts * grads).cpu().numpy(), prob, base_probs
     alphas, weights = integration_points(params.rule, params.steps)
     if reference_loop:
         grad_sum = reference_integrated_grads(job, alphas, weights, progress)
         base_probs = baseline_probs(job)
     else:
-        grad_sum, base_probs = integrated_grads(job, alphas, weights, progress)   # [L, d], [L]
+        grad_sum, base_probs = integrated_grads(job, alphas, weights, progress)  # [L, d], [L]
     multiplier = acts - base if params.multiplier == "delta" else acts
     return (multiplier * grad_sum).cpu().numpy(), prob, base_probs
 
@@ -200,8 +237,8 @@ def _attribute_step(lm, step: Step, params, limits, reference_loop, progress):
 def _clean_activations(lm, ids, step: Step, site) -> tuple[torch.Tensor, float]:
     last = not lm.family.masked_lm and step.position == ids.shape[1] - 1
     with record_neurons(lm, site=site) as rec:
-        if last:                        # the head on the answer position only
-            logits = lm.model(input_ids=ids, logits_to_keep=1, use_cache=False).logits[0, -1]   # [vocab]
+        if last:  # the head on the answer position only
+            logits = lm.model(input_ids=ids, logits_to_keep=1, use_cache=False).logits[0, -1]  # [vocab]
         else:
             logits = lm.model(input_ids=ids, use_cache=False).logits[0, step.position]
     acts = torch.stack([rec[l][0, step.position] for l in range(lm.n_layers)]).float()  # [L, d]
@@ -215,7 +252,7 @@ def _baseline(lm, ids, step: Step, params, acts) -> torch.Tensor:
     # AMIG: mean activation at the answer position when each token in turn is replaced by end-of-text.
     replace_id = _end_of_text_id(lm.tokenizer)
     positions = [j for j in range(ids.shape[1]) if j != step.position or not lm.family.masked_lm]
-    rows = ids.repeat(len(positions), 1)                                    # [n_pos, T]
+    rows = ids.repeat(len(positions), 1)  # [n_pos, T]
     rows[torch.arange(len(positions), device=ids.device), torch.tensor(positions, device=ids.device)] = replace_id
     with record_neurons(lm, site=params.site) as rec:
         lm.model(input_ids=rows, use_cache=False)
@@ -233,13 +270,14 @@ def _grad_at(lm, ids, step: Step, site, acts) -> torch.Tensor:
     """[L, d]: dP/dh at the actual activations of every layer, in one forward and backward pass.
     A zero leaf is added to every layer's hidden vector at the answer position, which keeps every
     path through later layers intact, so d P / d zero(l) is the full derivative at layer l."""
-    zeros = torch.zeros_like(acts).requires_grad_(True)                      # [L, d]
+    zeros = torch.zeros_like(acts).requires_grad_(True)  # [L, d]
 
     def perturb(layer):
         def edit(h):
             h = h.clone()
             h[0, step.position] = h[0, step.position] + zeros[layer].to(h.device, h.dtype)
             return h
+
         return edit
 
     with torch.enable_grad(), edit_neurons(lm, {l: perturb(l) for l in range(lm.n_layers)}, site):

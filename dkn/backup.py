@@ -18,6 +18,7 @@ group; P after each round is the "peeling" curve.  During the rounds, neurons ar
 0) at every prompt position, inside a context manager around dkn.attribution.attribute, so the
 attribution engine needs no change; the degeneracy grid afterwards uses its own `mode`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,10 +46,11 @@ def suppressed(lm: LoadedModel, neurons: Iterable[Neuron], site: str = "post") -
         by_layer.setdefault(n.layer, []).append(n.index)
 
     def zero(index: list[int]):
-        def edit(h):                                                  # h: [B, T, d_mlp]
+        def edit(h):  # h: [B, T, d_mlp]
             mask = torch.ones(h.shape[-1], device=h.device, dtype=h.dtype)
             mask[index] = 0
             return h * mask
+
         return edit
 
     with edit_neurons(lm, {layer: zero(index) for layer, index in by_layer.items()}, site):
@@ -64,8 +66,9 @@ def attribute_suppressed(lm: LoadedModel, prompt: str, answer: str, neurons: Seq
         return attribute(lm, prompt, answer, params, store=None)
 
 
-def discover(lm: LoadedModel, prompt: str, answer: str, params: DegeneracyParams,
-             first_round: Sequence[Neuron] = ()) -> tuple[Round, ...]:
+def discover(
+    lm: LoadedModel, prompt: str, answer: str, params: DegeneracyParams, first_round: Sequence[Neuron] = ()
+) -> tuple[Round, ...]:
     """The rounds of backup discovery (see the module docstring); thresholds and limits from `params`:
     threshold_high (the fact is gone), backup_rounds, backup_t, backup_max_neurons, backup_attribution."""
     from dkn.degeneracy import Round
@@ -94,8 +97,9 @@ def discover(lm: LoadedModel, prompt: str, answer: str, params: DegeneracyParams
     return tuple(rounds)
 
 
-def round_neurons(scores: np.ndarray, exclude: set[Neuron], t: float, max_neurons: int
-                  ) -> tuple[tuple[Neuron, ...], tuple[float, ...]]:
+def round_neurons(
+    scores: np.ndarray, exclude: set[Neuron], t: float, max_neurons: int
+) -> tuple[tuple[Neuron, ...], tuple[float, ...]]:
     """The coarse neurons of one round: score > t x the top score, not in `exclude`, highest first, at most
     `max_neurons`; scores [n_layers, d_mlp].  Empty when no score is positive."""
     from dkn.selection import coarse_neurons

@@ -23,6 +23,7 @@ warning: stored results are still read, new ones are not kept.  A database file 
 store is open (e.g. `rm -rf cache/` mid-run) is noticed at the next operation, logged, and created
 afresh, so later results are not written into the deleted file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,8 +94,7 @@ def make_key(**parts: Any) -> str:
     paths, bytes, dataclasses and None are all handled.  `1` and `1.0` give
     different keys on purpose (they are different parameters to Python).
     """
-    text = json.dumps(_canonical(parts), sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True, allow_nan=True)
+    text = json.dumps(_canonical(parts), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
@@ -115,8 +115,11 @@ def _canonical_other(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return _canonical(obj.item())
     if isinstance(obj, np.ndarray):
-        return {"__ndarray__": obj.dtype.str, "shape": list(obj.shape),
-                "sha256": hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest()}
+        return {
+            "__ndarray__": obj.dtype.str,
+            "shape": list(obj.shape),
+            "sha256": hashlib.sha256(np.ascontiguousarray(obj).tobytes()).hexdigest(),
+        }
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     if isinstance(obj, (bytes, bytearray)):
@@ -245,7 +248,7 @@ class ResultStore:
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         path = Path(path).expanduser() if path is not None else default_path()
         self.path: Path = path / DEFAULT_NAME if path.is_dir() else path
-        self.read_only = False          # set when the location turned out not to be writable
+        self.read_only = False  # set when the location turned out not to be writable
         self._local = threading.local()
         self._open_lock = threading.Lock()
 
@@ -262,7 +265,9 @@ class ResultStore:
         # CAST: a column turned into TEXT would otherwise fail to decode as UTF-8 inside sqlite3
         row = self._query_one(
             "SELECT CAST(meta AS BLOB), CAST(blob AS BLOB), checksum, created, typeof(meta), typeof(blob) "
-            "FROM results WHERE key = ?", (key,))
+            "FROM results WHERE key = ?",
+            (key,),
+        )
         if row is None:
             return None
         try:
@@ -272,8 +277,7 @@ class ResultStore:
             self.delete(key)
             return None
 
-    def put(self, key: str, meta: dict, arrays: Mapping[str, np.ndarray] | None = None,
-            kind: str = "") -> None:
+    def put(self, key: str, meta: dict, arrays: Mapping[str, np.ndarray] | None = None, kind: str = "") -> None:
         """Store (or replace) `key` atomically."""
         self._put(key, meta, arrays or {}, kind)
 
@@ -281,9 +285,9 @@ class ResultStore:
         meta_bytes, blob, checksum = _encode(meta, arrays)
         created = time.time()
         self._write(
-            "INSERT OR REPLACE INTO results (key, kind, created, meta, blob, checksum) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (key, kind, created, meta_bytes, blob, checksum))
+            "INSERT OR REPLACE INTO results (key, kind, created, meta, blob, checksum) VALUES (?, ?, ?, ?, ?, ?)",
+            (key, kind, created, meta_bytes, blob, checksum),
+        )
         return created
 
     def delete(self, key: str) -> None:
@@ -297,8 +301,7 @@ class ResultStore:
         if kind is None:
             rows = self._query_all("SELECT key FROM results ORDER BY created, key", ())
         else:
-            rows = self._query_all(
-                "SELECT key FROM results WHERE kind = ? ORDER BY created, key", (kind,))
+            rows = self._query_all("SELECT key FROM results WHERE kind = ? ORDER BY created, key", (kind,))
         return [row[0] for row in rows]
 
     def entries(self, kind: str | None = None) -> Iterator[tuple[str, Entry]]:
@@ -334,8 +337,11 @@ class ResultStore:
         if getattr(local, "conn", None) is not None and local.pid == os.getpid() and not self._vanished():
             return local.conn
         if getattr(local, "conn", None) is not None and local.pid == os.getpid():
-            log.warning("dkn cache: %s was deleted while in use; creating it again (results stored before "
-                        "are gone, new ones are kept)", self.path)
+            log.warning(
+                "dkn cache: %s was deleted while in use; creating it again (results stored before "
+                "are gone, new ones are kept)",
+                self.path,
+            )
             self.close()
         local.conn, local.ino = self._open()
         local.pid = os.getpid()
@@ -367,23 +373,27 @@ class ResultStore:
                 if not _is_unwritable(exc):
                     raise
                 self.read_only = True
-                log.warning("dkn cache: %s cannot be written (%s): results already stored are read, new ones are "
-                            "not kept. Set DKN_CACHE_DIR to a writable folder to keep them.", self.path, exc)
+                log.warning(
+                    "dkn cache: %s cannot be written (%s): results already stored are read, new ones are "
+                    "not kept. Set DKN_CACHE_DIR to a writable folder to keep them.",
+                    self.path,
+                    exc,
+                )
                 return self._connect_read_only()
 
     def _connect_read_only(self) -> tuple[sqlite3.Connection | None, int | None]:
         if not self.path.is_file():
             return None, None
-        uri = f"{self.path.resolve().as_uri()}?mode=ro&immutable=1"   # immutable: no -wal/-shm files needed
+        uri = f"{self.path.resolve().as_uri()}?mode=ro&immutable=1"  # immutable: no -wal/-shm files needed
         try:
             return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False), None
         except sqlite3.OperationalError as exc:
-            raise CacheError(f"the cache {self.path} can be neither written nor read ({exc}): "
-                             "set DKN_CACHE_DIR to a writable folder") from exc
+            raise CacheError(
+                f"the cache {self.path} can be neither written nor read ({exc}): set DKN_CACHE_DIR to a writable folder"
+            ) from exc
 
     def _connect(self) -> tuple[sqlite3.Connection, int]:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
@@ -404,8 +414,12 @@ class ResultStore:
         while target.exists():
             target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
             n += 1
-        log.warning("dkn cache: %s is not a usable database (%s); moved it to %s and "
-                    "starting a fresh one", self.path, exc, target)
+        log.warning(
+            "dkn cache: %s is not a usable database (%s); moved it to %s and starting a fresh one",
+            self.path,
+            exc,
+            target,
+        )
         for suffix in ("-wal", "-shm"):
             side = Path(f"{self.path}{suffix}")
             if side.exists():
@@ -445,7 +459,7 @@ class ResultStore:
 
     def _write(self, sql: str, params: tuple) -> None:
         if not self.read_only:
-            self._conn()                  # may find the location read-only (and say so once)
+            self._conn()  # may find the location read-only (and say so once)
         if self.read_only:
             return
         try:

@@ -4,6 +4,7 @@ Every command prints human-readable output, or one JSON object with --json.
 Bad arguments exit with status 2 and a one-line reason; other tools rely on
 the command names and JSON keys, so change them only with care.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.run(args) or 0
-    except USER_ERRORS as err:   # the project's own errors and bad values; anything else is a bug
+    except USER_ERRORS as err:  # the project's own errors and bad values; anything else is a bug
         if args.verbose:
             traceback.print_exc()
         print(f"dkn {args.command}: error: {err}", file=sys.stderr)
@@ -93,8 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--suppress", default="", help="neurons to multiply by 0, as LAYER:INDEX,LAYER:INDEX")
     p.add_argument("--amplify", default="", help="neurons to multiply by --factor (default 2)")
     p.add_argument("--factor", type=finite_float, default=None, help="factor for --amplify (2) or for --suppress (0)")
-    p.add_argument("--mode", choices=options.MODES, default="last",
-                   help="answer position only, every position, or through the weights")
+    p.add_argument(
+        "--mode",
+        choices=options.MODES,
+        default="last",
+        help="answer position only, every position, or through the weights",
+    )
     p.add_argument("--top-k", type=positive_int, default=10, help="how many top tokens to list (10)")
 
     p = _command(sub, "neurons", "the refined knowledge neurons of a fact over its paraphrases", run_neurons)
@@ -121,12 +126,23 @@ def _command(sub, name, help_text, run):
 
 
 def _model_args(p):
-    p.add_argument("--model", default="default",
-                   help="'default', 'gemma3-270m' (after `make gemma`), a Hugging Face id, or a local folder")
-    p.add_argument("--device", default="auto", choices=options.DEVICES,
-                   help="auto (default: CUDA, else MPS, else CPU), cpu, cuda or mps")
-    p.add_argument("--dtype", default="float32", choices=options.DTYPES,
-                   help="weights' precision (float32); attribution accumulates in float32 anyway")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default', 'gemma3-270m' (after `make gemma`), a Hugging Face id, or a local folder",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=options.DEVICES,
+        help="auto (default: CUDA, else MPS, else CPU), cpu, cuda or mps",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=options.DTYPES,
+        help="weights' precision (float32); attribution accumulates in float32 anyway",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
 
 
@@ -142,17 +158,22 @@ def _attribution_args(p):
     p.add_argument("--baseline", choices=options.BASELINES, default="zero")
     p.add_argument("--faithful", action="store_true", help="the DKN authors' script choices (see docs)")
     p.add_argument("--no-cache", action="store_true", help="recompute and do not store")
-    p.add_argument("--max-rows", type=positive_int, default=None,
-                   help="at most this many tokens per batched pass (512)")
-    p.add_argument("--memory-budget", type=_memory_size, default=None,
-                   help="activations one batched pass may keep, e.g. 512MB or 2GB (1GB); results do not change")
+    p.add_argument(
+        "--max-rows", type=positive_int, default=None, help="at most this many tokens per batched pass (512)"
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=_memory_size,
+        default=None,
+        help="activations one batched pass may keep, e.g. 512MB or 2GB (1GB); results do not change",
+    )
 
 
 def _memory_size(text: str) -> int:
     """'2GB', '512MB', '1.5G' or a plain number of bytes -> bytes."""
     units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30}
     number = text.strip().lower().rstrip("bgkm")
-    unit = text.strip().lower()[len(number):]
+    unit = text.strip().lower()[len(number) :]
     try:
         size = float(number) * units[unit]
     except (ValueError, KeyError):
@@ -201,6 +222,7 @@ def _progress(args, label: str):
         bar.total = total
         bar.n = done
         bar.refresh()
+
     return update
 
 
@@ -216,13 +238,32 @@ def run_attribute(args) -> int:
 
         lm = _load(args)
         params = _params(args)
-        result = attribute(lm, args.prompt, args.answer, params, store=store,
-                           progress=_progress(args, "integrated gradients"))
-        out = _attribution_out(lm.name, lm.label, result.prompt, result.answer, result.prob, result.scores,
-                               result.seconds, result.cached, result.answer_tokens, args.top)
-        memo.remember(store, "attribute", args.model, request,
-                      {"key": attribution_key(lm, make_query(lm, args.prompt, args.answer), params),
-                       "label": lm.label, "fingerprint": lm.fingerprint})
+        result = attribute(
+            lm, args.prompt, args.answer, params, store=store, progress=_progress(args, "integrated gradients")
+        )
+        out = _attribution_out(
+            lm.name,
+            lm.label,
+            result.prompt,
+            result.answer,
+            result.prob,
+            result.scores,
+            result.seconds,
+            result.cached,
+            result.answer_tokens,
+            args.top,
+        )
+        memo.remember(
+            store,
+            "attribute",
+            args.model,
+            request,
+            {
+                "key": attribution_key(lm, make_query(lm, args.prompt, args.answer), params),
+                "label": lm.label,
+                "fingerprint": lm.fingerprint,
+            },
+        )
     if args.json:
         print(_dumps({k: v for k, v in out.items() if k != "label"}))
         return 0
@@ -235,9 +276,16 @@ def run_attribute(args) -> int:
 
 def _attribute_request(args) -> dict:
     """Everything of an `attribute` call that decides its stored result (the memo's key)."""
-    return {"prompt": args.prompt, "answer": args.answer, "method": args.method, "steps": args.steps,
-            "rule": args.rule, "baseline": args.baseline, "faithful": args.faithful,
-            "dtype": getattr(args, "dtype", None)}
+    return {
+        "prompt": args.prompt,
+        "answer": args.answer,
+        "method": args.method,
+        "steps": args.steps,
+        "rule": args.rule,
+        "baseline": args.baseline,
+        "faithful": args.faithful,
+        "dtype": getattr(args, "dtype", None),
+    }
 
 
 def _cached_attribution(store, args, request: dict) -> dict | None:
@@ -250,17 +298,38 @@ def _cached_attribution(store, args, request: dict) -> dict | None:
         return None
     m = entry.meta
     log.info("answered from the cache without loading %s", args.model)
-    return _attribution_out(args.model, remembered.get("label", args.model), m["prompt"], m["answer"], m["prob"],
-                            entry.arrays["scores"], m["seconds"], True, m["answer_tokens"], args.top)
+    return _attribution_out(
+        args.model,
+        remembered.get("label", args.model),
+        m["prompt"],
+        m["answer"],
+        m["prob"],
+        entry.arrays["scores"],
+        m["seconds"],
+        True,
+        m["answer_tokens"],
+        args.top,
+    )
 
 
 def _attribution_out(model, label, prompt, answer, prob, scores, seconds, cached, answer_tokens, top) -> dict:
     from dkn.neurons import top_neurons
 
-    n_layers, d_mlp = scores.shape                                           # scores: [n_layers, d_mlp]
+    n_layers, d_mlp = scores.shape  # scores: [n_layers, d_mlp]
     rows = [{"layer": n.layer, "neuron": n.index, "score": s} for n, s in top_neurons(scores, top)]
-    return {"model": model, "label": label, "prompt": prompt, "answer": answer, "prob": prob, "n_layers": n_layers,
-            "d_mlp": d_mlp, "top": rows, "seconds": seconds, "cached": cached, "answer_tokens": list(answer_tokens)}
+    return {
+        "model": model,
+        "label": label,
+        "prompt": prompt,
+        "answer": answer,
+        "prob": prob,
+        "n_layers": n_layers,
+        "d_mlp": d_mlp,
+        "top": rows,
+        "seconds": seconds,
+        "cached": cached,
+        "answer_tokens": list(answer_tokens),
+    }
 
 
 def run_intervene(args) -> int:
@@ -274,14 +343,23 @@ def run_intervene(args) -> int:
     factor = args.factor if args.factor is not None else (0.0 if suppress else 2.0)
     lm = _load(args)
     r = intervene(lm, args.prompt, args.answer, suppress or amplify, factor, args.mode, args.top_k)
-    out = {"prob_before": r.prob_before, "prob_after": r.prob_after, "relative_change": r.relative_change,
-           "top_before": [[t, p] for t, p in r.top_before], "top_after": [[t, p] for t, p in r.top_after],
-           "factor": factor, "mode": args.mode, "neurons": [str(n) for n in r.neurons]}
+    out = {
+        "prob_before": r.prob_before,
+        "prob_after": r.prob_after,
+        "relative_change": r.relative_change,
+        "top_before": [[t, p] for t, p in r.top_before],
+        "top_after": [[t, p] for t, p in r.top_after],
+        "factor": factor,
+        "mode": args.mode,
+        "neurons": [str(n) for n in r.neurons],
+    }
     if args.json:
         print(_dumps(out))
         return 0
-    print(f"P(answer): {r.prob_before:.4f} -> {r.prob_after:.4f} ({r.relative_change:+.1%}), "
-          f"{len(r.neurons)} neurons x {factor:g}, mode {args.mode}")
+    print(
+        f"P(answer): {r.prob_before:.4f} -> {r.prob_after:.4f} ({r.relative_change:+.1%}), "
+        f"{len(r.neurons)} neurons x {factor:g}, mode {args.mode}"
+    )
     for (tb, pb), (ta, pa) in zip(r.top_before, r.top_after):
         print(f"  {tb!r:>16} {pb:.4f}   {ta!r:>16} {pa:.4f}")
     return 0
@@ -292,10 +370,25 @@ def run_neurons(args) -> int:
 
     lm = _load(args)
     start = time.perf_counter()
-    kns = find_knowledge_neurons(lm, args.fact_prompts, args.answer, _params(args), t=args.t, p=args.p,
-                                 store=_store(args), progress=_progress(args, "attribution"))
-    out = {"model": lm.name, "answer": args.answer, "prompts": args.fact_prompts, "t": args.t, "p": args.p,
-           "knowledge_neurons": kns.as_records(), "seconds": time.perf_counter() - start}
+    kns = find_knowledge_neurons(
+        lm,
+        args.fact_prompts,
+        args.answer,
+        _params(args),
+        t=args.t,
+        p=args.p,
+        store=_store(args),
+        progress=_progress(args, "attribution"),
+    )
+    out = {
+        "model": lm.name,
+        "answer": args.answer,
+        "prompts": args.fact_prompts,
+        "t": args.t,
+        "p": args.p,
+        "knowledge_neurons": kns.as_records(),
+        "seconds": time.perf_counter() - start,
+    }
     if args.json:
         print(_dumps(out))
         return 0
@@ -306,8 +399,9 @@ def run_neurons(args) -> int:
 
 
 def _add_plant_command(sub) -> None:
-    p = _command(sub, "plant", "build the default model with planted degenerate facts (constructed for demonstration)",
-                 run_plant)
+    p = _command(
+        sub, "plant", "build the default model with planted degenerate facts (constructed for demonstration)", run_plant
+    )
     p.add_argument("--out", default=None, help="output folder (default cache/planted/default-twice)")
     p.add_argument("--facts", type=int, default=6, help="how many facts to store twice (6)")
     p.add_argument("--controls", type=int, default=2, help="single-pathway and additive controls, each (2)")
@@ -327,8 +421,10 @@ def run_plant(args) -> int:
     if args.json:
         print(_dumps({"folder": str(folder), "facts": [f.as_json() for f in facts]}))
     else:
-        print(f"planted model ready in {folder}; load it with --model {folder} (or 'planted-default' for the "
-              "default location)")
+        print(
+            f"planted model ready in {folder}; load it with --model {folder} (or 'planted-default' for the "
+            "default location)"
+        )
     return 0
 
 
@@ -357,12 +453,19 @@ def _add_late_commands(sub) -> None:
     _model_args(p)
     _fact_args(p)
     p.add_argument("--paraphrase", action="append", default=[], help="another prompt of the same fact (repeat)")
-    p.add_argument("--clusterer", choices=options.CLUSTERERS, default="ntc",
-                   help="amig: AMIG's pair definition; backup: conditional attribution rounds")
+    p.add_argument(
+        "--clusterer",
+        choices=options.CLUSTERERS,
+        default="ntc",
+        help="amig: AMIG's pair definition; backup: conditional attribution rounds",
+    )
     p.add_argument("--edge", choices=options.EDGES, default="static", help="graph edge definition")
     p.add_argument("--max-span", type=positive_int, default=3, help="graph: most layers apart two neurons are linked")
-    p.add_argument("--require-sufficiency", action="store_true",
-                   help="also demand that each group alone (the others off) keeps the fact")
+    p.add_argument(
+        "--require-sufficiency",
+        action="store_true",
+        help="also demand that each group alone (the others off) keeps the fact",
+    )
     p.add_argument("--backup-rounds", type=positive_int, default=4, help="backup discovery: most rounds")
     p.add_argument("--t", type=share, default=0.2)
     p.add_argument("--p", type=share, default=0.5)
@@ -375,48 +478,88 @@ def _add_late_commands(sub) -> None:
     p = _command(sub, "experiment", "run an analysis experiment over a dataset (resumable)", run_experiment_cmd)
     p.add_argument("name", choices=options.EXPERIMENTS, help="the experiment to run")
     _model_args(p)
-    p.add_argument("--dataset", default="builtin",
-                   help="builtin, pararel[:P36], rome, lre[:name], templama[:test|wrong], a file, or several joined by +")
+    p.add_argument(
+        "--dataset",
+        default="builtin",
+        help="builtin, pararel[:P36], rome, lre[:name], templama[:test|wrong], a file, or several joined by +",
+    )
     p.add_argument("--limit", type=positive_int, default=None, help="at most this many facts the model answers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default results/NAME/MODEL)")
-    p.add_argument("--param", action="append", default=[], metavar="FIELD=VALUE",
-                   help="change one of the experiment's Params (repeatable), e.g. steps=50 or models=default,gemma3-270m")
-    p.add_argument("--full", action="store_true", help="the experiment's full-size settings (for a GPU), where it has them")
-    p.add_argument("--workers", type=positive_int, default=None,
-                   help="run the per-fact steps on Ray with this many model copies (default: in this process)")
-    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
-                   help="join this Ray cluster (with --workers); default: start a local one with this machine's cores")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change one of the experiment's Params (repeatable), e.g. steps=50 or models=default,gemma3-270m",
+    )
+    p.add_argument(
+        "--full", action="store_true", help="the experiment's full-size settings (for a GPU), where it has them"
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="run the per-fact steps on Ray with this many model copies (default: in this process)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="auto|HOST:PORT",
+        help="join this Ray cluster (with --workers); default: start a local one with this machine's cores",
+    )
 
 
 def run_dkn(args) -> int:
     from dkn.degeneracy import DegeneracyParams, analyse
     from dkn.selection import find_knowledge_neurons
 
-    params = DegeneracyParams(clusterer=args.clusterer, threshold_low=args.threshold_low,
-                              threshold_high=args.threshold_high, mode=args.mode, edge=args.edge,
-                              max_span=args.max_span, require_sufficiency=args.require_sufficiency,
-                              backup_rounds=args.backup_rounds, backup_attribution=_params(args))
+    params = DegeneracyParams(
+        clusterer=args.clusterer,
+        threshold_low=args.threshold_low,
+        threshold_high=args.threshold_high,
+        mode=args.mode,
+        edge=args.edge,
+        max_span=args.max_span,
+        require_sufficiency=args.require_sufficiency,
+        backup_rounds=args.backup_rounds,
+        backup_attribution=_params(args),
+    )
     params.validate()
     lm = _load(args)
     start = time.perf_counter()
     prompts = [args.prompt] + args.paraphrase
-    kns = find_knowledge_neurons(lm, prompts, args.answer, _params(args), t=args.t, p=args.p, store=_store(args),
-                                 progress=_progress(args, "attribution"), per_layer=args.per_layer)
+    kns = find_knowledge_neurons(
+        lm,
+        prompts,
+        args.answer,
+        _params(args),
+        t=args.t,
+        p=args.p,
+        store=_store(args),
+        progress=_progress(args, "attribution"),
+        per_layer=args.per_layer,
+    )
     result = analyse(lm, args.prompt, args.answer, kns.neurons, kns.scores, params)
     out = result.as_json()
     out.update(model=lm.name, seconds=time.perf_counter() - start)
     if args.json:
         print(_dumps(out))
         return 0
-    print(f"{len(kns.neurons)} knowledge neurons; clusterer {args.clusterer}: {len(result.candidates)} candidate groups")
+    print(
+        f"{len(kns.neurons)} knowledge neurons; clusterer {args.clusterer}: {len(result.candidates)} candidate groups"
+    )
     for i, c in enumerate(result.candidates):
         members = " ".join(str(n) for n in c.members)
         found = f"  round {c.round}" if c.round else ""
-        print(f"  BDC {i}: drop alone {c.single_drop:+.1%}  {'pass' if c.passed else 'fail'}  "
-              f"only it left {c.alone_drop:+.1%} {'sufficient' if c.sufficient else 'insufficient'}{found}  [{members}]")
-    print(f"all groups together: drop {result.union_drop:+.1%}; random control {result.random_control['mean']:+.1%} "
-          f"(sd {result.random_control['std']:.1%}, n={result.random_control['n']})")
+        print(
+            f"  BDC {i}: drop alone {c.single_drop:+.1%}  {'pass' if c.passed else 'fail'}  "
+            f"only it left {c.alone_drop:+.1%} {'sufficient' if c.sufficient else 'insufficient'}{found}  [{members}]"
+        )
+    print(
+        f"all groups together: drop {result.union_drop:+.1%}; random control {result.random_control['mean']:+.1%} "
+        f"(sd {result.random_control['std']:.1%}, n={result.random_control['n']})"
+    )
     if result.rounds:
         print("peeling (P after each backup round): " + " -> ".join(f"{p:.4f}" for p in result.peeling))
     print(f"redundancy R {result.redundancy:+.2f}, groups combine: {result.combination}")
@@ -437,7 +580,8 @@ def run_experiment_cmd(args) -> int:
     lm = _load(args)
     bars = {}
     from dkn.experiments.timing import EtaProgress
-    eta = EtaProgress()                     # no terminal (a long run under nohup): lines with an ETA
+
+    eta = EtaProgress()  # no terminal (a long run under nohup): lines with an ETA
 
     def progress(step, done, total):
         if args.json:
@@ -445,18 +589,30 @@ def run_experiment_cmd(args) -> int:
         if not sys.stderr.isatty():
             return eta(step, done, total)
         from tqdm import tqdm
+
         bar = bars.get(step) or bars.setdefault(step, tqdm(total=total, desc=step, unit="item"))
         bar.total = total
         bar.n = done
         bar.refresh()
 
-    report, out = run_experiment(args.name, lm, args.dataset, limit=args.limit, seed=args.seed, out_dir=args.out,
-                                 params=params, progress=progress, facts=facts, cluster=cluster)
+    report, out = run_experiment(
+        args.name,
+        lm,
+        args.dataset,
+        limit=args.limit,
+        seed=args.seed,
+        out_dir=args.out,
+        params=params,
+        progress=progress,
+        facts=facts,
+        cluster=cluster,
+    )
     if args.json:
         print(_dumps({"experiment": args.name, "out": str(out), "summary": report.summary}))
     else:
         print(f"{args.name}: report written to {out / 'report.md'}")
         from dkn.experiments.timing import StageTimes
+
         print(StageTimes.from_dict(report.summary.get("stage_seconds", {})).text())
     return 0
 

@@ -9,6 +9,7 @@ of; `Overlap.generic` lists the neurons found in at least `min_share` of the fac
 the answer's first-token logit per unit of activation through the unembedding (dkn.vocab's logit-lens
 view), and their product, its direct effect on the answer logit (later layers ignored).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -27,9 +28,9 @@ from dkn.vocab import neuron_logits
 @dataclass(frozen=True)
 class Overlap:
     facts: tuple[str, ...]
-    shared: np.ndarray                      # [F, F] int: knowledge neurons facts i and j share (diagonal: own count)
-    jaccard: np.ndarray                     # [F, F] float: shared / union (1 on the diagonal; 0 for two empty sets)
-    share: dict[Neuron, float]              # neuron -> share of the facts it is a knowledge neuron of
+    shared: np.ndarray  # [F, F] int: knowledge neurons facts i and j share (diagonal: own count)
+    jaccard: np.ndarray  # [F, F] float: shared / union (1 on the diagonal; 0 for two empty sets)
+    share: dict[Neuron, float]  # neuron -> share of the facts it is a knowledge neuron of
     facts_of: dict[Neuron, tuple[str, ...]]  # neuron -> those facts
 
     def generic(self, min_share: float = 0.5) -> tuple[Neuron, ...]:
@@ -40,9 +41,18 @@ class Overlap:
 
     def table(self, min_share: float = 0.5) -> list[dict]:
         generic = set(self.generic(min_share))
-        return [{"neuron": f"L{n.layer}:N{n.index}", "layer": n.layer, "index": n.index, "share": self.share[n],
-                 "facts": len(self.facts_of[n]), "generic": n in generic, "of": ", ".join(self.facts_of[n])}
-                for n in sorted(self.share, key=lambda n: (-self.share[n], n))]
+        return [
+            {
+                "neuron": f"L{n.layer}:N{n.index}",
+                "layer": n.layer,
+                "index": n.index,
+                "share": self.share[n],
+                "facts": len(self.facts_of[n]),
+                "generic": n in generic,
+                "of": ", ".join(self.facts_of[n]),
+            }
+            for n in sorted(self.share, key=lambda n: (-self.share[n], n))
+        ]
 
 
 def kn_overlap(knowledge_neurons: Mapping[str, Sequence[Neuron]]) -> Overlap:
@@ -70,9 +80,9 @@ def kn_overlap(knowledge_neurons: Mapping[str, Sequence[Neuron]]) -> Overlap:
 @dataclass(frozen=True)
 class NeuronDetail:
     neuron: Neuron
-    activation: float          # at the answer position (the prompt's last token for causal LMs)
-    logit_per_unit: float      # change of the answer's first-token logit per unit of activation (logit lens)
-    direct_effect: float       # activation * logit_per_unit
+    activation: float  # at the answer position (the prompt's last token for causal LMs)
+    logit_per_unit: float  # change of the answer's first-token logit per unit of activation (logit lens)
+    direct_effect: float  # activation * logit_per_unit
     answer_token: str
 
 
@@ -82,10 +92,10 @@ def neuron_detail(lm: LoadedModel, prompt: str, answer: str, neuron: Neuron) -> 
     neuron = Neuron(*neuron)
     check_in_range([neuron], lm.n_layers, lm.d_mlp)
     step = make_query(lm, prompt, answer).steps[0]
-    ids = torch.tensor([step.input_ids], device=lm.device)                 # [1, T]
+    ids = torch.tensor([step.input_ids], device=lm.device)  # [1, T]
     with lm.lock, record_neurons(lm, [neuron.layer]) as records:
         lm.model(input_ids=ids)
-    activation = float(records[neuron.layer][0, step.position, neuron.index])   # records: [1, T, d_mlp]
+    activation = float(records[neuron.layer][0, step.position, neuron.index])  # records: [1, T, d_mlp]
     per_unit = float(neuron_logits(lm, neuron)[step.target])
     return NeuronDetail(neuron, activation, per_unit, activation * per_unit, lm.tokenizer.decode([step.target]))
 

@@ -11,6 +11,7 @@ on the heatmap, typed ones) and asks three questions of them, answered here so t
 Built on dkn.degeneracy's public helpers (`grid_subsets`, `relative_drops`, `random_matched_sets`) and
 `dkn.interventions.intervene_many`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -30,16 +31,17 @@ from dkn.models import LoadedModel
 from dkn.neurons import Neuron
 
 Group = tuple[Neuron, ...]
-DOSE_FACTORS = tuple(float(f) for f in np.round(np.linspace(-1.0, 3.0, 17), 2))   # steps of 0.25
+DOSE_FACTORS = tuple(float(f) for f in np.round(np.linspace(-1.0, 3.0, 17), 2))  # steps of 0.25
 
 
 @dataclass(frozen=True)
 class GroupGrid:
     """Every tested subset of the groups scaled together, and what the grid says."""
-    prob: float                                     # P(answer), unchanged model
-    subsets: tuple[tuple[int, ...], ...]            # group indices switched together
-    probs: tuple[float, ...]                        # P(answer) with each subset scaled
-    drops: tuple[float, ...]                        # relative drops (P0 - P) / P0, same order
+
+    prob: float  # P(answer), unchanged model
+    subsets: tuple[tuple[int, ...], ...]  # group indices switched together
+    probs: tuple[float, ...]  # P(answer) with each subset scaled
+    drops: tuple[float, ...]  # relative drops (P0 - P) / P0, same order
     n_groups: int
     factor: float
     mode: str
@@ -68,8 +70,15 @@ class GroupGrid:
         return list(zip(self.subsets, self.probs))
 
 
-def test_groups(lm: LoadedModel, prompt: str, answer: str, groups: Sequence[Sequence[Neuron]],
-                factor: float = 0.0, mode: str = "last", max_grid: int = 6) -> GroupGrid:
+def test_groups(
+    lm: LoadedModel,
+    prompt: str,
+    answer: str,
+    groups: Sequence[Sequence[Neuron]],
+    factor: float = 0.0,
+    mode: str = "last",
+    max_grid: int = 6,
+) -> GroupGrid:
     """Scale every subset of `groups` (all of them up to `max_grid` groups; else singles, leave-one-outs
     and all) by `factor`, in one batched intervention."""
     groups = [tuple(Neuron(*n) for n in g) for g in groups]
@@ -77,17 +86,25 @@ def test_groups(lm: LoadedModel, prompt: str, answer: str, groups: Sequence[Sequ
         raise ValueError("test_groups needs at least one group, and no empty group")
     subsets = grid_subsets(len(groups), max_grid)
     sets = [tuple(n for i in s for n in groups[i]) for s in subsets]
-    prob, probs = intervene_many(lm, prompt, answer, sets, factor, mode)        # probs: [n_subsets]
+    prob, probs = intervene_many(lm, prompt, answer, sets, factor, mode)  # probs: [n_subsets]
     drops = relative_drops(prob, probs)
-    return GroupGrid(prob, tuple(subsets), tuple(float(p) for p in probs), tuple(float(d) for d in drops),
-                     len(groups), float(factor), mode)
+    return GroupGrid(
+        prob,
+        tuple(subsets),
+        tuple(float(p) for p in probs),
+        tuple(float(d) for d in drops),
+        len(groups),
+        float(factor),
+        mode,
+    )
 
 
 @dataclass(frozen=True)
 class RandomControl:
     """P(answer) when as many random neurons, in the same layers, are scaled the same way."""
-    prob: float                        # unchanged
-    probs: tuple[float, ...]           # one per seed
+
+    prob: float  # unchanged
+    probs: tuple[float, ...]  # one per seed
     factor: float
     mode: str
 
@@ -100,9 +117,17 @@ class RandomControl:
         return float(np.std(self.probs)) if self.probs else 0.0
 
 
-def random_control(lm: LoadedModel, prompt: str, answer: str, neurons: Sequence[Neuron], factor: float = 0.0,
-                   mode: str = "last", exclude: Sequence[Neuron] = (), n_seeds: int = 5,
-                   seed: int = 0) -> RandomControl:
+def random_control(
+    lm: LoadedModel,
+    prompt: str,
+    answer: str,
+    neurons: Sequence[Neuron],
+    factor: float = 0.0,
+    mode: str = "last",
+    exclude: Sequence[Neuron] = (),
+    n_seeds: int = 5,
+    seed: int = 0,
+) -> RandomControl:
     """Scale `n_seeds` random neuron sets matched to `neurons` by layer (none of them in `exclude` or in
     `neurons`) by `factor`, in one batched pass."""
     neurons = tuple(Neuron(*n) for n in neurons)
@@ -116,18 +141,28 @@ def random_control(lm: LoadedModel, prompt: str, answer: str, neurons: Sequence[
 @dataclass(frozen=True)
 class DoseResponse:
     """P(answer) for each group at each factor: probs[g][k] at factors[k]."""
+
     prob: float
     factors: tuple[float, ...]
-    probs: tuple[tuple[float, ...], ...]           # [n_groups][n_factors]
+    probs: tuple[tuple[float, ...], ...]  # [n_groups][n_factors]
     mode: str
 
     def table(self, names: Sequence[str]) -> list[dict]:
-        return [{"group": name, "factor": f, "p_answer": p}
-                for name, row in zip(names, self.probs) for f, p in zip(self.factors, row)]
+        return [
+            {"group": name, "factor": f, "p_answer": p}
+            for name, row in zip(names, self.probs)
+            for f, p in zip(self.factors, row)
+        ]
 
 
-def dose_response(lm: LoadedModel, prompt: str, answer: str, groups: Sequence[Sequence[Neuron]],
-                  factors: Sequence[float] = DOSE_FACTORS, mode: str = "last") -> DoseResponse:
+def dose_response(
+    lm: LoadedModel,
+    prompt: str,
+    answer: str,
+    groups: Sequence[Sequence[Neuron]],
+    factors: Sequence[float] = DOSE_FACTORS,
+    mode: str = "last",
+) -> DoseResponse:
     """P(answer) as each group's factor sweeps `factors` (default -1 to 3 in steps of 0.25).
 
     Each factor is one batched intervention over all the groups; in "last" mode each row is a single
@@ -140,13 +175,13 @@ def dose_response(lm: LoadedModel, prompt: str, answer: str, groups: Sequence[Se
         raise ValueError("dose_response needs finite factors")
     columns, prob = [], 0.0
     for f in factors:
-        prob, probs = intervene_many(lm, prompt, answer, groups, f, mode)      # probs: [n_groups]
+        prob, probs = intervene_many(lm, prompt, answer, groups, f, mode)  # probs: [n_groups]
         columns.append(probs)
-    grid = np.stack(columns, axis=1)                                           # [n_groups, n_factors]
+    grid = np.stack(columns, axis=1)  # [n_groups, n_factors]
     return DoseResponse(prob, factors, tuple(tuple(float(p) for p in row) for row in grid), mode)
 
 
-test_groups.__test__ = False   # not a pytest test, whatever imports it
+test_groups.__test__ = False  # not a pytest test, whatever imports it
 
 __all__ = [
     "DOSE_FACTORS",

@@ -28,6 +28,7 @@ The former "degeneracy index" (union - largest single) / union is kept as `exces
 additive groups, so it does not measure redundancy.  A random control suppresses as many random
 neurons, matched by layer, over several seeds.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -50,21 +51,21 @@ Subset = tuple[int, ...]
 
 @dataclass(frozen=True)
 class DegeneracyParams:
-    clusterer: str = "ntc"            # one of CLUSTERER_NAMES
-    threshold_low: float = 0.05       # a single BDC may change P by less than this (|relative change|)
-    threshold_high: float = 0.3       # all BDCs together must lower P by more than this
+    clusterer: str = "ntc"  # one of CLUSTERER_NAMES
+    threshold_low: float = 0.05  # a single BDC may change P by less than this (|relative change|)
+    threshold_high: float = 0.3  # all BDCs together must lower P by more than this
     require_sufficiency: bool = False  # also demand: each passing BDC alone (others off) keeps drop < high
-    edge: str = "static"              # graph edge definition: "static", "functional" or "faithful" (dkn.graph)
-    max_span: int = 3                 # graph: longest layer gap bridged by a path
-    gated_input: str = "gate"         # graph: input vector of gated MLPs
-    mode: str = "last"                # how neurons are suppressed (see dkn.interventions)
-    max_grid_bdcs: int = 6            # full subset grid up to this many BDCs
-    max_bdcs: int = 12                # more candidates than this: keep the most persistent / largest
-    random_seeds: int = 5             # random-neuron control
-    amig_top: int = 20                # AMIG pairwise: how many top knowledge neurons to pair
-    backup_rounds: int = 4            # backup discovery: at most this many rounds
-    backup_t: float = 0.2             # backup discovery: coarse threshold of each round's attribution
-    backup_max_neurons: int = 20      # backup discovery: at most this many neurons per round (top scores)
+    edge: str = "static"  # graph edge definition: "static", "functional" or "faithful" (dkn.graph)
+    max_span: int = 3  # graph: longest layer gap bridged by a path
+    gated_input: str = "gate"  # graph: input vector of gated MLPs
+    mode: str = "last"  # how neurons are suppressed (see dkn.interventions)
+    max_grid_bdcs: int = 6  # full subset grid up to this many BDCs
+    max_bdcs: int = 12  # more candidates than this: keep the most persistent / largest
+    random_seeds: int = 5  # random-neuron control
+    amig_top: int = 20  # AMIG pairwise: how many top knowledge neurons to pair
+    backup_rounds: int = 4  # backup discovery: at most this many rounds
+    backup_t: float = 0.2  # backup discovery: coarse threshold of each round's attribution
+    backup_max_neurons: int = 20  # backup discovery: at most this many neurons per round (top scores)
     backup_attribution: object = None  # backup discovery: dkn.attribution.AttributionParams (None: defaults)
     seed: int = 0
 
@@ -84,50 +85,51 @@ class DegeneracyParams:
 @dataclass(frozen=True)
 class Candidate:
     members: Group
-    single_drop: float                 # signed relative drop of P when this group alone is suppressed
-    passed: bool                       # |single_drop| < threshold_low
+    single_drop: float  # signed relative drop of P when this group alone is suppressed
+    passed: bool  # |single_drop| < threshold_low
     reason: str
-    persistence: float | None = None   # NTC only
+    persistence: float | None = None  # NTC only
     birth: float | None = None
     death: float | None = None
-    alone_drop: float = float("nan")   # relative drop with every OTHER group suppressed (only this one left)
-    sufficient: bool = False           # alone_drop < threshold_high: it expresses the fact on its own
-    round: int | None = None           # backup discovery: the round that found it (1-based)
+    alone_drop: float = float("nan")  # relative drop with every OTHER group suppressed (only this one left)
+    sufficient: bool = False  # alone_drop < threshold_high: it expresses the fact on its own
+    round: int | None = None  # backup discovery: the round that found it (1-based)
 
 
 @dataclass(frozen=True)
 class Round:
     """One round of backup discovery: the neurons found with all earlier rounds' neurons suppressed."""
+
     neurons: Group
     scores: tuple[float, ...]
-    prob_before: float                 # P(answer) with the earlier rounds suppressed (what was attributed)
-    prob_after: float                  # P(answer) with this round suppressed too
-    drop_after: float                  # relative drop of P from the unchanged model after this round
+    prob_before: float  # P(answer) with the earlier rounds suppressed (what was attributed)
+    prob_after: float  # P(answer) with this round suppressed too
+    drop_after: float  # relative drop of P from the unchanged model after this round
 
 
 @dataclass(frozen=True)
 class DegeneracyResult:
     prompt: str
     answer: str
-    prob: float                                    # P(answer) unchanged
+    prob: float  # P(answer) unchanged
     knowledge_neurons: tuple[Neuron, ...]
     kn_scores: tuple[float, ...]
     graph: KnowledgeGraph | None
-    candidates: tuple[Candidate, ...]              # every tested group, passed or not
-    subset_drops: tuple[tuple[Subset, float], ...]   # (candidate indices, signed relative drop)
-    union_drop: float                              # all candidates suppressed together
-    dkn: tuple[Group, ...]                         # the BDCs of the DKN (empty if not degenerate)
-    dkn_union_drop: float                          # the passing groups suppressed together
+    candidates: tuple[Candidate, ...]  # every tested group, passed or not
+    subset_drops: tuple[tuple[Subset, float], ...]  # (candidate indices, signed relative drop)
+    union_drop: float  # all candidates suppressed together
+    dkn: tuple[Group, ...]  # the BDCs of the DKN (empty if not degenerate)
+    dkn_union_drop: float  # the passing groups suppressed together
     degenerate: bool
-    excess_over_largest: float                     # (union - max single) / union: NOT a redundancy measure
-    redundancy: float                              # R = (U - sum singles) / U; nan when U <= 0 or < 2 groups
+    excess_over_largest: float  # (union - max single) / union: NOT a redundancy measure
+    redundancy: float  # R = (U - sum singles) / U; nan when U <= 0 or < 2 groups
     interactions: tuple[tuple[Subset, float], ...]  # Moebius interaction of every subset (full grid only)
-    combination: str                               # redundant / additive / each necessary / no effect / n/a
-    conditions: dict                               # each condition of the test: True / False
-    random_control: dict                           # {"mean", "std", "n", "drops"}
-    verdict: str                                   # one sentence for people
+    combination: str  # redundant / additive / each necessary / no effect / n/a
+    conditions: dict  # each condition of the test: True / False
+    random_control: dict  # {"mean", "std", "n", "drops"}
+    verdict: str  # one sentence for people
     params: DegeneracyParams
-    rounds: tuple[Round, ...] = ()                 # backup discovery only: the peeling rounds
+    rounds: tuple[Round, ...] = ()  # backup discovery only: the peeling rounds
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -155,40 +157,72 @@ class DegeneracyResult:
 
     def as_json(self) -> dict:
         """The CLI's `dkn` JSON object (other tools rely on these keys)."""
-        group = lambda g: [{"layer": n.layer, "neuron": n.index} for n in g]
+
+        def group(g: Group) -> list[dict]:
+            return [{"layer": n.layer, "neuron": n.index} for n in g]
+
         return {
-            "prompt": self.prompt, "answer": self.answer, "prob": self.prob, "clusterer": self.params.clusterer,
+            "prompt": self.prompt,
+            "answer": self.answer,
+            "prob": self.prob,
+            "clusterer": self.params.clusterer,
             "edge": self.params.edge,
-            "knowledge_neurons": [{"layer": n.layer, "neuron": n.index, "score": s}
-                                  for n, s in zip(self.knowledge_neurons, self.kn_scores)],
+            "knowledge_neurons": [
+                {"layer": n.layer, "neuron": n.index, "score": s}
+                for n, s in zip(self.knowledge_neurons, self.kn_scores)
+            ],
             "bdcs": [group(c.members) for c in self.candidates],
             "single_drops": list(self.single_drops),
             "alone_drops": list(self.alone_drops),
-            "candidate_status": [{"passed": c.passed, "sufficient": c.sufficient, "reason": c.reason,
-                                  "persistence": c.persistence, "round": c.round} for c in self.candidates],
+            "candidate_status": [
+                {
+                    "passed": c.passed,
+                    "sufficient": c.sufficient,
+                    "reason": c.reason,
+                    "persistence": c.persistence,
+                    "round": c.round,
+                }
+                for c in self.candidates
+            ],
             "subset_drops": [{"subset": list(s), "drop": d} for s, d in self.subset_drops],
             "union_drop": self.union_drop,
             "dkn": [group(g) for g in self.dkn],
             "dkn_union_drop": self.dkn_union_drop,
             "degenerate": self.degenerate,
             "conditions": dict(self.conditions),
-            "sufficiency": [{"group": i, "alone_drop": c.alone_drop, "sufficient": c.sufficient}
-                            for i, c in enumerate(self.candidates)],
+            "sufficiency": [
+                {"group": i, "alone_drop": c.alone_drop, "sufficient": c.sufficient}
+                for i, c in enumerate(self.candidates)
+            ],
             "redundancy": self.redundancy,
             "interactions": [{"subset": list(s), "value": v} for s, v in self.interactions],
             "excess_over_largest": self.excess_over_largest,
-            "degeneracy_index": self.excess_over_largest,   # deprecated alias of excess_over_largest
+            "degeneracy_index": self.excess_over_largest,  # deprecated alias of excess_over_largest
             "combination": self.combination,
-            "rounds": [{"neurons": group(r.neurons), "scores": list(r.scores), "prob_before": r.prob_before,
-                        "prob_after": r.prob_after, "drop_after": r.drop_after} for r in self.rounds],
-            "random_control": {k: v for k, v in self.random_control.items()},
+            "rounds": [
+                {
+                    "neurons": group(r.neurons),
+                    "scores": list(r.scores),
+                    "prob_before": r.prob_before,
+                    "prob_after": r.prob_after,
+                    "drop_after": r.drop_after,
+                }
+                for r in self.rounds
+            ],
+            "random_control": dict(self.random_control),
             "verdict": self.verdict,
             "seconds": self.seconds,
         }
 
 
-def analyse(lm: LoadedModel, prompt: str, answer: str, neurons: Sequence[Neuron],
-            scores: Sequence[float] | None = None, params: DegeneracyParams | None = None) -> DegeneracyResult:
+def analyse(
+    lm: LoadedModel,
+    prompt: str,
+    answer: str,
+    neurons: Sequence[Neuron],
+    scores: Sequence[float] | None = None,
+    params: DegeneracyParams | None = None,
+) -> DegeneracyResult:
     """Propose groups of `neurons` (a fact's knowledge neurons), run the subset grid and the degeneracy test."""
     params = params or DegeneracyParams()
     params.validate()
@@ -208,8 +242,7 @@ def analyse(lm: LoadedModel, prompt: str, answer: str, neurons: Sequence[Neuron]
         groups, persistence = _candidate_groups(lm, prompt, answer, neurons, graph, params)
     groups, persistence = groups[: params.max_bdcs], persistence[: params.max_bdcs]
     grid, control, prob = _evaluate(lm, prompt, answer, groups, set(neurons), params)
-    result = _assemble(prompt, answer, prob, neurons, scores, graph, groups, persistence, grid, control, params,
-                       rounds)
+    result = _assemble(prompt, answer, prob, neurons, scores, graph, groups, persistence, grid, control, params, rounds)
     return _with_seconds(result, time.perf_counter() - start)
 
 
@@ -222,8 +255,7 @@ def _with_seconds(result: DegeneracyResult, seconds: float) -> DegeneracyResult:
 def _graph(lm, prompt, answer, neurons, params) -> KnowledgeGraph | None:
     if len(neurons) < 2:
         return None
-    return build_graph(lm, neurons, params.max_span, params.gated_input, edge=params.edge, prompt=prompt,
-                       answer=answer)
+    return build_graph(lm, neurons, params.max_span, params.gated_input, edge=params.edge, prompt=prompt, answer=answer)
 
 
 def _evaluate(lm, prompt, answer, groups: list[Group], kns: set[Neuron], params):
@@ -242,7 +274,7 @@ def _evaluate(lm, prompt, answer, groups: list[Group], kns: set[Neuron], params)
     if passing and passing not in grid:
         _, [p] = intervene_many(lm, prompt, answer, [_members(groups, passing)], 0.0, params.mode)
         grid[passing] = float(relative_drops(prob, np.array([p]))[0])
-    return grid, drops[len(subsets):], prob
+    return grid, drops[len(subsets) :], prob
 
 
 def _members(groups: list[Group], subset: Subset) -> Group:
@@ -272,8 +304,9 @@ def grid_subsets(n_groups: int, max_grid: int = 6) -> list[Subset]:
     return singles + leave_one_out + [everything]
 
 
-def random_matched_sets(lm: LoadedModel, neurons: Sequence[Neuron], exclude: set[Neuron], n_seeds: int,
-                        seed: int = 0) -> list[Group]:
+def random_matched_sets(
+    lm: LoadedModel, neurons: Sequence[Neuron], exclude: set[Neuron], n_seeds: int, seed: int = 0
+) -> list[Group]:
     """For each seed, as many random neurons as `neurons`, in the same layers, none of them in `exclude`."""
     if not neurons:
         return []
@@ -294,18 +327,21 @@ def _candidate_groups(lm, prompt, answer, neurons, graph, params) -> tuple[list[
         return [], []
     if params.clusterer == "amig":
         pairs = amig_pairs(lm, prompt, answer, neurons[: params.amig_top], params)
-        return ([(pairs[0][0],), (pairs[0][1],)] if pairs else []), []   # the strongest pair; its neurons: BDCs
+        return ([(pairs[0][0],), (pairs[0][1],)] if pairs else []), []  # the strongest pair; its neurons: BDCs
     if params.clusterer == "ntc":
         components = ntc_components(graph.distance)
-        return ([tuple(neurons[i] for i in c.members) for c in components],
-                [(c.persistence, c.birth, c.death) for c in components])
+        return (
+            [tuple(neurons[i] for i in c.members) for c in components],
+            [(c.persistence, c.birth, c.death) for c in components],
+        )
     clusters = CLUSTERERS[params.clusterer](graph.distance)
     clusters = sorted(clusters, key=len, reverse=True)
     return [tuple(neurons[i] for i in c) for c in clusters], []
 
 
-def amig_pairs(lm, prompt, answer, neurons: Sequence[Neuron], params: DegeneracyParams
-               ) -> list[tuple[Neuron, Neuron, float]]:
+def amig_pairs(
+    lm, prompt, answer, neurons: Sequence[Neuron], params: DegeneracyParams
+) -> list[tuple[Neuron, Neuron, float]]:
     """AMIG's definition of a DKN (Chen et al., AAAI 2024): two neurons, each of which alone changes P by
     less than threshold_low, whose joint suppression lowers P by more than threshold_high.
     Returns (a, b, joint drop) for every such pair, strongest joint drop first (ties: neuron order)."""
@@ -329,7 +365,7 @@ def excess_over_largest(single_drops: Sequence[float], union_drop: float) -> flo
     return float(np.clip((union_drop - max(single_drops)) / union_drop, 0.0, 1.0))
 
 
-degeneracy_index = excess_over_largest   # deprecated name, kept for older callers
+degeneracy_index = excess_over_largest  # deprecated name, kept for older callers
 
 
 def redundancy(single_drops: Sequence[float], union_drop: float) -> float:
@@ -374,9 +410,18 @@ def _assemble(prompt, answer, prob, neurons, scores, graph, groups, persistence,
     everything = tuple(range(n))
     union = grid.get(everything, 0.0)
     alone = [grid.get(tuple(j for j in everything if j != i), np.nan) if n > 1 else 0.0 for i in range(n)]
-    candidates = tuple(_candidate(g, singles[i], alone[i], params, persistence[i] if i < len(persistence) else None,
-                                  rounds[i] if i < len(rounds) else None, i + 1 if rounds else None)
-                       for i, g in enumerate(groups))
+    candidates = tuple(
+        _candidate(
+            g,
+            singles[i],
+            alone[i],
+            params,
+            persistence[i] if i < len(persistence) else None,
+            rounds[i] if i < len(rounds) else None,
+            i + 1 if rounds else None,
+        )
+        for i, g in enumerate(groups)
+    )
     passing = tuple(i for i, c in enumerate(candidates) if c.passed)
     dkn_drop = grid[passing] if passing else 0.0
     conditions = {
@@ -385,37 +430,64 @@ def _assemble(prompt, answer, prob, neurons, scores, graph, groups, persistence,
         "together_remove_fact": bool(passing) and dkn_drop > params.threshold_high,
         "each_suffices": bool(passing) and all(candidates[i].sufficient for i in passing),
     }
-    degenerate = (conditions["two_or_more_pass_alone"] and conditions["together_remove_fact"]
-                  and (conditions["each_suffices"] or not params.require_sufficiency))
-    rc = {"mean": float(np.mean(control)) if len(control) else 0.0,
-          "std": float(np.std(control)) if len(control) else 0.0, "n": len(control),
-          "drops": [float(x) for x in control]}
+    degenerate = (
+        conditions["two_or_more_pass_alone"]
+        and conditions["together_remove_fact"]
+        and (conditions["each_suffices"] or not params.require_sufficiency)
+    )
+    rc = {
+        "mean": float(np.mean(control)) if len(control) else 0.0,
+        "std": float(np.std(control)) if len(control) else 0.0,
+        "n": len(control),
+        "drops": [float(x) for x in control],
+    }
     extra = {}
     if params.clusterer == "amig" and n == 2:
-        extra["definition"] = ("AMIG's definition (Chen et al., AAAI 2024): two neurons, each harmless alone, "
-                               "harmful together; the pair is the DKN, its neurons the components")
+        extra["definition"] = (
+            "AMIG's definition (Chen et al., AAAI 2024): two neurons, each harmless alone, "
+            "harmful together; the pair is the DKN, its neurons the components"
+        )
     verdict = _verdict(len(neurons), candidates, passing, dkn_drop, degenerate, conditions, params)
     return DegeneracyResult(
-        prompt, answer, prob, neurons, scores, graph, candidates,
-        tuple(sorted(grid.items(), key=lambda kv: (len(kv[0]), kv[0]))), union,
-        tuple(groups[i] for i in passing) if degenerate else (), float(dkn_drop), degenerate,
-        excess_over_largest(singles, union), redundancy(singles, union), tuple(moebius_interactions(grid, n)),
-        combination(singles, union, params.threshold_low), conditions, rc, verdict, params, tuple(rounds),
-        extra=extra)
+        prompt,
+        answer,
+        prob,
+        neurons,
+        scores,
+        graph,
+        candidates,
+        tuple(sorted(grid.items(), key=lambda kv: (len(kv[0]), kv[0]))),
+        union,
+        tuple(groups[i] for i in passing) if degenerate else (),
+        float(dkn_drop),
+        degenerate,
+        excess_over_largest(singles, union),
+        redundancy(singles, union),
+        tuple(moebius_interactions(grid, n)),
+        combination(singles, union, params.threshold_low),
+        conditions,
+        rc,
+        verdict,
+        params,
+        tuple(rounds),
+        extra=extra,
+    )
 
 
-def _candidate(group: Group, drop: float, alone: float, params: DegeneracyParams, persistence, round_, index
-               ) -> Candidate:
+def _candidate(
+    group: Group, drop: float, alone: float, params: DegeneracyParams, persistence, round_, index
+) -> Candidate:
     passed = abs(drop) < params.threshold_low
     change = "lowers" if drop >= 0 else "raises"
     if passed:
-        reason = (f"alone it {change} P by {abs(drop):.1%} (< {params.threshold_low:.0%}): "
-                  "the rest can stand in for it")
+        reason = f"alone it {change} P by {abs(drop):.1%} (< {params.threshold_low:.0%}): the rest can stand in for it"
     elif drop < 0:
-        reason = (f"alone it raises P by {abs(drop):.1%} (>= {params.threshold_low:.0%}): "
-                  "switching it off changes the answer, so it is not harmless")
+        reason = (
+            f"alone it raises P by {abs(drop):.1%} (>= {params.threshold_low:.0%}): "
+            "switching it off changes the answer, so it is not harmless"
+        )
     else:
-        reason = (f"alone it lowers P by {drop:.1%} (>= {params.threshold_low:.0%}): it is needed, not redundant")
+        reason = f"alone it lowers P by {drop:.1%} (>= {params.threshold_low:.0%}): it is needed, not redundant"
     sufficient = bool(np.isfinite(alone) and alone < params.threshold_high)
     p, b, d = persistence if persistence else (None, None, None)
     return Candidate(group, float(drop), passed, reason, p, b, d, float(alone), sufficient, index)
@@ -429,16 +501,27 @@ def _verdict(n_neurons, candidates, passing, dkn_drop, degenerate, conditions, p
     if not conditions["two_or_more_groups"]:
         return "not degenerate: the method found a single group, and a DKN needs at least 2"
     if len(passing) < 2:
-        return (f"not degenerate: only {len(passing)} of {len(candidates)} groups can go alone (P changes by "
-                f"< {params.threshold_low:.0%}); at least 2 are needed")
+        return (
+            f"not degenerate: only {len(passing)} of {len(candidates)} groups can go alone (P changes by "
+            f"< {params.threshold_low:.0%}); at least 2 are needed"
+        )
     if not conditions["together_remove_fact"]:
-        return (f"not degenerate: each of {len(passing)} groups can go alone, but all together lower P by only "
-                f"{dkn_drop:.1%} (needs > {params.threshold_high:.0%})")
+        return (
+            f"not degenerate: each of {len(passing)} groups can go alone, but all together lower P by only "
+            f"{dkn_drop:.1%} (needs > {params.threshold_high:.0%})"
+        )
     insufficient = [i for i in passing if not candidates[i].sufficient]
     if insufficient and params.require_sufficiency:
-        return (f"not degenerate: {len(insufficient)} of the {len(passing)} passing groups cannot express the "
-                f"fact on its own (with the other groups off P drops by >= {params.threshold_high:.0%})")
-    tail = ("; each group suffices on its own" if not insufficient else
-            f"; {len(insufficient)} of them cannot express the fact on its own (sufficiency not required)")
-    return (f"degenerate: any one of {len(passing)} groups can go (each < {params.threshold_low:.0%}), "
-            f"all together lower P by {dkn_drop:.1%}{tail}")
+        return (
+            f"not degenerate: {len(insufficient)} of the {len(passing)} passing groups cannot express the "
+            f"fact on its own (with the other groups off P drops by >= {params.threshold_high:.0%})"
+        )
+    tail = (
+        "; each group suffices on its own"
+        if not insufficient
+        else f"; {len(insufficient)} of them cannot express the fact on its own (sufficiency not required)"
+    )
+    return (
+        f"degenerate: any one of {len(passing)} groups can go (each < {params.threshold_low:.0%}), "
+        f"all together lower P by {dkn_drop:.1%}{tail}"
+    )

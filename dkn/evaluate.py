@@ -3,6 +3,7 @@
 A fact counts as known when the model's most likely next token after the prompt
 is the first token of one of its answers (with the separating space).
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,6 +28,7 @@ def answers_correctly(lm: LoadedModel, prompt: str, answers: tuple[str, ...] | l
         return False
     if lm.family.masked_lm:
         from dkn.interventions import intervene
+
         result = intervene(lm, prompt, answers[0], [], 1.0, "last", top_k=1)
         top = lm.tokenizer.convert_tokens_to_ids(lm.tokenizer.tokenize(result.top_before[0][0]))
         return bool(set(top) & firsts)
@@ -46,9 +48,9 @@ def answers_correctly_many(lm: LoadedModel, items, batch_size: int = 32) -> list
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     out = []
     for start in range(0, len(ids), batch_size):
-        chunk = ids[start: start + batch_size]
+        chunk = ids[start : start + batch_size]
         width = max(len(x) for x in chunk)
-        batch = torch.full((len(chunk), width), pad, dtype=torch.long)            # [B, T]
+        batch = torch.full((len(chunk), width), pad, dtype=torch.long)  # [B, T]
         mask = torch.zeros_like(batch)
         for b, x in enumerate(chunk):
             batch[b, : len(x)], mask[b, : len(x)] = torch.tensor(x), 1
@@ -56,5 +58,5 @@ def answers_correctly_many(lm: LoadedModel, items, batch_size: int = 32) -> list
             logits = lm.model(input_ids=batch.to(lm.device), attention_mask=mask.to(lm.device)).logits
         last = torch.tensor([len(x) - 1 for x in chunk], device=logits.device)
         top = logits[torch.arange(len(chunk), device=logits.device), last].argmax(-1)  # [B]
-        out += [int(t) in f for t, f in zip(top.tolist(), firsts[start: start + batch_size])]
+        out += [int(t) in f for t, f in zip(top.tolist(), firsts[start : start + batch_size])]
     return out

@@ -7,6 +7,7 @@ Kaleido 1.x finds its browser through choreographer: the `BROWSER_PATH` environm
 explicitly; without a browser, `ExportError` says how to get one.  MathJax is switched off (it would be
 fetched from a CDN: the machine may be offline).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,12 +30,21 @@ from dkn.jsonsafe import jsonable
 IMAGE_FORMATS = ("png", "svg")
 TABLE_FORMATS = ("csv", "json")
 DEBIAN_CHROMIUM = "/usr/bin/chromium"
-_BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome",
-                  "microsoft-edge", "brave-browser")
-MISSING_BROWSER = ("PNG and SVG export needs a Chromium-type browser (Plotly's Kaleido drives it) and none was "
-                   "found. Install Debian's chromium with `make browser` (or `sudo apt-get install chromium`), "
-                   "or point BROWSER_PATH at a Chrome/Chromium executable. HTML, CSV and JSON exports work "
-                   "without it.")
+_BROWSER_NAMES = (
+    "chromium",
+    "chromium-browser",
+    "google-chrome",
+    "google-chrome-stable",
+    "chrome",
+    "microsoft-edge",
+    "brave-browser",
+)
+MISSING_BROWSER = (
+    "PNG and SVG export needs a Chromium-type browser (Plotly's Kaleido drives it) and none was "
+    "found. Install Debian's chromium with `make browser` (or `sudo apt-get install chromium`), "
+    "or point BROWSER_PATH at a Chrome/Chromium executable. HTML, CSV and JSON exports work "
+    "without it."
+)
 
 
 class ExportError(DknError, RuntimeError):
@@ -78,17 +88,33 @@ def _size(fig: go.Figure, width: int | None, height: int | None) -> tuple[int, i
     return int(width or fig.layout.width or 1000), int(height or fig.layout.height or 500)
 
 
-def figure_images(figs: Sequence[go.Figure], fmt: str = "png", *, width: int | None = None,
-                  height: int | None = None, scale: float = 2.0, timeout_s: float = 120.0) -> list[bytes]:
+def figure_images(
+    figs: Sequence[go.Figure],
+    fmt: str = "png",
+    *,
+    width: int | None = None,
+    height: int | None = None,
+    scale: float = 2.0,
+    timeout_s: float = 120.0,
+) -> list[bytes]:
     """Render several figures with one browser session (start-up costs about a second)."""
     if fmt not in IMAGE_FORMATS:
         raise ValueError(f"unknown image format {fmt!r}: use one of {', '.join(IMAGE_FORMATS)}")
     if not figs:
         return []
     path = _browser_or_raise()
-    jobs = [(fig.to_plotly_json(), dict(format=fmt, width=_size(fig, width, height)[0],
-                                         height=_size(fig, width, height)[1], scale=scale if fmt == "png" else 1))
-            for fig in figs]
+    jobs = [
+        (
+            fig.to_plotly_json(),
+            dict(
+                format=fmt,
+                width=_size(fig, width, height)[0],
+                height=_size(fig, width, height)[1],
+                scale=scale if fmt == "png" else 1,
+            ),
+        )
+        for fig in figs
+    ]
 
     async def render() -> list[bytes]:
         import kaleido
@@ -105,9 +131,11 @@ def figure_images(figs: Sequence[go.Figure], fmt: str = "png", *, width: int | N
         except Exception as err:
             if type(err).__name__ == "ChromeNotFoundError":
                 raise ExportError(MISSING_BROWSER + f" (tried {path})") from err
-            raise ExportError(f"could not render the figure as {fmt.upper()} with {path}: {err}. "
-                              "Check that the browser starts (`chromium --headless --version`), or export HTML "
-                              "instead.") from err
+            raise ExportError(
+                f"could not render the figure as {fmt.upper()} with {path}: {err}. "
+                "Check that the browser starts (`chromium --headless --version`), or export HTML "
+                "instead."
+            ) from err
 
 
 def figure_image(fig: go.Figure, fmt: str = "png", **kwargs) -> bytes:
@@ -129,7 +157,7 @@ def figure_html(fig: go.Figure) -> bytes:
 
 
 # ------------------------------------------------------------------ tables
-Table = Any   # a pandas DataFrame, or a list of dicts
+Table = Any  # a pandas DataFrame, or a list of dicts
 
 
 def _records(table: Table) -> list[dict]:
@@ -150,21 +178,43 @@ def table_csv(table: Table) -> bytes:
 
 
 # ------------------------------------------------------------------ manifest and zip
-def manifest(*, model: Mapping[str, Any] | None = None, prompt: str = "", answer: str = "",
-             paraphrases: Sequence[str] = (), method: str = "", parameters: Mapping[str, Any] | None = None,
-             **extra: Any) -> dict:
+def manifest(
+    *,
+    model: Mapping[str, Any] | None = None,
+    prompt: str = "",
+    answer: str = "",
+    paraphrases: Sequence[str] = (),
+    method: str = "",
+    parameters: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> dict:
     """What made an export: model name and fingerprint, fact, method and parameters, library version, date."""
     model = dict(model or {})
-    return jsonable({
-        "model": model.get("name", ""), "model_label": model.get("label", ""),
-        "fingerprint": model.get("fingerprint", ""), "prompt": prompt, "answer": answer,
-        "paraphrases": list(paraphrases), "method": method, "parameters": dict(parameters or {}),
-        "library": "dkn", "version": __version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra})
+    return jsonable(
+        {
+            "model": model.get("name", ""),
+            "model_label": model.get("label", ""),
+            "fingerprint": model.get("fingerprint", ""),
+            "prompt": prompt,
+            "answer": answer,
+            "paraphrases": list(paraphrases),
+            "method": method,
+            "parameters": dict(parameters or {}),
+            "library": "dkn",
+            "version": __version__,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **extra,
+        }
+    )
 
 
-def export_zip(figures: Mapping[str, go.Figure], tables: Mapping[str, Table], manifest: Mapping[str, Any],
-               *, images: bool | None = None) -> bytes:
+def export_zip(
+    figures: Mapping[str, go.Figure],
+    tables: Mapping[str, Table],
+    manifest: Mapping[str, Any],
+    *,
+    images: bool | None = None,
+) -> bytes:
     """One zip: figures/<name>.html (+ .png and .svg when a browser is available, or when images=True,
     which raises ExportError without one), tables/<name>.csv and .json, and manifest.json listing
     everything (plus a note when images were left out)."""
@@ -195,5 +245,18 @@ def export_zip(figures: Mapping[str, go.Figure], tables: Mapping[str, Table], ma
     return buffer.getvalue()
 
 
-__all__ = ["ExportError", "find_browser", "browser_available", "figure_image", "figure_images", "figure_png",
-           "figure_svg", "figure_html", "table_csv", "table_json", "manifest", "export_zip", "MISSING_BROWSER"]
+__all__ = [
+    "ExportError",
+    "find_browser",
+    "browser_available",
+    "figure_image",
+    "figure_images",
+    "figure_png",
+    "figure_svg",
+    "figure_html",
+    "table_csv",
+    "table_json",
+    "manifest",
+    "export_zip",
+    "MISSING_BROWSER",
+]

@@ -8,6 +8,7 @@ projections: their weight rows are a neuron's input vectors), which module
 holds the pre-activation (the authors' `faithful` hook point), and how the
 config names the sizes.  Nothing outside this module tests architecture names.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,41 +20,115 @@ from torch import nn
 @dataclass(frozen=True)
 class Family:
     name: str
-    model_types: tuple[str, ...]        # config.model_type values it covers
-    layers: str                          # dotted path of the ModuleList of blocks
-    down_proj: str                       # in a block: reads the hidden vector [.., d_mlp] -> [.., d_model]
-    up_projs: tuple[str, ...]            # in a block: write the hidden vector [.., d_model] -> [.., d_mlp]
-    pre_activation: str                  # in a block: the module whose output the authors' scripts hook
-    d_mlp_keys: tuple[str, ...]          # config attributes for the MLP width, first non-None wins
-    d_mlp_fallback_multiple: int = 4     # d_mlp = multiple * hidden_size when all keys are None
-    gated: bool = False                  # hidden = act(gate(x)) * up(x): up_projs = (gate, up)
-    masked_lm: bool = False              # answer at the mask token, bidirectional: no prefix cache
-    conv1d: bool = False                 # GPT-2 style Conv1D weights, stored [in, out]
-    head: tuple[str, ...] = ()           # modules between the last block and the unembedding (absent ones skipped)
-    post_mlp_norm: str = ""              # in a block: a norm applied to the MLP output (Gemma 2/3), absent: none
+    model_types: tuple[str, ...]  # config.model_type values it covers
+    layers: str  # dotted path of the ModuleList of blocks
+    down_proj: str  # in a block: reads the hidden vector [.., d_mlp] -> [.., d_model]
+    up_projs: tuple[str, ...]  # in a block: write the hidden vector [.., d_model] -> [.., d_mlp]
+    pre_activation: str  # in a block: the module whose output the authors' scripts hook
+    d_mlp_keys: tuple[str, ...]  # config attributes for the MLP width, first non-None wins
+    d_mlp_fallback_multiple: int = 4  # d_mlp = multiple * hidden_size when all keys are None
+    gated: bool = False  # hidden = act(gate(x)) * up(x): up_projs = (gate, up)
+    masked_lm: bool = False  # answer at the mask token, bidirectional: no prefix cache
+    conv1d: bool = False  # GPT-2 style Conv1D weights, stored [in, out]
+    head: tuple[str, ...] = ()  # modules between the last block and the unembedding (absent ones skipped)
+    post_mlp_norm: str = ""  # in a block: a norm applied to the MLP output (Gemma 2/3), absent: none
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("gpt2", ("gpt2",), "transformer.h", "mlp.c_proj", ("mlp.c_fc",), "mlp.c_fc",
-           ("n_inner",), conv1d=True, head=("transformer.ln_f",)),
-    Family("gpt-j", ("gptj",), "transformer.h", "mlp.fc_out", ("mlp.fc_in",), "mlp.fc_in", ("n_inner",),
-           head=("transformer.ln_f",)),
-    Family("gpt-neo", ("gpt_neo",), "transformer.h", "mlp.c_proj", ("mlp.c_fc",), "mlp.c_fc",
-           ("intermediate_size",), head=("transformer.ln_f",)),
-    Family("gpt-neox", ("gpt_neox",), "gpt_neox.layers", "mlp.dense_4h_to_h", ("mlp.dense_h_to_4h",),
-           "mlp.dense_h_to_4h", ("intermediate_size",), head=("gpt_neox.final_layer_norm",)),
-    Family("opt", ("opt",), "model.decoder.layers", "fc2", ("fc1",), "fc1", ("ffn_dim",),
-           head=("model.decoder.final_layer_norm", "model.decoder.project_out")),
-    Family("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", "mlp.down_proj",
-           ("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_proj", ("intermediate_size",), gated=True,
-           head=("model.norm",)),
-    Family("gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers", "mlp.down_proj",
-           ("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_proj", ("intermediate_size",), gated=True,
-           head=("model.norm",), post_mlp_norm="post_feedforward_layernorm"),
-    Family("bert", ("bert",), "bert.encoder.layer", "output.dense", ("intermediate.dense",),
-           "intermediate.dense", ("intermediate_size",), masked_lm=True),
-    Family("roberta", ("roberta",), "roberta.encoder.layer", "output.dense", ("intermediate.dense",),
-           "intermediate.dense", ("intermediate_size",), masked_lm=True),
+    Family(
+        "gpt2",
+        ("gpt2",),
+        "transformer.h",
+        "mlp.c_proj",
+        ("mlp.c_fc",),
+        "mlp.c_fc",
+        ("n_inner",),
+        conv1d=True,
+        head=("transformer.ln_f",),
+    ),
+    Family(
+        "gpt-j",
+        ("gptj",),
+        "transformer.h",
+        "mlp.fc_out",
+        ("mlp.fc_in",),
+        "mlp.fc_in",
+        ("n_inner",),
+        head=("transformer.ln_f",),
+    ),
+    Family(
+        "gpt-neo",
+        ("gpt_neo",),
+        "transformer.h",
+        "mlp.c_proj",
+        ("mlp.c_fc",),
+        "mlp.c_fc",
+        ("intermediate_size",),
+        head=("transformer.ln_f",),
+    ),
+    Family(
+        "gpt-neox",
+        ("gpt_neox",),
+        "gpt_neox.layers",
+        "mlp.dense_4h_to_h",
+        ("mlp.dense_h_to_4h",),
+        "mlp.dense_h_to_4h",
+        ("intermediate_size",),
+        head=("gpt_neox.final_layer_norm",),
+    ),
+    Family(
+        "opt",
+        ("opt",),
+        "model.decoder.layers",
+        "fc2",
+        ("fc1",),
+        "fc1",
+        ("ffn_dim",),
+        head=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+    ),
+    Family(
+        "llama",
+        ("llama", "mistral", "qwen2", "qwen3"),
+        "model.layers",
+        "mlp.down_proj",
+        ("mlp.gate_proj", "mlp.up_proj"),
+        "mlp.gate_proj",
+        ("intermediate_size",),
+        gated=True,
+        head=("model.norm",),
+    ),
+    Family(
+        "gemma",
+        ("gemma", "gemma2", "gemma3_text"),
+        "model.layers",
+        "mlp.down_proj",
+        ("mlp.gate_proj", "mlp.up_proj"),
+        "mlp.gate_proj",
+        ("intermediate_size",),
+        gated=True,
+        head=("model.norm",),
+        post_mlp_norm="post_feedforward_layernorm",
+    ),
+    Family(
+        "bert",
+        ("bert",),
+        "bert.encoder.layer",
+        "output.dense",
+        ("intermediate.dense",),
+        "intermediate.dense",
+        ("intermediate_size",),
+        masked_lm=True,
+    ),
+    Family(
+        "roberta",
+        ("roberta",),
+        "roberta.encoder.layer",
+        "output.dense",
+        ("intermediate.dense",),
+        "intermediate.dense",
+        ("intermediate_size",),
+        masked_lm=True,
+    ),
 )
 
 SUPPORTED = ", ".join(sorted({t for f in FAMILIES for t in f.model_types}))

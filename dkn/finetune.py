@@ -15,6 +15,7 @@ It trains in place: give it a copy (`fresh_copy(lm)`) when the original is neede
 afterwards.  Dropout stays off (eval mode), so a run is a deterministic function
 of the weights, the facts and the seed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,9 +34,9 @@ from dkn.query import make_query
 
 @dataclass(frozen=True)
 class TrainResult:
-    losses: tuple[float, ...]           # mean loss of each optimiser step
-    n_params: int                       # trainable entries (masked slices, or every parameter)
-    n_neurons: int | None               # None: all weights
+    losses: tuple[float, ...]  # mean loss of each optimiser step
+    n_params: int  # trainable entries (masked slices, or every parameter)
+    n_neurons: int | None  # None: all weights
     seconds: float
 
 
@@ -77,8 +78,8 @@ def pad_batch(lm: LoadedModel, sequences: Sequence[Sequence[int]]) -> tuple[torc
     """(input ids [B, T], attention mask [B, T]) of right-padded token sequences, on the model's device."""
     width = max(len(seq) for seq in sequences)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long, device=lm.device)   # [B, T]
-    attention = torch.zeros(len(sequences), width, dtype=torch.long, device=lm.device)   # [B, T]
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long, device=lm.device)  # [B, T]
+    attention = torch.zeros(len(sequences), width, dtype=torch.long, device=lm.device)  # [B, T]
     for b, seq in enumerate(sequences):
         ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=lm.device)
         attention[b, : len(seq)] = 1
@@ -87,20 +88,28 @@ def pad_batch(lm: LoadedModel, sequences: Sequence[Sequence[int]]) -> tuple[torc
 
 def answer_loss(lm: LoadedModel, batch: list[tuple[list[int], list[tuple[int, int]]]]) -> torch.Tensor:
     """Mean over examples of the mean answer-token cross-entropy; right-padded batch."""
-    ids, attention = pad_batch(lm, [seq for seq, _ in batch])              # [B, T] each
+    ids, attention = pad_batch(lm, [seq for seq, _ in batch])  # [B, T] each
     rows, cols, targets, weights = [], [], [], []
     for b, (_, steps) in enumerate(batch):
         for position, target in steps:
             rows.append(b), cols.append(position), targets.append(target), weights.append(1.0 / len(steps))
-    logits = lm.model(input_ids=ids, attention_mask=attention).logits     # [B, T, V]
+    logits = lm.model(input_ids=ids, attention_mask=attention).logits  # [B, T, V]
     index = torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)
-    picked = logits[index].float()                                         # [n_targets, V]
+    picked = logits[index].float()  # [n_targets, V]
     nll = torch.nn.functional.cross_entropy(picked, torch.tensor(targets, device=picked.device), reduction="none")
     return (nll * torch.tensor(weights, device=nll.device)).sum() / len(batch)
 
 
-def train_neurons(lm: LoadedModel, facts, neurons: Iterable[Neuron] | None = None, *, steps: int = 20,
-                  lr: float = 1e-3, seed: int = 0, batch_size: int | None = None) -> TrainResult:
+def train_neurons(
+    lm: LoadedModel,
+    facts,
+    neurons: Iterable[Neuron] | None = None,
+    *,
+    steps: int = 20,
+    lr: float = 1e-3,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> TrainResult:
     """Adam on the chosen neurons' weight slices (every weight when `neurons` is None), in place.
     facts: Facts (trained on their first prompt) or (prompt, answer) pairs.  One step = one minibatch
     of `batch_size` examples (all of them when None), drawn in a seeded shuffled order."""
@@ -118,11 +127,19 @@ def train_neurons(lm: LoadedModel, facts, neurons: Iterable[Neuron] | None = Non
             order += list(rng.permutation(len(examples)))
         batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
         return answer_loss(lm, batch)
+
     return train_masked(lm, loss, neurons, steps=steps, lr=lr, seed=seed)
 
 
-def train_masked(lm: LoadedModel, loss: Callable[[int], torch.Tensor], neurons: Iterable[Neuron] | None = None, *,
-                 steps: int = 20, lr: float = 1e-3, seed: int = 0) -> TrainResult:
+def train_masked(
+    lm: LoadedModel,
+    loss: Callable[[int], torch.Tensor],
+    neurons: Iterable[Neuron] | None = None,
+    *,
+    steps: int = 20,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> TrainResult:
     """Adam (no weight decay) on the chosen neurons' weight slices (every weight when `neurons` is None),
     in place, minimising `loss(step)` (a scalar tensor computed with `lm.model`) for `steps` steps."""
     if steps < 1 or lr <= 0:
@@ -149,7 +166,7 @@ def train_masked(lm: LoadedModel, loss: Callable[[int], torch.Tensor], neurons: 
             for name, mask in masks.items():
                 keep = mask.to(trained[name].device)
                 hooks.append(trained[name].register_hook(lambda g, keep=keep: g.masked_fill(~keep, 0.0)))
-            model.eval()                                   # no dropout: deterministic updates
+            model.eval()  # no dropout: deterministic updates
             torch.manual_seed(seed)
             optimiser = torch.optim.Adam(list(trained.values()), lr=lr, weight_decay=0.0)
             for step in range(steps):
@@ -169,5 +186,13 @@ def train_masked(lm: LoadedModel, loss: Callable[[int], torch.Tensor], neurons: 
     return TrainResult(tuple(losses), n_params, n_neurons, time.perf_counter() - start)
 
 
-__all__ = ["TrainResult", "fresh_copy", "neuron_masks", "train_neurons", "train_masked", "pad_batch", "answer_loss",
-           "encode"]
+__all__ = [
+    "TrainResult",
+    "fresh_copy",
+    "neuron_masks",
+    "train_neurons",
+    "train_masked",
+    "pad_batch",
+    "answer_loss",
+    "encode",
+]

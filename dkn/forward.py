@@ -22,6 +22,7 @@ modules; it is checked once against the model's own logits and, if they ever
 disagree (an architecture variant we do not know), dkn falls back to running
 every row through the whole model, which is always right.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -36,22 +37,25 @@ from dkn.hooks import Edit, edit_neurons
 from dkn.models import LoadedModel
 
 log = logging.getLogger(__name__)
-RUNNER_CACHE_SIZE = 16                # runners kept per model (live interventions reuse them)
+RUNNER_CACHE_SIZE = 16  # runners kept per model (live interventions reuse them)
 
 
 class AnswerPositionRunner:
     """Rows that share a causal prompt and differ at its last position (the answer position)."""
 
     def __init__(self, lm: LoadedModel, input_ids: torch.Tensor, site: str = "post"):
-        assert not lm.family.masked_lm and input_ids.shape[0] == 1   # input_ids: [1, T]
+        assert not lm.family.masked_lm and input_ids.shape[0] == 1  # input_ids: [1, T]
         self.lm, self.site = lm, site
-        self.last = input_ids[:, -1:]                                  # [1, 1]
+        self.last = input_ids[:, -1:]  # [1, 1]
         with torch.no_grad(), lm.lock:
-            self.prefix = (lm.model.base_model(input_ids=input_ids[:, :-1], cache=empty_cache(lm), use_cache=True).cache
-                           if input_ids.shape[1] > 1 else None)          # no head needed
+            self.prefix = (
+                lm.model.base_model(input_ids=input_ids[:, :-1], cache=empty_cache(lm), use_cache=True).cache
+                if input_ids.shape[1] > 1
+                else None
+            )  # no head needed
             self.block_inputs, self.block_calls, self.clean_logits = self._capture()
         key = (site, input_ids.shape[1])
-        if key not in lm.staggered_checks:   # the replay depends on the architecture and the prompt length only
+        if key not in lm.staggered_checks:  # the replay depends on the architecture and the prompt length only
             lm.staggered_checks[key] = self._head_reproduces_logits()
         self.staggered = lm.staggered_checks[key]
 
@@ -80,7 +84,7 @@ class AnswerPositionRunner:
         for block in self.lm.blocks:
             handles.append(block.register_forward_pre_hook(capture, with_kwargs=True))
         try:
-            logits = self.lm.model(input_ids=self.last, cache=cache).logits[:, -1]   # [1, vocab]
+            logits = self.lm.model(input_ids=self.last, cache=cache).logits[:, -1]  # [1, vocab]
         finally:
             for h in handles:
                 h.remove()
@@ -95,16 +99,21 @@ class AnswerPositionRunner:
         scale = float(self.clean_logits.float().abs().max().clamp(min=1))
         try:
             with torch.no_grad(), self.lm.lock:
-                one_row = torch.zeros(1, dtype=torch.long, device="cpu")       # one row through every block
+                one_row = torch.zeros(1, dtype=torch.long, device="cpu")  # one row through every block
                 logits = self._staggered_logits(one_row, {})
             ok = torch.allclose(logits.float(), self.clean_logits.float(), atol=tol * scale, rtol=tol)
         except Exception as err:  # an architecture variant whose blocks cannot be replayed
-            log.info("staggered forward unavailable for %s (%s): running every row through the whole model",
-                     self.lm.name, err)
+            log.info(
+                "staggered forward unavailable for %s (%s): running every row through the whole model",
+                self.lm.name,
+                err,
+            )
             return False
         if not ok:
-            log.info("staggered forward does not reproduce %s's logits: running every row through the whole model",
-                     self.lm.name)
+            log.info(
+                "staggered forward does not reproduce %s's logits: running every row through the whole model",
+                self.lm.name,
+            )
         return ok
 
     # -- the staggered run ---------------------------------------------------------------------------
@@ -112,33 +121,34 @@ class AnswerPositionRunner:
         L = self.lm.n_layers
         starts = row_start.tolist()
         assert starts == sorted(starts), "rows must be sorted by start layer"
-        active = [sum(1 for s in starts if s <= j) for j in range(L)]          # rows running at block j
+        active = [sum(1 for s in starts if s <= j) for j in range(L)]  # rows running at block j
         B = len(starts)
         cache = _SharedPrefixCache(self.prefix)
-        hidden = self.block_inputs[0][:0]                                     # [0, 1, d_model]
+        hidden = self.block_inputs[0][:0]  # [0, 1, d_model]
         with edit_neurons(self.lm, edits, self.site), _shared_prefix_attention(self.lm, cache):
             for j, block in enumerate(self.lm.blocks):
                 if active[j] == 0:
                     continue
                 new = active[j] - hidden.shape[0]
-                hidden = torch.cat([hidden, self.block_inputs[j].expand(new, -1, -1)])   # [n_j, 1, d_model]
+                hidden = torch.cat([hidden, self.block_inputs[j].expand(new, -1, -1)])  # [n_j, 1, d_model]
                 args, kwargs = self._call_for(j, cache)
                 out = block(hidden, *args, **kwargs)
                 hidden = out[0] if isinstance(out, tuple) else out
-        if hidden.shape[0] < B:                                             # rows that start after the last block
+        if hidden.shape[0] < B:  # rows that start after the last block
             hidden = torch.cat([hidden, self._final_hidden().expand(B - hidden.shape[0], -1, -1)])
         return self._head(hidden)[:, -1]
 
     def _call_for(self, j: int, cache):
         args, kwargs = self.block_calls[j]
-        swap = lambda v: cache if v is self._capture_cache else v        # noqa: E731
+        swap = lambda v: cache if v is self._capture_cache else v  # noqa: E731
         return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
 
     def _final_hidden(self) -> torch.Tensor:
         if not hasattr(self, "_final"):
             captured = {}
             handle = self.lm.blocks[-1].register_forward_hook(
-                lambda m, a, out: captured.setdefault("h", (out[0] if isinstance(out, tuple) else out).detach()))
+                lambda m, a, out: captured.setdefault("h", (out[0] if isinstance(out, tuple) else out).detach())
+            )
             try:
                 with torch.no_grad():
                     self.lm.model(input_ids=self.last, cache=self._cache(1))
@@ -183,14 +193,17 @@ def row_bytes(lm: LoadedModel, tokens_per_row: int, context: int) -> int:
     elem = next(lm.model.parameters()).element_size()
     d_model = int(getattr(c, "hidden_size", 0) or lm.d_mlp // 4)
     heads = int(getattr(c, "num_attention_heads", 0) or 1)
-    per_layer = (tokens_per_row * (_KEPT_PER_MLP_UNIT * lm.d_mlp + _KEPT_PER_RESIDUAL_UNIT * d_model) * elem
-                 + heads * tokens_per_row * (context + 1) * _KEPT_PER_ATTENTION_KEY * 4)
+    per_layer = (
+        tokens_per_row * (_KEPT_PER_MLP_UNIT * lm.d_mlp + _KEPT_PER_RESIDUAL_UNIT * d_model) * elem
+        + heads * tokens_per_row * (context + 1) * _KEPT_PER_ATTENTION_KEY * 4
+    )
     head = tokens_per_row * int(c.vocab_size) * (elem + 8)
     return lm.n_layers * per_layer + head
 
 
-def rows_per_pass(lm: LoadedModel, tokens_per_row: int, context: int, max_rows: int | None = None,
-                  memory_budget: int | None = None) -> int:
+def rows_per_pass(
+    lm: LoadedModel, tokens_per_row: int, context: int, max_rows: int | None = None, memory_budget: int | None = None
+) -> int:
     """How many rows one batched pass runs: at most `max_rows` tokens, and no more rows than fit
     `memory_budget` bytes (defaults: the LoadedModel's `max_rows` and `memory_budget`); at least one."""
     max_rows = lm.max_rows if max_rows is None else max_rows
@@ -209,7 +222,7 @@ def answer_runner(lm: LoadedModel, step, site: str = "post", keep: bool = True) 
     pass; attribution builds a fresh one (keep=False) and lets it go with its rows."""
     if lm.family.masked_lm or step.position != len(step.input_ids) - 1:
         return None
-    ids = torch.tensor([step.input_ids], device=lm.device)                # [1, T]
+    ids = torch.tensor([step.input_ids], device=lm.device)  # [1, T]
     if not keep:
         return AnswerPositionRunner(lm, ids, site)
     key = (tuple(step.input_ids), site)
@@ -254,8 +267,9 @@ class _SharedPrefixCache:
         return key_states, value_states
 
 
-def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            softcap=None, **kwargs):
+def shared_prefix_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs
+):
     """Attention of one new token per row over the shared prefix and itself.
     query [B, H, 1, hd]; key, value [B, kv_heads, 1, hd] (the new token's); the prefix comes from the
     running _SharedPrefixCache.  Returns ([B, 1, H, hd], None) like transformers' attention functions.
@@ -267,27 +281,27 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     B, H, _, hd = query.shape
     kv = key.shape[1]
     groups = H // kv
-    scaling = scaling if scaling is not None else hd ** -0.5
-    k_new, v_new = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)   # [B, H, 1, hd]
-    scores_self = (query * k_new).sum(-1, keepdim=True) * scaling                          # [B, H, 1, 1]
+    scaling = scaling if scaling is not None else hd**-0.5
+    k_new, v_new = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)  # [B, H, 1, hd]
+    scores_self = (query * k_new).sum(-1, keepdim=True) * scaling  # [B, H, 1, 1]
     if cache.layers is None:
         scores, v_pre = scores_self, None
     else:
-        k_pre, v_pre = cache.layers[module.layer_idx]                                      # [1, kv, P, hd]
+        k_pre, v_pre = cache.layers[module.layer_idx]  # [1, kv, P, hd]
         # head h reads key/value head h // groups (repeat_interleave order)
         q_rows = query.reshape(B, kv, groups, hd).permute(1, 0, 2, 3).reshape(kv, B * groups, hd)
-        scores_pre = torch.matmul(q_rows, k_pre[0].transpose(1, 2)) * scaling            # [kv, B * groups, P]
+        scores_pre = torch.matmul(q_rows, k_pre[0].transpose(1, 2)) * scaling  # [kv, B * groups, P]
         scores_pre = scores_pre.reshape(kv, B, groups, -1).permute(1, 0, 2, 3).reshape(B, H, 1, -1)  # [B, H, 1, P]
-        scores = torch.cat([scores_pre, scores_self], -1)                                   # [B, H, 1, P+1]
+        scores = torch.cat([scores_pre, scores_self], -1)  # [B, H, 1, P+1]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
-        scores = scores + attention_mask[..., -scores.shape[-1]:]
+        scores = scores + attention_mask[..., -scores.shape[-1] :]
     weights = scores.float().softmax(-1).to(query.dtype)
-    out = weights[..., -1:] * v_new                                                        # [B, H, 1, hd]
+    out = weights[..., -1:] * v_new  # [B, H, 1, hd]
     if v_pre is not None:
         w_rows = weights[..., :-1].reshape(B, kv, groups, -1).permute(1, 0, 2, 3).reshape(kv, B * groups, -1)
-        out_pre = torch.matmul(w_rows, v_pre[0])                                           # [kv, B * groups, hd]
+        out_pre = torch.matmul(w_rows, v_pre[0])  # [kv, B * groups, hd]
         out = out + out_pre.reshape(kv, B, groups, hd).permute(1, 0, 2, 3).reshape(B, H, 1, hd)
     return out.transpose(1, 2).contiguous(), None
 

@@ -27,6 +27,7 @@ hidden = act(gate x) * (up x)) the input vector is chosen by `gated_input`: "gat
 pre-activation the activation function reads), "up", or "both" (the two strengths added); the
 functional edge always reads the pre-activation module (gate).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -41,16 +42,24 @@ from dkn.neurons import Neuron, check_in_range
 GATED_INPUTS = ("gate", "up", "both")
 EDGES = ("static", "functional", "faithful")
 # the normalisation each family's MLP reads through, in a block (data, like dkn.families)
-MLP_NORMS = {"gpt2": "ln_2", "gpt-neo": "ln_2", "gpt-j": "ln_1", "gpt-neox": "post_attention_layernorm",
-             "opt": "final_layer_norm", "llama": "post_attention_layernorm", "gemma": "pre_feedforward_layernorm",
-             "bert": "attention.output.LayerNorm", "roberta": "attention.output.LayerNorm"}
+MLP_NORMS = {
+    "gpt2": "ln_2",
+    "gpt-neo": "ln_2",
+    "gpt-j": "ln_1",
+    "gpt-neox": "post_attention_layernorm",
+    "opt": "final_layer_norm",
+    "llama": "post_attention_layernorm",
+    "gemma": "pre_feedforward_layernorm",
+    "bert": "attention.output.LayerNorm",
+    "roberta": "attention.output.LayerNorm",
+}
 
 
 @dataclass(frozen=True)
 class KnowledgeGraph:
     neurons: tuple[Neuron, ...]
-    distance: np.ndarray     # [n, n] symmetric, inf = unconnected, 0 on the diagonal
-    strength: np.ndarray     # [n, n] signed, symmetric: the edge weight (see `edge`), 0 unconnected
+    distance: np.ndarray  # [n, n] symmetric, inf = unconnected, 0 on the diagonal
+    strength: np.ndarray  # [n, n] signed, symmetric: the edge weight (see `edge`), 0 unconnected
     max_span: int
     gated_input: str
     edge: str = "faithful"
@@ -61,13 +70,18 @@ class KnowledgeGraph:
         return [(int(a), int(b), float(self.strength[a, b])) for a, b in zip(i, j)]
 
 
-def connection_strengths(lm: LoadedModel, sources: Sequence[Neuron], targets: Sequence[Neuron],
-                         gated_input: str = "gate", fold_norm: bool = False) -> np.ndarray:
+def connection_strengths(
+    lm: LoadedModel,
+    sources: Sequence[Neuron],
+    targets: Sequence[Neuron],
+    gated_input: str = "gate",
+    fold_norm: bool = False,
+) -> np.ndarray:
     """[len(sources), len(targets)]: w = out_A . in_B (sources in one layer, targets in one later layer);
     with `fold_norm`, in_B is scaled by the gain of the normalisation B's MLP reads through."""
     layer = sources[0].layer
-    out = lm.output_vectors(layer)[[n.index for n in sources]]                            # [nA, d_model]
-    ins = _input_vectors(lm, targets[0].layer, [n.index for n in targets], gated_input)   # [nB, d_model]
+    out = lm.output_vectors(layer)[[n.index for n in sources]]  # [nA, d_model]
+    ins = _input_vectors(lm, targets[0].layer, [n.index for n in targets], gated_input)  # [nB, d_model]
     with torch.no_grad():
         ins = ins.float()
         if fold_norm:
@@ -86,19 +100,19 @@ def norm_gain(lm: LoadedModel, layer: int) -> torch.Tensor:
     norm = lm.blocks[layer].get_submodule(name)
     weight = next(norm.parameters(), None)
     x = torch.ones(d_model, device=lm.device, dtype=weight.dtype if weight is not None else torch.float32)
-    x[1::2] = -1.0                                                   # [d_model], mean 0 (d even), RMS 1
+    x[1::2] = -1.0  # [d_model], mean 0 (d even), RMS 1
     if d_model % 2:
         x[-1] = 0.0
     with torch.no_grad():
-        diff = (norm(x[None]) - norm(-x[None]))[0].float()                                  # [d_model] = 2 g x
+        diff = (norm(x[None]) - norm(-x[None]))[0].float()  # [d_model] = 2 g x
     gain = diff / (2 * x.float()).masked_fill(x == 0, 1.0)
     if d_model % 2:
-        gain[-1] = gain[:-1].mean()                                  # an odd width: the last unit is not probed
+        gain[-1] = gain[:-1].mean()  # an odd width: the last unit is not probed
     return gain
 
 
 def _input_vectors(lm: LoadedModel, layer: int, index: list[int], gated_input: str) -> torch.Tensor:
-    vectors = lm.input_vectors(layer)               # [gate, up] for gated MLPs, [in] otherwise
+    vectors = lm.input_vectors(layer)  # [gate, up] for gated MLPs, [in] otherwise
     if not lm.family.gated:
         return vectors[0][index]
     if gated_input == "gate":
@@ -106,12 +120,20 @@ def _input_vectors(lm: LoadedModel, layer: int, index: list[int], gated_input: s
     if gated_input == "up":
         return vectors[1][index]
     if gated_input == "both":
-        return vectors[0][index] + vectors[1][index]   # out . gate + out . up
+        return vectors[0][index] + vectors[1][index]  # out . gate + out . up
     raise ValueError(f"unknown gated_input {gated_input!r}: use one of {', '.join(GATED_INPUTS)}")
 
 
-def build_graph(lm: LoadedModel, neurons: Sequence[Neuron], max_span: int = 3, gated_input: str = "gate",
-                *, edge: str = "static", prompt: str | None = None, answer: str | None = None) -> KnowledgeGraph:
+def build_graph(
+    lm: LoadedModel,
+    neurons: Sequence[Neuron],
+    max_span: int = 3,
+    gated_input: str = "gate",
+    *,
+    edge: str = "static",
+    prompt: str | None = None,
+    answer: str | None = None,
+) -> KnowledgeGraph:
     """Distances between knowledge neurons under the edge definition `edge` (see the module docstring).
     "functional" needs the prompt and the answer."""
     neurons = tuple(Neuron(*n) for n in neurons)
@@ -131,16 +153,17 @@ def build_graph(lm: LoadedModel, neurons: Sequence[Neuron], max_span: int = 3, g
     else:
         raise ValueError(f"unknown edge definition {edge!r}: use one of {', '.join(EDGES)}")
     layers = np.array([n.layer for n in neurons])
-    gap = layers[None, :] - layers[:, None]                                  # [n, n]: l' - l
-    w = np.where((gap > 0) & (gap <= max_span), w, 0.0)                       # [n, n], source row -> target col
+    gap = layers[None, :] - layers[:, None]  # [n, n]: l' - l
+    w = np.where((gap > 0) & (gap <= max_span), w, 0.0)  # [n, n], source row -> target col
     strength = w + w.T
     dist = _inverse(np.abs(strength))
     np.fill_diagonal(dist, 0.0)
     return KnowledgeGraph(neurons, dist, strength, max_span, gated_input, edge)
 
 
-def static_strengths(lm: LoadedModel, neurons: Sequence[Neuron], max_span: int = 3,
-                     gated_input: str = "gate") -> np.ndarray:
+def static_strengths(
+    lm: LoadedModel, neurons: Sequence[Neuron], max_span: int = 3, gated_input: str = "gate"
+) -> np.ndarray:
     """[n, n] (row: source, column: later target): the linearised effect through the residual stream and the
     knowledge neurons, T = (I - W)^-1 - I, with W the direct norm-folded links of every pair l < l' that
     are at most `max_span` layers apart."""
@@ -151,7 +174,8 @@ def static_strengths(lm: LoadedModel, neurons: Sequence[Neuron], max_span: int =
         for dst_layer, cols in by_layer.items():
             if 0 < dst_layer - src_layer <= max_span:
                 direct[np.ix_(rows, cols)] = connection_strengths(
-                    lm, [neurons[i] for i in rows], [neurons[j] for j in cols], gated_input, fold_norm=True)
+                    lm, [neurons[i] for i in rows], [neurons[j] for j in cols], gated_input, fold_norm=True
+                )
     return np.linalg.solve(np.eye(n) - direct, np.eye(n)) - np.eye(n) if n else direct
 
 
@@ -162,20 +186,25 @@ def functional_strengths(lm: LoadedModel, prompt: str, answer: str, neurons: Seq
     from dkn.query import make_query
 
     step = make_query(lm, prompt, answer).steps[0]
-    ids = torch.tensor([step.input_ids], device=lm.device)                       # [1, T]
+    ids = torch.tensor([step.input_ids], device=lm.device)  # [1, T]
     layers = sorted({n.layer for n in neurons})
-    leaves = {l: torch.zeros(lm.d_mlp, device=lm.device, requires_grad=True) for l in layers}   # [d_mlp] each
+    leaves = {l: torch.zeros(lm.d_mlp, device=lm.device, requires_grad=True) for l in layers}  # [d_mlp] each
 
     def add_leaf(layer):
-        def edit(h):                                                              # h: [1, T, d_mlp]
+        def edit(h):  # h: [1, T, d_mlp]
             h = h.clone()
             h[0, step.position] = h[0, step.position] + leaves[layer].to(h.dtype)
             return h
+
         return edit
 
     w = np.zeros((len(neurons), len(neurons)))
-    with torch.enable_grad(), edit_neurons(lm, {l: add_leaf(l) for l in layers}, "post"), \
-            record_neurons(lm, layers, "post") as post, record_neurons(lm, layers, "pre") as pre:
+    with (
+        torch.enable_grad(),
+        edit_neurons(lm, {l: add_leaf(l) for l in layers}, "post"),
+        record_neurons(lm, layers, "post") as post,
+        record_neurons(lm, layers, "pre") as pre,
+    ):
         lm.model(input_ids=ids)
         for j, target in enumerate(neurons):
             sources = [l for l in layers if l < target.layer]
@@ -199,7 +228,7 @@ def _faithful_graph(lm, neurons, max_span, gated_input) -> KnowledgeGraph:
     sign = np.zeros((n, n))
     strength = np.zeros((n, n))
     by_layer = _indices_by_layer(neurons)
-    adjacent = {}                                               # layer l -> [n_l, n_{l+1}] distances
+    adjacent = {}  # layer l -> [n_l, n_{l+1}] distances
     for layer, rows in by_layer.items():
         cols = by_layer.get(layer + 1)
         if cols is None:
@@ -208,12 +237,12 @@ def _faithful_graph(lm, neurons, max_span, gated_input) -> KnowledgeGraph:
         strength[np.ix_(rows, cols)] = w
         adjacent[layer] = (_inverse(np.abs(w)), np.sign(w))
     for start, rows in by_layer.items():
-        d_path, s_path = None, None                            # [n_start, n_current] cheapest path so far
+        d_path, s_path = None, None  # [n_start, n_current] cheapest path so far
         for span in range(1, max_span + 1):
             step = adjacent.get(start + span - 1)
             cols = by_layer.get(start + span)
             if step is None or cols is None:
-                break                                           # a layer in between holds no knowledge neuron
+                break  # a layer in between holds no knowledge neuron
             d_step, s_step = step
             d_path, s_path = (d_step, s_step) if d_path is None else _min_plus(d_path, s_path, d_step, s_step)
             dist[np.ix_(rows, cols)] = d_path
@@ -241,7 +270,7 @@ def _inverse(w_abs: np.ndarray) -> np.ndarray:
 
 def _min_plus(d_a: np.ndarray, s_a: np.ndarray, d_b: np.ndarray, s_b: np.ndarray):
     """Cheapest two-leg paths: d [i, k] = min_j d_a[i, j] + d_b[j, k], with the sign of the chosen path."""
-    total = d_a[:, :, None] + d_b[None, :, :]                  # [i, j, k]
-    best = np.argmin(total, axis=1)                            # [i, k]
+    total = d_a[:, :, None] + d_b[None, :, :]  # [i, j, k]
+    best = np.argmin(total, axis=1)  # [i, k]
     i, k = np.indices(best.shape)
     return total[i, best, k], s_a[i, best] * s_b[best, k]

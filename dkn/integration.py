@@ -4,6 +4,7 @@
 at baseline + alpha * (input - baseline) and sum with these weights, which add
 up to 1 (the path's length is carried by the multiplier, input - baseline).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,6 +33,6 @@ def integration_points(rule: str, m: int) -> tuple[np.ndarray, np.ndarray]:
     if rule == "linspace":
         return np.linspace(0.0, 1.0, m), np.full(m, 1.0 / m)
     if rule == "gauss":
-        nodes, weights = np.polynomial.legendre.leggauss(m)          # on [-1, 1], weights sum to 2
+        nodes, weights = np.polynomial.legendre.leggauss(m)  # on [-1, 1], weights sum to 2
         return (nodes + 1.0) / 2.0, weights / 2.0
     raise ValueError(f"unknown integration rule {rule!r}: use one of {', '.join(RULES)}")

@@ -12,6 +12,7 @@ degeneracy grid needs; in "last" mode each set is one single-token row over the 
 prefix, starting at the lowest layer the set touches (see dkn.forward; the runner of each prompt is
 kept on the LoadedModel by dkn.forward.answer_runner).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -34,7 +35,7 @@ MODES = ("last", "all", "weights")
 class InterventionResult:
     prob_before: float
     prob_after: float
-    top_before: list[tuple[str, float]]     # next tokens at the first answer position, most likely first
+    top_before: list[tuple[str, float]]  # next tokens at the first answer position, most likely first
     top_after: list[tuple[str, float]]
     neurons: tuple[Neuron, ...]
     factor: float
@@ -46,27 +47,52 @@ class InterventionResult:
         return (self.prob_after - self.prob_before) / self.prob_before if self.prob_before > 0 else 0.0
 
 
-def intervene(lm: LoadedModel, prompt: str, answer: str, neurons: Iterable[Neuron], factor: float = 0.0,
-              mode: str = "last", top_k: int = 10) -> InterventionResult:
+def intervene(
+    lm: LoadedModel,
+    prompt: str,
+    answer: str,
+    neurons: Iterable[Neuron],
+    factor: float = 0.0,
+    mode: str = "last",
+    top_k: int = 10,
+) -> InterventionResult:
     """Scale `neurons` by `factor` and compare the answer's probability and the top next tokens."""
     query = make_query(lm, prompt, answer)
     neurons = tuple(Neuron(*n) for n in neurons)
     _check(lm, neurons, mode)
-    before, after = _step_distributions(lm, query, [(), neurons], factor, mode)   # [n_steps] x [vocab] each
+    before, after = _step_distributions(lm, query, [(), neurons], factor, mode)  # [n_steps] x [vocab] each
     return InterventionResult(
-        _answer_prob(query, before), _answer_prob(query, after),
-        _top_tokens(lm, before[0], top_k), _top_tokens(lm, after[0], top_k), neurons, factor, mode)
+        _answer_prob(query, before),
+        _answer_prob(query, after),
+        _top_tokens(lm, before[0], top_k),
+        _top_tokens(lm, after[0], top_k),
+        neurons,
+        factor,
+        mode,
+    )
 
 
-def intervene_many(lm: LoadedModel, prompt: str, answer: str, neuron_sets: Sequence[Iterable[Neuron]],
-                   factor: float = 0.0, mode: str = "last") -> tuple[float, np.ndarray]:
+def intervene_many(
+    lm: LoadedModel,
+    prompt: str,
+    answer: str,
+    neuron_sets: Sequence[Iterable[Neuron]],
+    factor: float = 0.0,
+    mode: str = "last",
+) -> tuple[float, np.ndarray]:
     """(P(answer) unchanged, [n_sets] P(answer) with each set scaled by `factor`), batched."""
     probs, _ = intervene_many_top1(lm, prompt, answer, neuron_sets, factor, mode)
     return float(probs[0]), probs[1:]
 
 
-def intervene_many_top1(lm: LoadedModel, prompt: str, answer: str, neuron_sets: Sequence[Iterable[Neuron]],
-                        factor: float = 0.0, mode: str = "last") -> tuple[np.ndarray, np.ndarray]:
+def intervene_many_top1(
+    lm: LoadedModel,
+    prompt: str,
+    answer: str,
+    neuron_sets: Sequence[Iterable[Neuron]],
+    factor: float = 0.0,
+    mode: str = "last",
+) -> tuple[np.ndarray, np.ndarray]:
     """Like `intervene_many`, plus the top-1 next token at the first answer position:
     (probs [1 + n_sets], top1 ids [1 + n_sets]); row 0 is the unchanged model."""
     query = make_query(lm, prompt, answer)
@@ -112,22 +138,22 @@ def _step_distributions(lm, query: Query, sets: list[tuple[Neuron, ...]], factor
 def _runner_dists(lm, runner, sets, factor) -> torch.Tensor:
     """[n_sets, vocab]: one single-token row per set, each starting at its lowest layer."""
     starts = [min((n.layer for n in s), default=lm.n_layers) for s in sets]
-    order = np.argsort(starts, kind="stable")                            # rows sorted by start layer
-    masks = _multipliers(lm, [sets[i] for i in order], factor)          # layer -> [n_sets, d_mlp]
+    order = np.argsort(starts, kind="stable")  # rows sorted by start layer
+    masks = _multipliers(lm, [sets[i] for i in order], factor)  # layer -> [n_sets, d_mlp]
     edits = {layer: _scale_rows(mask, position=None) for layer, mask in masks.items()}
     row_start = torch.tensor([starts[i] for i in order], device="cpu")  # bookkeeping: read with .tolist()
-    dists = runner.logits(row_start, edits).float().softmax(-1)         # [n_sets, vocab]
+    dists = runner.logits(row_start, edits).float().softmax(-1)  # [n_sets, vocab]
     return dists[torch.from_numpy(np.argsort(order)).to(dists.device)]  # back to the caller's order
 
 
 def _full_row_dists(lm, step: Step, sets, factor, every_position: bool) -> torch.Tensor:
     """[n_sets, vocab]: one full-prompt row per set."""
-    ids = torch.tensor([step.input_ids], device=lm.device).expand(len(sets), -1)   # [n_sets, T]
+    ids = torch.tensor([step.input_ids], device=lm.device).expand(len(sets), -1)  # [n_sets, T]
     masks = _multipliers(lm, sets, factor)
     position = None if every_position else step.position
     edits = {layer: _scale_rows(mask, position) for layer, mask in masks.items()}
     with edit_neurons(lm, edits):
-        logits = lm.model(input_ids=ids, use_cache=False).logits[:, step.position]         # [n_sets, vocab]
+        logits = lm.model(input_ids=ids, use_cache=False).logits[:, step.position]  # [n_sets, vocab]
     return logits.float().softmax(-1)
 
 
@@ -145,13 +171,15 @@ def _multipliers(lm, sets, factor) -> dict[int, torch.Tensor]:
 def _scale_rows(mask: torch.Tensor, position: int | None):
     """Edit: h [n, T, d] *= mask[:n] at `position` (every position when None).  The first n rows are
     the ones running at this layer (see AnswerPositionRunner.logits)."""
+
     def edit(h):
-        m = mask[: h.shape[0]].to(h.device, h.dtype)                      # [n, d]
+        m = mask[: h.shape[0]].to(h.device, h.dtype)  # [n, d]
         if position is None:
             return h * m[:, None, :]
         h = h.clone()
         h[:, position] = h[:, position] * m
         return h
+
     return edit
 
 
@@ -174,7 +202,7 @@ def scaled_weights(lm: LoadedModel, neurons: Iterable[Neuron], factor: float):
     offloaded: dict[int, list[int]] = {}
     with lm.lock, torch.no_grad():
         try:
-            for n in dict.fromkeys(Neuron(*n) for n in neurons):   # a repeated neuron is scaled once
+            for n in dict.fromkeys(Neuron(*n) for n in neurons):  # a repeated neuron is scaled once
                 param, index = output_column(lm, n)
                 if param.device.type == "meta":
                     offloaded.setdefault(n.layer, []).append(n.index)
@@ -193,15 +221,16 @@ def scaled_weights(lm: LoadedModel, neurons: Iterable[Neuron], factor: float):
 
 def _scale_input_columns(indices: list[int], factor: float):
     def pre_hook(module, args):
-        h = args[0].clone()                                   # [..., d_mlp]
+        h = args[0].clone()  # [..., d_mlp]
         h[..., indices] = h[..., indices] * factor
         return (h, *args[1:])
+
     return pre_hook
 
 
 def output_column(lm: LoadedModel, n: Neuron):
     """(parameter, index) of neuron n's output weight column in the down projection's storage layout."""
-    down = lm.down_proj(n.layer)                           # read the neuron: columns of [d_model, d_mlp]
+    down = lm.down_proj(n.layer)  # read the neuron: columns of [d_model, d_mlp]
     return down.weight, (n.index,) if lm.family.conv1d else (slice(None), n.index)
 
 
@@ -209,11 +238,11 @@ def _neuron_weight_slices(lm: LoadedModel, n: Neuron):
     """(parameter, index) pairs that hold neuron n's weights, in their storage layout: its input rows
     (and biases) and its output column (dkn.finetune trains exactly these)."""
     conv1d = lm.family.conv1d
-    for module in lm.up_projs(n.layer):                    # write the neuron: rows of [d_mlp, d_model]
+    for module in lm.up_projs(n.layer):  # write the neuron: rows of [d_mlp, d_model]
         yield module.weight, (slice(None), n.index) if conv1d else (n.index,)
         if getattr(module, "bias", None) is not None:
             yield module.bias, (n.index,)
     yield output_column(lm, n)
 
 
-neuron_weight_slices = _neuron_weight_slices   # public name (dkn.finetune trains exactly these slices)
+neuron_weight_slices = _neuron_weight_slices  # public name (dkn.finetune trains exactly these slices)

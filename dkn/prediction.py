@@ -5,6 +5,7 @@ whole answer a small product probability.  `answer_token_ranks` says, for each a
 the prompt and the gold answer prefix, as everywhere in dkn), its probability and its rank among the
 model's next tokens, comparing token ids (never strings, which break for sub-word answers).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,10 +24,10 @@ from dkn.query import make_query
 
 @dataclass(frozen=True)
 class TokenPrediction:
-    token: str               # decoded, e.g. " Paris"
+    token: str  # decoded, e.g. " Paris"
     token_id: int
-    prob: float              # P(token | prompt + earlier answer tokens)
-    rank: int                # 1 = the model's top guess at that position
+    prob: float  # P(token | prompt + earlier answer tokens)
+    rank: int  # 1 = the model's top guess at that position
 
 
 @torch.no_grad()
@@ -36,7 +37,7 @@ def answer_token_ranks(lm: LoadedModel, prompt: str, answer: str) -> list[TokenP
     out = []
     with lm.lock:
         for step, token in zip(query.steps, query.answer_tokens):
-            ids = torch.tensor([step.input_ids], device=lm.device)                     # [1, T]
+            ids = torch.tensor([step.input_ids], device=lm.device)  # [1, T]
             dist = lm.model(input_ids=ids).logits[0, step.position].float().softmax(-1)  # [vocab]
             p = dist[step.target]
             out.append(TokenPrediction(token, step.target, float(p), int((dist > p).sum()) + 1))
@@ -46,17 +47,18 @@ def answer_token_ranks(lm: LoadedModel, prompt: str, answer: str) -> list[TokenP
 @dataclass(frozen=True)
 class PromptEffect:
     """What an edit does to one prompt.  Ranks, margins and KL are at the first answer position."""
+
     prompt: str
-    p_before: float               # P(answer), product over its tokens
+    p_before: float  # P(answer), product over its tokens
     p_after: float
-    rank_before: int              # rank of the answer's first token (1 = top)
+    rank_before: int  # rank of the answer's first token (1 = top)
     rank_after: int
-    margin_before: float          # answer logit minus the best other token's logit (< 0: not the top guess)
+    margin_before: float  # answer logit minus the best other token's logit (< 0: not the top guess)
     margin_after: float
-    kl: float                     # KL(unedited || edited) of the next-token distribution, in nats
-    kl_random: float              # the same for as many random neurons in the same layers, scaled the same way
-    top_after: str                # the edited model's top next token
-    broken: bool                  # the edit breaks the output (see edit_effects)
+    kl: float  # KL(unedited || edited) of the next-token distribution, in nats
+    kl_random: float  # the same for as many random neurons in the same layers, scaled the same way
+    top_after: str  # the edited model's top next token
+    broken: bool  # the edit breaks the output (see edit_effects)
 
 
 def _margin(logits: torch.Tensor, target: int) -> float:
@@ -68,20 +70,22 @@ def _margin(logits: torch.Tensor, target: int) -> float:
 def _scaled_rows(lm: LoadedModel, sets: Sequence[tuple[Neuron, ...]], factor: float, position: int | None):
     """Edits that scale row r's neurons sets[r] by factor (at `position`, or every position when None)."""
     layers = sorted({n.layer for s in sets for n in s})
-    masks = {layer: torch.ones(len(sets), lm.d_mlp, device=lm.device) for layer in layers}   # [rows, d_mlp]
+    masks = {layer: torch.ones(len(sets), lm.d_mlp, device=lm.device) for layer in layers}  # [rows, d_mlp]
     for r, s in enumerate(sets):
         for n in s:
             masks[n.layer][r, n.index] = factor
 
     def edit_for(mask):
-        def edit(h):                                              # h: [rows, T, d_mlp]
+        def edit(h):  # h: [rows, T, d_mlp]
             m = mask.to(h.dtype)
             if position is None:
                 return h * m[:, None, :]
             h = h.clone()
             h[:, position] = h[:, position] * m
             return h
+
         return edit
+
     return {layer: edit_for(mask) for layer, mask in masks.items()}
 
 
@@ -92,17 +96,25 @@ def _first_step_logits(lm, step, sets, factor, mode) -> torch.Tensor:
         rows = []
         for s in sets:
             with scaled_weights(lm, s, factor) if s else nullcontext():
-                ids = torch.tensor([step.input_ids], device=lm.device)                # [1, T]
-                rows.append(lm.model(input_ids=ids).logits[0, step.position])         # [vocab]
+                ids = torch.tensor([step.input_ids], device=lm.device)  # [1, T]
+                rows.append(lm.model(input_ids=ids).logits[0, step.position])  # [vocab]
         return torch.stack(rows).float()
-    ids = torch.tensor([step.input_ids], device=lm.device).expand(len(sets), -1)   # [rows, T]
+    ids = torch.tensor([step.input_ids], device=lm.device).expand(len(sets), -1)  # [rows, T]
     position = step.position if mode == "last" else None
     with edit_neurons(lm, _scaled_rows(lm, sets, factor, position)):
-        return lm.model(input_ids=ids).logits[:, step.position].float()           # [rows, vocab]
+        return lm.model(input_ids=ids).logits[:, step.position].float()  # [rows, vocab]
 
 
-def edit_effects(lm: LoadedModel, prompts: Sequence[str], answer: str, neurons: Sequence[Neuron],
-                 factor: float = 0.0, mode: str = "last", top_k: int = 10, seed: int = 0) -> list[PromptEffect]:
+def edit_effects(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    answer: str,
+    neurons: Sequence[Neuron],
+    factor: float = 0.0,
+    mode: str = "last",
+    top_k: int = 10,
+    seed: int = 0,
+) -> list[PromptEffect]:
     """For each prompt: P and rank of the answer before and after scaling `neurons` by `factor`, the logit
     margin to the runner-up, and the KL divergence from the unedited next-token distribution, beside the KL
     of a random control (as many random neurons in the same layers).  The edit `broken` flags an output the
@@ -117,17 +129,29 @@ def edit_effects(lm: LoadedModel, prompts: Sequence[str], answer: str, neurons: 
     for prompt in prompts:
         query = make_query(lm, prompt, answer)
         step = query.steps[0]
-        logits = _first_step_logits(lm, step, [(), neurons, random_set], factor, mode)   # [3, vocab]
+        logits = _first_step_logits(lm, step, [(), neurons, random_set], factor, mode)  # [3, vocab]
         logp = logits.log_softmax(-1)
-        kl = (logp[0].exp() * (logp[0] - logp[1:])).sum(-1).clamp(min=0.0)    # [2]: edited, random (>= 0)
+        kl = (logp[0].exp() * (logp[0] - logp[1:])).sum(-1).clamp(min=0.0)  # [2]: edited, random (>= 0)
         ranks = [int((logits[r] > logits[r, step.target]).sum()) + 1 for r in (0, 1)]
         p0, probs = intervene_many(lm, prompt, answer, [neurons], factor, mode)
         top_before = set(logits[0].topk(top_k).indices.tolist())
         top_after = int(logits[1].argmax())
         broken = top_after not in top_before and float(kl[0]) > max(1.0, 5 * float(kl[1]))
-        out.append(PromptEffect(prompt, p0, float(probs[0]), ranks[0], ranks[1], _margin(logits[0], step.target),
-                                _margin(logits[1], step.target), float(kl[0]), float(kl[1]),
-                                lm.tokenizer.decode([top_after]), broken))
+        out.append(
+            PromptEffect(
+                prompt,
+                p0,
+                float(probs[0]),
+                ranks[0],
+                ranks[1],
+                _margin(logits[0], step.target),
+                _margin(logits[1], step.target),
+                float(kl[0]),
+                float(kl[1]),
+                lm.tokenizer.decode([top_after]),
+                broken,
+            )
+        )
     return out
 
 

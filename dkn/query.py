@@ -6,6 +6,7 @@ token itself.  Step i is conditioned on the gold answer prefix (never on the
 model's own guesses).  Causal LMs predict at the last position; masked LMs at
 the i-th mask, with the earlier masks filled by the gold tokens.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,14 +27,14 @@ class QueryError(ValueError):
 @dataclass(frozen=True)
 class Step:
     input_ids: tuple[int, ...]
-    position: int        # index into input_ids whose logits predict `target`
+    position: int  # index into input_ids whose logits predict `target`
     target: int
 
 
 @dataclass(frozen=True)
 class Query:
     prompt: str
-    answer: str          # as tokenised, e.g. " Paris" (leading space added for word-level answers)
+    answer: str  # as tokenised, e.g. " Paris" (leading space added for word-level answers)
     steps: tuple[Step, ...]
     answer_tokens: tuple[str, ...]
 
@@ -49,8 +50,9 @@ def normalise_answer(prompt: str, answer: str) -> str:
     return " " + answer
 
 
-def make_query(lm: LoadedModel, prompt: str, answer: str, max_answer_tokens: int = 16,
-               max_prompt_tokens: int | None = None) -> Query:
+def make_query(
+    lm: LoadedModel, prompt: str, answer: str, max_answer_tokens: int = 16, max_prompt_tokens: int | None = None
+) -> Query:
     """The query of one prompt/answer pair; QueryError (saying what to change) for unusable input.
     max_prompt_tokens: longest prompt accepted, default MAX_PROMPT_TOKENS."""
     if not prompt or not prompt.strip():
@@ -64,10 +66,14 @@ def make_query(lm: LoadedModel, prompt: str, answer: str, max_answer_tokens: int
     if not steps:
         raise QueryError(f"the answer {answer!r} produced no tokens with this tokenizer")
     if len(steps) > max_answer_tokens:
-        raise QueryError(f"the answer is {len(steps)} tokens long; dkn attributes answers of at most {max_answer_tokens} tokens")
+        raise QueryError(
+            f"the answer is {len(steps)} tokens long; dkn attributes answers of at most {max_answer_tokens} tokens"
+        )
     longest = max(len(s.input_ids) for s in steps)
     if longest > lm.max_length:
-        raise QueryError(f"prompt and answer take {longest} tokens but this model reads at most {lm.max_length}: shorten the prompt")
+        raise QueryError(
+            f"prompt and answer take {longest} tokens but this model reads at most {lm.max_length}: shorten the prompt"
+        )
     tokens = tuple(lm.tokenizer.decode([s.target]) for s in steps)
     return Query(prompt, answer, tuple(steps), tokens)
 
@@ -84,9 +90,11 @@ def check_prompt_length(lm: LoadedModel, prompt: str, max_prompt_tokens: int | N
         raise ValueError(f"max_prompt_tokens must be at least 1, got {limit}")
     n = prompt_tokens(lm, prompt)
     if n > limit:
-        raise QueryError(f"the prompt is {n:,} tokens long; dkn accepts prompts of at most {limit:,} tokens "
-                         "(a fact's prompt is one sentence): shorten it, or raise the limit with "
-                         "$DKN_MAX_PROMPT_TOKENS if the machine has the memory")
+        raise QueryError(
+            f"the prompt is {n:,} tokens long; dkn accepts prompts of at most {limit:,} tokens "
+            "(a fact's prompt is one sentence): shorten it, or raise the limit with "
+            "$DKN_MAX_PROMPT_TOKENS if the machine has the memory"
+        )
     return n
 
 
@@ -101,7 +109,7 @@ def _causal_steps(tokenizer, prompt: str, answer: str) -> list[Step]:
             f"the answer {answer!r} merges with the end of the prompt when tokenised, so the prompt's tokens "
             "change: end the prompt at a word boundary (no trailing space) and start the answer with a word"
         )
-    answer_ids = full_ids[len(prompt_ids):]
+    answer_ids = full_ids[len(prompt_ids) :]
     return [Step(tuple(full_ids[: len(prompt_ids) + i]), len(prompt_ids) + i - 1, t) for i, t in enumerate(answer_ids)]
 
 

@@ -13,6 +13,7 @@ bounds of one pass); the functions here turn rows into gradients and probabiliti
 With a runner (causal prompts whose answer is the last token, see dkn.forward) a row is a single token
 over the shared prefix; without one it is the whole prompt.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from dkn.hooks import edit_neurons
 from dkn.models import LoadedModel
 from dkn.query import Step
 
-Progress = Callable[[int, int], None]   # (done, total)
+Progress = Callable[[int, int], None]  # (done, total)
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,13 @@ class RowJob:
     """What every row of one answer token shares."""
 
     lm: LoadedModel
-    ids: torch.Tensor                          # [1, T] the prompt (+ gold answer prefix)
-    step: Step                                 # the answer token: its position and target id
-    site: str                                  # "post" or "pre" (see dkn.hooks)
-    acts: torch.Tensor                         # [L, d_mlp] float32 clean activations at the answer position
-    base: torch.Tensor                         # [L, d_mlp] float32 baseline
+    ids: torch.Tensor  # [1, T] the prompt (+ gold answer prefix)
+    step: Step  # the answer token: its position and target id
+    site: str  # "post" or "pre" (see dkn.hooks)
+    acts: torch.Tensor  # [L, d_mlp] float32 clean activations at the answer position
+    base: torch.Tensor  # [L, d_mlp] float32 baseline
     runner: AnswerPositionRunner | None = None
-    max_rows: int | None = None                # bounds of one pass (None: the LoadedModel's)
+    max_rows: int | None = None  # bounds of one pass (None: the LoadedModel's)
     memory_budget: int | None = None
 
     @property
@@ -52,7 +53,7 @@ class RowJob:
 def baseline_probs(job: RowJob) -> np.ndarray:
     """[L]: P(target) when layer l alone is set to its baseline at the answer position (one row per layer)."""
     layers = torch.arange(job.n_layers, device=job.acts.device)
-    logits = _row_logits(job, layers, job.base.clone())                      # [L, vocab]: row l sets layer l
+    logits = _row_logits(job, layers, job.base.clone())  # [L, vocab]: row l sets layer l
     return logits.float().softmax(-1)[layers, job.step.target].cpu().numpy()
 
 
@@ -64,8 +65,8 @@ def integrated_grads(job: RowJob, alphas: np.ndarray, weights: np.ndarray, progr
     if not np.any(alphas == 0):
         alphas, weights = np.append(alphas, 0.0), np.append(weights, 0.0)
     L, n_alpha = job.n_layers, len(alphas)
-    row_layer = np.repeat(np.arange(L), n_alpha)                             # [R]
-    row_alpha = np.tile(np.arange(n_alpha), L)                               # [R]
+    row_layer = np.repeat(np.arange(L), n_alpha)  # [R]
+    row_alpha = np.tile(np.arange(n_alpha), L)  # [R]
     at_one = np.flatnonzero(alphas == 1)
     share_clean = job.runner is not None and at_one.size > 0
     if share_clean:
@@ -78,17 +79,17 @@ def integrated_grads(job: RowJob, alphas: np.ndarray, weights: np.ndarray, progr
     acts, base = job.acts, job.base
     alphas_t = torch.tensor(alphas, dtype=acts.dtype, device=acts.device)
     weights_t = torch.tensor(weights, dtype=acts.dtype, device=acts.device)
-    grad_sum = torch.zeros_like(acts)                                        # [L, d]
+    grad_sum = torch.zeros_like(acts)  # [L, d]
     base_probs = np.zeros(L)
     zero = int(np.flatnonzero(alphas == 0)[0])
     for start in range(0, len(row_layer), rows_per_chunk):
-        layers = torch.from_numpy(row_layer[start:start + rows_per_chunk]).to(acts.device)   # [B]
-        ks = torch.from_numpy(row_alpha[start:start + rows_per_chunk]).to(acts.device)        # [B]
-        path = base[layers] + alphas_t[ks, None] * (acts[layers] - base[layers])             # [B, d]
+        layers = torch.from_numpy(row_layer[start : start + rows_per_chunk]).to(acts.device)  # [B]
+        ks = torch.from_numpy(row_alpha[start : start + rows_per_chunk]).to(acts.device)  # [B]
+        path = base[layers] + alphas_t[ks, None] * (acts[layers] - base[layers])  # [B, d]
         grads, probs, clean = _path_grads(job, layers, path, with_clean=share_clean and start == 0)  # [B, d], [B]
         grad_sum.index_add_(0, layers, weights_t[ks, None] * grads)
         if clean is not None:
-            grad_sum += weights_t[at_one[0]] * clean                                         # [L, d]
+            grad_sum += weights_t[at_one[0]] * clean  # [L, d]
         at_zero = (ks == zero).cpu().numpy()
         base_probs[layers.cpu().numpy()[at_zero]] = probs.cpu().numpy()[at_zero]
         if progress is not None:
@@ -96,8 +97,9 @@ def integrated_grads(job: RowJob, alphas: np.ndarray, weights: np.ndarray, progr
     return grad_sum, base_probs
 
 
-def reference_integrated_grads(job: RowJob, alphas: np.ndarray, weights: np.ndarray,
-                               progress: Progress | None = None) -> torch.Tensor:
+def reference_integrated_grads(
+    job: RowJob, alphas: np.ndarray, weights: np.ndarray, progress: Progress | None = None
+) -> torch.Tensor:
     """[L, d]: the plain per-layer loop: one batch of full prompts per layer, only that layer scaled."""
     grad_sum = torch.zeros_like(job.acts)
     for layer in range(job.n_layers):
@@ -109,13 +111,13 @@ def reference_integrated_grads(job: RowJob, alphas: np.ndarray, weights: np.ndar
 
 def one_layer_grads(job: RowJob, alphas: np.ndarray, weights: np.ndarray, layer: int) -> torch.Tensor:
     """[d]: sum_k w_k dP/dh(layer) at h = b + alpha_k (a - b), one batch of full prompts (no runner)."""
-    full_prompts = RowJob(job.lm, job.ids, job.step, job.site, job.acts, job.base)     # no runner
+    full_prompts = RowJob(job.lm, job.ids, job.step, job.site, job.acts, job.base)  # no runner
     acts, base = job.acts, job.base
     alphas_t = torch.tensor(alphas, dtype=acts.dtype, device=acts.device)
     weights_t = torch.tensor(weights, dtype=acts.dtype, device=acts.device)
-    path = base[layer] + alphas_t[:, None] * (acts[layer] - base[layer])        # [m, d]
+    path = base[layer] + alphas_t[:, None] * (acts[layer] - base[layer])  # [m, d]
     layers = torch.full((len(alphas),), layer, device=acts.device)
-    grads, _, _ = _path_grads(full_prompts, layers, path)                        # [m, d]
+    grads, _, _ = _path_grads(full_prompts, layers, path)  # [m, d]
     return (weights_t[:, None] * grads).sum(0)
 
 
@@ -123,15 +125,18 @@ def _path_grads(job: RowJob, layers: torch.Tensor, path: torch.Tensor, with_clea
     """Row r sets layer layers[r] to path[r] at the answer position.  Returns dP/dh there [B, d], P [B],
     and, with `with_clean` (runner only), dP/dh at the clean activations of every layer [L, d] from one
     extra row that runs the clean model with a zero added to every layer."""
-    leaf = path.detach().clone().requires_grad_(True)                       # [B, d]
-    zeros = (torch.zeros(job.n_layers, path.shape[1], dtype=path.dtype, device=path.device, requires_grad=True)
-             if with_clean else None)                                        # [L, d]
+    leaf = path.detach().clone().requires_grad_(True)  # [B, d]
+    zeros = (
+        torch.zeros(job.n_layers, path.shape[1], dtype=path.dtype, device=path.device, requires_grad=True)
+        if with_clean
+        else None
+    )  # [L, d]
     with torch.enable_grad():
-        logits = _row_logits(job, layers, leaf, zeros)                       # [B (+1), vocab]
+        logits = _row_logits(job, layers, leaf, zeros)  # [B (+1), vocab]
     target = job.step.target
-    with torch.no_grad():               # dP_t/dz_v = P_t (1[v = t] - p_v), written out: cheaper than autograd's
-        p = logits.float().softmax(-1)                                       # [B (+1), vocab]
-        prob = p[:, target].clone()                                          # [B (+1)]
+    with torch.no_grad():  # dP_t/dz_v = P_t (1[v = t] - p_v), written out: cheaper than autograd's
+        p = logits.float().softmax(-1)  # [B (+1), vocab]
+        prob = p[:, target].clone()  # [B (+1)]
         grad_logits = p.mul_(-prob[:, None])
         grad_logits[:, target] += prob
     # rows are independent, so the vector-Jacobian product gives each row its own dP_r/dh_r
@@ -146,10 +151,10 @@ def _row_logits(job: RowJob, layers: torch.Tensor, values: torch.Tensor, zeros=N
     """[B, vocab]: answer-position logits when row r sets layer layers[r] (ascending) to values[r] [B, d].
     With `zeros` [L, d] (runner only), a first extra row runs the clean model plus zeros[l] at every layer."""
     offset = 0 if zeros is None else 1
-    position = 0 if job.runner is not None else job.step.position     # runner rows are single tokens
+    position = 0 if job.runner is not None else job.step.position  # runner rows are single tokens
     edits = {}
     for layer in range(job.n_layers) if zeros is not None else torch.unique(layers).tolist():
-        rows = torch.nonzero(layers == layer).squeeze(1) + offset           # [n_l]
+        rows = torch.nonzero(layers == layer).squeeze(1) + offset  # [n_l]
         edits[layer] = _splice(rows, position, values, offset, None if zeros is None else zeros[layer])
     if job.runner is not None:
         starts = layers if zeros is None else torch.cat([layers.new_zeros(1), layers])
@@ -161,11 +166,13 @@ def _row_logits(job: RowJob, layers: torch.Tensor, values: torch.Tensor, zeros=N
 
 def _splice(rows: torch.Tensor, pos: int, values: torch.Tensor, offset: int = 0, add_to_first=None):
     """Edit: rows `rows` take values[rows - offset] at `pos`; with `add_to_first` [d], row 0 gets it added."""
-    def edit(h):                                  # h: [B, T, d]
+
+    def edit(h):  # h: [B, T, d]
         h = h.clone()
         if len(rows):
             h[rows.to(h.device), pos] = values[rows - offset].to(h.device, h.dtype)
         if add_to_first is not None:
             h[0, pos] = h[0, pos] + add_to_first.to(h.device, h.dtype)
         return h
+
     return edit

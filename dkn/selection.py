@@ -11,6 +11,7 @@ The blind spot these options answer: the threshold is relative to the *top* scor
 model a few generic neurons top the attribution of unrelated facts, so one large generic score can push
 every fact-specific neuron under t * max.  `generic_pushout` measures how often that happens.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -26,21 +27,23 @@ NEGATIVE_MODES = ("drop", "contrast")
 
 @dataclass(frozen=True)
 class KnowledgeNeurons:
-    neurons: tuple[Neuron, ...]          # sorted by mean score, highest first
-    scores: tuple[float, ...]            # mean score over the prompts, same order
-    counts: tuple[int, ...]              # in how many prompts each neuron was coarse
+    neurons: tuple[Neuron, ...]  # sorted by mean score, highest first
+    scores: tuple[float, ...]  # mean score over the prompts, same order
+    counts: tuple[int, ...]  # in how many prompts each neuron was coarse
     n_prompts: int
     t: float
     p: float
-    mean_scores: np.ndarray | None = field(default=None, compare=False, repr=False)   # [n_layers, d_mlp]
-    attributions: tuple = field(default=(), compare=False, repr=False)    # per prompt (find_knowledge_neurons)
+    mean_scores: np.ndarray | None = field(default=None, compare=False, repr=False)  # [n_layers, d_mlp]
+    attributions: tuple = field(default=(), compare=False, repr=False)  # per prompt (find_knowledge_neurons)
     negative_attributions: tuple = field(default=(), compare=False, repr=False)
     negatives: str = "drop"
     per_layer: bool = False
 
     def as_records(self) -> list[dict]:
-        return [{"layer": n.layer, "neuron": n.index, "score": s, "count": c}
-                for n, s, c in zip(self.neurons, self.scores, self.counts)]
+        return [
+            {"layer": n.layer, "neuron": n.index, "score": s, "count": c}
+            for n, s, c in zip(self.neurons, self.scores, self.counts)
+        ]
 
 
 def coarse_neurons(scores: np.ndarray, t: float = 0.2, per_layer: bool = False) -> list[Neuron]:
@@ -60,9 +63,15 @@ def contrast(scores: np.ndarray, negative_maps: Sequence[np.ndarray]) -> np.ndar
     return scores - np.mean(np.stack(negative_maps), axis=0)
 
 
-def refine(score_maps: Sequence[np.ndarray], t: float = 0.2, p: float = 0.5,
-           negative_maps: Sequence[np.ndarray] = (), *, negatives: str = "drop",
-           per_layer: bool = False) -> KnowledgeNeurons:
+def refine(
+    score_maps: Sequence[np.ndarray],
+    t: float = 0.2,
+    p: float = 0.5,
+    negative_maps: Sequence[np.ndarray] = (),
+    *,
+    negatives: str = "drop",
+    per_layer: bool = False,
+) -> KnowledgeNeurons:
     """Refined knowledge neurons of one fact from its prompts' score maps ([n_layers, d_mlp] each).
     A neuron is kept when it is coarse in more than p * n_prompts prompts (for a single prompt: its
     coarse neurons); negative maps are used as `negatives` says (see the module docstring)."""
@@ -74,20 +83,40 @@ def refine(score_maps: Sequence[np.ndarray], t: float = 0.2, p: float = 0.5,
         raise ValueError(f"unknown negatives mode {negatives!r}: use one of {', '.join(NEGATIVE_MODES)}")
     judged = [contrast(s, negative_maps) for s in score_maps] if negatives == "contrast" else list(score_maps)
     counts = Counter(n for scores in judged for n in coarse_neurons(scores, t, per_layer))
-    dropped = ({n for scores in negative_maps for n in coarse_neurons(scores, t, per_layer)}
-               if negatives == "drop" else set())
+    dropped = (
+        {n for scores in negative_maps for n in coarse_neurons(scores, t, per_layer)} if negatives == "drop" else set()
+    )
     needed = p * len(score_maps)
     kept = [n for n, c in counts.items() if c > needed and n not in dropped]
-    mean = np.mean(np.stack(score_maps), axis=0)                          # [n_layers, d_mlp]
+    mean = np.mean(np.stack(score_maps), axis=0)  # [n_layers, d_mlp]
     kept.sort(key=lambda n: -mean[n.layer, n.index])
-    return KnowledgeNeurons(tuple(kept), tuple(float(mean[n.layer, n.index]) for n in kept),
-                            tuple(counts[n] for n in kept), len(score_maps), t, p, mean_scores=mean,
-                            negatives=negatives, per_layer=per_layer)
+    return KnowledgeNeurons(
+        tuple(kept),
+        tuple(float(mean[n.layer, n.index]) for n in kept),
+        tuple(counts[n] for n in kept),
+        len(score_maps),
+        t,
+        p,
+        mean_scores=mean,
+        negatives=negatives,
+        per_layer=per_layer,
+    )
 
 
-def find_knowledge_neurons(lm, prompts: Sequence[str], answer: str, params=None, *, t: float = 0.2,
-                           p: float = 0.5, negative_prompts: Sequence[tuple[str, str]] = (), store=None,
-                           progress=None, negatives: str = "drop", per_layer: bool = False) -> KnowledgeNeurons:
+def find_knowledge_neurons(
+    lm,
+    prompts: Sequence[str],
+    answer: str,
+    params=None,
+    *,
+    t: float = 0.2,
+    p: float = 0.5,
+    negative_prompts: Sequence[tuple[str, str]] = (),
+    store=None,
+    progress=None,
+    negatives: str = "drop",
+    per_layer: bool = False,
+) -> KnowledgeNeurons:
     """Attribute each prompt (cached in `store`) and refine.  negative_prompts: (prompt, answer) pairs of
     unrelated facts.  The result carries the per-prompt attributions and the mean score map."""
     from dataclasses import replace
@@ -100,15 +129,17 @@ def find_knowledge_neurons(lm, prompts: Sequence[str], answer: str, params=None,
         sub = None if progress is None else (lambda d, n, i=i: progress(i * n + d, len(jobs) * n))
         results.append(attribute(lm, prompt, ans, params, store=store, progress=sub))
     maps = [a.scores for a in results]
-    kns = refine(maps[: len(prompts)], t, p, maps[len(prompts):], negatives=negatives, per_layer=per_layer)
-    return replace(kns, attributions=tuple(results[: len(prompts)]),
-                   negative_attributions=tuple(results[len(prompts):]))
+    kns = refine(maps[: len(prompts)], t, p, maps[len(prompts) :], negatives=negatives, per_layer=per_layer)
+    return replace(
+        kns, attributions=tuple(results[: len(prompts)]), negative_attributions=tuple(results[len(prompts) :])
+    )
 
 
 @dataclass(frozen=True)
 class Pushout:
     """How often generic neurons push fact-specific neurons under the coarse threshold (one map per fact)."""
-    generic: tuple[Neuron, ...]          # coarse in at least `share` of the facts' maps
+
+    generic: tuple[Neuron, ...]  # coarse in at least `share` of the facts' maps
     lost: tuple[tuple[Neuron, ...], ...]  # per fact: coarse once the generic neurons are left out of the max
     n_facts: int
 
@@ -128,7 +159,7 @@ def generic_pushout(fact_maps: Sequence[np.ndarray], t: float = 0.2, share: floa
     if len(fact_maps) < 2:
         raise ValueError("generic_pushout needs the maps of at least 2 different facts")
     counts = Counter(n for scores in fact_maps for n in coarse_neurons(scores, t))
-    needed = max(2.0, share * len(fact_maps))                             # never a neuron of one fact only
+    needed = max(2.0, share * len(fact_maps))  # never a neuron of one fact only
     generic = tuple(sorted(n for n, c in counts.items() if c >= needed))
     lost = []
     for scores in fact_maps:
@@ -136,6 +167,13 @@ def generic_pushout(fact_maps: Sequence[np.ndarray], t: float = 0.2, share: floa
         for n in generic:
             masked[n.layer, n.index] = -np.inf
         now = set(coarse_neurons(scores, t))
-        lost.append(tuple(sorted(n for n in coarse_neurons(np.where(np.isfinite(masked), masked, 0.0), t)
-                                 if n not in now and n not in generic)))
+        lost.append(
+            tuple(
+                sorted(
+                    n
+                    for n in coarse_neurons(np.where(np.isfinite(masked), masked, 0.0), t)
+                    if n not in now and n not in generic
+                )
+            )
+        )
     return Pushout(generic, tuple(lost), len(fact_maps))

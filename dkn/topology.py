@@ -20,19 +20,32 @@ diagonal is ignored (read as 0). Neurons are referred to by row index.
 Ties between equal distances are broken by the pair's (row, column) order, so
 every result is deterministic.
 """
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
 __all__ = [
-    "Bar", "Merge", "Component", "CLUSTERERS",
-    "check_distances", "h0_barcode", "group_barcode", "merge_tree", "clusters_at",
-    "ntc_threshold", "ntc_components", "ntc_faithful",
-    "hierarchical", "dbscan", "dbscan_eps", "kmeans",
+    "Bar",
+    "Merge",
+    "Component",
+    "CLUSTERERS",
+    "check_distances",
+    "h0_barcode",
+    "group_barcode",
+    "merge_tree",
+    "clusters_at",
+    "ntc_threshold",
+    "ntc_components",
+    "ntc_faithful",
+    "hierarchical",
+    "dbscan",
+    "dbscan_eps",
+    "kmeans",
 ]
 
 Members = tuple[int, ...]
@@ -42,6 +55,7 @@ Members = tuple[int, ...]
 @dataclass(frozen=True)
 class Bar:
     """One bar of an H0 barcode: a component alive on [birth, death)."""
+
     birth: float
     death: float  # np.inf for a component that never merges
     members: Members  # the component that dies at `death` (all of it for survivors)
@@ -50,6 +64,7 @@ class Bar:
 @dataclass(frozen=True)
 class Merge:
     """One step of the single-linkage dendrogram: `left` and `right` join at `height`."""
+
     height: float
     left: Members  # the side holding the smaller neuron index
     right: Members
@@ -62,6 +77,7 @@ class Merge:
 @dataclass(frozen=True)
 class Component:
     """A group of knowledge neurons found by NTC (a candidate BDC)."""
+
     members: Members
     birth: float  # its first internal edge
     death: float  # the distance at which it merges into something else; inf if never
@@ -283,13 +299,15 @@ def ntc_components(
             emitted.add(a[0])
         emitted.discard(b[0])
         _join_births(births, a, b, h)
-    out += [Component(c, births[c[0]], np.inf) for c in finals
-            if len(c) >= min_size and c[0] in births and c[0] not in emitted]
+    out += [
+        Component(c, births[c[0]], np.inf)
+        for c in finals
+        if len(c) >= min_size and c[0] in births and c[0] not in emitted
+    ]
     return sorted(out, key=lambda c: (-c.persistence, c.members))
 
 
-def _significant(a: Members, b: Members, h: float, births: dict[int, float],
-                 tau: float, min_size: int) -> bool:
+def _significant(a: Members, b: Members, h: float, births: dict[int, float], tau: float, min_size: int) -> bool:
     """Do groups a and b both have >= min_size members and persistence > tau at h?"""
     return all(len(m) >= min_size and m[0] in births and h - births[m[0]] > tau for m in (a, b))
 
@@ -324,8 +342,11 @@ def ntc_faithful(dist: np.ndarray, *, edge_fraction: float = 0.2, min_size: int 
     for x in range(d.shape[0]):
         groups.setdefault(_uf_find(parent, x), []).append(x)
     median_birth = float(np.median(list(birth.values())))
-    out = [Component(tuple(m), birth[r], death) for r, m in groups.items()
-           if r in birth and len(m) >= min_size and death - birth[r] > median_birth]
+    out = [
+        Component(tuple(m), birth[r], death)
+        for r, m in groups.items()
+        if r in birth and len(m) >= min_size and death - birth[r] > median_birth
+    ]
     return sorted(out, key=lambda c: (-c.persistence, c.members))
 
 
@@ -396,8 +417,9 @@ def dbscan(dist: np.ndarray, *, eps: float | None = None, min_samples: int | Non
     return _labels_to_clusters(labels)
 
 
-def kmeans(dist: np.ndarray, seed: int = 0, *, k: int | None = None,
-           n_components: int | None = None, inf_scale: float = 10.0) -> list[Members]:
+def kmeans(
+    dist: np.ndarray, seed: int = 0, *, k: int | None = None, n_components: int | None = None, inf_scale: float = 10.0
+) -> list[Members]:
     """k-means on the PCA of the distance rows.
 
     inf becomes `inf_scale` x the largest finite distance; k defaults to

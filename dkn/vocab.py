@@ -8,6 +8,7 @@ logits by U @ head(out_i) per unit of positive activation: the largest entries
 are the tokens it promotes, the smallest the ones it demotes (a logit-lens view
 of one weight vector; it ignores every later layer).
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,17 +23,18 @@ def neuron_logits(lm: LoadedModel, neuron: Neuron, through_norm: bool = True) ->
     """[vocab] float32 on the CPU: the unembedding applied to the neuron's output vector."""
     neuron = Neuron(*neuron)
     check_in_range([neuron], lm.n_layers, lm.d_mlp)
-    with lm.lock, torch.no_grad():            # the lock: "weights" interventions scale weights in place
-        vector = lm.output_vectors(neuron.layer)[neuron.index].detach().clone()   # [d_model]
+    with lm.lock, torch.no_grad():  # the lock: "weights" interventions scale weights in place
+        vector = lm.output_vectors(neuron.layer)[neuron.index].detach().clone()  # [d_model]
         if through_norm:
-            vector = lm.through_head(vector[None, None, :])[0, 0]             # as a batch of one
-        unembedding = lm.unembedding()                                         # [vocab, d_model]
-        logits = unembedding.float() @ vector.float().to(unembedding.device)    # [vocab]
+            vector = lm.through_head(vector[None, None, :])[0, 0]  # as a batch of one
+        unembedding = lm.unembedding()  # [vocab, d_model]
+        logits = unembedding.float() @ vector.float().to(unembedding.device)  # [vocab]
     return logits.cpu()
 
 
-def project_neuron(lm: LoadedModel, neuron: Neuron, k: int = 10,
-                   through_norm: bool = True) -> tuple[TokenLogits, TokenLogits]:
+def project_neuron(
+    lm: LoadedModel, neuron: Neuron, k: int = 10, through_norm: bool = True
+) -> tuple[TokenLogits, TokenLogits]:
     """(promoted, demoted): the k tokens whose logits the neuron's output vector raises most, most first,
     and the k it lowers most, lowest first; each as (decoded token, logit change per unit activation)."""
     if k < 1:
@@ -41,7 +43,7 @@ def project_neuron(lm: LoadedModel, neuron: Neuron, k: int = 10,
     k = min(k, logits.numel())
     top = logits.topk(k)
     bottom = (-logits).topk(k)
-    decode = lambda i: lm.tokenizer.decode([int(i)])   # noqa: E731
+    decode = lambda i: lm.tokenizer.decode([int(i)])  # noqa: E731
     promoted = [(decode(i), float(v)) for v, i in zip(top.values, top.indices)]
     demoted = [(decode(i), -float(v)) for v, i in zip(bottom.values, bottom.indices)]
     return promoted, demoted

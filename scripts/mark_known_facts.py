@@ -13,6 +13,7 @@ The model folder is a Hugging Face safetensors folder (config.json,
 model.safetensors, tokenizer.json), loaded with AutoModelForCausalLM /
 AutoTokenizer on the CPU in float32.
 """
+
 from __future__ import annotations
 
 import argparse

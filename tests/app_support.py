@@ -4,6 +4,7 @@ The folder links `models/` to the repository's converted default model (so nothi
 and gets its own `results.sqlite`.  Attributions the repository's own store already holds are copied
 (same key: same model fingerprint, prompt, answer, parameters and version); the rest are computed.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ safetensors under `dkn.paths.models_dir()` (`$DKN_MODELS_DIR`, else the checkout
 which does not depend on DKN_CACHE_DIR; tests that would write results get an explicit `ResultStore`
 under tmp_path (`store`) or the `isolated_cache_dir` fixture.
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 TESTS = Path(__file__).resolve().parent
-if str(TESTS) not in sys.path:          # `import tiny_models` from every test module
+if str(TESTS) not in sys.path:  # `import tiny_models` from every test module
     sys.path.insert(0, str(TESTS))
 
 
@@ -68,4 +69,5 @@ def models():
         if family not in cache:
             cache[family] = tiny_model(family)
         return cache[family]
+
     return get

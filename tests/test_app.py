@@ -3,6 +3,7 @@ heatmap and graph, toggling a BDC changes the shown probability, bad input shows
 
 Uses the real default model and a private result store seeded with the default fact (France -> Paris).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,7 @@ def cache_dir(tmp_path_factory):
         from dkn.cache import ResultStore
         from ui.state import get_model
 
-        lm = get_model("default")          # the app's own cached loader: AppTest runs share it
+        lm = get_model("default")  # the app's own cached loader: AppTest runs share it
         seed_store(lm, ResultStore(), FRANCE, "Paris")
         yield root
 
@@ -62,7 +63,7 @@ def test_explore_renders_cached_fact(app):
     assert [t.value for t in at.text_input if t.label == "Answer"] == ["Paris"]
     assert any(m.label.startswith("P(") and m.value.endswith("%") for m in at.metric)
     assert "Loaded from the cache at once" in texts(at.success)
-    assert len(charts(at)) >= 2                       # heatmap and per-layer summary
+    assert len(charts(at)) >= 2  # heatmap and per-layer summary
     heatmap = charts(at)[0].proto.spec
     assert '"heatmap"' in heatmap and "neuron %{x}" in heatmap
     assert any("Model source" == r.label for r in at.sidebar.radio)
@@ -77,9 +78,9 @@ def test_degenerate_page_shows_graph(app):
     assert any(w.label == "Clusterer" for w in at.selectbox)
     assert any(m.label == "Redundancy R" for m in at.metric)
     specs = [c.proto.spec for c in charts(at)]
-    assert any("BDC A" in s for s in specs)          # the graph colours nodes by group
-    assert len(specs) >= 2                            # graph and barcode
-    assert len(at.dataframe) >= 1                     # the candidate table
+    assert any("BDC A" in s for s in specs)  # the graph colours nodes by group
+    assert len(specs) >= 2  # graph and barcode
+    assert len(at.dataframe) >= 1  # the candidate table
 
 
 def _p_after(at) -> str:
@@ -113,12 +114,28 @@ def test_experiments_lists_reports_and_refuses_a_bad_dataset(app, cache_dir):
     import pandas as pd
 
     from dkn.experiments.runner import Report, write_report
+
     folder = cache_dir / "app-runs" / "acquisition" / "test-run"
-    write_report(folder, Report({"n_facts": 1}, tables={"t": pd.DataFrame([{"method": "ntc", "drop": 0.5}])},
-                                markdown="A test report.\n"),
-                 {"experiment": "acquisition", "model": "default", "model_label": "test model", "fingerprint": "x",
-                  "dataset": "builtin", "limit": 1, "seed": 0, "params": {}, "run_id": "r", "version": "0",
-                  "date": "2999-01-01T00:00:00", "command": "python -m dkn experiment acquisition"})
+    write_report(
+        folder,
+        Report(
+            {"n_facts": 1}, tables={"t": pd.DataFrame([{"method": "ntc", "drop": 0.5}])}, markdown="A test report.\n"
+        ),
+        {
+            "experiment": "acquisition",
+            "model": "default",
+            "model_label": "test model",
+            "fingerprint": "x",
+            "dataset": "builtin",
+            "limit": 1,
+            "seed": 0,
+            "params": {},
+            "run_id": "r",
+            "version": "0",
+            "date": "2999-01-01T00:00:00",
+            "command": "python -m dkn experiment acquisition",
+        },
+    )
     at = app.run()
     at.switch_page("pages/experiments.py").run()
     no_exceptions(at)
@@ -142,13 +159,13 @@ def test_bad_answer_shows_error(app):
     at = app.run()
     next(r for r in at.radio if r.label == "Where the fact comes from").set_value("Type your own").run()
     next(t for t in at.text_input if t.label == "Prompt").input("The capital of France is").run()
-    next(t for t in at.text_input if t.label == "Answer").input("Paris " * 20).run()   # too many tokens
+    next(t for t in at.text_input if t.label == "Answer").input("Paris " * 20).run()  # too many tokens
     no_exceptions(at)
     assert "cannot be used" in texts(at.error)
 
 
 def test_bad_model_shows_error(app):
-    app.session_state["model_name"] = os.path.join(str(REPO), "app.py")   # a file, not a model folder
+    app.session_state["model_name"] = os.path.join(str(REPO), "app.py")  # a file, not a model folder
     at = app.run()
     no_exceptions(at)
     assert "is a file" in texts(at.error) and "No model is loaded" in texts(at.error)
@@ -175,8 +192,8 @@ def test_long_prompt_refused_before_the_model_runs(app):
     at = _type_fact(app.run(), " ".join(["word"] * 3000), "Paris")
     no_exceptions(at)
     assert "tokens long" in texts(at.error) and f"at most {MAX_PROMPT_TOKENS}" in texts(at.error)
-    assert not any(b.label.startswith("Run attribution") for b in at.button)     # stopped before attribution
-    assert not at.metric                                                          # and before the prediction
+    assert not any(b.label.startswith("Run attribution") for b in at.button)  # stopped before attribution
+    assert not at.metric  # and before the prediction
 
 
 def _add_paraphrases(at, key: str, rows: list[str]):
@@ -190,8 +207,8 @@ def test_typed_paraphrases_are_used_and_do_not_pin_the_prompt_count(app):
     assert _run_label(at) == "Run attribution on 1 prompt"
     at = _add_paraphrases(at, "para_custom_0", ["Japan's capital is", "The capital city of Japan is"])
     no_exceptions(at)
-    assert _run_label(at) == "Run attribution on 3 prompts"          # was stuck at 1
-    assert "2 paraphrases: the fact has 3 prompts." in texts(at.caption)   # the count is not one edit behind
+    assert _run_label(at) == "Run attribution on 3 prompts"  # was stuck at 1
+    assert "2 paraphrases: the fact has 3 prompts." in texts(at.caption)  # the count is not one edit behind
     # a built-in fact chosen afterwards uses its paraphrases too
     next(r for r in at.radio if r.label == "Where the fact comes from").set_value("Built-in facts").run()
     assert _run_label(at) in ("Run attribution on 3 prompts", "Attribution done")
@@ -209,7 +226,7 @@ def test_multi_token_answer_lists_each_token_with_its_rank(app):
     assert "may not know this fact" not in texts(at.caption)
     table = next(d.value for d in at.dataframe if "answer token" in d.value.columns)
     assert table["answer token"].tolist()[0] == repr(" Paris")
-    assert table["rank"].tolist()[0] == 1                           # " Paris" is the model's top guess
+    assert table["rank"].tolist()[0] == 1  # " Paris" is the model's top guess
     assert len(table) >= 3 and (table["probability"] > 0).all()
 
 
@@ -217,7 +234,7 @@ def test_dataset_missing_column_named_and_stale_results_cleared(app, tmp_path):
     path = tmp_path / "facts.csv"
     path.write_text("prompt,solution\nThe capital of Japan is,Tokyo\n")
     at = app.run()
-    assert "Loaded from the cache at once" in texts(at.success)      # the France results are on screen
+    assert "Loaded from the cache at once" in texts(at.success)  # the France results are on screen
     next(r for r in at.radio if r.label == "Where the fact comes from").set_value("Dataset file").run()
     next(t for t in at.text_input if t.label == "Dataset name or file").input(str(path)).run()
     no_exceptions(at)
@@ -235,7 +252,7 @@ def test_back_to_default_model_clears_the_bad_path(app):
     assert "is a file" in texts(at.sidebar.error)
     next(b for b in at.sidebar.button if b.label == "Back to the default model").click().run()
     no_exceptions(at)
-    assert not at.error and "Loaded from the cache at once" in texts(at.success)   # the default model is back
+    assert not at.error and "Loaded from the cache at once" in texts(at.success)  # the default model is back
     # the widgets' own state: the sidebar shows "Offline default" and no longer the bad path
     assert at.session_state["model_source"] == "Offline default"
     assert at.session_state["model_text"] == ""
@@ -253,8 +270,8 @@ def test_typed_neurons_survive_a_validation_error_and_none_unticks(app):
     next(t for t in at.text_input if t.label == "Other neurons").input("L3:N7")
     next(b for b in at.button if b.label == "Add group").click().run()
     no_exceptions(at)
-    assert next(t for t in at.text_input if t.label == "Other neurons").value == ""   # added: the form empties
-    assert any(c.label.startswith("My group 1 · 1 neuron") for c in at.checkbox)     # not "1 neurons"
+    assert next(t for t in at.text_input if t.label == "Other neurons").value == ""  # added: the form empties
+    assert any(c.label.startswith("My group 1 · 1 neuron") for c in at.checkbox)  # not "1 neurons"
     for box in at.checkbox:
         box.check()
     at.run()
@@ -268,7 +285,7 @@ def test_typed_neurons_survive_a_validation_error_and_none_unticks(app):
 def test_facts_compared_flags_shared_neurons(app):
     from ui.state import Settings
 
-    app.session_state["settings"] = Settings(max_prompts=1)          # one prompt a fact: France's is seeded
+    app.session_state["settings"] = Settings(max_prompts=1)  # one prompt a fact: France's is seeded
     app.session_state["compare_facts"] = ["builtin/capital/France", "builtin/capital/Japan"]
     at = app.run()
     at.switch_page("pages/compare.py").run()
@@ -281,11 +298,11 @@ def test_facts_compared_flags_shared_neurons(app):
     table = next(d.value for d in at.dataframe if "share" in d.value.columns)
     compared = at.session_state["generic_neurons"]
     assert set(table.loc[table["generic"], "neuron"]) == {f"L{n.layer}:N{n.index}" for n in compared["neurons"]}
-    assert ((table["share"] == 1.0) == table["generic"]).all()       # 2 facts, share 0.5: generic = in both
+    assert ((table["share"] == 1.0) == table["generic"]).all()  # 2 facts, share 0.5: generic = in both
     at.switch_page("pages/explore.py").run()
     no_exceptions(at)
-    assert any("generic" in d.value.columns for d in at.dataframe)   # the knowledge-neuron table's flag
-    assert any(m.label == "Knowledge neuron of" for m in at.metric)   # the neuron detail panel
+    assert any("generic" in d.value.columns for d in at.dataframe)  # the knowledge-neuron table's flag
+    assert any(m.label == "Knowledge neuron of" for m in at.metric)  # the neuron detail panel
     assert any(m.label.startswith("Direct effect on the") for m in at.metric)
 
 
@@ -298,8 +315,8 @@ def test_per_prompt_effects_and_dose_response(app):
     next(t for t in at.toggle if t.label == "Per-prompt effects").set_value(True).run()
     no_exceptions(at)
     table = next(d.value for d in at.dataframe if "KL random" in d.value.columns)
-    assert len(table) == 3                                            # every prompt of the fact
-    assert (table["P after"] < table["P before"]).all()              # suppressing the BDCs lowers P everywhere
+    assert len(table) == 3  # every prompt of the fact
+    assert (table["P after"] < table["P before"]).all()  # suppressing the BDCs lowers P everywhere
     next(b for b in at.button if b.label == "Dose-response").click().run()
     no_exceptions(at)
     spec = next(c.proto.spec for c in charts(at) if "Dose-response" in c.proto.spec)
@@ -307,8 +324,9 @@ def test_per_prompt_effects_and_dose_response(app):
 
 
 def test_link_restores_the_view_and_follows_it(app):
-    app.query_params.update({"fact": "builtin/capital/France", "factor": "0.5", "mode": "all", "bdc": "0",
-                             "group": "L3:N7 L4:N1"})
+    app.query_params.update(
+        {"fact": "builtin/capital/France", "factor": "0.5", "mode": "all", "bdc": "0", "group": "L3:N7 L4:N1"}
+    )
     at = app.run()
     no_exceptions(at)
     at.switch_page("pages/intervene.py").run()
@@ -316,7 +334,7 @@ def test_link_restores_the_view_and_follows_it(app):
     assert next(c for c in at.checkbox if c.label.startswith("BDC A")).value
     assert next(s for s in at.slider if s.label == "Factor").value == 0.5
     assert next(r for r in at.radio if r.label == "Where").value == "all"
-    assert next(c for c in at.checkbox if c.label.startswith("My group 1")).value      # the group is back, ticked
+    assert next(c for c in at.checkbox if c.label.startswith("My group 1")).value  # the group is back, ticked
     # and the URL follows a change
     next(s for s in at.slider if s.label == "Factor").set_value(2.0).run()
     assert at.query_params["factor"] in ("2", ["2"]) and at.query_params["bdc"] in ("0", ["0"])

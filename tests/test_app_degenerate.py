@@ -3,6 +3,7 @@
 Backup discovery shows both copies, the peeling curve, each group's sufficiency, R and the interactions, and
 a verdict; NTC on the same knowledge neurons says which condition failed.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -42,7 +43,7 @@ def _page(planted, monkeypatch, clusterer: str) -> AppTest:
     monkeypatch.chdir(REPO)
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
     at.session_state["model_name"] = str(folder)
-    at.run()                                          # the Explore page picks its default fact: replace it
+    at.run()  # the Explore page picks its default fact: replace it
     at.session_state["fact"] = FactChoice(PROMPT, ANSWER, (), "custom")
     at.session_state["settings"] = Settings(steps=8, max_prompts=1)
     at.session_state["clusterer_value"] = clusterer
@@ -63,9 +64,9 @@ def test_backup_discovery_shows_both_copies_peeling_sufficiency_and_interactions
     r_value = next(m.value for m in at.metric if m.label == "Redundancy R")
     assert float(r_value) > 0.9
     specs = [c.proto.spec for c in at.get("plotly_chart")]
-    assert any("round 2" in s for s in specs)                       # the peeling curve, hover per round
-    assert any("drop with only it left" in s for s in specs)        # sufficiency bars
-    assert any("A+B" in s for s in specs)                           # the interaction plot
+    assert any("round 2" in s for s in specs)  # the peeling curve, hover per round
+    assert any("drop with only it left" in s for s in specs)  # sufficiency bars
+    assert any("A+B" in s for s in specs)  # the interaction plot
     table = at.dataframe[0].value
     assert list(table["round"]) == [1, 2] and list(table["sufficient"]) == [True, True]
     assert set(table["neurons"]) == {"L0:N0 L0:N1", "L1:N2 L1:N3"}

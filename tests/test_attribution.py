@@ -1,5 +1,6 @@
 """dkn.attribution on tiny random models of every family, against computations written here with
 plain torch hooks (never through dkn.hooks) or against dkn's own reference loop."""
+
 from __future__ import annotations
 
 import logging
@@ -21,7 +22,6 @@ PROMPT, ANSWER = "the capital of france is", "paris"
 ALL = list(FAMILY_CONFIGS)
 
 
-
 # -- plain-torch helpers --------------------------------------------------------------------------
 def _inputs(lm, prompt=PROMPT, answer=" " + ANSWER):
     """(ids [1, T], answer position, target id): causal: predict after the prompt; masked: at the mask."""
@@ -39,11 +39,13 @@ def _inputs(lm, prompt=PROMPT, answer=" " + ANSWER):
 
 def _down_hook(lm, layer, fn):
     """Register fn(h3d) -> h3d on the input of layer's down projection (plain torch hook)."""
+
     def hook(module, args):
         x = args[0]
         shape = x.shape
-        x3 = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])   # OPT: [T, d] inside the block
+        x3 = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])  # OPT: [T, d] inside the block
         return (fn(x3).reshape(shape), *args[1:])
+
     return lm.down_proj(layer).register_forward_pre_hook(hook)
 
 
@@ -65,7 +67,9 @@ def _activations(lm, ids, pos):
         def fn(h):
             acts[l] = h.detach()[0, pos].clone()
             return h
+
         return fn
+
     with torch.no_grad():
         _prob(lm, ids, pos, 0, {l: keep(l) for l in range(lm.n_layers)})
     return torch.stack([acts[l] for l in range(lm.n_layers)])
@@ -76,6 +80,7 @@ def _set_at(pos, value):
         h = h.clone()
         h[0, pos] = value
         return h
+
     return fn
 
 
@@ -88,7 +93,9 @@ def _true_gradients(lm, ids, pos, target):
             h.retain_grad()
             kept[l] = h
             return h
+
         return fn
+
     with torch.enable_grad():
         p = _prob(lm, ids, pos, target, {l: keep(l) for l in range(lm.n_layers)})
         p.backward()
@@ -167,7 +174,7 @@ def test_completeness_gap_small(models, family, rule):
     coarse = attribute(lm, PROMPT, ANSWER, AttributionParams(steps=4, rule=rule))
     fine = attribute(lm, PROMPT, ANSWER, AttributionParams(steps=64, rule=rule))
     target = _target(fine)
-    assert np.abs(target).max() > 1e-4                          # the layers matter at all
+    assert np.abs(target).max() > 1e-4  # the layers matter at all
     np.testing.assert_allclose(fine.completeness_gap, fine.scores.sum(1) - target, rtol=1e-6, atol=1e-9)
     assert np.abs(fine.completeness_gap).max() < 3e-3 * np.abs(target).max()
     assert np.abs(fine.completeness_gap).sum() < np.abs(coarse.completeness_gap).sum()
@@ -176,8 +183,10 @@ def test_completeness_gap_small(models, family, rule):
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
 def test_completeness_gap_shrinks_with_steps(models, family):
     lm = models(family)
-    gaps = [np.abs(attribute(lm, PROMPT, ANSWER, AttributionParams(steps=m, rule="trapezoid")).completeness_gap).sum()
-            for m in (2, 8, 32)]
+    gaps = [
+        np.abs(attribute(lm, PROMPT, ANSWER, AttributionParams(steps=m, rule="trapezoid")).completeness_gap).sum()
+        for m in (2, 8, 32)
+    ]
     assert gaps[0] > gaps[1] > gaps[2]
     assert gaps[2] < gaps[0] / 10
 
@@ -189,12 +198,13 @@ def test_rules_differ_but_converge(models, family):
 
     def run(rule, m):
         return attribute(lm, PROMPT, ANSWER, AttributionParams(rule=rule, steps=m)).scores
+
     limit = run("midpoint", 128)
     scale = np.abs(limit).max()
     few = {rule: run(rule, 4) for rule in rules}
     many = {rule: run(rule, 128) for rule in rules}
     for i, a in enumerate(rules):
-        for b in rules[i + 1:]:
+        for b in rules[i + 1 :]:
             assert np.abs(few[a] - few[b]).max() > 0.02 * scale, (a, b)
     for rule in rules:
         far, near = np.abs(few[rule] - limit).max(), np.abs(many[rule] - limit).max()
@@ -280,14 +290,16 @@ def test_faithful_uses_pre_activation_site(models):
     assert pre.scores.shape == post.scores.shape
     assert not np.allclose(pre.scores, post.scores, rtol=1e-2, atol=0)
     reference = attribute(lm, PROMPT, ANSWER, faithful, reference_loop=True)
-    assert _rel(pre.scores, reference.scores) < 1e-5                  # the fast path at the "pre" site too
+    assert _rel(pre.scores, reference.scores) < 1e-5  # the fast path at the "pre" site too
     # GPT-2's pre-activation hook point is mlp.c_fc's output
     c_fc = {}
 
     def keep(layer):
         def hook(module, args, out):
-            c_fc[layer] = out.detach()[0, pos].clone()      # returns None: the output is left alone
+            c_fc[layer] = out.detach()[0, pos].clone()  # returns None: the output is left alone
+
         return hook
+
     handles = [lm.blocks[l].mlp.c_fc.register_forward_hook(keep(l)) for l in range(lm.n_layers)]
     try:
         with torch.no_grad():
@@ -319,8 +331,9 @@ def test_multi_token_answer(models, family):
     assert both.prob == pytest.approx(p_new * p_york, rel=1e-5)
     first = attribute(lm, PROMPT, "new", params)
     second = attribute(lm, PROMPT + " new", "york", params)
-    np.testing.assert_allclose(both.scores, first.scores + second.scores, rtol=1e-5,
-                               atol=1e-6 * np.abs(both.scores).max())
+    np.testing.assert_allclose(
+        both.scores, first.scores + second.scores, rtol=1e-5, atol=1e-6 * np.abs(both.scores).max()
+    )
     assert both.baseline_probs.shape == (lm.n_layers, 2)
     np.testing.assert_allclose(both.baseline_probs[:, 1], second.baseline_probs[:, 0], rtol=1e-5)
     mean = attribute(lm, PROMPT, "new york", AttributionParams(steps=4, combine="mean"))
@@ -337,8 +350,9 @@ def test_masked_lm_answer_at_the_mask(models):
         logits = lm.model(input_ids=ids).logits[0]
     assert result.prob == pytest.approx(float(logits[pos].softmax(-1)[target]), rel=1e-5)
     assert result.prob != pytest.approx(float(logits[-1].softmax(-1)[target]), rel=1e-3)
-    np.testing.assert_array_equal(attribute(lm, PROMPT, ANSWER, AttributionParams(method="activation")).scores,
-                                  _activations(lm, ids, pos).numpy())
+    np.testing.assert_array_equal(
+        attribute(lm, PROMPT, ANSWER, AttributionParams(method="activation")).scores, _activations(lm, ids, pos).numpy()
+    )
 
 
 # -- cache, progress ------------------------------------------------------------------------------
@@ -353,17 +367,18 @@ def test_cache_round_trip(models, store, monkeypatch):
 
     def must_not_compute(*args, **kwargs):
         raise AssertionError("a cached result was recomputed")
+
     monkeypatch.setattr(dkn.attribution, "_compute", must_not_compute)
     second = attribute(lm, PROMPT, ANSWER, params, store=store)
     monkeypatch.setattr(dkn.attribution, "_compute", compute)
     assert not first.cached and second.cached
-    assert store.keys("attribution") == [key]           # a hit: nothing recomputed or written again
+    assert store.keys("attribution") == [key]  # a hit: nothing recomputed or written again
     np.testing.assert_array_equal(first.scores, second.scores)
     np.testing.assert_array_equal(first.baseline_probs, second.baseline_probs)
     assert second.prob == first.prob and second.token_probs == first.token_probs
     assert second.answer == first.answer and second.params == params
     other = attribute(lm, PROMPT, ANSWER, AttributionParams(steps=95), store=store)
-    assert not other.cached                     # params are part of the key
+    assert not other.cached  # params are part of the key
     assert len(store.keys("attribution")) == 2
 
 
@@ -379,7 +394,7 @@ def test_corrupt_cache_entry_is_recomputed_with_a_warning(models, store, caplog)
     assert not again.cached
     assert any("corrupt" in r.getMessage() for r in caplog.records)
     np.testing.assert_allclose(again.scores, first.scores, rtol=1e-6, atol=0)
-    third = attribute(lm, PROMPT, ANSWER, params, store=store)      # rewritten
+    third = attribute(lm, PROMPT, ANSWER, params, store=store)  # rewritten
     assert third.cached
 
 
@@ -387,8 +402,15 @@ def test_corrupt_cache_entry_is_recomputed_with_a_warning(models, store, caplog)
 def test_progress_reaches_total(models, reference_loop):
     lm = models("gpt2")
     calls = []
-    attribute(lm, PROMPT, "new york", AttributionParams(steps=5), max_rows=4, reference_loop=reference_loop,
-              progress=lambda done, total: calls.append((done, total)))
+    attribute(
+        lm,
+        PROMPT,
+        "new york",
+        AttributionParams(steps=5),
+        max_rows=4,
+        reference_loop=reference_loop,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert len(calls) > 2
     dones = [d for d, _ in calls]
     totals = {t for _, t in calls}
@@ -420,11 +442,11 @@ def test_result_does_not_change_with_the_memory_budget(models, family):
     lm = models(family)
     params = AttributionParams(steps=5, rule="linspace")
     free = attribute(lm, PROMPT, "paris new", params, memory_budget=1 << 40)
-    for budget in (1, 3 * row_bytes(lm, 1, 6)):            # one row per pass, then three
+    for budget in (1, 3 * row_bytes(lm, 1, 6)):  # one row per pass, then three
         tight = attribute(lm, PROMPT, "paris new", params, memory_budget=budget)
         np.testing.assert_allclose(tight.scores, free.scores, rtol=1e-5, atol=1e-6 * np.abs(free.scores).max())
         np.testing.assert_allclose(tight.baseline_probs, free.baseline_probs, atol=1e-6)
-    lm.memory_budget = 1                                      # the model's own default is used when none is given
+    lm.memory_budget = 1  # the model's own default is used when none is given
     try:
         by_model = attribute(lm, PROMPT, "paris new", params)
     finally:
@@ -437,9 +459,9 @@ def test_rows_per_pass_follows_the_budget_and_the_prompt_length(models):
     one = row_bytes(lm, 1, 100)
     assert rows_per_pass(lm, 1, 100, max_rows=10**6, memory_budget=7 * one) == 7
     assert rows_per_pass(lm, 1, 100, max_rows=5, memory_budget=7 * one) == 5
-    assert rows_per_pass(lm, 1, 100, max_rows=10**6, memory_budget=1) == 1     # always at least one row
-    assert row_bytes(lm, 1, 1000) > row_bytes(lm, 1, 100)                         # longer prompts: fewer rows
-    assert rows_per_pass(lm, 20, 20, max_rows=100, memory_budget=1 << 40) == 5   # full-prompt rows count tokens
+    assert rows_per_pass(lm, 1, 100, max_rows=10**6, memory_budget=1) == 1  # always at least one row
+    assert row_bytes(lm, 1, 1000) > row_bytes(lm, 1, 100)  # longer prompts: fewer rows
+    assert rows_per_pass(lm, 20, 20, max_rows=100, memory_budget=1 << 40) == 5  # full-prompt rows count tokens
     with pytest.raises(ValueError, match="positive"):
         rows_per_pass(lm, 1, 100, max_rows=0)
 
@@ -462,6 +484,7 @@ def test_shared_prefix_attention_keeps_no_per_row_copy_of_the_prefix():
     def pack(t):
         kept[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
         return t
+
     token = _PREFIX.set(cache)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -474,7 +497,7 @@ def test_shared_prefix_attention_keeps_no_per_row_copy_of_the_prefix():
     # and it is attention: against a plain softmax over [prefix, self] with each head's key/value head
     k_all = torch.cat([cache.layers[0][0].expand(B, -1, -1, -1), key], 2).repeat_interleave(H // kv, 1)
     v_all = torch.cat([cache.layers[0][1].expand(B, -1, -1, -1), value], 2).repeat_interleave(H // kv, 1)
-    expected = ((query @ k_all.transpose(2, 3)) * hd ** -0.5).softmax(-1) @ v_all            # [B, H, 1, hd]
+    expected = ((query @ k_all.transpose(2, 3)) * hd**-0.5).softmax(-1) @ v_all  # [B, H, 1, hd]
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
@@ -487,8 +510,23 @@ def test_cli_row_limits_change_nothing_and_bad_values_exit_2(tmp_path, capsys):
     folder = tmp_path / "tiny"
     lm.model.save_pretrained(folder, safe_serialization=True)
     lm.tokenizer.save_pretrained(folder)
-    base = ["attribute", "--model", str(folder), "--device", "cpu", "--prompt", PROMPT, "--answer", ANSWER,
-            "--json", "--no-cache", "--steps", "4", "--top", "5"]
+    base = [
+        "attribute",
+        "--model",
+        str(folder),
+        "--device",
+        "cpu",
+        "--prompt",
+        PROMPT,
+        "--answer",
+        ANSWER,
+        "--json",
+        "--no-cache",
+        "--steps",
+        "4",
+        "--top",
+        "5",
+    ]
     capsys.readouterr()
     assert main(base) == 0
     free = json.loads(capsys.readouterr().out)["top"]

@@ -1,4 +1,5 @@
 """dkn.backup: conditional attribution rounds find a second copy of a fact that one attribution misses."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +16,8 @@ from dkn.neurons import Neuron
 from dkn.selection import coarse_neurons
 
 PROMPT, ANSWER = "the capital of france is", "paris"
-GROUP_A = (Neuron(0, 0), Neuron(0, 1))        # layer 0, the stronger copy
-GROUP_B = (Neuron(1, 2), Neuron(1, 3))        # layer 1, the weaker copy: still enough alone
+GROUP_A = (Neuron(0, 0), Neuron(0, 1))  # layer 0, the stronger copy
+GROUP_B = (Neuron(1, 2), Neuron(1, 3))  # layer 1, the weaker copy: still enough alone
 FAST = AttributionParams(steps=8)
 
 
@@ -68,12 +69,13 @@ def test_backup_rounds_find_both_copies_where_ntc_cannot():
     kns = _knowledge_neurons(lm)
     ntc = analyse(lm, PROMPT, ANSWER, kns, params=DegeneracyParams(random_seeds=1))
     assert not ntc.degenerate
-    r = analyse(lm, PROMPT, ANSWER, kns, params=DegeneracyParams(clusterer="backup", random_seeds=1,
-                                                               backup_attribution=FAST))
+    r = analyse(
+        lm, PROMPT, ANSWER, kns, params=DegeneracyParams(clusterer="backup", random_seeds=1, backup_attribution=FAST)
+    )
     assert r.degenerate, r.verdict
     assert [set(c.members) for c in r.candidates] == [set(GROUP_A), set(GROUP_B)]
     assert [c.round for c in r.candidates] == [1, 2]
-    assert len(r.rounds) == 2 and r.rounds[1].drop_after > 0.3          # stopped when the fact was gone
+    assert len(r.rounds) == 2 and r.rounds[1].drop_after > 0.3  # stopped when the fact was gone
     assert r.peeling[0] == pytest.approx(r.prob) and r.peeling[1] > 0.95 * r.prob and r.peeling[2] < 0.1 * r.prob
     assert all(c.sufficient for c in r.candidates) and r.redundancy > 0.9
     assert r.as_json()["rounds"][1]["neurons"] == [{"layer": 1, "neuron": 2}, {"layer": 1, "neuron": 3}]
@@ -81,8 +83,13 @@ def test_backup_rounds_find_both_copies_where_ntc_cannot():
 
 def test_backup_rounds_invent_no_second_copy_for_a_single_pathway():
     lm = _stored_twice_in_two_layers(with_b=False)
-    r = analyse(lm, PROMPT, ANSWER, _knowledge_neurons(lm),
-                params=DegeneracyParams(clusterer="backup", random_seeds=1, backup_attribution=FAST))
+    r = analyse(
+        lm,
+        PROMPT,
+        ANSWER,
+        _knowledge_neurons(lm),
+        params=DegeneracyParams(clusterer="backup", random_seeds=1, backup_attribution=FAST),
+    )
     assert len(r.candidates) == 1 and set(r.candidates[0].members) == set(GROUP_A)
     assert not r.degenerate and "single group" in r.verdict
     assert len(r.rounds) == 1 and r.rounds[0].drop_after > 0.9
@@ -90,8 +97,9 @@ def test_backup_rounds_invent_no_second_copy_for_a_single_pathway():
 
 def test_backup_without_given_neurons_attributes_its_first_round():
     lm = _stored_twice_in_two_layers()
-    r = analyse(lm, PROMPT, ANSWER, (), params=DegeneracyParams(clusterer="backup", random_seeds=0,
-                                                               backup_attribution=FAST))
+    r = analyse(
+        lm, PROMPT, ANSWER, (), params=DegeneracyParams(clusterer="backup", random_seeds=0, backup_attribution=FAST)
+    )
     assert [set(c.members) for c in r.candidates] == [set(GROUP_A), set(GROUP_B)] and r.degenerate
 
 
@@ -125,8 +133,23 @@ def test_cli_dkn_json_carries_rounds_sufficiency_redundancy_and_interactions(tmp
     folder = tmp_path / "planted"
     lm.model.save_pretrained(folder, safe_serialization=True)
     lm.tokenizer.save_pretrained(folder)
-    argv = ["dkn", "--model", str(folder), "--device", "cpu", "--prompt", PROMPT, "--answer", ANSWER,
-            "--clusterer", "backup", "--json", "--no-cache", "--steps", "8"]
+    argv = [
+        "dkn",
+        "--model",
+        str(folder),
+        "--device",
+        "cpu",
+        "--prompt",
+        PROMPT,
+        "--answer",
+        ANSWER,
+        "--clusterer",
+        "backup",
+        "--json",
+        "--no-cache",
+        "--steps",
+        "8",
+    ]
     capsys.readouterr()
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
@@ -135,6 +158,6 @@ def test_cli_dkn_json_carries_rounds_sufficiency_redundancy_and_interactions(tmp
     assert [s["sufficient"] for s in out["sufficiency"]] == [True, True]
     assert out["redundancy"] > 0.9 and [i["subset"] for i in out["interactions"]] == [[0], [1], [0, 1]]
     assert out["conditions"]["together_remove_fact"] is True and out["edge"] == "static"
-    assert main(argv[:-6] + ["--clusterer", "ntc", "--no-cache", "--steps", "8"]) == 0      # the text report
+    assert main(argv[:-6] + ["--clusterer", "ntc", "--no-cache", "--steps", "8"]) == 0  # the text report
     text = capsys.readouterr().out
-    assert "redundancy R" in text and "no candidate group" in text          # IG found one copy only
+    assert "redundancy R" in text and "no candidate group" in text  # IG found one copy only

@@ -5,6 +5,7 @@ screenshots` points it at the committed results/screenshots/ to refresh them).
 
 Needs Debian's chromium (`make browser`) and the Playwright Python package; skipped without them.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,12 +23,24 @@ import pytest
 from tests.app_support import REPO, make_cache_dir
 
 CHROMIUM = "/usr/bin/chromium"
-SHOTS = Path(os.environ.get("DKN_SCREENSHOTS_DIR") or REPO / "cache" / "screenshots")   # never tracked files
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = Path(os.environ.get("DKN_SCREENSHOTS_DIR") or REPO / "cache" / "screenshots")  # never tracked files
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
-pytestmark = [pytest.mark.browser, pytest.mark.real_model, pytest.mark.slow,
-              pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="no /usr/bin/chromium: run `make browser`")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.real_model,
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="no /usr/bin/chromium: run `make browser`"),
+]
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
@@ -39,14 +52,33 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    cache = make_cache_dir(tmp_path_factory.mktemp("dkn-browser-cache"))   # empty store: attribution really runs
+    cache = make_cache_dir(tmp_path_factory.mktemp("dkn-browser-cache"))  # empty store: attribution really runs
     port = free_port()
     log = open(cache / "streamlit.log", "w")
     env = dict(os.environ, DKN_CACHE_DIR=str(cache), BROWSER_PATH=CHROMIUM)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
-         "--server.address", "localhost", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--server.address",
+            "localhost",
+            "--browser.gatherUsageStats",
+            "false",
+            "--server.fileWatcherType",
+            "none",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://localhost:{port}"
     try:
         for _ in range(120):
@@ -71,8 +103,13 @@ def server(tmp_path_factory):
 def page(tmp_path):
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, args=ARGS, headless=True, accept_downloads=True,
-            viewport={"width": 1400, "height": 1000})
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            args=ARGS,
+            headless=True,
+            accept_downloads=True,
+            viewport={"width": 1400, "height": 1000},
+        )
         try:
             yield context.pages[0] if context.pages else context.new_page()
         finally:
@@ -82,8 +119,9 @@ def page(tmp_path):
 def shot(page, name: str) -> None:
     """A screenshot of the whole page (Streamlit scrolls inside its main block, so grow the viewport)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    height = page.evaluate("() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
-                           " return m ? m.scrollHeight : 1000 }")
+    height = page.evaluate(
+        "() => { const m = document.querySelector('[data-testid=\"stMain\"]'); return m ? m.scrollHeight : 1000 }"
+    )
     page.set_viewport_size({"width": 1400, "height": max(1000, min(int(height) + 40, 8000))})
     time.sleep(1.0)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
@@ -95,8 +133,10 @@ def idle(page, timeout_s: float = 240) -> None:
     end = time.time() + timeout_s
     time.sleep(0.5)
     while time.time() < end:
-        if page.locator("[data-testid='stStatusWidget'] :text('Running')").count() == 0 and \
-                page.locator("[data-testid='stSpinner']").count() == 0:
+        if (
+            page.locator("[data-testid='stStatusWidget'] :text('Running')").count() == 0
+            and page.locator("[data-testid='stSpinner']").count() == 0
+        ):
             return
         time.sleep(0.3)
     raise AssertionError("the app kept running")
@@ -115,7 +155,7 @@ def go_to(page, title: str, marker: str, timeout_s: float = 120) -> None:
 
 def test_end_to_end(server, page):
     page.goto(server)
-    page.wait_for_selector("text=1 · The fact", timeout=180_000)          # the model loads first
+    page.wait_for_selector("text=1 · The fact", timeout=180_000)  # the model loads first
     idle(page)
 
     # pick a built-in fact
@@ -137,8 +177,8 @@ def test_end_to_end(server, page):
     run.click()
     page.wait_for_selector("text=Computed in", timeout=300_000)
     idle(page)
-    page.wait_for_selector(".st-key-fig_heatmap .main-svg", timeout=60_000)   # the heatmap, drawn
-    page.wait_for_selector(".st-key-fig_layers .main-svg", timeout=60_000)    # the per-layer summary
+    page.wait_for_selector(".st-key-fig_heatmap .main-svg", timeout=60_000)  # the heatmap, drawn
+    page.wait_for_selector(".st-key-fig_layers .main-svg", timeout=60_000)  # the per-layer summary
     shot(page, "explore")
 
     go_to(page, "Degenerate neurons", "Candidate groups")
@@ -157,7 +197,7 @@ def test_end_to_end(server, page):
     assert after < 0.5 * before, (before, after)
 
     # export the intervention figure as PNG
-    page.locator("[data-testid='stMain'] [data-testid='stPopover'] button").first.click()   # not the sidebar's
+    page.locator("[data-testid='stMain'] [data-testid='stPopover'] button").first.click()  # not the sidebar's
     with page.expect_download(timeout=120_000) as info:
         page.get_by_role("button", name="PNG image").first.click()
     data = open(info.value.path(), "rb").read()
@@ -199,16 +239,19 @@ def test_long_prompt_is_refused_and_the_server_stays_up(server, page):
         raise
     assert page.locator("text=dkn accepts prompts of at most").count() >= 1
     assert page.get_by_role("button", name=re.compile("Run attribution")).count() == 0
-    assert _health(server) == b"ok"                         # the server is alive, for every session
+    assert _health(server) == b"ok"  # the server is alive, for every session
     # and this session goes on: a short prompt works again
     _type_own(page, "The capital of France is", "Paris")
     page.wait_for_selector("text=2 · What the model predicts", timeout=120_000)
     assert page.locator("[data-testid='stException']").count() == 0
 
 
-@pytest.mark.xfail(reason="not passing yet in the browser: the two rows typed into the data editor do not reach "
-                          "the app (the AppTest test_typed_paraphrases_are_used_and_do_not_pin_the_prompt_count "
-                          "covers the behaviour)", strict=False)
+@pytest.mark.xfail(
+    reason="not passing yet in the browser: the two rows typed into the data editor do not reach "
+    "the app (the AppTest test_typed_paraphrases_are_used_and_do_not_pin_the_prompt_count "
+    "covers the behaviour)",
+    strict=False,
+)
 def test_typed_paraphrases_are_used(server, page):
     page.goto(server)
     page.wait_for_selector("text=1 · The fact", timeout=180_000)
@@ -222,8 +265,10 @@ def test_typed_paraphrases_are_used(server, page):
     grid = page.locator("[data-testid='stDataFrame']").first
     for text in ("Japan's capital is", "The capital city of Japan is"):
         grid.hover()
-        page.locator("[data-testid='stElementToolbarButton'] button[aria-label='Add row'], "
-                     "[data-testid='stElementToolbar'] button[aria-label='Add row']").first.click()
+        page.locator(
+            "[data-testid='stElementToolbarButton'] button[aria-label='Add row'], "
+            "[data-testid='stElementToolbar'] button[aria-label='Add row']"
+        ).first.click()
         time.sleep(0.5)
         page.keyboard.type(text)
         page.keyboard.press("Enter")
@@ -241,13 +286,21 @@ def test_typed_paraphrases_are_used(server, page):
 
 
 def _fresh_context(p, tmp_path, name: str):
-    return p.chromium.launch_persistent_context(str(tmp_path / name), executable_path=CHROMIUM, args=ARGS,
-                                                headless=True, viewport={"width": 1400, "height": 1000})
+    return p.chromium.launch_persistent_context(
+        str(tmp_path / name),
+        executable_path=CHROMIUM,
+        args=ARGS,
+        headless=True,
+        viewport={"width": 1400, "height": 1000},
+    )
 
 
-@pytest.mark.xfail(reason="not passing yet: on the shared machine the Intervene page did not appear within 400 s "
-                          "after the link's attribution (the AppTest test_link_restores_the_view_and_follows_it "
-                          "covers restoring)", strict=False)
+@pytest.mark.xfail(
+    reason="not passing yet: on the shared machine the Intervene page did not appear within 400 s "
+    "after the link's attribution (the AppTest test_link_restores_the_view_and_follows_it "
+    "covers restoring)",
+    strict=False,
+)
 def test_shared_link_restores_the_view_in_a_fresh_browser(server, tmp_path):
     query = "fact=builtin%2Fcapital%2FFrance&n=1&t=0.15&factor=0.5&mode=last"
     with sync_api.sync_playwright() as p:
@@ -257,11 +310,11 @@ def test_shared_link_restores_the_view_in_a_fresh_browser(server, tmp_path):
         page.wait_for_selector("text=1 · The fact", timeout=180_000)
         idle(page)
         run = page.get_by_role("button", name="Run attribution on 1 prompt")
-        if run.count():                                      # not cached yet in this server's store
+        if run.count():  # not cached yet in this server's store
             run.click()
             page.wait_for_selector("text=Computed in", timeout=300_000)
             idle(page)
-        go_to(page, "Intervene", "Effect on the answer", timeout_s=400)      # the degeneracy analysis runs first
+        go_to(page, "Intervene", "Effect on the answer", timeout_s=400)  # the degeneracy analysis runs first
         page.locator("[data-testid='stCheckbox']:has-text('BDC A') label").first.click()
         idle(page)
         time.sleep(1.0)
@@ -271,7 +324,7 @@ def test_shared_link_restores_the_view_in_a_fresh_browser(server, tmp_path):
         title = page.locator(".st-key-fig_intervention .gtitle").first.text_content()
         first.close()
 
-        fresh = _fresh_context(p, tmp_path, "fresh")            # nothing shared: a new profile
+        fresh = _fresh_context(p, tmp_path, "fresh")  # nothing shared: a new profile
         try:
             page = fresh.pages[0] if fresh.pages else fresh.new_page()
             page.goto(link)

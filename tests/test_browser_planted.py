@@ -7,6 +7,7 @@ built (`python -m dkn plant`; read only, linked into the test's private cache fo
 smaller one (one fact stored twice, no controls) into that private folder once per session.  The repository's
 own cache is never written.  Needs Debian's chromium and Playwright; skipped without them.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,10 +25,16 @@ from tests.test_browser import CHROMIUM, free_port, idle, page, percent, shot  #
 # lowers P by about 20%, not < 5%; see bench/results/degeneracy_recall.md).  Re-enable once `python -m dkn plant`
 # reports a verified degenerate fact.
 PLANTING_VERIFIES = False
-pytestmark = [pytest.mark.browser, pytest.mark.real_model, pytest.mark.slow,
-              pytest.mark.skipif(not PLANTING_VERIFIES, reason="planted default model does not verify a degenerate "
-                                 "fact yet (each pathway off still lowers P by ~20%)"),
-              pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="no /usr/bin/chromium: run `make browser`")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.real_model,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not PLANTING_VERIFIES,
+        reason="planted default model does not verify a degenerate fact yet (each pathway off still lowers P by ~20%)",
+    ),
+    pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="no /usr/bin/chromium: run `make browser`"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +48,11 @@ def planted_cache(tmp_path_factory):
     if (built / MANIFEST).exists() and (built / "model.safetensors").exists():
         (cache / "planted" / "default-twice").symlink_to(built, target_is_directory=True)
     else:
-        build_planted_default(cache / "planted" / "default-twice",
-                              PlantParams(n_degenerate=1, n_single=0, n_additive=0), log=lambda m: None)
+        build_planted_default(
+            cache / "planted" / "default-twice",
+            PlantParams(n_degenerate=1, n_single=0, n_additive=0),
+            log=lambda m: None,
+        )
     return cache
 
 
@@ -52,9 +62,28 @@ def server(planted_cache):
     log = open(planted_cache / "streamlit.log", "w")
     env = dict(os.environ, DKN_CACHE_DIR=str(planted_cache), BROWSER_PATH=CHROMIUM)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
-         "--server.address", "localhost", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--server.address",
+            "localhost",
+            "--browser.gatherUsageStats",
+            "false",
+            "--server.fileWatcherType",
+            "none",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://localhost:{port}"
     try:
         for _ in range(120):
@@ -86,8 +115,14 @@ def after(page, before: float, timeout_s: float = 60) -> float:  # noqa: F811
 def test_planted_fact_survives_each_group_and_dies_with_all(planted_cache, server, page):  # noqa: F811
     from dkn.planted import read_manifest
 
-    fact = next((f for f in read_manifest(planted_cache / "planted" / "default-twice")
-                 if f.kind == "degenerate" and f.verified), None)
+    fact = next(
+        (
+            f
+            for f in read_manifest(planted_cache / "planted" / "default-twice")
+            if f.kind == "degenerate" and f.verified
+        ),
+        None,
+    )
     assert fact is not None, "the planted model has no verified degenerate fact: rebuild it with `python -m dkn plant`"
     page.goto(server)
     page.wait_for_selector("text=1 · The fact", timeout=180_000)
@@ -97,7 +132,7 @@ def test_planted_fact_survives_each_group_and_dies_with_all(planted_cache, serve
     page.locator("[data-testid='stSidebar'] label:has-text('Planted demo (constructed)')").click()
     idle(page)
     page.get_by_role("button", name="Load model").click()
-    page.wait_for_selector("summary:has-text('Planted facts')", timeout=300_000)     # shown once it is loaded
+    page.wait_for_selector("summary:has-text('Planted facts')", timeout=300_000)  # shown once it is loaded
     idle(page)
     assert page.locator("[data-testid='stSidebar'] :text('constructed for demonstration')").count() > 0
     page.locator("summary:has-text('Planted facts')").click()
@@ -131,12 +166,12 @@ def test_planted_fact_survives_each_group_and_dies_with_all(planted_cache, serve
         page.locator(f"[data-testid='stCheckbox']:has-text('My group {i + 1} ·')").first.click()
         idle(page)
 
-    for i in range(len(fact.groups)):                          # each group alone: the fact survives
+    for i in range(len(fact.groups)):  # each group alone: the fact survives
         toggle(i)
         value = percent(page, "P(answer) after")
         assert abs(value - before) < 0.05 * before, (i, before, value)
         toggle(i)
-    for i in range(len(fact.groups)):                          # all together: it is gone
+    for i in range(len(fact.groups)):  # all together: it is gone
         toggle(i)
     gone = after(page, before)
     assert gone < 0.7 * before, (before, gone)

@@ -1,4 +1,5 @@
 """Tests for dkn.cache: the SQLite result store, against a real file in tmp_path."""
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,15 @@ def _raw(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
 
 
 def test_round_trip_meta_and_arrays(store: ResultStore) -> None:
-    meta = {"model": "SmolLM2-135M", "n": 3, "score": 0.1 + 0.2, "ok": True, "none": None,
-            "neurons": [[12, 345], [3, 7]], "nested": {"ü": "ñ", "x": [1.5, -2]}}
+    meta = {
+        "model": "SmolLM2-135M",
+        "n": 3,
+        "score": 0.1 + 0.2,
+        "ok": True,
+        "none": None,
+        "neurons": [[12, 345], [3, 7]],
+        "nested": {"ü": "ñ", "x": [1.5, -2]},
+    }
     store.put("k", meta, _arrays(), kind="ig")
     entry = store.get("k")
     assert isinstance(entry, Entry)
@@ -115,22 +123,43 @@ def test_key_is_stable_and_order_free() -> None:
 
 
 def test_key_is_stable_across_processes() -> None:
-    code = ("from dkn.cache import make_key;"
-            "print(make_key(model='m', params={'b': [1, 2.5, None], 'a': (3,)}, v='0.1'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parent.parent,
-                         env={**os.environ, "PYTHONHASHSEED": "123"})
+    code = "from dkn.cache import make_key;print(make_key(model='m', params={'b': [1, 2.5, None], 'a': (3,)}, v='0.1'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+    )
     assert out.stdout.strip() == make_key(v="0.1", params={"a": [3], "b": [1, 2.5, None]}, model="m")
 
 
-@pytest.mark.parametrize("change", [
-    {"model": "other"}, {"fingerprint": "f2"}, {"prompt": "q?"}, {"answer": "B"},
-    {"method": "ig2"}, {"params": {"steps": 21, "batch": 4}}, {"params": {"steps": 20}},
-    {"params": {"steps": 20.0, "batch": 4}}, {"version": "0.1.1"}, {"extra": None},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": "other"},
+        {"fingerprint": "f2"},
+        {"prompt": "q?"},
+        {"answer": "B"},
+        {"method": "ig2"},
+        {"params": {"steps": 21, "batch": 4}},
+        {"params": {"steps": 20}},
+        {"params": {"steps": 20.0, "batch": 4}},
+        {"version": "0.1.1"},
+        {"extra": None},
+    ],
+)
 def test_any_changed_part_changes_the_key(change: dict) -> None:
-    base = dict(model="m", fingerprint="f", prompt="q", answer="A", method="ig",
-                params={"steps": 20, "batch": 4}, version="0.1.0")
+    base = dict(
+        model="m",
+        fingerprint="f",
+        prompt="q",
+        answer="A",
+        method="ig",
+        params={"steps": 20, "batch": 4},
+        version="0.1.0",
+    )
     assert make_key(**base) != make_key(**{**base, **change})
 
 
@@ -168,11 +197,12 @@ def _corrupt(path: Path, key: str, mutate) -> None:
 
 def _flip(blob: bytes) -> bytes:
     middle = len(blob) // 2
-    return blob[:middle] + bytes(b ^ 0xFF for b in blob[middle:middle + 8]) + blob[middle + 8:]
+    return blob[:middle] + bytes(b ^ 0xFF for b in blob[middle : middle + 8]) + blob[middle + 8 :]
 
 
-@pytest.mark.parametrize("mutate", [_flip, lambda b: b[: len(b) // 3], lambda b: b""],
-                         ids=["flipped", "truncated", "emptied"])
+@pytest.mark.parametrize(
+    "mutate", [_flip, lambda b: b[: len(b) // 3], lambda b: b""], ids=["flipped", "truncated", "emptied"]
+)
 def test_corrupt_entry_is_a_miss_and_recomputed(store: ResultStore, caplog, mutate) -> None:
     store.put("k", {"v": 1}, _arrays())
     store.put("other", {"v": 2})
@@ -243,7 +273,7 @@ def test_malformed_page_moves_database_aside(tmp_path: Path, caplog) -> None:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     conn.close()
     data = bytearray(path.read_bytes())
-    data[(root - 1) * page_size:(root - 1) * page_size + 100] = b"\x55" * 100
+    data[(root - 1) * page_size : (root - 1) * page_size + 100] = b"\x55" * 100
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="dkn.cache"):
         assert ResultStore(path).get("k3") is None
@@ -279,8 +309,9 @@ def test_wal_mode(store: ResultStore) -> None:
 
 def _write_many_store(store: ResultStore, writer: int) -> None:
     for i in range(N_PER_WRITER):
-        store.put(f"w{writer}-{i}", {"writer": writer, "i": i},
-                  {"a": np.full((30, 64), i, np.float32)}, kind=f"w{writer}")
+        store.put(
+            f"w{writer}-{i}", {"writer": writer, "i": i}, {"a": np.full((30, 64), i, np.float32)}, kind=f"w{writer}"
+        )
         if i % 10 == 0:
             assert store.get(f"w{writer}-{i}") is not None
 
@@ -351,7 +382,7 @@ def test_transient_ast_error_while_parsing_is_not_corruption(store: ResultStore,
     assert entry is not None and entry.arrays["x"].tolist() == [0, 1, 2]
     assert "corrupt" not in caplog.text
     monkeypatch.setattr(cache.np, "load", real)
-    assert store.get("k") is not None   # still there
+    assert store.get("k") is not None  # still there
 
 
 # ---------------------------------------------------------------- damage and odd locations
@@ -369,7 +400,7 @@ def test_blob_column_turned_text_is_recomputed_and_replaced(store: ResultStore, 
     with caplog.at_level(logging.WARNING, logger="dkn.cache"):
         assert fresh.get("k") is None
     assert any("not a blob" in r.getMessage() for r in caplog.records)
-    assert "k" not in fresh.keys()                              # removed, not kept to fail again
+    assert "k" not in fresh.keys()  # removed, not kept to fail again
     entry, cached = fresh.get_or_compute("k", lambda: ({"v": 3}, {"x": np.arange(4)}))
     assert not cached and entry.meta == {"v": 3}
     assert fresh.get("k").meta == {"v": 3} and fresh.get("other").meta == {"v": 2}
@@ -381,11 +412,11 @@ def test_cache_folder_deleted_mid_run_is_recreated(tmp_path: Path, caplog) -> No
 
     store = ResultStore(tmp_path / "cache" / "results.sqlite")
     store.put("before", {"v": 1})
-    shutil.rmtree(tmp_path / "cache")                            # e.g. `rm -rf cache/` while a run goes on
+    shutil.rmtree(tmp_path / "cache")  # e.g. `rm -rf cache/` while a run goes on
     with caplog.at_level(logging.WARNING, logger="dkn.cache"):
         store.put("after", {"v": 2})
     assert any("deleted while in use" in r.getMessage() for r in caplog.records)
-    assert store.path.is_file()                                  # written to a real file again, not the unlinked one
+    assert store.path.is_file()  # written to a real file again, not the unlinked one
     assert ResultStore(store.path).get("after").meta == {"v": 2}
     assert store.get("before") is None
 
@@ -409,7 +440,7 @@ def test_read_only_cache_is_read_with_a_warning(where: str) -> None:
     import shutil
     import tempfile
 
-    folder = Path(tempfile.mkdtemp(prefix="dkn-ro-"))     # not under tmp_path: its parents are private to root
+    folder = Path(tempfile.mkdtemp(prefix="dkn-ro-"))  # not under tmp_path: its parents are private to root
     try:
         db = folder / "results.sqlite"
         if where == "existing":
@@ -424,8 +455,9 @@ def test_read_only_cache_is_read_with_a_warning(where: str) -> None:
                 pytest.skip("running as root without setpriv: cannot drop the permissions")
             cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
         repo = Path(__file__).resolve().parent.parent
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=repo,
-                              env=dict(os.environ, PYTHONPATH=str(repo)))
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=60, cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo))
+        )
         assert proc.returncode == 0, proc.stderr
         assert "Traceback" not in proc.stderr
         assert "cannot be written" in proc.stderr and "DKN_CACHE_DIR" in proc.stderr

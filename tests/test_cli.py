@@ -1,5 +1,6 @@
 """`python -m dkn ...` as other tools call it: a subprocess, JSON on stdout, exit status 2 and one
 line on stderr for bad arguments.  The real-model runs are few (each loads SmolLM2 in ~3-5 s)."""
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,16 @@ def dkn(*args: str, offline: bool = True, timeout: float = 240) -> subprocess.Co
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-m", "dkn", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dkn", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _usage_error(proc: subprocess.CompletedProcess, command: str, *needles: str) -> str:
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr            # one line, no traceback
+    assert len(lines) == 1, proc.stderr  # one line, no traceback
     line = lines[0]
     assert line.startswith(f"dkn {command}: error: "), line
     for needle in needles:
@@ -39,8 +41,9 @@ def _usage_error(proc: subprocess.CompletedProcess, command: str, *needles: str)
 # -- the default model --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def attributed():
-    proc = dkn("attribute", "--prompt", PROMPT, "--answer", ANSWER, "--json", "--no-cache", "--steps", "4",
-               "--top", "5")
+    proc = dkn(
+        "attribute", "--prompt", PROMPT, "--answer", ANSWER, "--json", "--no-cache", "--steps", "4", "--top", "5"
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -81,8 +84,20 @@ def test_intervene_json(attributed):
 
 @pytest.mark.real_model
 def test_neurons_json():
-    proc = dkn("neurons", "--fact-prompts", PROMPT, "Paris is the capital of France. The capital of France is",
-               "--answer", ANSWER, "--json", "--no-cache", "--steps", "1", "--p", "0.4")
+    proc = dkn(
+        "neurons",
+        "--fact-prompts",
+        PROMPT,
+        "Paris is the capital of France. The capital of France is",
+        "--answer",
+        ANSWER,
+        "--json",
+        "--no-cache",
+        "--steps",
+        "1",
+        "--p",
+        "0.4",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     records = out["knowledge_neurons"]
@@ -101,14 +116,21 @@ def test_bad_prompt_or_neuron_exits_2(default_lm, monkeypatch, capsys):
     import dkn.models
 
     monkeypatch.setattr(dkn.models, "load_model", lambda *a, **k: default_lm)
-    for argv, needle in [(["attribute", "--prompt", "", "--answer", ANSWER, "--no-cache"], "prompt is empty"),
-                         (["attribute", "--prompt", PROMPT, "--answer", " ", "--no-cache"], "answer is empty"),
-                         (["intervene", "--prompt", " ", "--answer", ANSWER, "--suppress", "1:2"], "prompt is empty"),
-                         (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--amplify", "0:1536"],
-                          "out of range")]:
+    for argv, needle in [
+        (["attribute", "--prompt", "", "--answer", ANSWER, "--no-cache"], "prompt is empty"),
+        (["attribute", "--prompt", PROMPT, "--answer", " ", "--no-cache"], "answer is empty"),
+        (["intervene", "--prompt", " ", "--answer", ANSWER, "--suppress", "1:2"], "prompt is empty"),
+        (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--amplify", "0:1536"], "out of range"),
+    ]:
         _in_process_error(capsys, argv, needle)
-    _in_process_error(capsys, ["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "3:7,30:1"],
-                      "30:1", "out of range", "layers 0..29", "neurons 0..1535")
+    _in_process_error(
+        capsys,
+        ["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "3:7,30:1"],
+        "30:1",
+        "out of range",
+        "layers 0..29",
+        "neurons 0..1535",
+    )
 
 
 # -- bad arguments that never load the default model ------------------------------------------------------
@@ -122,25 +144,45 @@ def _in_process_error(capsys, argv, *needles) -> str:
 
 
 def test_unknown_model_exits_2():
-    _usage_error(dkn("attribute", "--model", "no-such-owner/no-such-model-dkn-test", "--prompt", PROMPT,
-                     "--answer", ANSWER, "--no-cache"), "attribute", "unknown model")
+    _usage_error(
+        dkn(
+            "attribute",
+            "--model",
+            "no-such-owner/no-such-model-dkn-test",
+            "--prompt",
+            PROMPT,
+            "--answer",
+            ANSWER,
+            "--no-cache",
+        ),
+        "attribute",
+        "unknown model",
+    )
 
 
 def test_intervene_argument_errors_exit_2(capsys):
     _in_process_error(capsys, ["intervene", "--prompt", PROMPT, "--answer", ANSWER], "--suppress")
-    _in_process_error(capsys, ["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "12-345"],
-                      "cannot read neuron", "LAYER:INDEX")
-    _in_process_error(capsys, ["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "1:2",
-                               "--amplify", "3:4"], "not both")
+    _in_process_error(
+        capsys,
+        ["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "12-345"],
+        "cannot read neuron",
+        "LAYER:INDEX",
+    )
+    _in_process_error(
+        capsys,
+        ["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "1:2", "--amplify", "3:4"],
+        "not both",
+    )
 
 
 def test_argparse_errors_exit_2(capsys):
     from dkn.cli import main
 
-    for argv, needle in [(["attribute", "--prompt", PROMPT], "--answer"),
-                         (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "1:2", "--mode",
-                           "sideways"], "--mode"),
-                         (["explode"], "invalid choice")]:
+    for argv, needle in [
+        (["attribute", "--prompt", PROMPT], "--answer"),
+        (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "1:2", "--mode", "sideways"], "--mode"),
+        (["explode"], "invalid choice"),
+    ]:
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2
@@ -151,14 +193,16 @@ def test_file_instead_of_folder_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     file = tmp_path / "model.safetensors"
     file.write_bytes(b"")
-    _in_process_error(capsys, ["attribute", "--model", str(file), "--prompt", PROMPT, "--answer", ANSWER,
-                               "--no-cache"], "is a file")
+    _in_process_error(
+        capsys, ["attribute", "--model", str(file), "--prompt", PROMPT, "--answer", ANSWER, "--no-cache"], "is a file"
+    )
 
 
 def test_folder_without_model_exits_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _in_process_error(capsys, ["attribute", "--model", str(tmp_path), "--prompt", PROMPT, "--answer", ANSWER,
-                               "--no-cache"])
+    _in_process_error(
+        capsys, ["attribute", "--model", str(tmp_path), "--prompt", PROMPT, "--answer", ANSWER, "--no-cache"]
+    )
 
 
 def _tiny_folder(tmp_path) -> Path:
@@ -187,8 +231,24 @@ def test_tiny_local_folder_through_every_command(tmp_path, capsys):
     inter = json.loads(capsys.readouterr().out)
     assert inter["prob_before"] == pytest.approx(out["prob"], rel=1e-5)
     assert inter["factor"] == 3.0 and inter["mode"] == "all" and inter["prob_after"] != inter["prob_before"]
-    assert main(["neurons", *model, "--fact-prompts", "the capital of france is", "a city of france is",
-                 "--answer", "paris", "--json", "--no-cache", "--steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "neurons",
+                *model,
+                "--fact-prompts",
+                "the capital of france is",
+                "a city of france is",
+                "--answer",
+                "paris",
+                "--json",
+                "--no-cache",
+                "--steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     records = json.loads(capsys.readouterr().out)["knowledge_neurons"]
     assert all({"layer", "neuron", "score"} <= set(r) for r in records)
     _in_process_error(capsys, ["intervene", *model, *fact, "--suppress", "3:0"], "out of range", "layers 0..2")
@@ -198,26 +258,42 @@ def test_tiny_local_folder_through_every_command(tmp_path, capsys):
 def test_unreadable_model_folder_exits_2(tmp_path, capsys, damage):
     folder = _tiny_folder(tmp_path)
     (folder / damage).write_bytes(b"{ this is not what it should be" * 4)
-    _in_process_error(capsys, ["attribute", "--model", str(folder), "--device", "cpu", "--prompt",
-                               "the capital of france is", "--answer", "paris", "--no-cache"])
+    _in_process_error(
+        capsys,
+        [
+            "attribute",
+            "--model",
+            str(folder),
+            "--device",
+            "cpu",
+            "--prompt",
+            "the capital of france is",
+            "--answer",
+            "paris",
+            "--no-cache",
+        ],
+    )
 
 
 # -- bad numbers, names and paths are refused before anything loads ---------------------------------------
-@pytest.mark.parametrize("argv, needle", [
-    (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--amplify", "1:2", "--factor", "nan"], "finite"),
-    (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--amplify", "1:2", "--factor", "inf"], "finite"),
-    (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "1:2", "--factor=-inf"], "finite"),
-    (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "1:2", "--top-k", "-1"], "at least 1"),
-    (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--top", "-5"], "at least 1"),
-    (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--top", "five"], "not a whole number"),
-    (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--steps", "0"], "at least 1"),
-    (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--rule", "simpson"], "invalid choice"),
-    (["experiment", "acquisition", "--limit", "0"], "at least 1"),
-    (["experiment", "acquisition", "--limit", "-1"], "at least 1"),
-    (["experiment", "no_such_experiment"], "invalid choice"),
-    (["neurons", "--fact-prompts", PROMPT, "--answer", ANSWER, "--t", "1.5"], "between 0 and 1"),
-    (["dkn", "--prompt", PROMPT, "--answer", ANSWER, "--clusterer", "spectral"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--amplify", "1:2", "--factor", "nan"], "finite"),
+        (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--amplify", "1:2", "--factor", "inf"], "finite"),
+        (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "1:2", "--factor=-inf"], "finite"),
+        (["intervene", "--prompt", PROMPT, "--answer", ANSWER, "--suppress", "1:2", "--top-k", "-1"], "at least 1"),
+        (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--top", "-5"], "at least 1"),
+        (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--top", "five"], "not a whole number"),
+        (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--steps", "0"], "at least 1"),
+        (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--rule", "simpson"], "invalid choice"),
+        (["experiment", "acquisition", "--limit", "0"], "at least 1"),
+        (["experiment", "acquisition", "--limit", "-1"], "at least 1"),
+        (["experiment", "no_such_experiment"], "invalid choice"),
+        (["neurons", "--fact-prompts", PROMPT, "--answer", ANSWER, "--t", "1.5"], "between 0 and 1"),
+        (["dkn", "--prompt", PROMPT, "--answer", ANSWER, "--clusterer", "spectral"], "invalid choice"),
+    ],
+)
 def test_bad_numbers_and_names_are_refused(argv, needle, capsys, monkeypatch):
     import dkn.models
     from dkn.cli import main
@@ -237,8 +313,11 @@ def _no_model(*args, **kwargs):
 def test_missing_local_folder_says_no_such_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in (str(tmp_path / "nope"), "./no-such-model-folder", "~/no/such/folder"):
-        line = _in_process_error(capsys, ["attribute", "--model", name, "--prompt", PROMPT, "--answer", ANSWER,
-                                          "--no-cache"], "no such folder")
+        line = _in_process_error(
+            capsys,
+            ["attribute", "--model", name, "--prompt", PROMPT, "--answer", ANSWER, "--no-cache"],
+            "no such folder",
+        )
         assert "Hugging Face Hub" not in line
 
 
@@ -247,8 +326,9 @@ def test_dataset_errors_come_before_the_model_loads(capsys, monkeypatch):
 
     monkeypatch.setattr(dkn.models, "load_model", _no_model)
     _in_process_error(capsys, ["experiment", "acquisition", "--dataset", "no_such_dataset"], "unknown dataset")
-    _in_process_error(capsys, ["experiment", "acquisition", "--dataset", "builtin:no_such_relation"],
-                      "no built-in relation")
+    _in_process_error(
+        capsys, ["experiment", "acquisition", "--dataset", "builtin:no_such_relation"], "no built-in relation"
+    )
 
 
 def test_option_lists_match_the_library():
@@ -296,8 +376,10 @@ def _with_run(parser, run):
 
 def test_streamlit_binds_to_localhost():
     """What Streamlit itself reads from .streamlit/config.toml for a plain `streamlit run app.py`."""
-    code = "from streamlit import config; config.get_config_options(force_reparse=True); " \
-           "print(config.get_option('server.address'))"
+    code = (
+        "from streamlit import config; config.get_config_options(force_reparse=True); "
+        "print(config.get_option('server.address'))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "localhost"
@@ -340,7 +422,7 @@ def test_cached_attribute_answers_without_loading_the_model(tmp_path, capsys, mo
     again = json.loads(capsys.readouterr().out)
     assert again["cached"] is True
     assert {k: v for k, v in again.items() if k != "cached"} == {k: v for k, v in first.items() if k != "cached"}
-    assert main([*argv[:-2], "--top", "2"]) == 0                          # --top is not part of the result
+    assert main([*argv[:-2], "--top", "2"]) == 0  # --top is not part of the result
     assert json.loads(capsys.readouterr().out)["top"] == first["top"][:2]
     # a changed weight file, or another request, is a miss: it needs the model again
     config = folder / "config.json"
@@ -364,8 +446,17 @@ def test_cached_attribute_does_not_import_torch(tmp_path):
     folder = _tiny_folder(tmp_path)
     env = dict(os.environ, DKN_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     argv = ["attribute", "--model", str(folder), "--device", "cpu", *TINY_FACT, "--json", "--steps", "2"]
-    runs = [subprocess.run([sys.executable, "-c", _NO_TORCH_CHILD, *argv], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=240) for _ in range(2)]
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _NO_TORCH_CHILD, *argv],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        for _ in range(2)
+    ]
     reports = [json.loads(r.stderr.strip().splitlines()[-1]) for r in runs]
     assert reports == [{"status": 0, "torch": True}, {"status": 0, "torch": False}], [r.stderr for r in runs]
     first, second = (json.loads(r.stdout) for r in runs)

@@ -1,5 +1,6 @@
 """dkn.compare: the knowledge-neuron overlap of several facts (a planted generic neuron is flagged, a
 fact-specific one is not), and one neuron's detail on a prompt, on a tiny random llama."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,13 +18,17 @@ GENERIC, OWN = Neuron(0, 767), Neuron(12, 3)
 
 
 def test_overlap_flags_the_planted_generic_neuron_only():
-    kns = {"france": [GENERIC, OWN, Neuron(5, 1)], "japan": [GENERIC, Neuron(7, 7)],
-           "einstein": [GENERIC, Neuron(5, 1)], "eiffel": [Neuron(9, 9)]}
+    kns = {
+        "france": [GENERIC, OWN, Neuron(5, 1)],
+        "japan": [GENERIC, Neuron(7, 7)],
+        "einstein": [GENERIC, Neuron(5, 1)],
+        "eiffel": [Neuron(9, 9)],
+    }
     ov = kn_overlap(kns)
     assert ov.share[GENERIC] == pytest.approx(0.75) and ov.share[OWN] == pytest.approx(0.25)
-    assert ov.generic() == (GENERIC, Neuron(5, 1))             # in >= half the facts
+    assert ov.generic() == (GENERIC, Neuron(5, 1))  # in >= half the facts
     assert ov.generic(0.6) == (GENERIC,)
-    assert OWN not in ov.generic(0.0)                           # one fact alone is never "generic"
+    assert OWN not in ov.generic(0.0)  # one fact alone is never "generic"
     assert ov.shared.tolist()[0] == [3, 1, 2, 0]
     assert ov.jaccard[0, 2] == pytest.approx(2 / 3) and ov.jaccard[0, 3] == 0.0
     assert np.allclose(np.diag(ov.jaccard), 1.0) and (ov.shared == ov.shared.T).all()

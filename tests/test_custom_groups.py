@@ -1,5 +1,6 @@
 """dkn.custom_groups: the user's groups tested as a grid, against a random control, and as a dose-response
 curve, on a tiny random llama; each result is checked against one-at-a-time interventions."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,7 +28,7 @@ def _p(lm, neurons, factor, mode="last"):
 @pytest.mark.parametrize("mode", ["last", "all"])
 def test_grid_matches_single_interventions(lm, mode):
     grid = custom_groups.test_groups(lm, PROMPT, ANSWER, GROUPS, 0.0, mode)
-    assert len(grid.subsets) == 7 and grid.n_groups == 3                 # every non-empty subset of 3
+    assert len(grid.subsets) == 7 and grid.n_groups == 3  # every non-empty subset of 3
     for subset, p in grid.subset_probs:
         neurons = [n for i in subset for n in GROUPS[i]]
         assert p == pytest.approx(_p(lm, neurons, 0.0, mode), rel=1e-4, abs=1e-7)
@@ -51,6 +52,7 @@ def test_random_control_is_matched_and_excludes(lm):
     assert len(rc.probs) == 4
     assert rc.mean == pytest.approx(np.mean(rc.probs)) and rc.std == pytest.approx(np.std(rc.probs))
     from dkn.degeneracy import random_matched_sets
+
     for s, p in zip(random_matched_sets(lm, chosen, set(chosen) | {Neuron(0, 2)}, 4, 0), rc.probs):
         assert sorted(n.layer for n in s) == sorted(n.layer for n in chosen)
         assert not set(s) & (set(chosen) | {Neuron(0, 2)})
@@ -64,7 +66,7 @@ def test_dose_response_is_each_factor_in_turn(lm):
     assert dr.factors == (-1.0, 0.0, 1.0, 3.0) and len(dr.probs) == 2
     p0 = _p(lm, [], 1.0)
     for g, row in zip(GROUPS[:2], dr.probs):
-        assert row[2] == pytest.approx(p0, rel=1e-4)                      # factor 1 changes nothing
+        assert row[2] == pytest.approx(p0, rel=1e-4)  # factor 1 changes nothing
         for f, p in zip(dr.factors, row):
             assert p == pytest.approx(_p(lm, g, f), rel=1e-4, abs=1e-7)
     assert len(dr.table(["a", "b"])) == 8

@@ -1,4 +1,5 @@
 """The knowledge-neuron graph and the degeneracy test, on hand-built and real models."""
+
 from __future__ import annotations
 
 import json
@@ -36,13 +37,13 @@ def test_connection_strength_is_next_layers_input_read_of_this_layers_output(fam
     sources = [Neuron(0, 1), Neuron(0, 5)]
     targets = [Neuron(1, 2), Neuron(1, 7), Neuron(1, 9)]
     w = connection_strengths(lm, sources, targets, gated_input="gate")
-    down, up = lm.down_proj(0), lm.up_projs(1)[0]          # gate_proj for llama
+    down, up = lm.down_proj(0), lm.up_projs(1)[0]  # gate_proj for llama
     for a, src in enumerate(sources):
         onehot = torch.zeros(1, lm.d_mlp)
         onehot[0, src.index] = 1.0
         with torch.no_grad():
-            written = down(onehot) - down(torch.zeros(1, lm.d_mlp))       # [1, d_model], bias removed
-            read = up(written) - up(torch.zeros_like(written))             # [1, d_mlp]
+            written = down(onehot) - down(torch.zeros(1, lm.d_mlp))  # [1, d_model], bias removed
+            read = up(written) - up(torch.zeros_like(written))  # [1, d_mlp]
         for b, dst in enumerate(targets):
             assert w[a, b] == pytest.approx(float(read[0, dst.index]), rel=1e-4, abs=1e-6)
 
@@ -62,7 +63,7 @@ def test_gated_inputs_gate_up_and_both():
 
 def test_path_rule_on_a_four_layer_example():
     """Distances over gaps of 2 and 3 layers are the cheapest path through one KN per layer between."""
-    lm = tiny_model("llama")                                 # 3 layers
+    lm = tiny_model("llama")  # 3 layers
     neurons = [Neuron(0, 0), Neuron(1, 0), Neuron(1, 1), Neuron(2, 0), Neuron(0, 2)]
     g = build_graph(lm, neurons, max_span=3, edge="faithful")
     d = lambda a, b: g.distance[neurons.index(a), neurons.index(b)]
@@ -71,8 +72,8 @@ def test_path_rule_on_a_four_layer_example():
     assert d(Neuron(0, 0), Neuron(1, 0)) == pytest.approx(1 / abs(w01[0]))
     expected = min(1 / abs(w01[0]) + 1 / abs(w12[0]), 1 / abs(w01[1]) + 1 / abs(w12[1]))
     assert d(Neuron(0, 0), Neuron(2, 0)) == pytest.approx(expected)
-    assert d(Neuron(2, 0), Neuron(0, 0)) == d(Neuron(0, 0), Neuron(2, 0))           # symmetric
-    assert np.isinf(d(Neuron(0, 0), Neuron(0, 2)))                                  # same layer
+    assert d(Neuron(2, 0), Neuron(0, 0)) == d(Neuron(0, 0), Neuron(2, 0))  # symmetric
+    assert np.isinf(d(Neuron(0, 0), Neuron(0, 2)))  # same layer
     assert np.isinf(d(Neuron(1, 0), Neuron(1, 1)))
     # with max_span 1 the two-layer gap is unconnected
     assert np.isinf(build_graph(lm, neurons, max_span=1, edge="faithful").distance[0, 3])
@@ -103,7 +104,7 @@ def _redundant_model(remove_group_b: bool = False):
     with torch.no_grad():
         emb = lm.model.model.embed_tokens.weight
         emb[:] = 0.05 * torch.randn_like(emb)
-        emb[:, :4] = 0                                     # keep the four directions for our use
+        emb[:, :4] = 0  # keep the four directions for our use
         emb[last] = e_last * 3
         head = lm.model.lm_head.weight
         head[:] = 0.0
@@ -112,7 +113,7 @@ def _redundant_model(remove_group_b: bool = False):
             layer.self_attn.o_proj.weight.zero_()
             for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
                 proj.weight.zero_()
-        for group, (v_in, v_out) in enumerate([(None, v_a), (None, v_b)]):
+        for group, (_v_in, v_out) in enumerate([(None, v_a), (None, v_b)]):
             if remove_group_b and group == 1:
                 continue
             l0, l1 = lm.model.model.layers
@@ -123,6 +124,7 @@ def _redundant_model(remove_group_b: bool = False):
             l1.mlp.up_proj.weight[group] = 4 * v_out
             l1.mlp.down_proj.weight[:, group] = 2 * r_ans
     from dkn.models import wrap_model
+
     return wrap_model(lm.model, tok, name=f"redundant-{remove_group_b}")
 
 
@@ -140,9 +142,13 @@ def test_a_fact_stored_twice_is_degenerate():
     assert r.degenerate and len(r.dkn) == 2
     assert r.redundancy > 0.9 and r.excess_over_largest > 0.9
     assert r.combination == "redundant"
-    assert all(c.sufficient and c.alone_drop < 0.05 for c in r.candidates)      # each copy carries the fact
-    assert r.conditions == {"two_or_more_groups": True, "two_or_more_pass_alone": True,
-                            "together_remove_fact": True, "each_suffices": True}
+    assert all(c.sufficient and c.alone_drop < 0.05 for c in r.candidates)  # each copy carries the fact
+    assert r.conditions == {
+        "two_or_more_groups": True,
+        "two_or_more_pass_alone": True,
+        "together_remove_fact": True,
+        "each_suffices": True,
+    }
     (_, da), (_, db), (pair, dab) = r.interactions
     assert pair == (0, 1) and dab == pytest.approx(r.union_drop - da - db) and dab > 0.9
 
@@ -153,7 +159,7 @@ def test_with_one_copy_removed_the_fact_is_not_degenerate():
     assert not r.degenerate and r.dkn == ()
     assert "not degenerate" in r.verdict or "no candidate group" in r.verdict
     prob, [drop_a] = intervene_many(lm, PROMPT, ANSWER, [GROUP_A], 0.0)
-    assert (prob - drop_a) / prob > 0.3                   # group A is now necessary
+    assert (prob - drop_a) / prob > 0.3  # group A is now necessary
 
 
 def test_both_thresholds_are_enforced():
@@ -221,7 +227,7 @@ def test_fewer_than_two_neurons_gives_a_clear_result():
 
 def test_no_connected_pairs_gives_a_clear_result():
     lm = tiny_model("gpt2")
-    neurons = [Neuron(0, 1), Neuron(0, 2), Neuron(2, 3)]                            # no adjacent layers
+    neurons = [Neuron(0, 1), Neuron(0, 2), Neuron(2, 3)]  # no adjacent layers
     r = analyse(lm, PROMPT, ANSWER, neurons, params=DegeneracyParams(edge="faithful"))
     assert not r.degenerate and r.candidates == () and "no candidate group" in r.verdict
     # the residual stream links layer 0 to layer 2 directly: the static graph connects them
@@ -232,8 +238,9 @@ def test_no_connected_pairs_gives_a_clear_result():
 def test_more_bdcs_than_the_grid_allows():
     lm = tiny_model("gpt2")
     neurons = [Neuron(l, i) for l in range(3) for i in range(0, 60, 3)]
-    r = analyse(lm, PROMPT, ANSWER, neurons, params=DegeneracyParams(clusterer="kmeans", max_grid_bdcs=2,
-                                                                     random_seeds=1))
+    r = analyse(
+        lm, PROMPT, ANSWER, neurons, params=DegeneracyParams(clusterer="kmeans", max_grid_bdcs=2, random_seeds=1)
+    )
     n = len(r.candidates)
     assert n > 2 and len(r.subset_drops) == 2 * n + 1
 
@@ -248,6 +255,7 @@ def test_unknown_clusterer_is_refused():
 def test_reported_drops_are_reproduced_by_the_intervention_api(default_lm):
     prompt, answer = "The capital of France is", "Paris"
     from dkn.attribution import attribute
+
     scores = attribute(default_lm, prompt, answer).top(16)
     neurons = [n for n, _ in scores]
     r = analyse(default_lm, prompt, answer, neurons, params=DegeneracyParams(clusterer="kmeans", random_seeds=2))
@@ -270,7 +278,7 @@ def test_amig_uses_its_own_definition_and_finds_the_stored_twice_fact():
     assert r.degenerate, r.verdict
     assert len(r.dkn) == 2 and all(len(g) == 1 for g in r.dkn)
     a, b = (g[0] for g in r.dkn)
-    assert {a, b} & set(GROUP_A) and {a, b} & set(GROUP_B)          # one neuron of each copy
+    assert {a, b} & set(GROUP_A) and {a, b} & set(GROUP_B)  # one neuron of each copy
     assert "AMIG's definition" in r.extra["definition"]
 
 
@@ -285,21 +293,21 @@ def _fixed_groups(monkeypatch, groups):
     monkeypatch.setattr(degeneracy, "_candidate_groups", lambda *a, **k: (list(groups), []))
 
 
-DORMANT = [(Neuron(0, i), Neuron(1, i)) for i in range(10, 15)]       # zero weights: switching them off does nothing
+DORMANT = [(Neuron(0, i), Neuron(1, i)) for i in range(10, 15)]  # zero weights: switching them off does nothing
 
 
 def test_union_of_passing_groups_is_evaluated_beyond_the_grid(monkeypatch):
     """8 groups (> 6): the reduced grid holds singles, leave-one-outs and all, but not the union of the passing
     groups; it used to give a NaN drop and "not degenerate"."""
     lm = _redundant_model()
-    layer0 = (GROUP_A[0], GROUP_B[0])                                # both copies' first halves: fails
+    layer0 = (GROUP_A[0], GROUP_B[0])  # both copies' first halves: fails
     _fixed_groups(monkeypatch, [GROUP_A, GROUP_B, layer0, GROUP_A + GROUP_B] + DORMANT)
     r = analyse(lm, PROMPT, ANSWER, GROUP_A + GROUP_B, params=DegeneracyParams(random_seeds=1))
     passing = tuple(i for i, c in enumerate(r.candidates) if c.passed)
     assert passing == (0, 1, 4, 5, 6, 7, 8)
     assert np.isfinite(r.dkn_union_drop) and r.dkn_union_drop > 0.3
     assert r.degenerate and GROUP_A in r.dkn and GROUP_B in r.dkn
-    assert r.interactions == ()                                          # Moebius needs the full grid
+    assert r.interactions == ()  # Moebius needs the full grid
 
 
 def test_a_group_that_raises_p_is_not_harmless():
@@ -324,8 +332,9 @@ def test_sufficiency_is_reported_and_can_be_required(monkeypatch):
     assert [c.sufficient for c in loose.candidates] == [True, False, True]
     assert loose.candidates[1].alone_drop > 0.3
     assert not loose.conditions["each_suffices"] and "cannot express" in loose.verdict
-    strict = analyse(lm, PROMPT, ANSWER, GROUP_A + GROUP_B,
-                     params=DegeneracyParams(random_seeds=0, require_sufficiency=True))
+    strict = analyse(
+        lm, PROMPT, ANSWER, GROUP_A + GROUP_B, params=DegeneracyParams(random_seeds=0, require_sufficiency=True)
+    )
     assert not strict.degenerate and "cannot express" in strict.verdict
 
 
@@ -335,20 +344,29 @@ def test_moebius_interactions_by_hand():
     assert m[(0,)] == 0.1 and m[(1,)] == 0.2 and m[(2,)] == 0.0
     assert m[(0, 1)] == pytest.approx(0.2) and m[(0, 2)] == pytest.approx(0.0) and m[(1, 2)] == pytest.approx(0.1)
     assert m[(0, 1, 2)] == pytest.approx(0.9 - 0.5 - 0.1 - 0.3 + 0.1 + 0.2 + 0.0)
-    assert sum(m.values()) == pytest.approx(grid[(0, 1, 2)])             # dividends add up to v(everything)
-    assert moebius_interactions({(0,): 0.1}, 2) == []                     # incomplete grid
+    assert sum(m.values()) == pytest.approx(grid[(0, 1, 2)])  # dividends add up to v(everything)
+    assert moebius_interactions({(0,): 0.1}, 2) == []  # incomplete grid
 
 
 def test_as_json_carries_the_new_fields():
     lm = _redundant_model()
     r = analyse(lm, PROMPT, ANSWER, GROUP_A + GROUP_B, params=DegeneracyParams(random_seeds=1))
     out = r.as_json()
-    for key in ("sufficiency", "redundancy", "interactions", "rounds", "conditions", "alone_drops", "edge",
-                "excess_over_largest"):
+    for key in (
+        "sufficiency",
+        "redundancy",
+        "interactions",
+        "rounds",
+        "conditions",
+        "alone_drops",
+        "edge",
+        "excess_over_largest",
+    ):
         assert key in out
     assert out["redundancy"] == r.redundancy and len(out["interactions"]) == 3
     assert [s["sufficient"] for s in out["sufficiency"]] == [True, True]
     from dkn.cli import _dumps
+
     json.loads(_dumps(out))
 
 

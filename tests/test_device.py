@@ -9,6 +9,7 @@ catching the bug this audit fixed (`torch.zeros(L, d, requires_grad=True)` in at
 Also here: `load_model(device=..., dtype=...)` and the CLI's --device/--dtype, and half precision with
 float32 accumulation.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -39,17 +40,17 @@ def no_implicit_device():
 
 
 def test_the_guard_catches_a_tensor_made_without_a_device():
-    cpu = torch.ones(4, 3)                                   # like the model's tensors
+    cpu = torch.ones(4, 3)  # like the model's tensors
     with no_implicit_device():
-        implicit = torch.zeros(4, 3, requires_grad=True)     # the old attribution._path_grads line
+        implicit = torch.zeros(4, 3, requires_grad=True)  # the old attribution._path_grads line
         assert implicit.device.type == "meta"
         with pytest.raises((RuntimeError, NotImplementedError)):
-            cpu + implicit                                   # mixing raises
+            cpu + implicit  # mixing raises
         with pytest.raises((RuntimeError, NotImplementedError)):
-            torch.tensor([0, 1]).tolist()                    # reading one raises
-        explicit = torch.zeros(4, 3, device=cpu.device)      # the fix
+            torch.tensor([0, 1]).tolist()  # reading one raises
+        explicit = torch.zeros(4, 3, device=cpu.device)  # the fix
         assert (cpu + explicit).device == cpu.device
-    assert torch.zeros(1).device.type == "cpu"               # the guard is undone
+    assert torch.zeros(1).device.type == "cpu"  # the guard is undone
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_half_precision_weights_accumulate_in_float32(tmp_path):
     half = load_model(str(folder), device="cpu", dtype="bfloat16")
     assert next(half.model.parameters()).dtype == torch.bfloat16
     ids = torch.tensor([half.tokenizer(PROMPT)["input_ids"]])
-    assert AnswerPositionRunner(half, ids).staggered            # the fast path stays on in bf16
+    assert AnswerPositionRunner(half, ids).staggered  # the fast path stays on in bf16
     params = AttributionParams(steps=8)
     reference = attribute(full, PROMPT, ANSWER, params).scores
     scores = attribute(half, PROMPT, ANSWER, params).scores
@@ -165,8 +166,9 @@ def test_cli_device_cuda_without_a_gpu_exits_2_with_a_message(tmp_path, capsys):
     from dkn.cli import main
 
     _, folder = _saved_tiny(tmp_path)
-    code = main(["attribute", "--model", str(folder), "--device", "cuda", "--prompt", PROMPT, "--answer", ANSWER,
-                 "--no-cache"])
+    code = main(
+        ["attribute", "--model", str(folder), "--device", "cuda", "--prompt", PROMPT, "--answer", ANSWER, "--no-cache"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "no CUDA GPU" in err and "Traceback" not in err
 
@@ -177,8 +179,21 @@ def test_cli_dtype_flag_loads_half_precision(tmp_path, capsys):
     from dkn.cli import main
 
     _, folder = _saved_tiny(tmp_path)
-    args = ["attribute", "--model", str(folder), "--device", "cpu", "--prompt", PROMPT, "--answer", ANSWER,
-            "--no-cache", "--steps", "3", "--json"]
+    args = [
+        "attribute",
+        "--model",
+        str(folder),
+        "--device",
+        "cpu",
+        "--prompt",
+        PROMPT,
+        "--answer",
+        ANSWER,
+        "--no-cache",
+        "--steps",
+        "3",
+        "--json",
+    ]
     capsys.readouterr()
     assert main([*args, "--dtype", "bfloat16"]) == 0
     half = json.loads(capsys.readouterr().out)
@@ -196,11 +211,25 @@ def _dispatched_by_hand(tmp_path, family):
     blocks = lm.family.layers
     device_map = {name: "cpu" for name, _ in lm.model.named_children()}
     if family == "llama":
-        device_map = {"model.embed_tokens": "cpu", f"{blocks}.0": "cpu", f"{blocks}.1": "disk",
-                      f"{blocks}.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    else:   # gpt2
-        device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", f"{blocks}.0": "disk",
-                      f"{blocks}.1": "cpu", f"{blocks}.2": "disk", "transformer.ln_f": "cpu", "lm_head": "cpu"}
+        device_map = {
+            "model.embed_tokens": "cpu",
+            f"{blocks}.0": "cpu",
+            f"{blocks}.1": "disk",
+            f"{blocks}.2": "disk",
+            "model.norm": "cpu",
+            "model.rotary_emb": "cpu",
+            "lm_head": "cpu",
+        }
+    else:  # gpt2
+        device_map = {
+            "transformer.wte": "cpu",
+            "transformer.wpe": "cpu",
+            f"{blocks}.0": "disk",
+            f"{blocks}.1": "cpu",
+            f"{blocks}.2": "disk",
+            "transformer.ln_f": "cpu",
+            "lm_head": "cpu",
+        }
     dispatch_model(lm.model, device_map=device_map, offload_dir=str(tmp_path / f"offload-{family}"))
     return lm
 
@@ -212,17 +241,25 @@ def test_an_offloaded_model_gives_the_same_attribution_and_interventions(tmp_pat
     assert lm.dispatched and any(p.device.type == "meta" for p in lm.model.parameters())
     assert lm.device == torch.device("cpu") and lm.fingerprint == plain.fingerprint
     from dkn.models import fingerprint
-    assert fingerprint(lm.model) == plain.fingerprint          # offloaded weights are read for the fingerprint
+
+    assert fingerprint(lm.model) == plain.fingerprint  # offloaded weights are read for the fingerprint
     from dkn.forward import AnswerPositionRunner
+
     assert AnswerPositionRunner(lm, torch.tensor([lm.tokenizer(PROMPT)["input_ids"]])).staggered
-    for params in (AttributionParams(steps=4), AttributionParams(steps=3, rule="trapezoid", baseline="amig"),
-                   AttributionParams(method="grad_x_act")):
+    for params in (
+        AttributionParams(steps=4),
+        AttributionParams(steps=3, rule="trapezoid", baseline="amig"),
+        AttributionParams(method="grad_x_act"),
+    ):
         expected = attribute(plain, PROMPT, "paris new", params).scores
-        np.testing.assert_allclose(attribute(lm, PROMPT, "paris new", params).scores, expected,
-                                   rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(attribute(lm, PROMPT, "paris new", params, reference_loop=True).scores, expected,
-                                   rtol=1e-4, atol=1e-5 * np.abs(expected).max())
-    sets = [[(0, 1), (2, 3)], [(1, 0)], [(2, 5), (1, 7)]]        # neurons in offloaded and resident blocks
+        np.testing.assert_allclose(attribute(lm, PROMPT, "paris new", params).scores, expected, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            attribute(lm, PROMPT, "paris new", params, reference_loop=True).scores,
+            expected,
+            rtol=1e-4,
+            atol=1e-5 * np.abs(expected).max(),
+        )
+    sets = [[(0, 1), (2, 3)], [(1, 0)], [(2, 5), (1, 7)]]  # neurons in offloaded and resident blocks
     for mode in MODES:
         for factor in (0.0, 2.0):
             clean, probs = intervene_many(plain, PROMPT, ANSWER, sets, factor, mode)
@@ -240,12 +277,14 @@ def test_load_model_auto_dispatches_what_does_not_fit(tmp_path):
     assert lm.dispatched and any(p.device.type == "meta" for p in lm.model.parameters())
     assert lm.fingerprint == plain.fingerprint
     expected = attribute(plain, PROMPT, ANSWER, AttributionParams(steps=4)).scores
-    np.testing.assert_allclose(attribute(lm, PROMPT, ANSWER, AttributionParams(steps=4)).scores, expected,
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        attribute(lm, PROMPT, ANSWER, AttributionParams(steps=4)).scores, expected, rtol=1e-5, atol=1e-7
+    )
     for mode in MODES:
         assert intervene(lm, PROMPT, ANSWER, [(1, 3), (2, 0)], 2.0, mode).prob_after == pytest.approx(
-            intervene(plain, PROMPT, ANSWER, [(1, 3), (2, 0)], 2.0, mode).prob_after, rel=1e-4)
-    fitting = load_model(str(folder), device="auto")           # fits: one device, no accelerate hooks
+            intervene(plain, PROMPT, ANSWER, [(1, 3), (2, 0)], 2.0, mode).prob_after, rel=1e-4
+        )
+    fitting = load_model(str(folder), device="auto")  # fits: one device, no accelerate hooks
     assert not fitting.dispatched
 
 
@@ -259,6 +298,6 @@ def test_bf16_scores_correlate_with_float32_on_the_default_model(default_lm):
     full = attribute(default_lm, "The capital of France is", "Paris", params).scores
     scores = attribute(half, "The capital of France is", "Paris", params).scores
     assert scores.dtype == np.float32
-    top = np.argsort(np.abs(full), axis=None)[::-1][:200]             # the top neurons by |score|
+    top = np.argsort(np.abs(full), axis=None)[::-1][:200]  # the top neurons by |score|
     corr = np.corrcoef(full.ravel()[top], scores.ravel()[top])[0, 1]
     assert corr > 0.99, corr

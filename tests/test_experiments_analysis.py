@@ -4,6 +4,7 @@ Facts are built from the tiny vocabulary so that the model answers them (the ans
 model's own top-1 word), written to a user JSONL file and run through `run_experiment`, so the
 loader, the "known" filter, the resumable steps and the report writer are all exercised.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import pandas as pd
 import pytest
 from tiny_models import WORDS, tiny_model
 
+from dkn.datasets import DatasetError
 from dkn.experiments import enhancement, fact_checking, robustness, runner
 from dkn.experiments.conditions import CONDITIONS, ConditionParams, neuron_conditions
 from dkn.experiments.perturb import (
@@ -24,7 +26,6 @@ from dkn.experiments.perturb import (
     perturb,
     perturb_all,
 )
-from dkn.datasets import DatasetError
 
 SMALL = ConditionParams(max_neurons=10, random_seeds=2)
 GROUPS, KN, KN_SUBSET, RANDOM = "candidate groups", "knowledge neurons", "KN subset", "random matched"
@@ -33,13 +34,17 @@ PARAMS = {
     "enhancement": enhancement.Params(conditions=SMALL, bootstrap=200),
     "fact_checking": fact_checking.Params(conditions=SMALL, bootstrap=100, max_relations=3),
 }
-ITEM_FN = {"robustness": (robustness, "fact_record"), "enhancement": (enhancement, "fact_record"),
-           "fact_checking": (fact_checking, "statement_record")}
+ITEM_FN = {
+    "robustness": (robustness, "fact_record"),
+    "enhancement": (enhancement, "fact_record"),
+    "fact_checking": (fact_checking, "statement_record"),
+}
 
 
 @pytest.fixture(scope="module")
 def lm():
     import torch
+
     torch.set_num_threads(1)
     return tiny_model("gpt2")
 
@@ -57,8 +62,15 @@ def known_rows(lm, n: int, n_relations: int = 3, seed: int = 0) -> list[dict]:
         word = lm.tokenizer.decode([int(next_token_distribution(lm, prompt).argmax())]).strip()
         if word in WORDS and word not in words:
             paraphrases = [" ".join(rng.sample(words[:-1], 4) + words[-1:]), " ".join(words[1:])]
-            rows.append({"id": f"t/{len(rows)}", "subject": words[1], "relation": f"r{len(rows) % n_relations}",
-                         "prompts": [prompt] + paraphrases, "answer": word})
+            rows.append(
+                {
+                    "id": f"t/{len(rows)}",
+                    "subject": words[1],
+                    "relation": f"r{len(rows) % n_relations}",
+                    "prompts": [prompt] + paraphrases,
+                    "answer": word,
+                }
+            )
     return rows
 
 
@@ -73,8 +85,16 @@ def no_static_images(monkeypatch):
 
 
 def run(name, lm, dataset, tmp_path, store, params=None, limit=None):
-    return runner.run_experiment(name, lm, dataset, limit=limit, params=params or PARAMS[name], store=store,
-                                 out_dir=tmp_path / "out" / name, command="test")
+    return runner.run_experiment(
+        name,
+        lm,
+        dataset,
+        limit=limit,
+        params=params or PARAMS[name],
+        store=store,
+        out_dir=tmp_path / "out" / name,
+        command="test",
+    )
 
 
 # -- perturbations -------------------------------------------------------------------------------------
@@ -87,10 +107,10 @@ def test_paper_perturbations_are_deterministic_and_keep_the_cloze():
                 assert a == perturb(prompt, kind, seed, protect=["France"], answers=["Paris", "something"])
                 assert a.strip() and a != prompt
                 words, new = prompt.split(), a.split()
-                assert new[-1] == words[-1]                         # the cloze still ends where it did
-                assert "something" not in new                       # placeholder never an answer word
+                assert new[-1] == words[-1]  # the cloze still ends where it did
+                assert "something" not in new  # placeholder never an answer word
                 if "France" in words:
-                    assert "France" in new                          # the subject is kept
+                    assert "France" in new  # the subject is kept
                 assert len(new) == len(words) + {"replace": 0, "add": 1, "delete": -1}[kind]
     # different seeds give different perturbations (not always the same word)
     assert len({perturb("a b c d e f g h", "delete", s) for s in range(10)}) > 1
@@ -100,11 +120,14 @@ def test_perturbations_never_empty():
     assert perturb("Paris", "add", 0) != ""
     for kind in ("replace", "delete"):
         with pytest.raises(PerturbationError):
-            perturb("Paris", kind, 0)                                # only the last word: nothing may change
+            perturb("Paris", kind, 0)  # only the last word: nothing may change
         with pytest.raises(PerturbationError):
             perturb("France is", kind, 0, protect=["France"])
-    assert perturb_all("Paris", 0, kinds=PAPER_KINDS) == {"replace": None, "add": perturb("Paris", "add", 0),
-                                                           "delete": None}
+    assert perturb_all("Paris", 0, kinds=PAPER_KINDS) == {
+        "replace": None,
+        "add": perturb("Paris", "add", 0),
+        "delete": None,
+    }
     with pytest.raises(ValueError, match="unknown perturbation"):
         perturb("a b", "shuffle")
 
@@ -117,24 +140,30 @@ def test_conditions_differ_and_are_json(lm, store):
     rows = known_rows(lm, 5)
     with_groups = 0
     for row in rows:
-        fact = Fact(id=row["id"], subject=row["subject"], relation=row["relation"], answers=(row["answer"],),
-                    prompts=tuple(row["prompts"]), source="user")
+        fact = Fact(
+            id=row["id"],
+            subject=row["subject"],
+            relation=row["relation"],
+            answers=(row["answer"],),
+            prompts=tuple(row["prompts"]),
+            source="user",
+        )
         record = neuron_conditions(ctx, fact, SMALL)
-        assert json.loads(json.dumps(record, allow_nan=False)) == record      # exact JSON
+        assert json.loads(json.dumps(record, allow_nan=False)) == record  # exact JSON
         assert record["evaluation_prompt"] == fact.prompts[0] not in record["selection_prompts"]
         sets = record["sets"]
         kn, groups = {tuple(n) for n in sets[KN]}, {tuple(n) for n in sets[GROUPS]}
-        assert groups <= kn                                                   # candidate groups: part of the KNs
+        assert groups <= kn  # candidate groups: part of the KNs
         if not groups:
-            assert sets[KN_SUBSET] == sets[RANDOM] == []                      # nothing to match: no rows
+            assert sets[KN_SUBSET] == sets[RANDOM] == []  # nothing to match: no rows
             continue
         with_groups += 1
         assert len(sets[RANDOM]) == len(sets[KN_SUBSET]) == 2
-        for s in sets[KN_SUBSET]:                                             # size-matched subsets of the KNs
+        for s in sets[KN_SUBSET]:  # size-matched subsets of the KNs
             assert len(s) == len(groups) and {tuple(n) for n in s} <= kn
         for s in sets[RANDOM]:
             assert len(s) == len(groups) and not ({tuple(n) for n in s} & kn)
-            assert sorted(n[0] for n in s) == sorted(n[0] for n in sets[GROUPS])   # matched by layer
+            assert sorted(n[0] for n in s) == sorted(n[0] for n in sets[GROUPS])  # matched by layer
         assert sets[RANDOM][0] != sets[RANDOM][1]
         assert 0 <= record["jaccard"] <= 1 and record["baseline"] == "zero"
     assert with_groups >= 2
@@ -154,7 +183,7 @@ def test_robustness_end_to_end(lm, tmp_path, store):
     assert np.isfinite(rows["median_log_ratio"]).all() and (rows["change_%_of_median"] <= 100).all()
     by = table.set_index(["perturbation", "mode", "condition"])["median_log_ratio"]
     values = [by[("filler", "last", c)] for c in (GROUPS, RANDOM, "none")]
-    assert len({round(v, 6) for v in values}) == 3, values                    # the conditions really differ
+    assert len({round(v, 6) for v in values}) == 3, values  # the conditions really differ
     assert (table.set_index(["condition"]).loc["none", "minus_none_median"] == 0).all()
     cost = report.tables["perturbation_cost"]
     assert list(cost["perturbation"]) == list(KINDS) and cost["still_answered_%"].between(0, 100).all()
@@ -182,7 +211,7 @@ def test_enhancement_end_to_end(lm, tmp_path, store):
     table = report.tables["enhancement"]
     fails = report.tables["failing_queries"]
     assert fails["failing"].sum() > 0
-    assert (table[table["condition"] == "none"]["recovered_%"].dropna() == 0).all()   # nothing amplified
+    assert (table[table["condition"] == "none"]["recovered_%"].dropna() == 0).all()  # nothing amplified
     assert (table[table["condition"] == "none"]["median_log_gain"].dropna() == 0).all()
     rows = table[table["failing_queries"] > 0]
     assert ((rows["recovered_%"] >= 0) & (rows["recovered_%"] <= 100)).all()
@@ -198,10 +227,12 @@ def test_fact_checking_end_to_end(lm, tmp_path, store):
     report, out = run("fact_checking", lm, data, tmp_path, store)
     table = report.tables["fact_checking"].set_index("condition")
     rels = report.tables["fact_checking_relations"]
-    assert len(rels) == 3 and (rels["train"] >= 1).all() and (rels["validation"] >= 1).all() and (rels["test"] >= 1).all()
+    assert (
+        len(rels) == 3 and (rels["train"] >= 1).all() and (rels["validation"] >= 1).all() and (rels["test"] >= 1).all()
+    )
     assert set(table.index) >= {GROUPS, KN, KN_SUBSET, RANDOM, "ask", "answer probability", "always true"}
     n = report.summary["n_test_statements"]
-    assert n > 0 and report.summary["n_test_true"] == n / 2        # one true and one wrong statement per fact
+    assert n > 0 and report.summary["n_test_true"] == n / 2  # one true and one wrong statement per fact
     for c in (GROUPS, KN, RANDOM, "answer probability", "always true"):
         assert 0 <= table.loc[c, "F1"] <= 1 and table.loc[c, "F1_ci_low"] <= table.loc[c, "F1_ci_high"]
     assert table.loc["always true", "recall"] == 1
@@ -212,8 +243,16 @@ def test_fact_checking_end_to_end(lm, tmp_path, store):
 
 def test_fact_checking_uses_wrong_answers_and_splits_are_seeded(lm):
     from dkn.datasets import Fact
-    fact = Fact(id="x", subject="s", relation="r", answers=("paris",), prompts=("a b",), source="templama",
-                wrong_answers=("rome", "berlin"))
+
+    fact = Fact(
+        id="x",
+        subject="s",
+        relation="r",
+        answers=("paris",),
+        prompts=("a b",),
+        source="templama",
+        wrong_answers=("rome", "berlin"),
+    )
     assert fact_checking.wrong_candidates(fact, ["tokyo"], 1, 0) == ["rome"]
     plain = replace(fact, wrong_answers=())
     pool = ["paris", "rome", "tokyo", "Paris"]
@@ -258,10 +297,10 @@ def test_resume_after_a_crash_gives_the_same_results(name, lm, tmp_path, monkeyp
     calls.clear()
     monkeypatch.setattr(module, fn_name, counting)
     resumed, _ = run(name, lm, data, tmp_path / "b", store)
-    assert len(calls) == total - 2                                   # finished items were not recomputed
+    assert len(calls) == total - 2  # finished items were not recomputed
     for key, table in full.tables.items():
         pd.testing.assert_frame_equal(table, resumed.tables[key])
-    full.summary.pop("stage_seconds"), resumed.summary.pop("stage_seconds")     # wall times differ, by nature
+    full.summary.pop("stage_seconds"), resumed.summary.pop("stage_seconds")  # wall times differ, by nature
     assert json.dumps(full.summary, sort_keys=True) == json.dumps(resumed.summary, sort_keys=True)
 
 
@@ -282,9 +321,10 @@ def test_rows_with_missing_fields_are_skipped(lm, tmp_path, store, caplog):
 @pytest.mark.parametrize("name", ["robustness", "enhancement", "fact_checking"])
 def test_dataset_the_model_does_not_answer(name, lm, tmp_path, store):
     rows = known_rows(lm, 6)
-    for r in rows:   # replace each answer by a word the model does not put first
-        r["answer"] = next(w for w in ("madrid", "tokyo", "grass")
-                           if w != r["answer"] and w not in r["prompts"][0].split())
+    for r in rows:  # replace each answer by a word the model does not put first
+        r["answer"] = next(
+            w for w in ("madrid", "tokyo", "grass") if w != r["answer"] and w not in r["prompts"][0].split()
+        )
     data = write_jsonl(tmp_path / "unknown.jsonl", rows)
     with pytest.raises(DatasetError, match="answers none|facts the model answers"):
         run(name, lm, data, tmp_path, store)
@@ -296,4 +336,4 @@ def test_unknown_experiment_lists_the_names(lm, tmp_path, store):
     for name in ("robustness", "enhancement", "fact_checking"):
         module = runner.experiment_module(name)
         assert module.NAME == name and callable(module.run)
-        hash(module.Params())                                          # frozen
+        hash(module.Params())  # frozen

@@ -1,5 +1,6 @@
 """Neuron-restricted fine-tuning (dkn.finetune), the evolvability and complexity experiments, and the
 offline Gemma model's missing-package error.  Tiny random models only: seconds on a CPU."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -9,15 +10,14 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster on 2 cores
-
-from dkn.experiments.runner import Context, make_params, write_report
 from dkn.datasets import Fact
+from dkn.experiments.runner import Context, make_params, write_report
 from dkn.finetune import fresh_copy, neuron_masks, train_neurons
 from dkn.neurons import Neuron
 
-PAIRS = [("the capital of france is", "paris"), ("the capital of germany is", "berlin"),
-         ("the sky is", "blue")]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on 2 cores
+
+PAIRS = [("the capital of france is", "paris"), ("the capital of germany is", "berlin"), ("the sky is", "blue")]
 NEURONS = [Neuron(0, 3), Neuron(1, 7), Neuron(2, 5), Neuron(2, 6)]
 
 
@@ -26,12 +26,14 @@ def _state(lm) -> dict[str, torch.Tensor]:
 
 
 def _facts() -> list[Fact]:
-    rows = [("france", "paris", "the capital of {} is", "the capital city of {} is"),
-            ("germany", "berlin", "the capital of {} is", "the capital city of {} is"),
-            ("italy", "rome", "the capital of {} is", "the capital city of {} is"),
-            ("spain", "madrid", "the capital of {} is", "in {} the capital is"),
-            ("sky", "blue", "the {} is", "the color of the {} is"),
-            ("grass", "green", "the {} is", "the color of the {} is")]
+    rows = [
+        ("france", "paris", "the capital of {} is", "the capital city of {} is"),
+        ("germany", "berlin", "the capital of {} is", "the capital city of {} is"),
+        ("italy", "rome", "the capital of {} is", "the capital city of {} is"),
+        ("spain", "madrid", "the capital of {} is", "in {} the capital is"),
+        ("sky", "blue", "the {} is", "the color of the {} is"),
+        ("grass", "green", "the {} is", "the color of the {} is"),
+    ]
     return [Fact(f"t/{s}", s, "r", (a,), tuple(t.format(s) for t in ts), "user") for s, a, *ts in rows]
 
 
@@ -42,9 +44,11 @@ def test_only_the_chosen_neurons_slices_change(family):
     result = train_neurons(lm, PAIRS, NEURONS, steps=4, lr=1e-2, seed=0)
     after = _state(lm)
     masks = neuron_masks(lm, NEURONS)
-    expected = {"gpt2": {"mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight"},
-                "llama": {"mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"},
-                "opt": {"fc1.weight", "fc1.bias", "fc2.weight"}}[family]
+    expected = {
+        "gpt2": {"mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight"},
+        "llama": {"mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"},
+        "opt": {"fc1.weight", "fc1.bias", "fc2.weight"},
+    }[family]
     assert {re.sub(r"^.*?\.\d+\.", "", k) for k in masks} == expected
     for name, value in before.items():
         if name not in masks:
@@ -103,23 +107,31 @@ def test_evolvability_end_to_end(store, tmp_path, monkeypatch):
         return real_train(copy, facts, neurons, **kw)
 
     monkeypatch.setattr(evolvability, "train_neurons", spy)
-    params = evolvability.Params(n_new=3, n_old=2, steps=8, lrs=(1e-9, 5e-2), seeds=3,
-                                 conditions=("knowledge neurons", "random matched", "all"),
-                                 neurons=evolvability.ConditionParams(max_prompts=1, random_seeds=0, max_neurons=10,
-                                                                      held_out=False))
+    params = evolvability.Params(
+        n_new=3,
+        n_old=2,
+        steps=8,
+        lrs=(1e-9, 5e-2),
+        seeds=3,
+        conditions=("knowledge neurons", "random matched", "all"),
+        neurons=evolvability.ConditionParams(max_prompts=1, random_seeds=0, max_neurons=10, held_out=False),
+    )
     ctx = Context(lm, store, "evo-test", seed=0)
     report = evolvability.run(ctx, _facts(), params, None)
     assert report.summary["original_weights_untouched"]
     assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in original.items())
     # per condition: the two-rate sweep on seed 0, then seeds 1 and 2 at the chosen rate (seed 0 reused)
-    trained = [c for c in params.conditions if not report.tables["evolvability_runs"].query("condition == @c")
-               ["skipped"].astype(bool).any()]
+    trained = [
+        c
+        for c in params.conditions
+        if not report.tables["evolvability_runs"].query("condition == @c")["skipped"].astype(bool).any()
+    ]
     assert len(starts) == len(trained) * 4 and len(trained) >= 2
-    for state in starts:                                     # every run started from the original
+    for state in starts:  # every run started from the original
         assert all(torch.equal(state[k], original[k]) for k in original)
     sweep = report.tables["evolvability_lr_sweep"]
     assert set(sweep["lr"]) == {1e-9, 5e-2} and sweep.groupby("condition")["chosen"].sum().eq(1).all()
-    assert report.summary["chosen_lr"]["all"] == 5e-2        # a rate of 1e-9 learns nothing: never chosen
+    assert report.summary["chosen_lr"]["all"] == 5e-2  # a rate of 1e-9 learns nothing: never chosen
     runs = report.tables["evolvability_runs"]
     assert (runs[runs["condition"].isin(trained)].groupby("condition")["seed"].nunique() == 3).all()
     assert set(runs.loc[runs["condition"] == "random matched", "layers"]) != {""}
@@ -129,12 +141,24 @@ def test_evolvability_end_to_end(store, tmp_path, monkeypatch):
     trained_rows = table[table["condition"] != "none"]
     assert (trained_rows["seeds"] == 3).all() and trained_rows["lr"].notna().all()
     q_au = table[table["metric"] == "Q_au"]
-    assert (q_au["facts"] == report.summary["n_new"]).all()   # the bootstrap resamples facts, not prompts
+    assert (q_au["facts"] == report.summary["n_new"]).all()  # the bootstrap resamples facts, not prompts
     none = table[(table.condition == "none") & (table.metric == "Q_new")]["accuracy_%"].item()
-    assert none == 0.0                                       # new facts are the unknown ones
-    write_report(tmp_path / "out", report, {"experiment": "evolvability", "model_label": lm.label, "command": "x",
-                                            "fingerprint": lm.fingerprint, "dataset": "t", "limit": None,
-                                            "seed": 0, "version": "t", "date": "t"})
+    assert none == 0.0  # new facts are the unknown ones
+    write_report(
+        tmp_path / "out",
+        report,
+        {
+            "experiment": "evolvability",
+            "model_label": lm.label,
+            "command": "x",
+            "fingerprint": lm.fingerprint,
+            "dataset": "t",
+            "limit": None,
+            "seed": 0,
+            "version": "t",
+            "date": "t",
+        },
+    )
     assert (tmp_path / "out" / "evolvability_wide.csv").exists()
     # resumable: a second run takes everything from the store
     ctx2 = Context(lm, store, "evo-test", seed=0)
@@ -152,17 +176,23 @@ def test_complexity_on_two_tiny_models(store, tmp_path, monkeypatch):
         lm.model.save_pretrained(folder, safe_serialization=True)
         lm.tokenizer.save_pretrained(folder)
         folders.append(str(folder))
-    monkeypatch.setattr(complexity, "answers_correctly", lambda lm, prompt, answers: True)   # random models know nothing
+    monkeypatch.setattr(complexity, "answers_correctly", lambda lm, prompt, answers: True)  # random models know nothing
     from dkn.models import load_model
 
     ctx = Context(load_model(folders[0], device="cpu"), store, "cx-test", seed=0)
-    params = complexity.Params(models=tuple(folders),
-                               neurons=complexity.ConditionParams(max_prompts=2, random_seeds=0, max_neurons=12))
+    params = complexity.Params(
+        models=tuple(folders), neurons=complexity.ConditionParams(max_prompts=2, random_seeds=0, max_neurons=12)
+    )
     report = complexity.run(ctx, _facts(), params, 3)
     table = report.tables["complexity"]
     assert list(table["model"]) == folders and (table["facts"] == 3).all()
-    assert {"mean_dkn_neurons", "mean_bdc_size", "degeneracy_rate_%", "mean_degeneracy_index",
-            "mean_layer_span_share"} <= set(table.columns)
+    assert {
+        "mean_dkn_neurons",
+        "mean_bdc_size",
+        "degeneracy_rate_%",
+        "mean_degeneracy_index",
+        "mean_layer_span_share",
+    } <= set(table.columns)
     assert report.summary["n_facts"] == 3
 
 
@@ -180,8 +210,9 @@ def test_gemma_without_its_package_says_make_gemma(isolated_cache_dir, monkeypat
     from dkn import models
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == models.GEMMA_PACKAGE else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == models.GEMMA_PACKAGE else real(name, *a)
+    )
     with pytest.raises(models.ModelLoadError, match="make gemma"):
         models.load_model("gemma3-270m", device="cpu")
 
@@ -194,7 +225,8 @@ def test_batched_top1_matches_one_at_a_time(family):
     items = [(f.prompts[i], f.answers) for f in _facts() for i in range(2)]
     tops = []
     from dkn.evaluate import next_token_distribution
-    for prompt, _ in items:                                   # make some of them "known": ask for the top-1 word
+
+    for prompt, _ in items:  # make some of them "known": ask for the top-1 word
         tops.append((prompt, (lm.tokenizer.decode([int(next_token_distribution(lm, prompt).argmax())]).strip(),)))
     items += [t for t in tops if t[1][0]]
     assert answers_correctly_many(lm, items, batch_size=5) == [answers_correctly(lm, p, a) for p, a in items]

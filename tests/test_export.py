@@ -1,4 +1,5 @@
 """dkn.export: figures to PNG/SVG/HTML, tables to CSV/JSON, the zip with its manifest."""
+
 import io
 import json
 import re
@@ -26,7 +27,7 @@ def test_tables_csv_and_json():
 
 def test_html_is_self_contained():
     html = export.figure_html(fig()).decode()
-    assert "<html>" in html[:100] and len(html) > 1_000_000   # plotly.js inlined: opens offline
+    assert "<html>" in html[:100] and len(html) > 1_000_000  # plotly.js inlined: opens offline
     assert not re.search(r"<script[^>]+src=", html)
 
 
@@ -49,8 +50,13 @@ def test_find_browser_honours_browser_path(monkeypatch, tmp_path):
 
 
 def test_manifest_fields():
-    m = export.manifest(model={"name": "default", "label": "x", "fingerprint": "abc"}, prompt="P", answer="A",
-                        method="ig", parameters={"steps": 20})
+    m = export.manifest(
+        model={"name": "default", "label": "x", "fingerprint": "abc"},
+        prompt="P",
+        answer="A",
+        method="ig",
+        parameters={"steps": 20},
+    )
     for key in ("model", "fingerprint", "prompt", "answer", "method", "parameters", "version", "date"):
         assert key in m
     assert m["version"] == __version__ and m["fingerprint"] == "abc"
@@ -67,8 +73,14 @@ def test_png_svg_and_zip_with_a_real_browser():
     data = export.export_zip({"bars": fig()}, {"t": TABLE}, export.manifest(prompt="p"), images=True)
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         names = set(zf.namelist())
-        assert {"figures/bars.png", "figures/bars.svg", "figures/bars.html", "tables/t.csv", "tables/t.json",
-                "manifest.json"} <= names
+        assert {
+            "figures/bars.png",
+            "figures/bars.svg",
+            "figures/bars.html",
+            "tables/t.csv",
+            "tables/t.json",
+            "manifest.json",
+        } <= names
         assert set(json.loads(zf.read("manifest.json"))["files"]) == names
 
 
@@ -90,13 +102,27 @@ def test_one_json_sanitiser_everywhere():
 
     assert conditions.jsonable is jsonsafe.jsonable and runner.jsonable is jsonsafe.jsonable
     assert export.jsonable is jsonsafe.jsonable
-    value = {1: (np.float32(0.5), float("nan"), np.inf), "a": np.arange(3), "p": Params(), "path": Path("/x"),
-             "flag": np.bool_(True), "n": np.int64(7), "s": {2, 1}}
+    value = {
+        1: (np.float32(0.5), float("nan"), np.inf),
+        "a": np.arange(3),
+        "p": Params(),
+        "path": Path("/x"),
+        "flag": np.bool_(True),
+        "n": np.int64(7),
+        "s": {2, 1},
+    }
     clean = jsonsafe.jsonable(value)
-    assert clean == {"1": [0.5, None, None], "a": [0, 1, 2], "p": {"steps": 3, "models": ["a", "b"]}, "path": "/x",
-                     "flag": True, "n": 7, "s": [1, 2]}
+    assert clean == {
+        "1": [0.5, None, None],
+        "a": [0, 1, 2],
+        "p": {"steps": 3, "models": ["a", "b"]},
+        "path": "/x",
+        "flag": True,
+        "n": 7,
+        "s": [1, 2],
+    }
     assert type(clean["n"]) is int and type(clean["flag"]) is bool
     assert json.loads(cli._dumps(value)) == clean
     with pytest.raises(TypeError):
         jsonsafe.jsonable(object())
-    assert jsonsafe.dumps({"o": object()}).startswith('{"o": "<object')    # the CLI's default=str
+    assert jsonsafe.dumps({"o": object()}).startswith('{"o": "<object')  # the CLI's default=str

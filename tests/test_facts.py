@@ -1,5 +1,6 @@
 """Facts: the Fact type, our built-in facts, and loaders on the real datasets
 in ../shared/data (or $DKN_DATA)."""
+
 from __future__ import annotations
 
 import csv
@@ -220,8 +221,12 @@ def test_user_csv_round_trip_with_pipes(tmp_path):
 
 def test_bad_rows_are_skipped_with_a_warning_or_raise_when_strict(tmp_path, caplog):
     p = tmp_path / "bad.jsonl"
-    rows = [FACTS[0], {"prompt": "The capital of Spain is"}, {"answer": "Rome"},
-            {"prompt": "Berlin is in", "answer": "Germany"}]
+    rows = [
+        FACTS[0],
+        {"prompt": "The capital of Spain is"},
+        {"answer": "Rome"},
+        {"prompt": "Berlin is in", "answer": "Germany"},
+    ]
     p.write_text("\n".join(json.dumps(r) for r in rows))
     with caplog.at_level(logging.WARNING, logger="dkn.datasets"):
         facts = load_user_file(p)
@@ -247,9 +252,7 @@ def test_bad_rows_in_dataset_files(tmp_path):
         '{"pattern": "The capital of [X] is [Y] ."}\n{"pattern": "[X] has its capital in [Y]."}\n'
         '{"pattern": "[Y] is the capital of [X]."}\n'
     )
-    (root / "facts" / "P36.jsonl").write_text(
-        '{"sub_label": "France", "obj_label": "Paris"}\n{"sub_label": "Spain"}\n'
-    )
+    (root / "facts" / "P36.jsonl").write_text('{"sub_label": "France", "obj_label": "Paris"}\n{"sub_label": "Spain"}\n')
     facts = load_pararel(root)
     assert len(facts) == 1 and facts[0].prompts == ("The capital of France is", "France has its capital in")
     with pytest.raises(DatasetError, match=r"P36.jsonl: line 2: missing field 'obj_label'"):
@@ -258,7 +261,7 @@ def test_bad_rows_in_dataset_files(tmp_path):
 
 def test_corrupt_json_names_the_line(tmp_path):
     p = tmp_path / "broken.jsonl"
-    p.write_text(json.dumps(FACTS[0]) + "\n" + json.dumps(FACTS[1]) + "\n{\"prompt\": \"oops\",\n")
+    p.write_text(json.dumps(FACTS[0]) + "\n" + json.dumps(FACTS[1]) + '\n{"prompt": "oops",\n')
     with pytest.raises(DatasetError, match="line 3"):
         load_dataset(p)
     q = tmp_path / "broken.json"
@@ -291,7 +294,9 @@ def test_named_sources_come_from_the_registry(monkeypatch, tmp_path):
     calls = []
     toy = types.SimpleNamespace(
         load_named=lambda arg, root, limit, strict: calls.append((arg, root, limit, strict)) or [fact],
-        detect=lambda p, peek: p.suffix == ".toy", load_path=lambda p, limit, strict: [fact, fact][:limit])
+        detect=lambda p, peek: p.suffix == ".toy",
+        load_path=lambda p, limit, strict: [fact, fact][:limit],
+    )
     monkeypatch.setitem(datasets.SOURCES, "toy", toy)
     assert load_dataset("toy:a,b", limit=3, data_root=tmp_path) == [fact]
     assert calls == [("a,b", tmp_path, 3, False)]

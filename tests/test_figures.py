@@ -1,4 +1,5 @@
 """dkn.figures: pure Plotly builders from numpy arrays and result dataclasses (no model needed)."""
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -39,7 +40,7 @@ def test_heatmap_downsampling_keeps_largest_entry_and_its_index():
     z = np.asarray(fig.data[0].z)
     index = np.asarray(fig.data[0].customdata)
     assert z.shape == (2, 5)
-    assert z[1, 3] == -3.0 and index[1, 3] == 7      # bin 3 covers neurons 6..7
+    assert z[1, 3] == -3.0 and index[1, 3] == 7  # bin 3 covers neurons 6..7
     assert "neuron %{customdata}" in fig.data[0].hovertemplate
 
 
@@ -59,9 +60,9 @@ def test_graph_layers_left_to_right_groups_and_signs():
     assert "BDC A (passed)" in names and "in no group" in names
     assert "inhibitory (w < 0)" in names and "excitatory (w > 0)" in names
     pos = figures.graph_positions(g.neurons)
-    assert pos[0][0] < pos[1][0] == pos[2][0] < pos[3][0]        # columns ordered by layer
+    assert pos[0][0] < pos[1][0] == pos[2][0] < pos[3][0]  # columns ordered by layer
     dashed = [t for t in fig.data if t.mode == "lines" and t.line.dash == "dash" and t.x[0] is not None]
-    assert dashed                                                  # the negative edge
+    assert dashed  # the negative edge
     assert len(figures.edge_table(g)) == 3
     assert figures.node_groups(g.neurons, [(Neuron(2, 9),)]) == [-1, -1, 0, -1]
 
@@ -71,7 +72,7 @@ def test_barcode_draws_every_bar_and_infinite_ones_to_the_edge():
     fig = figures.barcode(bars, labels=[str(b.members) for b in bars], highlight=[(0, 1)])
     assert len(fig.data) == len(bars) == 4
     right = fig.layout.xaxis.range[1]
-    assert any(t.x[1] < right and t.x[1] > 0.99 * right / 1.02 for t in fig.data)   # the survivor runs to the edge
+    assert any(t.x[1] < right and t.x[1] > 0.99 * right / 1.02 for t in fig.data)  # the survivor runs to the edge
     rows = figures.bar_table([Bar(0.0, np.inf, (0, 1))])
     assert rows[0]["death"] is None and rows[0]["size"] == 2
 
@@ -91,9 +92,14 @@ def test_intervention_bars_side_by_side():
     after = [(" the", 0.3), (" Paris", 0.05)]
     fig = figures.intervention_bars(before, after, answer_tokens=[" Paris"])
     assert len(fig.data) == 2
-    assert list(fig.data[0].marker.color)[-1] == "#dd6b20"     # the answer, highlighted, most likely on top
-    assert figures.token_table(before, after)[0] == {"rank": 1, "token_before": " Paris", "p_before": 0.7,
-                                                     "token_after": " the", "p_after": 0.3}
+    assert list(fig.data[0].marker.color)[-1] == "#dd6b20"  # the answer, highlighted, most likely on top
+    assert figures.token_table(before, after)[0] == {
+        "rank": 1,
+        "token_before": " Paris",
+        "p_before": 0.7,
+        "token_after": " the",
+        "p_after": 0.3,
+    }
     fig = figures.probability_bars({"unchanged": 0.7, "chosen": 0.1}, errors={"chosen": 0.02})
     assert list(fig.data[0].text) == ["70.0%", "10.0%"]
 
@@ -107,8 +113,8 @@ def test_heatmap_scale_spans_the_top_score_and_the_layers():
     scores[24, 5], scores[3, 7] = 0.37, -0.05
     fig = figures.attribution_heatmap(scores, highlight=[Neuron(24, 5)])
     assert fig.data[0].zmax == pytest.approx(0.37) and fig.data[0].zmin == pytest.approx(-0.37)
-    assert tuple(fig.layout.yaxis.range) == (-0.5, 29.5)                  # not -2..30
-    assert fig.layout.legend.y < 0                                        # below the plot, not over the title
+    assert tuple(fig.layout.yaxis.range) == (-0.5, 29.5)  # not -2..30
+    assert fig.layout.legend.y < 0  # below the plot, not over the title
 
 
 def test_graph_labels_use_the_one_neuron_form():
@@ -117,9 +123,10 @@ def test_graph_labels_use_the_one_neuron_form():
 
         def edges(self):
             return [(0, 2, 0.5)]
+
     fig = figures.kn_graph(G(), groups=[(Neuron(0, 767), Neuron(1, 3))])
     texts = [t for trace in fig.data if trace.mode == "markers+text" for t in trace.text]
     assert sorted(texts) == ["L0:N1297", "L0:N767", "L1:N3"]
     sides = [p for trace in fig.data if trace.mode == "markers+text" for p in trace.textposition]
-    assert "middle left" in sides and "middle right" in sides              # neighbours on a layer alternate
+    assert "middle left" in sides and "middle right" in sides  # neighbours on a layer alternate
     assert fig.layout.legend.y < 0

@@ -1,4 +1,5 @@
 """dkn.graph: the edge definitions (static, functional, faithful) on hand-built and tiny random models."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,9 +23,14 @@ from dkn.topology import ntc_components
 PROMPT, ANSWER = "the capital of france is", "paris"
 
 
-@pytest.mark.parametrize("family, norm_path, offset", [("llama", "post_attention_layernorm", 0.0),
-                                                       ("gpt2", "ln_2", 0.0),
-                                                       ("gemma3_text", "pre_feedforward_layernorm", 1.0)])
+@pytest.mark.parametrize(
+    "family, norm_path, offset",
+    [
+        ("llama", "post_attention_layernorm", 0.0),
+        ("gpt2", "ln_2", 0.0),
+        ("gemma3_text", "pre_feedforward_layernorm", 1.0),
+    ],
+)
 def test_the_next_blocks_norm_gain_is_folded_into_in_b(family, norm_path, offset):
     """w = out_A . (g * in_B) with g the gain of the norm B's MLP reads through (Gemma: 1 + weight)."""
     lm = tiny_model(family)
@@ -35,8 +41,8 @@ def test_the_next_blocks_norm_gain_is_folded_into_in_b(family, norm_path, offset
     assert torch.allclose(norm_gain(lm, 1), norm.weight.float() + offset, atol=1e-5)
     src, dst = [Neuron(0, 1), Neuron(0, 4)], [Neuron(1, 2), Neuron(1, 5)]
     folded = connection_strengths(lm, src, dst, fold_norm=True)
-    out = lm.output_vectors(0)[[1, 4]].float()                                        # [2, d_model]
-    ins = lm.input_vectors(1)[0][[2, 5]].float()                                      # [2, d_model]
+    out = lm.output_vectors(0)[[1, 4]].float()  # [2, d_model]
+    ins = lm.input_vectors(1)[0][[2, 5]].float()  # [2, d_model]
     expected = (out * (norm.weight.float() + offset)[None]) @ ins.T
     assert np.allclose(folded, expected.detach().numpy(), rtol=1e-4, atol=1e-6)
     assert not np.allclose(folded, connection_strengths(lm, src, dst, fold_norm=False), rtol=1e-2)
@@ -52,7 +58,7 @@ def test_static_graph_links_any_two_layers_and_sums_paths_as_products():
     assert t[0, 1] == pytest.approx(w01, rel=1e-5) and t[1, 2] == pytest.approx(w12, rel=1e-5)
     assert t[0, 2] == pytest.approx(w02 + w01 * w12, rel=1e-5)
     assert t[1, 0] == 0 and t[2, 0] == 0
-    g = build_graph(lm, [neurons[0], neurons[2]], max_span=3, edge="static")        # no KN in layer 1
+    g = build_graph(lm, [neurons[0], neurons[2]], max_span=3, edge="static")  # no KN in layer 1
     assert np.isfinite(g.distance[0, 1]) and g.strength[0, 1] == pytest.approx(w02, rel=1e-5)
     assert np.isinf(build_graph(lm, [neurons[0], neurons[2]], max_span=3, edge="faithful").distance[0, 1])
 
@@ -83,9 +89,11 @@ def test_max_span_changes_the_static_clustering_when_it_should():
     lm = _two_pairs_two_layers_apart()
     neurons = [Neuron(0, 0), Neuron(0, 1), Neuron(2, 0), Neuron(2, 1)]
     groups = lambda g: sorted(tuple(sorted(neurons[i] for i in c.members)) for c in ntc_components(g.distance))
-    assert groups(build_graph(lm, neurons, max_span=1, edge="static")) == []        # a gap of 2: unconnected
+    assert groups(build_graph(lm, neurons, max_span=1, edge="static")) == []  # a gap of 2: unconnected
     assert groups(build_graph(lm, neurons, max_span=2, edge="static")) == [
-        (Neuron(0, 0), Neuron(2, 0)), (Neuron(0, 1), Neuron(2, 1))]
+        (Neuron(0, 0), Neuron(2, 0)),
+        (Neuron(0, 1), Neuron(2, 1)),
+    ]
     # the paper's graph only bridges gaps through knowledge neurons in between: none here, whatever the span
     assert groups(build_graph(lm, neurons, max_span=3, edge="faithful")) == []
 
@@ -97,7 +105,7 @@ def test_a_strong_two_step_path_pulls_its_ends_together_in_the_static_graph_only
     neurons = [Neuron(0, 0), Neuron(1, 3), Neuron(2, 5)]
     faithful = [build_graph(lm, neurons, max_span=s, edge="faithful") for s in (1, 3)]
     merges = [sorted(np.round(np.sort(g.distance[np.triu_indices(3, 1)])[:2], 9)) for g in faithful]
-    assert merges[0] == merges[1]                                # the span-2 path never becomes an MST edge
+    assert merges[0] == merges[1]  # the span-2 path never becomes an MST edge
     static = [build_graph(lm, neurons, max_span=s, edge="static") for s in (1, 2)]
     assert np.isinf(static[0].distance[0, 2]) and np.isfinite(static[1].distance[0, 2])
     w01 = static[1].strength[0, 1]
@@ -119,8 +127,13 @@ def test_functional_edge_is_activation_times_the_derivative_of_b_pre_activation(
             h = h.clone()
             h[0, step.position, a.index] += delta
             return h
-        with torch.no_grad(), edit_neurons(lm, {a.layer: nudge}), record_neurons(lm, [b.layer], "pre") as pre, \
-                record_neurons(lm, [a.layer]) as post:
+
+        with (
+            torch.no_grad(),
+            edit_neurons(lm, {a.layer: nudge}),
+            record_neurons(lm, [b.layer], "pre") as pre,
+            record_neurons(lm, [a.layer]) as post,
+        ):
             lm.model(input_ids=ids)
             return float(pre[b.layer][0, step.position, b.index]), float(post[a.layer][0, step.position, a.index])
 
@@ -136,7 +149,7 @@ def test_functional_edges_ignore_a_neuron_that_is_silent_on_this_prompt():
     lm = _two_pairs_two_layers_apart()
     d = lm.model.config.hidden_size
     with torch.no_grad():
-        lm.model.model.layers[0].mlp.down_proj.weight[:, 2] = 4.0 * torch.eye(d)[5]     # input weights stay 0
+        lm.model.model.layers[0].mlp.down_proj.weight[:, 2] = 4.0 * torch.eye(d)[5]  # input weights stay 0
     neurons = [Neuron(0, 0), Neuron(0, 2), Neuron(2, 0)]
     static = build_graph(lm, neurons, max_span=2, edge="static")
     functional = build_graph(lm, neurons, max_span=2, edge="functional", prompt=PROMPT, answer=ANSWER)

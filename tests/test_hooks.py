@@ -1,4 +1,5 @@
 """dkn.hooks: hooks exist only inside the context managers, see [batch, pos, d_mlp], hold the lock."""
+
 from __future__ import annotations
 
 import threading
@@ -50,9 +51,9 @@ def test_hooks_removed_after_normal_exit(lm):
         with edit_neurons(lm, {0: lambda h: h * 0.0, lm.n_layers - 1: lambda h: h + 1.0}, site):
             assert any(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in _hooked_modules(lm))
             edited = _logits(lm, ids)
-        assert not torch.allclose(edited, clean)        # the hooks did act while present
+        assert not torch.allclose(edited, clean)  # the hooks did act while present
         _assert_no_hooks(lm)
-        assert torch.equal(_logits(lm, ids), clean)     # and leave no trace
+        assert torch.equal(_logits(lm, ids), clean)  # and leave no trace
         with record_neurons(lm, site=site) as rec:
             _logits(lm, ids)
         assert sorted(rec) == list(range(lm.n_layers))
@@ -78,7 +79,8 @@ def test_hooks_removed_after_exception(lm):
     _assert_no_hooks(lm)
 
     def failing_edit(h):
-        raise Boom                                      # an exception inside the forward pass itself
+        raise Boom  # an exception inside the forward pass itself
+
     with pytest.raises(Boom):
         with edit_neurons(lm, {1: failing_edit}):
             _logits(lm, ids)
@@ -98,8 +100,10 @@ def _plain_down_inputs(lm, ids):
     captured, handles = {}, []
     B, T = ids.shape
     for layer in range(lm.n_layers):
+
         def hook(module, args, layer=layer):
-            captured[layer] = args[0].detach().reshape(B, T, -1)   # OPT flattens to [B * T, d_mlp]
+            captured[layer] = args[0].detach().reshape(B, T, -1)  # OPT flattens to [B * T, d_mlp]
+
         handles.append(lm.down_proj(layer).register_forward_pre_hook(hook))
     try:
         _logits(lm, ids)
@@ -128,7 +132,7 @@ def test_record_shapes_and_values(lm):
 
 def _config_d_mlp(lm) -> int:
     """The MLP width as the tiny config states it (GPT-2 and GPT-J leave n_inner unset: 4 * width)."""
-    (_, _, kwargs), = [v for k, v in FAMILY_CONFIGS.items() if lm.name == f"tiny-{k}-0"]
+    ((_, _, kwargs),) = [v for k, v in FAMILY_CONFIGS.items() if lm.name == f"tiny-{k}-0"]
     return kwargs.get("intermediate_size") or kwargs.get("ffn_dim") or 4 * kwargs["n_embd"]
 
 
@@ -141,8 +145,9 @@ def test_opt_flattened_hidden_is_presented_as_3d():
     def edit(h):
         seen["shape"] = tuple(h.shape)
         h = h.clone()
-        h[1, -1] = 0.0                      # second prompt, last position only
+        h[1, -1] = 0.0  # second prompt, last position only
         return h
+
     with edit_neurons(lm, {1: edit}):
         # registered after dkn's hook, so it sees what fc2 really receives
         handle = lm.down_proj(1).register_forward_pre_hook(lambda m, args: raw.setdefault("x", args[0].detach()))
@@ -150,12 +155,12 @@ def test_opt_flattened_hidden_is_presented_as_3d():
             _logits(lm, ids)
         finally:
             handle.remove()
-    assert seen["shape"] == (B, T, 72)      # ffn_dim of the tiny OPT config
-    assert raw["x"].dim() == 2 and raw["x"].shape == (B * T, 72)   # OPT really flattens inside the block
-    flat = raw["x"]                          # the edited input, as fc2 received it
-    assert torch.all(flat[2 * T - 1] == 0)   # row (batch 1, position T-1) of the flattened matrix
-    assert torch.any(flat[T - 1] != 0)       # batch 0 untouched
-    assert torch.any(flat[2 * T - 2] != 0)   # batch 1, other positions untouched
+    assert seen["shape"] == (B, T, 72)  # ffn_dim of the tiny OPT config
+    assert raw["x"].dim() == 2 and raw["x"].shape == (B * T, 72)  # OPT really flattens inside the block
+    flat = raw["x"]  # the edited input, as fc2 received it
+    assert torch.all(flat[2 * T - 1] == 0)  # row (batch 1, position T-1) of the flattened matrix
+    assert torch.any(flat[T - 1] != 0)  # batch 0 untouched
+    assert torch.any(flat[2 * T - 2] != 0)  # batch 1, other positions untouched
 
 
 def test_lock_is_held_inside_the_context():
@@ -170,7 +175,7 @@ def test_lock_is_held_inside_the_context():
         entered.clear()
         with context():
             acquired = []
-            probe = threading.Thread(target=lambda: acquired.append(lm.lock.acquire(blocking=False)))
+            probe = threading.Thread(target=lambda acquired=acquired: acquired.append(lm.lock.acquire(blocking=False)))
             probe.start()
             probe.join()
             assert acquired == [False]

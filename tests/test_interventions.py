@@ -1,4 +1,5 @@
 """dkn.interventions against the same interventions written here with plain torch hooks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -55,14 +56,16 @@ def _plain_prob(lm, neurons, factor, mode, prompt=PROMPT, answer=ANSWER, mlp_out
     for ids, pos, target in _steps(lm, prompt, answer):
         handles = []
         for layer, idx in by_layer.items():
+
             def pre(module, args, idx=idx, pos=pos, T=ids.shape[1]):
                 x = args[0]
-                h = x.reshape(1, T, x.shape[-1]).clone()      # OPT hands fc2 a [T, d_mlp] matrix
+                h = x.reshape(1, T, x.shape[-1]).clone()  # OPT hands fc2 a [T, d_mlp] matrix
                 if mode == "last":
                     h[0, pos, idx] *= factor
                 else:
                     h[0, :, idx] *= factor
                 return (h.reshape(x.shape),)
+
             handles.append(lm.down_proj(layer).register_forward_pre_hook(pre))
         for layer, fn in (mlp_output or {}).items():
             handles.append(lm.down_proj(layer).register_forward_hook(lambda m, a, out, fn=fn: fn(m, out)))
@@ -81,7 +84,7 @@ def _sets(lm):
     return [
         [(0, 1)],
         [(L - 1, 3), (1, 5)],
-        [],                                   # nothing scaled: a row that starts after the last block
+        [],  # nothing scaled: a row that starts after the last block
         [(2, d - 1), (0, 0), (0, 7)],
         [(1, i) for i in range(0, d, 3)],
         [(L - 1, 2)],
@@ -104,7 +107,7 @@ def test_batched_equals_single_equals_plain(lm, mode, factor):
         assert got == pytest.approx(plain, rel=1e-4, abs=1e-9), neurons
         assert single.neurons == tuple(Neuron(*n) for n in neurons)
     assert batched[2] == pytest.approx(before, rel=1e-5)
-    assert np.ptp(batched) > 0                                   # the sets do different things
+    assert np.ptp(batched) > 0  # the sets do different things
 
 
 def test_multi_token_answer_is_gold_prefix_conditioned(lm):
@@ -112,8 +115,9 @@ def test_multi_token_answer_is_gold_prefix_conditioned(lm):
     for mode in ("last", "all"):
         result = intervene(lm, PROMPT, "new york", neurons, 0.0, mode)
         assert result.prob_before == pytest.approx(_plain_prob(lm, [], 1.0, mode, answer="new york"), rel=1e-5)
-        assert result.prob_after == pytest.approx(_plain_prob(lm, neurons, 0.0, mode, answer="new york"),
-                                                  rel=1e-4, abs=1e-12)
+        assert result.prob_after == pytest.approx(
+            _plain_prob(lm, neurons, 0.0, mode, answer="new york"), rel=1e-4, abs=1e-12
+        )
         _, many = intervene_many(lm, PROMPT, "new york", [neurons], 0.0, mode)
         assert many[0] == pytest.approx(result.prob_after, rel=1e-5, abs=1e-12)
 
@@ -151,6 +155,7 @@ def test_suppressing_a_whole_layer_leaves_the_down_projection_bias(lm):
 
     def only_bias(module, out):
         return torch.zeros_like(out) + (module.bias if module.bias is not None else 0.0)
+
     expected = _plain_prob(lm, [], 1.0, "all", mlp_output={layer: only_bias})
     clean = _plain_prob(lm, [], 1.0, "all")
     got = intervene(lm, PROMPT, ANSWER, everything, 0.0, "all")
@@ -173,19 +178,20 @@ def _assert_bit_identical(lm, snapshot):
 
 def test_weights_restored_bit_for_bit(lm):
     snapshot = _snapshot(lm)
-    neurons = [(0, 1), (0, 1), (lm.n_layers - 1, lm.d_mlp - 1), (1, 3)]    # a repeated neuron too
+    neurons = [(0, 1), (0, 1), (lm.n_layers - 1, lm.d_mlp - 1), (1, 3)]  # a repeated neuron too
     for factor in (0.0, 2.0, 0.37):
         intervene(lm, PROMPT, ANSWER, neurons, factor, "weights")
         _assert_bit_identical(lm, snapshot)
 
     class Boom(Exception):
         pass
+
     down = lm.down_proj(0)
     with pytest.raises(Boom):
         with scaled_weights(lm, [Neuron(*n) for n in neurons], 3.0):
             changed = not torch.equal(down.weight, snapshot[_param_name(lm, down.weight)])
             raise Boom
-    assert changed                          # the context did change the weights while it was open
+    assert changed  # the context did change the weights while it was open
     _assert_bit_identical(lm, snapshot)
 
 
@@ -198,7 +204,7 @@ def test_scaled_weights_scale_only_the_output_column(lm):
     """Inside the context the neuron's output vector is scaled, nothing else: its input vectors (and
     biases) stay, so the neuron's contribution is linear in the factor."""
     layer, index = 1, 5
-    out_before = lm.output_vectors(layer).detach().clone()            # [d_mlp, d_model]
+    out_before = lm.output_vectors(layer).detach().clone()  # [d_mlp, d_model]
     in_before = [m.detach().clone() for m in lm.input_vectors(layer)]
     with scaled_weights(lm, [Neuron(layer, index)], 3.0):
         out_during = lm.output_vectors(layer).detach().clone()
@@ -227,13 +233,15 @@ def test_weights_mode_equals_all_mode_for_suppression_and_amplification(lm, fact
 # -- direction of the effect -------------------------------------------------------------------------
 def _act_times_grad(lm):
     """[L, d_mlp]: activation x dP/dh at the answer position (all layers free), plain autograd."""
-    (ids, pos, target), = _steps(lm, PROMPT, ANSWER)
+    ((ids, pos, target),) = _steps(lm, PROMPT, ANSWER)
     kept, handles = {}, []
     for layer in range(lm.n_layers):
+
         def pre(module, args, layer=layer, T=ids.shape[1]):
             h = args[0]
             h.retain_grad()
             kept[layer] = h
+
         handles.append(lm.down_proj(layer).register_forward_pre_hook(pre))
     try:
         logits = lm.model(input_ids=ids).logits[0, pos]
@@ -270,8 +278,10 @@ def test_out_of_range_neurons_are_rejected(lm):
 
 
 def test_unknown_mode_is_rejected(lm):
-    for call in (lambda: intervene(lm, PROMPT, ANSWER, [(0, 0)], 0.0, "everywhere"),
-                 lambda: intervene_many(lm, PROMPT, ANSWER, [[(0, 0)]], 0.0, "first")):
+    for call in (
+        lambda: intervene(lm, PROMPT, ANSWER, [(0, 0)], 0.0, "everywhere"),
+        lambda: intervene_many(lm, PROMPT, ANSWER, [[(0, 0)]], 0.0, "first"),
+    ):
         with pytest.raises(ValueError, match=r"unknown intervention mode .*last, all, weights"):
             call()
 
@@ -280,9 +290,10 @@ def test_a_repeated_neuron_is_scaled_once_in_weights_mode():
     lm = tiny_model("gpt2")
     once = intervene(lm, PROMPT, ANSWER, [(0, 1)], 2.0, "weights").prob_after
     twice = intervene(lm, PROMPT, ANSWER, [(0, 1), (0, 1)], 2.0, "weights").prob_after
-    for mode in ("last", "all"):                       # the other modes do scale it once
+    for mode in ("last", "all"):  # the other modes do scale it once
         assert intervene(lm, PROMPT, ANSWER, [(0, 1), (0, 1)], 2.0, mode).prob_after == pytest.approx(
-            intervene(lm, PROMPT, ANSWER, [(0, 1)], 2.0, mode).prob_after, rel=1e-6)
+            intervene(lm, PROMPT, ANSWER, [(0, 1)], 2.0, mode).prob_after, rel=1e-6
+        )
     assert twice == pytest.approx(once, rel=1e-5)
 
 
@@ -299,7 +310,7 @@ def test_runners_and_checks_are_kept_on_the_model_and_bounded():
     assert lm.staggered_checks and all(lm.staggered_checks.values())
     (runner,) = lm.runners.values()
     intervene(lm, PROMPT, ANSWER, [(1, 2)], 2.0, "last")
-    assert list(lm.runners.values()) == [runner]                    # reused, not rebuilt
+    assert list(lm.runners.values()) == [runner]  # reused, not rebuilt
     for word in WORDS[: RUNNER_CACHE_SIZE + 3]:
         intervene_many(lm, f"the capital of {word} is", ANSWER, [[(0, 1)]], 0.0, "last")
     assert len(lm.runners) == RUNNER_CACHE_SIZE

@@ -1,4 +1,5 @@
 """dkn.models and dkn.families: loading, sizes, the orientation of a neuron's weight vectors, fingerprints."""
+
 from __future__ import annotations
 
 import shutil
@@ -6,16 +7,15 @@ import time
 
 import pytest
 import torch
+from tiny_models import FAMILY_CONFIGS, tiny_model
 
 from dkn.families import FAMILIES, SUPPORTED, d_mlp_of, family_of
 from dkn.models import ModelLoadError, fingerprint, load_model, wrap_model
-from tiny_models import FAMILY_CONFIGS, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL = list(FAMILY_CONFIGS)
 PROMPT = "the capital of france is paris"
-
 
 
 def test_family_of_known_and_unknown():
@@ -26,11 +26,25 @@ def test_family_of_known_and_unknown():
         family_of("t5")
     message = str(err.value)
     assert "'t5'" in message
-    for model_type in ("gpt2", "gptj", "gpt_neo", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3",
-                       "gemma", "gemma2", "gemma3_text", "bert", "roberta"):
+    for model_type in (
+        "gpt2",
+        "gptj",
+        "gpt_neo",
+        "gpt_neox",
+        "opt",
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "bert",
+        "roberta",
+    ):
         assert model_type in message, model_type
     assert SUPPORTED in message
-    assert sum(len(f.model_types) for f in FAMILIES) == len(SUPPORTED.split(", "))   # no type in two rows
+    assert sum(len(f.model_types) for f in FAMILIES) == len(SUPPORTED.split(", "))  # no type in two rows
 
 
 def _down_in_features(lm) -> int:
@@ -61,6 +75,7 @@ def _down_io(lm, layer, replacement):
 
     def post(module, args, output):
         out["y"] = output.detach().reshape(-1, output.shape[-1])[0].clone()
+
     handles = [lm.down_proj(layer).register_forward_pre_hook(pre), lm.down_proj(layer).register_forward_hook(post)]
     try:
         with torch.no_grad():
@@ -102,8 +117,10 @@ def test_input_vectors_are_what_a_neuron_reads(models, family):
     else:
         assert len(vectors) == 1
     seen = {}
-    handles = [m.register_forward_hook(lambda mod, args, out, k=k: seen.__setitem__(k, (args[0].detach(), out.detach())))
-               for k, m in enumerate(modules)]
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, k=k: seen.__setitem__(k, (args[0].detach(), out.detach())))
+        for k, m in enumerate(modules)
+    ]
     try:
         with torch.no_grad():
             lm.model(input_ids=torch.tensor([lm.tokenizer(PROMPT)["input_ids"]]))
@@ -113,9 +130,10 @@ def test_input_vectors_are_what_a_neuron_reads(models, family):
     for k, (module, matrix) in enumerate(zip(modules, vectors)):
         x, out = seen[k]
         bias = module.bias if getattr(module, "bias", None) is not None else 0.0
-        for i in (0, 3, lm.d_mlp - 1):     # neuron i's pre-activation is <input vector i, x> (+ bias)
-            torch.testing.assert_close(out[..., i], x @ matrix[i].detach() + (bias[i] if torch.is_tensor(bias) else 0.0),
-                                       rtol=1e-4, atol=1e-5)
+        for i in (0, 3, lm.d_mlp - 1):  # neuron i's pre-activation is <input vector i, x> (+ bias)
+            torch.testing.assert_close(
+                out[..., i], x @ matrix[i].detach() + (bias[i] if torch.is_tensor(bias) else 0.0), rtol=1e-4, atol=1e-5
+            )
 
 
 def test_unknown_model_fails_fast(monkeypatch):
@@ -184,7 +202,7 @@ def test_pickle_only_folder_is_refused(tmp_path):
 def test_fingerprint_tracks_the_weights(models):
     lm = models("gpt2")
     before = fingerprint(lm.model)
-    assert before == lm.fingerprint == fingerprint(lm.model)            # deterministic
+    assert before == lm.fingerprint == fingerprint(lm.model)  # deterministic
     assert len(before) == 16
     param = lm.down_proj(2).weight
     with torch.no_grad():

@@ -3,6 +3,7 @@
 Every claim is measured here through dkn.interventions, independently of the drops the constructions
 record about themselves.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,9 @@ def jaccard(a, b) -> float:
 def test_a_fact_stored_in_disjoint_groups_survives_each_and_dies_with_all(family, n_groups):
     pm = tiny_planted_model(family, "degenerate", n_groups, seed=1)
     lm, fact = pm.lm, pm.facts[0]
-    assert len(fact.groups) == n_groups and len(set(fact.neurons)) == len(fact.neurons)       # disjoint
+    assert len(fact.groups) == n_groups and len(set(fact.neurons)) == len(fact.neurons)  # disjoint
     layers = [{n.layer for n in g} for g in fact.groups]
-    assert all(not (a & b) for i, a in enumerate(layers) for b in layers[i + 1:])             # different layers
+    assert all(not (a & b) for i, a in enumerate(layers) for b in layers[i + 1 :])  # different layers
     single = drops(lm, fact, list(fact.groups))
     assert np.all(np.abs(single) < 0.05), single
     everything = drops(lm, fact, [fact.neurons])[0]
@@ -53,8 +54,11 @@ def test_a_fact_stored_in_disjoint_groups_survives_each_and_dies_with_all(family
         assert np.all(drops(lm, fact, pairs) < 0.05)
     # as many random other neurons off, in the same layers: nothing happens
     rng = np.random.default_rng(0)
-    others = [Neuron(n.layer, int(i)) for n in fact.neurons
-              for i in rng.choice([j for j in range(lm.d_mlp) if Neuron(n.layer, j) not in fact.neurons], 1)]
+    others = [
+        Neuron(n.layer, int(i))
+        for n in fact.neurons
+        for i in rng.choice([j for j in range(lm.d_mlp) if Neuron(n.layer, j) not in fact.neurons], 1)
+    ]
     assert abs(drops(lm, fact, [others])[0]) < 0.05
     assert fact.verified and fact.drops["all"] == pytest.approx(everything, abs=1e-6)
 
@@ -65,7 +69,7 @@ def test_single_pathway_control_needs_every_member(family):
     lm, fact = pm.lm, pm.facts[0]
     (group,) = fact.groups
     assert drops(lm, fact, [group])[0] > 0.8
-    assert np.all(drops(lm, fact, [(n,) for n in group]) > 0.5)        # a chain: each member is needed
+    assert np.all(drops(lm, fact, [(n,) for n in group]) > 0.5)  # a chain: each member is needed
     assert fact.verified
 
 
@@ -116,17 +120,36 @@ def test_manifest_round_trip(tmp_path):
 
 
 # -- the planting machinery (neuron-restricted fine-tuning), on a tiny LLaMA with one pathway -----------------
-UNRELATED = [("the sky was blue and", "the"), ("new york and london", "and"), ("the sun and the moon", "and"),
-             ("the king and the queen", "of"), ("red and green and", "blue"), ("a city in spain", "and")]
+UNRELATED = [
+    ("the sky was blue and", "the"),
+    ("new york and london", "and"),
+    ("the sun and the moon", "and"),
+    ("the king and the queen", "of"),
+    ("red and green and", "blue"),
+    ("a city in spain", "and"),
+]
 
 
 def _plant_tiny(kl_weight: float):
     base = tiny_planted_model("llama", "single", extra_layers=4, seed=2)
     fact = base.facts[0]
-    params = PlantParams(n_degenerate=1, n_single=0, n_additive=0, b_per_layer=2, steps=80, lr=3e-2,
-                         kl_weight=kl_weight, n_unrelated=4, n_heldout=2, attribution_steps=5)
-    return base, fact, plant_default(base.lm, params, facts=[(fact.prompt, fact.answer)] + UNRELATED,
-                                     log=lambda m: None)
+    params = PlantParams(
+        n_degenerate=1,
+        n_single=0,
+        n_additive=0,
+        b_per_layer=2,
+        steps=80,
+        lr=3e-2,
+        kl_weight=kl_weight,
+        n_unrelated=4,
+        n_heldout=2,
+        attribution_steps=5,
+    )
+    return (
+        base,
+        fact,
+        plant_default(base.lm, params, facts=[(fact.prompt, fact.answer)] + UNRELATED, log=lambda m: None),
+    )
 
 
 def test_planting_a_second_pathway_makes_a_single_pathway_fact_degenerate():
@@ -136,14 +159,14 @@ def test_planting_a_second_pathway_makes_a_single_pathway_fact_degenerate():
     base, fact, pm = _plant_tiny(kl_weight=5.0)
     (planted,) = pm.facts
     a, b = planted.groups
-    assert set(a) == set(fact.groups[0])                                # A: the model's own pathway
+    assert set(a) == set(fact.groups[0])  # A: the model's own pathway
     assert not set(a) & set(b) and min(n.layer for n in b) > max(n.layer for n in a) + 1
     single = drops(pm.lm, planted, [a, b])
     both = drops(pm.lm, planted, [a + b])[0]
     assert np.all(np.abs(single) < 0.05), single
     assert both > 0.3
     assert planted.kind == "degenerate" and planted.verified
-    assert drops(base.lm, fact, [a])[0] > 0.8                           # the base model is untouched
+    assert drops(base.lm, fact, [a])[0] > 0.8  # the base model is untouched
     assert pm.info["kl_heldout"]["n"] == 2 and pm.info["kl_heldout"]["mean"] < 0.05
     _, _, drifted = _plant_tiny(kl_weight=0.0)
     assert drifted.info["kl_heldout"]["mean"] > 5 * pm.info["kl_heldout"]["mean"]

@@ -1,4 +1,5 @@
 """dkn.prediction: each answer token's probability and rank, by token id, on a tiny random llama."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,14 +28,14 @@ def test_multi_token_answer_each_token_ranked(lm):
     assert [r.token_id for r in ranks] == [s.target for s in query.steps]
     assert "".join(r.token for r in ranks).strip() == "".join(query.answer_tokens).strip()
     # the product of the token probabilities is the answer's probability used everywhere else
-    assert np.prod([r.prob for r in ranks]) == pytest.approx(intervene(lm, PROMPT, answer, (), 1.0).prob_before,
-                                                             rel=1e-4)
-    for step, r in zip(query.steps, ranks):     # rank against the full distribution, independently computed
+    assert np.prod([r.prob for r in ranks]) == pytest.approx(
+        intervene(lm, PROMPT, answer, (), 1.0).prob_before, rel=1e-4
+    )
+    for step, r in zip(query.steps, ranks):  # rank against the full distribution, independently computed
         with torch.no_grad():
             dist = lm.model(input_ids=torch.tensor([step.input_ids])).logits[0, step.position].softmax(-1)
         order = torch.argsort(dist, descending=True).tolist()
         assert order.index(step.target) + 1 == r.rank
-
 
 
 def test_edit_effects_on_every_prompt(lm):
@@ -48,12 +49,11 @@ def test_edit_effects_on_every_prompt(lm):
         assert [e.prompt for e in effects] == prompts
         for e in effects:
             # P after is the library's own intervention, rank after agrees with it
-            assert e.p_after == pytest.approx(intervene(lm, e.prompt, "paris", neurons, 0.0, mode).prob_after,
-                                              rel=1e-4)
+            assert e.p_after == pytest.approx(intervene(lm, e.prompt, "paris", neurons, 0.0, mode).prob_after, rel=1e-4)
             assert e.rank_before == answer_token_ranks(lm, e.prompt, "paris")[0].rank
             assert e.kl >= 0 and e.kl_random >= 0
             assert (e.margin_before > 0) == (e.rank_before == 1)
-    unchanged = edit_effects(lm, prompts, "paris", neurons, 1.0, "last")      # factor 1 changes nothing
+    unchanged = edit_effects(lm, prompts, "paris", neurons, 1.0, "last")  # factor 1 changes nothing
     for e in unchanged:
         assert e.kl == pytest.approx(0.0, abs=1e-6) and e.rank_after == e.rank_before and not e.broken
         assert e.margin_after == pytest.approx(e.margin_before, abs=1e-4)

@@ -1,4 +1,5 @@
 """dkn.query: prompts and answers into per-token steps."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,31 +45,34 @@ def test_query_answer_and_single_step(causal):
     assert make_query(causal, PROMPT, " paris").steps == q.steps
 
 
-@pytest.mark.parametrize("prompt, answer, what", [
-    ("", "paris", "prompt is empty"),
-    ("   ", "paris", "prompt is empty"),
-    (PROMPT, "", "answer is empty"),
-    (PROMPT, " \n", "answer is empty"),
-])
+@pytest.mark.parametrize(
+    "prompt, answer, what",
+    [
+        ("", "paris", "prompt is empty"),
+        ("   ", "paris", "prompt is empty"),
+        (PROMPT, "", "answer is empty"),
+        (PROMPT, " \n", "answer is empty"),
+    ],
+)
 def test_empty_prompt_or_answer(causal, masked, prompt, answer, what):
     for lm in (causal, masked):
         with pytest.raises(QueryError, match=what) as err:
             make_query(lm, prompt, answer)
         assert isinstance(err.value, ValueError)
-        assert "e.g." in str(err.value) or "type" in str(err.value)     # says what to do
+        assert "e.g." in str(err.value) or "type" in str(err.value)  # says what to do
 
 
 def test_overlong_prompt(causal, masked):
     assert causal.max_length == masked.max_length == 64
-    long_prompt = " ".join(["the sky"] * 40)                  # 80 tokens
+    long_prompt = " ".join(["the sky"] * 40)  # 80 tokens
     for lm in (causal, masked):
         with pytest.raises(QueryError, match=r"at most 64.*shorten the prompt"):
             make_query(lm, long_prompt, "blue")
     # the limit counts the longest step, prompt plus gold prefix: 63 prompt tokens + a 2-token answer
     edge = " ".join(["sky"] * 63)
-    make_query(causal, edge, "blue")                          # 63 tokens: fits
+    make_query(causal, edge, "blue")  # 63 tokens: fits
     with pytest.raises(QueryError, match="64"):
-        make_query(causal, edge + " sky", "new york")         # the second step reads 65 tokens
+        make_query(causal, edge + " sky", "new york")  # the second step reads 65 tokens
 
 
 def test_too_many_answer_tokens(causal):
@@ -83,7 +87,7 @@ def test_multi_token_steps_conditioned_on_gold_prefix(causal):
     assert q.answer == " new york city" and q.answer_tokens == ("new", "york", "city")
     assert [s.target for s in q.steps] == gold
     for i, step in enumerate(q.steps):
-        assert step.input_ids == tuple(prompt_ids + gold[:i])      # the gold prefix, not a model guess
+        assert step.input_ids == tuple(prompt_ids + gold[:i])  # the gold prefix, not a model guess
         assert step.position == len(step.input_ids) - 1
 
 
@@ -96,7 +100,7 @@ def test_masked_steps_fill_earlier_masks_with_gold_tokens(masked):
     first_mask = template.index(tok.mask_token_id)
     for i, step in enumerate(q.steps):
         expected = list(template)
-        expected[first_mask: first_mask + i] = gold[:i]
+        expected[first_mask : first_mask + i] = gold[:i]
         assert list(step.input_ids) == expected, i
         assert step.position == first_mask + i
         assert step.input_ids[step.position] == tok.mask_token_id

@@ -14,6 +14,7 @@ summary.json, tables and store entries (records and attribution caches, within f
 Ray start-up dominates the time here (about 10-15 s per cluster on the shared 2-core machine, plus
 the workers' imports), so the two-node cluster and its workers are shared by the tests that need them.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,18 @@ def tiny(tmp_path_factory):
 def run(lm, data, folder, cluster=None, progress=None, settings=SETTINGS, limit=None):
     params = runner.make_params(EXPERIMENT, settings)
     store = ResultStore(folder / "results.sqlite")
-    runner.run_experiment(EXPERIMENT, lm, data, params=params, store=store, out_dir=folder / "out", limit=limit,
-                          command="test", cluster=cluster, progress=progress)
+    runner.run_experiment(
+        EXPERIMENT,
+        lm,
+        data,
+        params=params,
+        store=store,
+        out_dir=folder / "out",
+        limit=limit,
+        command="test",
+        cluster=cluster,
+        progress=progress,
+    )
     return folder
 
 
@@ -86,7 +97,7 @@ def assert_close(a, b, where="summary"):
     elif isinstance(a, dict):
         assert isinstance(b, dict) and sorted(a) == sorted(b), where
         for key in a:
-            if not key.endswith("seconds"):               # timings, e.g. an attribution's
+            if not key.endswith("seconds"):  # timings, e.g. an attribution's
                 assert_close(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, list):
         assert isinstance(b, list) and len(a) == len(b), where
@@ -106,11 +117,12 @@ def assert_same_run(folder, reference, out=None):
     assert got["manifest"] == want["manifest"]
     assert_close(got["summary"], want["summary"])
     for csv in sorted((reference / "out").glob("*.csv")):
-        pd.testing.assert_frame_equal(pd.read_csv(out / csv.name), pd.read_csv(csv),
-                                      check_exact=False, rtol=1e-5, atol=1e-7)
+        pd.testing.assert_frame_equal(
+            pd.read_csv(out / csv.name), pd.read_csv(csv), check_exact=False, rtol=1e-5, atol=1e-7
+        )
     got_store, want_store = (dict(ResultStore(f / "results.sqlite").entries()) for f in (folder, reference))
     assert sorted(got_store) == sorted(want_store) and len(want_store) > 2 * N_FACTS
-    assert sum(e.arrays != {} for e in want_store.values()) >= N_FACTS   # attributions were cached too
+    assert sum(e.arrays != {} for e in want_store.values()) >= N_FACTS  # attributions were cached too
     for key, entry in want_store.items():
         assert_close(got_store[key].meta, entry.meta, f"store {key[:8]}")
         assert sorted(got_store[key].arrays) == sorted(entry.arrays)
@@ -122,12 +134,12 @@ def assert_same_run(folder, reference, out=None):
 def test_threads_and_gpus_are_shared_out_so_every_worker_fits():
     assert threads_per_worker([2], 2) == 1
     assert threads_per_worker([8], 2) == 4
-    assert threads_per_worker([8, 8], 3) == 4            # 5 threads would leave one worker unplaced
+    assert threads_per_worker([8, 8], 3) == 4  # 5 threads would leave one worker unplaced
     assert threads_per_worker([1, 1], 2) == 1
     with pytest.raises(ValueError, match="too few for 3 workers"):
         threads_per_worker([1, 1], 3)
     assert threads_per_worker([4, 2], 3, threads=2) == 2
-    with pytest.raises(ValueError, match="do not fit"):       # asked for: refused now, not hung at start-up
+    with pytest.raises(ValueError, match="do not fit"):  # asked for: refused now, not hung at start-up
         threads_per_worker([4, 2], 2, threads=3)
     assert gpus_per_worker(0, 2, None) == 0
     assert gpus_per_worker(4, 2, None) == 1
@@ -143,18 +155,23 @@ def test_a_shipped_step_carries_no_model(tiny, tmp_path):
     params = robustness.Params()
     weights = sum(p.numel() for p in lm.model.parameters()) * 4
     payload = ship(lambda f: robustness.fact_record(ctx, f, params))
-    assert len(payload) < weights / 10                    # the model and the store travel as references
+    assert len(payload) < weights / 10  # the model and the store travel as references
     assert b"fact_record" in payload and lm.fingerprint.encode() in payload
 
 
-@pytest.mark.parametrize("argv, message", [(["--ray-address", "auto"], "needs --workers"),
-                                           (["--workers", "1", "--ray-address", "127.0.0.1:1"], "cannot reach"),
-                                           (["--workers", "0"], "at least 1")])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ray-address", "auto"], "needs --workers"),
+        (["--workers", "1", "--ray-address", "127.0.0.1:1"], "cannot reach"),
+        (["--workers", "0"], "at least 1"),
+    ],
+)
 def test_cli_rejects_bad_cluster_flags(argv, message, tiny, capsys):
     folder, _, data = tiny
     try:
         status = main(["experiment", EXPERIMENT, "--model", str(folder), "--dataset", data, *argv])
-    except SystemExit as exit_:                   # refused by argparse
+    except SystemExit as exit_:  # refused by argparse
         status = exit_.code
     assert status == 2
     assert message in capsys.readouterr().err
@@ -166,7 +183,7 @@ def test_without_ray_the_cli_says_how_to_install_it(tiny, capsys, monkeypatch):
 
     folder, _, data = tiny
     monkeypatch.delitem(sys.modules, "dkn.experiments.distributed")
-    monkeypatch.setitem(sys.modules, "ray", None)                    # import ray fails
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
     assert main(["experiment", EXPERIMENT, "--model", str(folder), "--dataset", data, "--workers", "2"]) == 2
     assert "pip install 'dkn[distributed]'" in capsys.readouterr().err
 
@@ -202,18 +219,31 @@ def test_page_says_when_the_cluster_cannot_be_reached(tiny, tmp_path, monkeypatc
 
 
 # -- a local Ray started by the CLI --------------------------------------------------------------------
-@pytest.mark.slow                      # a Ray cluster and its workers start
+@pytest.mark.slow  # a Ray cluster and its workers start
 def test_cli_workers_start_a_local_ray_and_give_the_local_results(tiny, local, tmp_path, monkeypatch):
     assert not ray.is_initialized(), "this test must run before the two-node cluster starts"
     folder, _, data = tiny
-    monkeypatch.setenv("DKN_CACHE_DIR", str(tmp_path))        # the CLI's default store
-    argv = ["experiment", EXPERIMENT, "--model", str(folder), "--device", "cpu", "--dataset", data,
-            "--workers", "2", "--out", str(tmp_path / "out"), "--json"]
+    monkeypatch.setenv("DKN_CACHE_DIR", str(tmp_path))  # the CLI's default store
+    argv = [
+        "experiment",
+        EXPERIMENT,
+        "--model",
+        str(folder),
+        "--device",
+        "cpu",
+        "--dataset",
+        data,
+        "--workers",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+    ]
     for setting in SETTINGS:
         argv += ["--param", setting]
-    assert main(argv) == 0                                     # its store: tmp_path / results.sqlite
+    assert main(argv) == 0  # its store: tmp_path / results.sqlite
     assert_same_run(tmp_path, local)
-    assert not ray.is_initialized()                            # the Ray it started is shut down
+    assert not ray.is_initialized()  # the Ray it started is shut down
 
 
 # -- a simulated two-node cluster ----------------------------------------------------------------------
@@ -234,21 +264,22 @@ def two_nodes(tiny):
         cluster.shutdown()
 
 
-@pytest.mark.slow                      # a Ray cluster and its workers start
+@pytest.mark.slow  # a Ray cluster and its workers start
 def test_two_node_cluster_gives_the_local_results(tiny, local, two_nodes, tmp_path):
     _, lm, data = tiny
-    assert len({w["node"] for w in two_nodes.workers_info}) == 2      # one worker on each node
+    assert len({w["node"] for w in two_nodes.workers_info}) == 2  # one worker on each node
     assert {w["threads"] for w in two_nodes.workers_info} == {1}
     progress = []
     folder = run(lm, data, tmp_path, cluster=two_nodes, progress=lambda *call: progress.append(call))
     assert_same_run(folder, local)
     shown = [done for step, done, total in progress if step == EXPERIMENT and total == N_FACTS]
-    assert shown == list(range(1, N_FACTS + 1))                     # one update per finished fact
+    assert shown == list(range(1, N_FACTS + 1))  # one update per finished fact
 
 
 def crash_once(marker, calls, step: str, key: str, how: str = "exit"):
     """A worker hook: log every item the worker starts; the first time it starts `key` of `step`,
     write its pid to `marker` and end the worker process on the spot (or raise, `how="raise"`)."""
+
     def hook(this_step: str, this_key: str) -> None:
         with open(calls, "a") as out:
             out.write(f"{this_step}\t{this_key}\t{os.getpid()}\n")
@@ -257,6 +288,7 @@ def crash_once(marker, calls, step: str, key: str, how: str = "exit"):
             if how == "raise":
                 raise RuntimeError("simulated crash")
             os._exit(1)
+
     return hook
 
 
@@ -276,7 +308,7 @@ def started(calls) -> list[str]:
     return [key for step, key, _ in rows if step == EXPERIMENT]
 
 
-@pytest.mark.slow                      # a Ray cluster and its workers start
+@pytest.mark.slow  # a Ray cluster and its workers start
 def test_a_worker_killed_mid_fact_costs_that_fact_only(tiny, local, two_nodes, tmp_path):
     _, lm, data = tiny
     marker, calls = tmp_path / "killed.pid", tmp_path / "calls.tsv"
@@ -287,17 +319,17 @@ def test_a_worker_killed_mid_fact_costs_that_fact_only(tiny, local, two_nodes, t
     finally:
         two_nodes.item_hook = None
     killed = int(marker.read_text())
-    assert killed in before                                   # a worker process of the pool ...
-    assert process_gone(killed)                               # ... died
+    assert killed in before  # a worker process of the pool ...
+    assert process_gone(killed)  # ... died
     after = {w["pid"] for w in ray.get([a.ready.remote() for a in two_nodes.actors])}
-    assert killed not in after and len(after) == 2            # Ray restarted it as a new process
+    assert killed not in after and len(after) == 2  # Ray restarted it as a new process
     rows = [line.split("\t") for line in calls.read_text().splitlines()]
-    assert Counter(started(calls)) == {f"t/{i}": 2 if i == 2 else 1 for i in range(N_FACTS)}   # only that one again
+    assert Counter(started(calls)) == {f"t/{i}": 2 if i == 2 else 1 for i in range(N_FACTS)}  # only that one again
     assert len({pid for step, key, pid in rows if (step, key) == (EXPERIMENT, "t/2")}) == 2
     assert_same_run(folder, local)
 
 
-@pytest.mark.slow                      # a Ray cluster and its workers start
+@pytest.mark.slow  # a Ray cluster and its workers start
 def test_a_failed_run_resumes_without_recomputing_what_the_driver_stored(tiny, local, two_nodes, tmp_path):
     _, lm, data = tiny
     marker, calls = tmp_path / "failed.pid", tmp_path / "calls.tsv"
@@ -307,21 +339,23 @@ def test_a_failed_run_resumes_without_recomputing_what_the_driver_stored(tiny, l
             run(lm, data, tmp_path, cluster=two_nodes)
         run_id = json.loads((local / "out" / "summary.json").read_text())["manifest"]["run_id"]
         store = ResultStore(tmp_path / "results.sqlite")
-        stored = {f"t/{i}" for i in range(N_FACTS)
-                  if store.get(make_key(run=run_id, step=EXPERIMENT, item=f"t/{i}")) is not None}
+        stored = {
+            f"t/{i}"
+            for i in range(N_FACTS)
+            if store.get(make_key(run=run_id, step=EXPERIMENT, item=f"t/{i}")) is not None
+        }
         assert "t/3" not in stored and stored <= set(started(calls))
         calls.unlink()
-        folder = run(lm, data, tmp_path, cluster=two_nodes)       # the hook no longer raises: marker exists
+        folder = run(lm, data, tmp_path, cluster=two_nodes)  # the hook no longer raises: marker exists
     finally:
         two_nodes.item_hook = None
     assert sorted(started(calls)) == sorted({f"t/{i}" for i in range(N_FACTS)} - stored)
     assert_same_run(folder, local)
 
 
-
-@pytest.mark.slow                      # a Ray cluster and its workers start
+@pytest.mark.slow  # a Ray cluster and its workers start
 def test_page_runs_on_the_cluster(tiny, two_nodes, tmp_path, monkeypatch):
-    node = two_nodes.cluster.add_node(num_cpus=1)          # room for the page's own worker
+    node = two_nodes.cluster.add_node(num_cpus=1)  # room for the page's own worker
     try:
         at = page(tiny, tmp_path / "page", monkeypatch, workers=1)
     finally:
@@ -330,6 +364,6 @@ def test_page_runs_on_the_cluster(tiny, two_nodes, tmp_path, monkeypatch):
     assert any(f"Done: {EXPERIMENT}, {N_FACTS} facts" in s.value for s in at.success)
     [out] = {p.parent for p in (tmp_path / "page" / "app-runs").glob("**/summary.json")}
     _, lm, data = tiny
-    local_run = run(lm, data, tmp_path / "local", settings=[], limit=N_FACTS)   # the page's settings, here
+    local_run = run(lm, data, tmp_path / "local", settings=[], limit=N_FACTS)  # the page's settings, here
     assert_same_run(tmp_path / "page", local_run, out)
     assert "--workers 1" in json.loads((out / "summary.json").read_text())["manifest"]["command"]

@@ -1,4 +1,5 @@
 """The real default model (SmolLM2-135M-Instruct): the fact the app opens with behaves as documented."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +16,7 @@ from dkn.rows import RowJob, one_layer_grads
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_thread")]
 
 PROMPT, ANSWER = "The capital of France is", "Paris"
-PARAMS = AttributionParams(steps=10)          # midpoint rule; fewer steps than the default keep this quick
+PARAMS = AttributionParams(steps=10)  # midpoint rule; fewer steps than the default keep this quick
 
 
 @pytest.fixture(scope="module")

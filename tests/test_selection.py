@@ -1,4 +1,5 @@
 """dkn.selection on hand-made score maps."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,9 +20,9 @@ def test_coarse_threshold_is_strict_and_relative_to_the_global_max():
     scores = grid({(0, 1): 10.0, (1, 2): 2.0, (2, 3): 2.0001, (2, 4): -50.0, (1, 0): 5.0})
     # t * max = 2.0: exactly 2.0 is not above it, 2.0001 is; the large negative score never counts
     assert set(coarse_neurons(scores, t=0.2)) == {Neuron(0, 1), Neuron(2, 3), Neuron(1, 0)}
-    assert set(coarse_neurons(scores, t=0.5)) == {Neuron(0, 1)}                 # 5.0 is not > 5.0
+    assert set(coarse_neurons(scores, t=0.5)) == {Neuron(0, 1)}  # 5.0 is not > 5.0
     assert set(coarse_neurons(scores, t=0.49)) == {Neuron(0, 1), Neuron(1, 0)}
-    assert coarse_neurons(scores, t=1.0) == []                                  # nothing exceeds the max
+    assert coarse_neurons(scores, t=1.0) == []  # nothing exceeds the max
     assert set(coarse_neurons(scores, t=0.0)) == {Neuron(0, 1), Neuron(1, 2), Neuron(2, 3), Neuron(1, 0)}
     assert all(isinstance(n.layer, int) and isinstance(n.index, int) for n in coarse_neurons(scores))
 
@@ -46,14 +47,14 @@ def test_refine_share_p_is_strict():
         grid({(0, 0): 10}),
         grid({(2, 4): 10}),
     ]
-    kns = refine(maps, t=0.2, p=0.5)                # needs > 2 of 4
+    kns = refine(maps, t=0.2, p=0.5)  # needs > 2 of 4
     assert kns.neurons == (Neuron(0, 0),)
     assert kns.counts == (3,)
     assert kns.n_prompts == 4 and kns.t == 0.2 and kns.p == 0.5
-    assert kns.scores == pytest.approx((7.5,))       # the mean over all four prompts
-    kns = refine(maps, t=0.2, p=0.25)               # > 1 of 4
+    assert kns.scores == pytest.approx((7.5,))  # the mean over all four prompts
+    kns = refine(maps, t=0.2, p=0.25)  # > 1 of 4
     assert set(kns.neurons) == {Neuron(0, 0), Neuron(1, 1)}
-    kns = refine(maps, t=0.2, p=0.0)                # > 0: any coarse neuron
+    kns = refine(maps, t=0.2, p=0.0)  # > 0: any coarse neuron
     assert set(kns.neurons) == {Neuron(0, 0), Neuron(1, 1), Neuron(2, 2), Neuron(2, 4)}
 
 
@@ -64,9 +65,11 @@ def test_refine_single_prompt_gives_its_coarse_neurons():
 
 
 def test_refine_orders_by_mean_score():
-    maps = [grid({(0, 0): 10, (1, 1): 9, (2, 2): 8}),
-            grid({(0, 0): 1, (1, 1): 9, (2, 2): 10}),
-            grid({(0, 0): 2, (1, 1): 3, (2, 2): 10})]
+    maps = [
+        grid({(0, 0): 10, (1, 1): 9, (2, 2): 8}),
+        grid({(0, 0): 1, (1, 1): 9, (2, 2): 10}),
+        grid({(0, 0): 2, (1, 1): 3, (2, 2): 10}),
+    ]
     # every prompt's max is 10, t = 0.05 keeps all three everywhere; means 13/3, 7, 28/3
     kns = refine(maps, t=0.05, p=0.5)
     assert kns.neurons == (Neuron(2, 2), Neuron(1, 1), Neuron(0, 0))
@@ -81,13 +84,15 @@ def test_refine_orders_by_mean_score():
 
 def test_refine_removes_negatives():
     maps = [grid({(0, 0): 10, (1, 1): 9}), grid({(0, 0): 10, (1, 1): 9})]
-    negatives = [grid({(1, 1): 5, (0, 4): 1}),          # (1, 1) coarse for an unrelated fact; (0, 4) too
-                 grid({(0, 0): 10, (2, 2): 1.0})]       # (0, 0) is 10 but (2,2) = 0.1 * max is not coarse
+    negatives = [
+        grid({(1, 1): 5, (0, 4): 1}),  # (1, 1) coarse for an unrelated fact; (0, 4) too
+        grid({(0, 0): 10, (2, 2): 1.0}),
+    ]  # (0, 0) is 10 but (2,2) = 0.1 * max is not coarse
     kns = refine(maps, t=0.2, p=0.5, negative_maps=negatives[:1])
     assert kns.neurons == (Neuron(0, 0),)
     kns = refine(maps, t=0.2, p=0.5, negative_maps=negatives)
     assert kns.neurons == ()
-    below = [grid({(1, 1): 1.0, (2, 3): 10.0})]           # (1, 1) not coarse in the negative map
+    below = [grid({(1, 1): 1.0, (2, 3): 10.0})]  # (1, 1) not coarse in the negative map
     assert refine(maps, t=0.2, p=0.5, negative_maps=below).neurons == (Neuron(0, 0), Neuron(1, 1))
 
 
@@ -108,7 +113,7 @@ def _facts_with_a_generic_neuron():
 def test_one_generic_neuron_pushes_the_fact_specific_ones_under_the_threshold():
     maps, own = _facts_with_a_generic_neuron()
     for scores in maps:
-        assert coarse_neurons(scores, 0.2) == [Neuron(0, 0)]           # the blind spot, today's rule
+        assert coarse_neurons(scores, 0.2) == [Neuron(0, 0)]  # the blind spot, today's rule
     pushed = generic_pushout(maps, t=0.2)
     assert pushed.generic == (Neuron(0, 0),)
     assert pushed.facts_affected == 3 and pushed.mean_lost == 2.0
@@ -122,7 +127,7 @@ def test_contrast_with_negative_facts_recovers_the_fact_specific_neurons():
     maps, _ = _facts_with_a_generic_neuron()
     fact, negatives = maps[0], maps[1:]
     dropped = refine([fact], 0.2, 0.5, negatives, negatives="drop")
-    assert dropped.neurons == ()                                        # Dai et al.'s drop removes (0, 0) only
+    assert dropped.neurons == ()  # Dai et al.'s drop removes (0, 0) only
     kns = refine([fact], 0.2, 0.5, negatives, negatives="contrast")
     assert set(kns.neurons) == {Neuron(1, 1), Neuron(2, 2)}
     assert kns.scores == (1.0, 1.0) and kns.mean_scores.shape == fact.shape

@@ -1,5 +1,6 @@
 """dkn.topology on hand-computed distance matrices, plus property checks
 against scipy's single linkage."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,21 @@ from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 from scipy.spatial.distance import pdist, squareform
 
 from dkn.topology import (
-    CLUSTERERS, Bar, Component, Merge, clusters_at, dbscan, dbscan_eps, group_barcode,
-    h0_barcode, hierarchical, kmeans, merge_tree, ntc_components, ntc_faithful, ntc_threshold,
+    CLUSTERERS,
+    Bar,
+    Component,
+    Merge,
+    clusters_at,
+    dbscan,
+    dbscan_eps,
+    group_barcode,
+    h0_barcode,
+    hierarchical,
+    kmeans,
+    merge_tree,
+    ntc_components,
+    ntc_faithful,
+    ntc_threshold,
 )
 
 INF = np.inf
@@ -40,15 +54,22 @@ def test_two_groups_barcode_exact():
     # Kruskal: 3-4 @0.8, 0-1 @1, 1-2 @1, 4-5 @1, 2-3 @6; the smaller side dies,
     # equal sizes: the side without the smaller index.
     assert h0_barcode(TWO) == [
-        Bar(0.0, 0.8, (4,)), Bar(0.0, 1.0, (1,)), Bar(0.0, 1.0, (2,)), Bar(0.0, 1.0, (5,)),
-        Bar(0.0, 6.0, (3, 4, 5)), Bar(0.0, INF, (0, 1, 2, 3, 4, 5)),
+        Bar(0.0, 0.8, (4,)),
+        Bar(0.0, 1.0, (1,)),
+        Bar(0.0, 1.0, (2,)),
+        Bar(0.0, 1.0, (5,)),
+        Bar(0.0, 6.0, (3, 4, 5)),
+        Bar(0.0, INF, (0, 1, 2, 3, 4, 5)),
     ]
 
 
 def test_two_groups_merge_tree_and_cuts():
     assert merge_tree(TWO) == [
-        Merge(0.8, (3,), (4,)), Merge(1.0, (0,), (1,)), Merge(1.0, (0, 1), (2,)),
-        Merge(1.0, (3, 4), (5,)), Merge(6.0, (0, 1, 2), (3, 4, 5)),
+        Merge(0.8, (3,), (4,)),
+        Merge(1.0, (0,), (1,)),
+        Merge(1.0, (0, 1), (2,)),
+        Merge(1.0, (3, 4), (5,)),
+        Merge(6.0, (0, 1, 2), (3, 4, 5)),
     ]
     assert merge_tree(TWO)[-1].members == (0, 1, 2, 3, 4, 5)
     assert clusters_at(TWO, 0.9) == [(0,), (1,), (2,), (3, 4), (5,)]
@@ -110,7 +131,10 @@ def test_baseline_defaults():
 # ---------------------------------------------------------------- chain, inf
 def test_chain():
     assert h0_barcode(CHAIN) == [
-        Bar(0.0, 1.0, (1,)), Bar(0.0, 1.0, (2,)), Bar(0.0, 1.0, (3,)), Bar(0.0, 1.0, (4,)),
+        Bar(0.0, 1.0, (1,)),
+        Bar(0.0, 1.0, (2,)),
+        Bar(0.0, 1.0, (3,)),
+        Bar(0.0, 1.0, (4,)),
         Bar(0.0, INF, (0, 1, 2, 3, 4)),
     ]
     assert group_barcode(CHAIN) == [Bar(1.0, INF, (0, 1, 2, 3, 4))]
@@ -122,13 +146,17 @@ def test_three_groups_with_inf():
     # [0.5, 0.7, 0.8, 1, 1, 1, 6]: tau = 1.
     assert ntc_threshold(THREE) == 1.0
     assert ntc_components(THREE) == [
-        Component((6, 7, 8), 0.5, INF), Component((3, 4, 5), 0.8, 6.0), Component((0, 1, 2), 1.0, 6.0),
+        Component((6, 7, 8), 0.5, INF),
+        Component((3, 4, 5), 0.8, 6.0),
+        Component((0, 1, 2), 1.0, 6.0),
     ]
     bars = h0_barcode(THREE)
     assert [b for b in bars if b.death == INF] == [Bar(0.0, INF, (0, 1, 2, 3, 4, 5)), Bar(0.0, INF, (6, 7, 8))]
     assert sorted(b.death for b in bars if b.death < INF) == [0.5, 0.7, 0.8, 1, 1, 1, 6]
     assert group_barcode(THREE) == [
-        Bar(1.0, 6.0, (0, 1, 2)), Bar(0.8, INF, (0, 1, 2, 3, 4, 5)), Bar(0.5, INF, (6, 7, 8)),
+        Bar(1.0, 6.0, (0, 1, 2)),
+        Bar(0.8, INF, (0, 1, 2, 3, 4, 5)),
+        Bar(0.5, INF, (6, 7, 8)),
     ]
 
 
@@ -258,15 +286,18 @@ def test_input_not_modified_and_diagonal_ignored():
 
 
 # ---------------------------------------------------------------- bad input
-@pytest.mark.parametrize("bad, message", [
-    (np.zeros((2, 3)), "square"),
-    (np.zeros(4), "square"),
-    (np.array([[0.0, 1.0], [2.0, 0.0]]), "symmetric"),
-    (np.array([[0.0, -1.0], [-1.0, 0.0]]), "negative"),
-    (np.array([[0.0, -INF], [-INF, 0.0]]), "negative"),
-    (np.array([[0.0, np.nan], [np.nan, 0.0]]), "NaN"),
-    (np.array([[0.0, 1.0], [INF, 0.0]]), "symmetric"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros((2, 3)), "square"),
+        (np.zeros(4), "square"),
+        (np.array([[0.0, 1.0], [2.0, 0.0]]), "symmetric"),
+        (np.array([[0.0, -1.0], [-1.0, 0.0]]), "negative"),
+        (np.array([[0.0, -INF], [-INF, 0.0]]), "negative"),
+        (np.array([[0.0, np.nan], [np.nan, 0.0]]), "NaN"),
+        (np.array([[0.0, 1.0], [INF, 0.0]]), "symmetric"),
+    ],
+)
 def test_bad_input(bad, message):
     for f in [h0_barcode, group_barcode, merge_tree, ntc_components, ntc_faithful, *CLUSTERERS.values()]:
         with pytest.raises(ValueError, match=message):

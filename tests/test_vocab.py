@@ -1,4 +1,5 @@
 """dkn.vocab: a neuron's output vector read through the head and the unembedding."""
+
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from tests.tiny_models import tiny_model
 def test_projection_matches_hand_computation_without_norm(family):
     lm = tiny_model(family)
     n = Neuron(1, 3)
-    expected = (lm.unembedding() @ lm.output_vectors(1)[3]).detach()       # [vocab]
+    expected = (lm.unembedding() @ lm.output_vectors(1)[3]).detach()  # [vocab]
     torch.testing.assert_close(neuron_logits(lm, n, through_norm=False), expected.float())
     promoted, demoted = project_neuron(lm, n, k=3, through_norm=False)
     assert promoted[0][1] == pytest.approx(float(expected.max()), rel=1e-5)

@@ -6,6 +6,7 @@ dataset + fact; method, steps, baseline, t, p, n (attribution settings); cluster
 groups, "0,2"), group (one of the user's groups, "L3:N7 L4:N1"; repeated), neurons (ticked single
 neurons), factor, mode.  The page is the URL's path (st.navigation).
 """
+
 from __future__ import annotations
 
 from urllib.parse import urlencode
@@ -32,7 +33,7 @@ def restore() -> None:
         return
     try:
         _restore(params)
-    except (ValueError, KeyError) as err:        # a hand-edited link: keep what could be read
+    except (ValueError, KeyError) as err:  # a hand-edited link: keep what could be read
         st.session_state["_url_error"] = f"Part of the link could not be read ({err}); the rest is restored."
 
 
@@ -40,8 +41,9 @@ def _restore(params) -> None:
     model = _get(params, "model")
     if model and model != DEFAULT_MODEL:
         st.session_state["model_name"] = model
-        st.session_state["model_source"] = "Local folder" if "/" in model and model.startswith(("/", ".", "~")) \
-            else "Hugging Face id"
+        st.session_state["model_source"] = (
+            "Local folder" if "/" in model and model.startswith(("/", ".", "~")) else "Hugging Face id"
+        )
         st.session_state["model_text"] = model
     fact_id, prompt = _get(params, "fact"), _get(params, "prompt")
     if prompt is not None:
@@ -51,18 +53,31 @@ def _restore(params) -> None:
         dataset = params["dataset"]
         match = next((f for f in state.get_dataset(dataset) if f.id == fact_id), None)
         if match is not None:
-            st.session_state.update(fact=state.FactChoice(match.prompt, match.answer, match.prompts[1:], match.id),
-                                    fact_source="Dataset file", dataset_value=dataset, dataset_fact=match.id)
+            st.session_state.update(
+                fact=state.FactChoice(match.prompt, match.answer, match.prompts[1:], match.id),
+                fact_source="Dataset file",
+                dataset_value=dataset,
+                dataset_fact=match.id,
+            )
     elif fact_id:
         match = next((f for f in state.get_builtin_facts() if f.id == fact_id), None)
         if match is not None:
-            st.session_state.update(fact=state.FactChoice(match.prompt, match.answer, match.prompts[1:], match.id),
-                                    fact_source="Built-in facts", builtin_fact=match.id)
+            st.session_state.update(
+                fact=state.FactChoice(match.prompt, match.answer, match.prompts[1:], match.id),
+                fact_source="Built-in facts",
+                builtin_fact=match.id,
+            )
     s = state.current_settings()
-    state.set_settings(state.Settings(
-        method=_get(params, "method", s.method), steps=int(_get(params, "steps", s.steps)),
-        baseline=_get(params, "baseline", s.baseline), t=float(_get(params, "t", s.t)),
-        p=float(_get(params, "p", s.p)), max_prompts=int(_get(params, "n", s.max_prompts))))
+    state.set_settings(
+        state.Settings(
+            method=_get(params, "method", s.method),
+            steps=int(_get(params, "steps", s.steps)),
+            baseline=_get(params, "baseline", s.baseline),
+            t=float(_get(params, "t", s.t)),
+            p=float(_get(params, "p", s.p)),
+            max_prompts=int(_get(params, "n", s.max_prompts)),
+        )
+    )
     if _get(params, "clusterer"):
         st.session_state["clusterer_value"] = params["clusterer"]
     if _get(params, "factor") is not None:
@@ -108,19 +123,26 @@ def view_params(ws=None) -> dict[str, str | list[str]]:
         params.update(dataset=st.session_state.get("dataset_value", ""), fact=fact.fact_id)
     else:
         params["fact"] = fact.fact_id
-    params.update(method=s.method, steps=str(s.steps), baseline=s.baseline, t=f"{s.t:g}", p=f"{s.p:g}",
-                  n=str(s.max_prompts))
+    params.update(
+        method=s.method, steps=str(s.steps), baseline=s.baseline, t=f"{s.t:g}", p=f"{s.p:g}", n=str(s.max_prompts)
+    )
     clusterer = st.session_state.get("clusterer_value", "ntc")
     params["clusterer"] = clusterer
     params["factor"] = f"{float(st.session_state.get('p_factor', 0.0)):g}"
     params["mode"] = st.session_state.get("p_mode", "last")
     if ws is not None:
-        bdc = [k.rsplit("_", 1)[1] for k, v in st.session_state.items()
-               if isinstance(k, str) and k.startswith(f"p_bdc_{ws.key}_{clusterer}_") and v]
+        bdc = [
+            k.rsplit("_", 1)[1]
+            for k, v in st.session_state.items()
+            if isinstance(k, str) and k.startswith(f"p_bdc_{ws.key}_{clusterer}_") and v
+        ]
         if bdc:
             params["bdc"] = ",".join(sorted(bdc, key=int))
-        groups = [" ".join(neuron_label(n) for n in g) for i, g in enumerate(ws.custom_groups)
-                  if st.session_state.get(f"p_g_{ws.key}_{i}")]
+        groups = [
+            " ".join(neuron_label(n) for n in g)
+            for i, g in enumerate(ws.custom_groups)
+            if st.session_state.get(f"p_g_{ws.key}_{i}")
+        ]
         if groups:
             params["group"] = groups
         singles = [neuron_label(n) for n in ws.kn.neurons if st.session_state.get(f"p_n_{ws.key}_{n}")]
@@ -140,8 +162,9 @@ def view_params(ws=None) -> dict[str, str | list[str]]:
 def write(ws=None) -> None:
     """Put the current view into the browser's URL (only when it changed)."""
     params = view_params(ws)
-    current = {k: (st.query_params.get_all(k) if isinstance(v, list) else st.query_params.get(k))
-               for k, v in params.items()}
+    current = {
+        k: (st.query_params.get_all(k) if isinstance(v, list) else st.query_params.get(k)) for k, v in params.items()
+    }
     if current != params or set(st.query_params.keys()) != set(params):
         st.query_params.from_dict(params)
 

@@ -7,6 +7,7 @@ kept in `st.session_state["workspaces"]`, keyed by everything that changes them,
 fact is instant; attributions themselves live on disk in the ResultStore, so a new session (or a restart)
 loads them at once.  No torch here: every computation is a call into `dkn`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,7 +78,7 @@ def current_model() -> LoadedModel | None:
     name = model_name()
     try:
         lm = get_model(name)
-    except Exception as err:   # ModelLoadError, ValueError (unsupported family), OSError...
+    except Exception as err:  # ModelLoadError, ValueError (unsupported family), OSError...
         st.session_state["model_error"] = f"{err}"
         return None
     st.session_state.pop("model_error", None)
@@ -145,8 +146,10 @@ def why_no_facts(name_or_path: str) -> str:
         text = str(err).replace(" (strict mode: fix the row, or load without strict to skip it)", "")
         missing = sorted(set(re.findall(r"missing field '(\w+)'", text)))
         if missing:
-            return (f"every row lacks the column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-                    f"(first: {text}). The file needs the columns prompt and answer.")
+            return (
+                f"every row lacks the column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                f"(first: {text}). The file needs the columns prompt and answer."
+            )
         return text
     return "no row has both a prompt and an answer; the file needs the columns prompt and answer."
 
@@ -157,8 +160,8 @@ class Settings:
     method: str = "ig"
     steps: int = 20
     baseline: str = "zero"
-    t: float = 0.2                    # coarse threshold: share of the maximum score
-    p: float = 0.5                    # refined: coarse in more than this share of the prompts
+    t: float = 0.2  # coarse threshold: share of the maximum score
+    p: float = 0.5  # refined: coarse in more than this share of the prompts
     max_prompts: int = MAX_PROMPTS_DEFAULT
 
     def attribution_params(self) -> AttributionParams:
@@ -187,7 +190,7 @@ class Workspace:
     settings: Settings
     attributions: list[Attribution]
     kn: KnowledgeNeurons
-    cached: bool                                   # every attribution came from the on-disk store
+    cached: bool  # every attribution came from the on-disk store
     seconds: float
     degeneracy: dict[str, DegeneracyResult] = field(default_factory=dict)
     vocab: dict[Neuron, tuple] = field(default_factory=dict)
@@ -210,8 +213,16 @@ class Workspace:
 
 
 def workspace_key(lm: LoadedModel, fact: FactChoice, settings: Settings) -> str:
-    text = json.dumps({"model": lm.name, "fp": lm.fingerprint, "prompts": fact.prompts[: settings.max_prompts],
-                       "answer": fact.answer, "settings": asdict(settings)}, sort_keys=True)
+    text = json.dumps(
+        {
+            "model": lm.name,
+            "fp": lm.fingerprint,
+            "prompts": fact.prompts[: settings.max_prompts],
+            "answer": fact.answer,
+            "settings": asdict(settings),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -233,10 +244,12 @@ def current_workspace(lm: LoadedModel, *, load_cached: bool = True) -> Workspace
 def all_cached(lm: LoadedModel, fact: FactChoice, settings: Settings) -> bool:
     store, params = get_store(), settings.attribution_params()
     try:
-        keys = [attribution_key(lm, make_query(lm, p, fact.answer), params) for p in fact.prompts[: settings.max_prompts]]
+        keys = [
+            attribution_key(lm, make_query(lm, p, fact.answer), params) for p in fact.prompts[: settings.max_prompts]
+        ]
     except ValueError:
         return False
-    return all(store.get(k) is not None for k in keys)   # one indexed row each
+    return all(store.get(k) is not None for k in keys)  # one indexed row each
 
 
 def run_attribution(lm: LoadedModel, progress: Callable[[float, str], None] | None = None) -> Workspace:
@@ -254,6 +267,7 @@ def run_attribution(lm: LoadedModel, progress: Callable[[float, str], None] | No
         def sub(done: int, total: int, i=i, label=label) -> None:
             if progress is not None and total:
                 progress((i + done / total) / len(prompts), label)
+
         if progress is not None:
             progress(i / len(prompts), label)
         with exclusive(lm):
@@ -261,23 +275,38 @@ def run_attribution(lm: LoadedModel, progress: Callable[[float, str], None] | No
     if progress is not None:
         progress(1.0, "done")
     kn = refine([a.scores for a in results], settings.t, settings.p)
-    ws = Workspace(workspace_key(lm, fact, settings), fact, prompts, settings, results, kn,
-                   all(a.cached for a in results), time.perf_counter() - start)
+    ws = Workspace(
+        workspace_key(lm, fact, settings),
+        fact,
+        prompts,
+        settings,
+        results,
+        kn,
+        all(a.cached for a in results),
+        time.perf_counter() - start,
+    )
     _workspaces()[ws.key] = ws
     return ws
 
 
-def get_degeneracy(lm: LoadedModel, ws: Workspace, clusterer: str = "ntc", mode: str = "last",
-                   **options) -> DegeneracyResult:
+def get_degeneracy(
+    lm: LoadedModel, ws: Workspace, clusterer: str = "ntc", mode: str = "last", **options
+) -> DegeneracyResult:
     """The degeneracy analysis of the workspace's knowledge neurons (about a second; kept per clusterer and
     options; `options` are further DegeneracyParams fields, e.g. edge="functional")."""
-    if clusterer == "backup":      # the rounds attribute again: with the workspace's attribution settings
+    if clusterer == "backup":  # the rounds attribute again: with the workspace's attribution settings
         options.setdefault("backup_attribution", ws.settings.attribution_params())
     key = f"{clusterer}/{mode}" + "".join(f"/{k}={options[k]}" for k in sorted(options))
     if key not in ws.degeneracy:
         with exclusive(lm):
-            ws.degeneracy[key] = analyse(lm, ws.fact.prompt, ws.fact.answer, ws.kn.neurons, ws.kn.scores,
-                                         DegeneracyParams(clusterer=clusterer, mode=mode, **options))
+            ws.degeneracy[key] = analyse(
+                lm,
+                ws.fact.prompt,
+                ws.fact.answer,
+                ws.kn.neurons,
+                ws.kn.scores,
+                DegeneracyParams(clusterer=clusterer, mode=mode, **options),
+            )
     return ws.degeneracy[key]
 
 
@@ -311,8 +340,11 @@ def ticked_groups(ws: Workspace, clusterer: str, candidates) -> list[tuple[str, 
     """(name, neurons) of every ticked BDC and user group on the Intervene page; the ticked single
     knowledge neurons form one more group."""
     ss = st.session_state
-    groups = [(f"BDC {group_name(i)}", c.members) for i, c in enumerate(candidates)
-              if ss.get(f"p_bdc_{ws.key}_{clusterer}_{i}")]
+    groups = [
+        (f"BDC {group_name(i)}", c.members)
+        for i, c in enumerate(candidates)
+        if ss.get(f"p_bdc_{ws.key}_{clusterer}_{i}")
+    ]
     groups += [(f"My group {i + 1}", g) for i, g in enumerate(ws.custom_groups) if ss.get(f"p_g_{ws.key}_{i}")]
     singles = tuple(n for n in ws.kn.neurons if ss.get(f"p_n_{ws.key}_{n}"))
     if singles:
@@ -333,8 +365,9 @@ def get_vocab(lm: LoadedModel, ws: Workspace, neuron: Neuron, k: int = 10):
     return ws.vocab[neuron]
 
 
-def get_intervention(lm: LoadedModel, ws: Workspace, neurons: tuple[Neuron, ...], factor: float,
-                     mode: str, top_k: int = 10) -> InterventionResult:
+def get_intervention(
+    lm: LoadedModel, ws: Workspace, neurons: tuple[Neuron, ...], factor: float, mode: str, top_k: int = 10
+) -> InterventionResult:
     """Scale `neurons` by `factor`: one forward pass over the cached prefix (kept per setting)."""
     key = (tuple(sorted(neurons)), round(float(factor), 4), mode, top_k)
     if key not in ws.interventions:
@@ -377,46 +410,68 @@ def figure_title(title: str, model_label: str, fact: FactChoice) -> str:
     return f"{title}<br><sup>{model_label} · {fact.prompt} → {fact.answer}</sup>"
 
 
-def all_figures(lm: LoadedModel, ws: Workspace, clusterer: str, neurons: tuple[Neuron, ...], factor: float,
-                mode: str, model_label: str) -> tuple[dict, dict]:
+def all_figures(
+    lm: LoadedModel,
+    ws: Workspace,
+    clusterer: str,
+    neurons: tuple[Neuron, ...],
+    factor: float,
+    mode: str,
+    model_label: str,
+) -> tuple[dict, dict]:
     """Every figure of the fact, built from the workspace's results (the degeneracy analysis is computed
     if no page asked for it yet): (name -> figure, name -> table).  No Streamlit calls: it runs when the
     Export all button is clicked."""
     from dkn import figures as fg
     from dkn.topology import h0_barcode
 
-    title = lambda t: figure_title(t, model_label, ws.fact)   # noqa: E731
-    scores = ws.mean_scores()                                                     # [n_layers, d_mlp]
-    figs = {"attribution-heatmap": fg.attribution_heatmap(scores, highlight=ws.kn.neurons,
-                                                         title=title("Attribution score of every MLP neuron")),
-            "layer-summary": fg.layer_summary(scores, ws.settings.t, title=title("Attribution per layer"))}
+    title = lambda t: figure_title(t, model_label, ws.fact)  # noqa: E731
+    scores = ws.mean_scores()  # [n_layers, d_mlp]
+    figs = {
+        "attribution-heatmap": fg.attribution_heatmap(
+            scores, highlight=ws.kn.neurons, title=title("Attribution score of every MLP neuron")
+        ),
+        "layer-summary": fg.layer_summary(scores, ws.settings.t, title=title("Attribution per layer")),
+    }
     tables = {"layer-summary": fg.layer_table(scores, ws.settings.t), "knowledge-neurons": ws.kn.as_records()}
     result = get_degeneracy(lm, ws, clusterer)
     if result.graph is not None:
-        figs[f"kn-graph-{clusterer}"] = fg.kn_graph(result.graph, result.bdcs, result.kn_scores,
-                                                    passed=[c.passed for c in result.candidates],
-                                                    title=title("Knowledge-neuron graph"))
+        figs[f"kn-graph-{clusterer}"] = fg.kn_graph(
+            result.graph,
+            result.bdcs,
+            result.kn_scores,
+            passed=[c.passed for c in result.candidates],
+            title=title("Knowledge-neuron graph"),
+        )
         tables[f"kn-graph-{clusterer}"] = fg.edge_table(result.graph)
         bars = h0_barcode(result.graph.distance)
         labels = [" ".join(neuron_label(result.graph.neurons[i]) for i in b.members) for b in bars]
         figs[f"barcode-{clusterer}"] = fg.barcode(bars, labels, title=title("Persistence barcode"))
     if result.candidates:
         sub = [(s, result.prob * (1 - d)) for s, d in result.subset_drops]
-        figs[f"degeneracy-grid-{clusterer}"] = fg.degeneracy_grid(sub, result.prob, len(result.candidates),
-                                                                  title=title("P(answer) with each subset of "
-                                                                              "groups suppressed"))
+        figs[f"degeneracy-grid-{clusterer}"] = fg.degeneracy_grid(
+            sub, result.prob, len(result.candidates), title=title("P(answer) with each subset of groups suppressed")
+        )
         tables[f"degeneracy-grid-{clusterer}"] = fg.grid_table(sub, result.prob)
     r = get_intervention(lm, ws, neurons, factor, mode)
-    figs["intervention"] = fg.intervention_bars(r.top_before, r.top_after, answer_tokens=ws.main.answer_tokens[:1],
-                                                title=title(f"Top next tokens, {len(neurons)} neuron"
-                                                            f"{'' if len(neurons) == 1 else 's'} × {factor:g} "
-                                                            f"({mode})"))
+    figs["intervention"] = fg.intervention_bars(
+        r.top_before,
+        r.top_after,
+        answer_tokens=ws.main.answer_tokens[:1],
+        title=title(f"Top next tokens, {len(neurons)} neuron{'' if len(neurons) == 1 else 's'} × {factor:g} ({mode})"),
+    )
     tables["intervention"] = fg.token_table(r.top_before, r.top_after)
     return figs, tables
 
 
-def fact_kn(lm: LoadedModel, fact: FactChoice, settings: Settings, *, compute: bool = False,
-            progress: Callable[[float, str], None] | None = None) -> KnowledgeNeurons | None:
+def fact_kn(
+    lm: LoadedModel,
+    fact: FactChoice,
+    settings: Settings,
+    *,
+    compute: bool = False,
+    progress: Callable[[float, str], None] | None = None,
+) -> KnowledgeNeurons | None:
     """The knowledge neurons of any fact (not the session's current one) under `settings`: from the store,
     or computed when `compute` (each attribution is stored); None when not cached and not computed."""
     if not compute and not all_cached(lm, fact, settings):
@@ -424,8 +479,16 @@ def fact_kn(lm: LoadedModel, fact: FactChoice, settings: Settings, *, compute: b
     prompts = fact.prompts[: settings.max_prompts]
     with exclusive(lm):
         sub = None if progress is None else (lambda done, total: progress(done / max(total, 1), fact.prompt[:60]))
-        return find_knowledge_neurons(lm, prompts, fact.answer, settings.attribution_params(), t=settings.t,
-                                      p=settings.p, store=get_store(), progress=sub)
+        return find_knowledge_neurons(
+            lm,
+            prompts,
+            fact.answer,
+            settings.attribution_params(),
+            t=settings.t,
+            p=settings.p,
+            store=get_store(),
+            progress=sub,
+        )
 
 
 def builtin_choice(fact_id: str) -> FactChoice:

@@ -1,4 +1,5 @@
 """Widgets shared by the pages: error guard, model picker, figures with their export buttons, export-all."""
+
 from __future__ import annotations
 
 import re
@@ -66,14 +67,23 @@ def titled(title: str, lm: LoadedModel, ws) -> str:
 
 
 # ------------------------------------------------------------------ model picker (sidebar)
-SOURCES = {"Offline default": "default", "Hugging Face id": "hub", "Local folder": "folder",
-           "Planted demo (constructed)": "planted"}
+SOURCES = {
+    "Offline default": "default",
+    "Hugging Face id": "hub",
+    "Local folder": "folder",
+    "Planted demo (constructed)": "planted",
+}
 
 
 def model_picker() -> LoadedModel | None:
     st.subheader("Model")
-    source = st.radio("Model source", list(SOURCES), key="model_source", horizontal=False,
-                      help="The default model ships with the project and works offline.")
+    source = st.radio(
+        "Model source",
+        list(SOURCES),
+        key="model_source",
+        horizontal=False,
+        help="The default model ships with the project and works offline.",
+    )
     if SOURCES[source] == "default":
         st.caption(DEFAULT_LABEL)
         wanted = DEFAULT_MODEL
@@ -84,10 +94,16 @@ def model_picker() -> LoadedModel | None:
         wanted = PLANTED_MODEL
     else:
         placeholder = "gpt2 or EleutherAI/pythia-160m" if SOURCES[source] == "hub" else "/path/to/saved/model"
-        wanted = st.text_input("Hugging Face id" if SOURCES[source] == "hub" else "Folder", key="model_text",
-                               placeholder=placeholder).strip()
-    if st.button("Load model", key="load_model", disabled=not wanted, width="stretch",
-                 type="primary" if wanted != state.model_name() else "secondary"):
+        wanted = st.text_input(
+            "Hugging Face id" if SOURCES[source] == "hub" else "Folder", key="model_text", placeholder=placeholder
+        ).strip()
+    if st.button(
+        "Load model",
+        key="load_model",
+        disabled=not wanted,
+        width="stretch",
+        type="primary" if wanted != state.model_name() else "secondary",
+    ):
         st.session_state["model_name"] = wanted
     lm = state.current_model()
     if lm is None:
@@ -97,9 +113,11 @@ def model_picker() -> LoadedModel | None:
         return None
     s = state.summary(lm)
     st.success(f"**{s['label']}**", icon=":material/memory:")
-    st.caption(f"{fmt_params(s['n_params'])} parameters · {s['family']} · {s['n_layers']} layers × "
-               f"{s['d_mlp']:,} neurons = {s['n_neurons']:,} MLP neurons · {s['device']} {s['dtype']} · "
-               f"fingerprint `{s['fingerprint']}`")
+    st.caption(
+        f"{fmt_params(s['n_params'])} parameters · {s['family']} · {s['n_layers']} layers × "
+        f"{s['d_mlp']:,} neurons = {s['n_neurons']:,} MLP neurons · {s['device']} {s['dtype']} · "
+        f"fingerprint `{s['fingerprint']}`"
+    )
     if lm.name == PLANTED_MODEL:
         planted_facts()
     return lm
@@ -110,8 +128,10 @@ def planted_facts() -> None:
     from dkn.planted import describe_planted
 
     with st.expander("Planted facts (constructed ground truth)", expanded=False):
-        st.caption("Type a group's neurons under Intervene → Your own groups; each group alone off should leave "
-                   "the fact, all groups off should remove it.")
+        st.caption(
+            "Type a group's neurons under Intervene → Your own groups; each group alone off should leave "
+            "the fact, all groups off should remove it."
+        )
         for line in describe_planted():
             st.markdown(f"- {line}")
 
@@ -129,8 +149,11 @@ def require_model() -> LoadedModel:
     """The session's model, or an error message and stop."""
     lm = state.current_model()
     if lm is None:
-        st.error(f"No model is loaded: {st.session_state.get('model_error', 'pick one in the sidebar')}. "
-                 "Pick the offline default or another model in the sidebar.", icon=":material/error:")
+        st.error(
+            f"No model is loaded: {st.session_state.get('model_error', 'pick one in the sidebar')}. "
+            "Pick the offline default or another model in the sidebar.",
+            icon=":material/error:",
+        )
         st.stop()
     return lm
 
@@ -142,22 +165,34 @@ def require_workspace(lm: LoadedModel) -> state.Workspace:
         if ws is not None:
             return ws
     fact = state.current_fact()
-    st.info(f"No attribution yet for **{fact.prompt} → {fact.answer}**. Run it on the Explore page first.",
-            icon=":material/info:")
+    st.info(
+        f"No attribution yet for **{fact.prompt} → {fact.answer}**. Run it on the Explore page first.",
+        icon=":material/info:",
+    )
     st.page_link("pages/explore.py", label="Go to Explore", icon=":material/search:")
     st.stop()
 
 
 def fact_banner(ws: state.Workspace) -> None:
     n = len(ws.prompts)
-    st.markdown(f"**Fact:** {ws.fact.prompt} → **{ws.fact.answer}** &nbsp;·&nbsp; P(answer) = "
-                f"**{pct(ws.main.prob)}** &nbsp;·&nbsp; {len(ws.kn.neurons)} knowledge neurons from "
-                f"{n} prompt{'s' if n > 1 else ''}")
+    st.markdown(
+        f"**Fact:** {ws.fact.prompt} → **{ws.fact.answer}** &nbsp;·&nbsp; P(answer) = "
+        f"**{pct(ws.main.prob)}** &nbsp;·&nbsp; {len(ws.kn.neurons)} knowledge neurons from "
+        f"{n} prompt{'s' if n > 1 else ''}"
+    )
 
 
 # ------------------------------------------------------------------ figures with exports
-def show_figure(fig: go.Figure, name: str, table: Any = None, *, key: str, caption: str = "",
-                on_select: str | None = None, **chart_kwargs):
+def show_figure(
+    fig: go.Figure,
+    name: str,
+    table: Any = None,
+    *,
+    key: str,
+    caption: str = "",
+    on_select: str | None = None,
+    **chart_kwargs,
+):
     """The figure, an optional caption, and an Export menu: PNG, SVG, HTML, and the data as CSV, JSON."""
     figures = st.session_state.setdefault("_figures", {})
     tables = st.session_state.setdefault("_tables", {})
@@ -182,21 +217,58 @@ def export_menu(fig: go.Figure | None, name: str, table: Any = None, *, key: str
     with st.popover("Export", icon=":material/download:", width="content"):
         if fig is not None:
             help_img = None if has_browser else export.MISSING_BROWSER
-            st.download_button("PNG image", lambda: export.figure_png(fig), f"{name}.png", "image/png",
-                               key=f"{key}_png", on_click="ignore", disabled=not has_browser, help=help_img,
-                               width="stretch")
-            st.download_button("SVG image", lambda: export.figure_svg(fig), f"{name}.svg", "image/svg+xml",
-                               key=f"{key}_svg", on_click="ignore", disabled=not has_browser, help=help_img,
-                               width="stretch")
-            st.download_button("HTML (interactive)", lambda: export.figure_html(fig), f"{name}.html", "text/html",
-                               key=f"{key}_html", on_click="ignore", width="stretch")
+            st.download_button(
+                "PNG image",
+                lambda: export.figure_png(fig),
+                f"{name}.png",
+                "image/png",
+                key=f"{key}_png",
+                on_click="ignore",
+                disabled=not has_browser,
+                help=help_img,
+                width="stretch",
+            )
+            st.download_button(
+                "SVG image",
+                lambda: export.figure_svg(fig),
+                f"{name}.svg",
+                "image/svg+xml",
+                key=f"{key}_svg",
+                on_click="ignore",
+                disabled=not has_browser,
+                help=help_img,
+                width="stretch",
+            )
+            st.download_button(
+                "HTML (interactive)",
+                lambda: export.figure_html(fig),
+                f"{name}.html",
+                "text/html",
+                key=f"{key}_html",
+                on_click="ignore",
+                width="stretch",
+            )
             if not has_browser:
                 st.caption(export.MISSING_BROWSER)
         if table is not None:
-            st.download_button("Data as CSV", lambda: export.table_csv(table), f"{name}.csv", "text/csv",
-                               key=f"{key}_csv", on_click="ignore", width="stretch")
-            st.download_button("Data as JSON", lambda: export.table_json(table), f"{name}.json",
-                               "application/json", key=f"{key}_json", on_click="ignore", width="stretch")
+            st.download_button(
+                "Data as CSV",
+                lambda: export.table_csv(table),
+                f"{name}.csv",
+                "text/csv",
+                key=f"{key}_csv",
+                on_click="ignore",
+                width="stretch",
+            )
+            st.download_button(
+                "Data as JSON",
+                lambda: export.table_json(table),
+                f"{name}.json",
+                "application/json",
+                key=f"{key}_json",
+                on_click="ignore",
+                width="stretch",
+            )
 
 
 def show_table(table: pd.DataFrame | list[dict], name: str, *, key: str, caption: str = "", **kwargs) -> None:
@@ -226,8 +298,12 @@ def export_all_button(lm: LoadedModel | None, ws: state.Workspace | None = None)
     tables = dict(st.session_state.get("_tables", {}))
     result = ws.degeneracy.get(f"{clusterer}/last")
     ticked = state.ticked_neurons(ws, clusterer, result.candidates) if result is not None else ()
-    intervention = {"neurons": [neuron_label(n) for n in ticked], "factor": factor, "mode": mode,
-                    "clusterer": clusterer}
+    intervention = {
+        "neurons": [neuron_label(n) for n in ticked],
+        "factor": factor,
+        "mode": mode,
+        "clusterer": clusterer,
+    }
     url = link.share_url(ws)
     summary = state.summary(lm)
     fact = ws.fact
@@ -235,33 +311,60 @@ def export_all_button(lm: LoadedModel | None, ws: state.Workspace | None = None)
     def build() -> bytes:
         return export_all_zip(lm, ws, shown, tables, intervention, url, summary)
 
-    st.download_button("Export all (zip)", build, f"dkn-{_slug(fact.prompt)}-{_slug(fact.answer)}.zip",
-                       "application/zip", key="export_all", on_click="ignore", icon=":material/folder_zip:",
-                       width="stretch",
-                       help="Every figure of this fact (PNG, SVG, HTML) and table (CSV, JSON), and a manifest "
-                            "(model, fingerprint, prompt, answer, method, parameters, intervention, link, version, "
-                            "date).")
+    st.download_button(
+        "Export all (zip)",
+        build,
+        f"dkn-{_slug(fact.prompt)}-{_slug(fact.answer)}.zip",
+        "application/zip",
+        key="export_all",
+        on_click="ignore",
+        icon=":material/folder_zip:",
+        width="stretch",
+        help="Every figure of this fact (PNG, SVG, HTML) and table (CSV, JSON), and a manifest "
+        "(model, fingerprint, prompt, answer, method, parameters, intervention, link, version, "
+        "date).",
+    )
 
 
-def export_all_zip(lm: LoadedModel, ws: state.Workspace, shown: dict, tables: dict, intervention: dict, url: str,
-                   summary: dict, images: bool | None = None) -> bytes:
+def export_all_zip(
+    lm: LoadedModel,
+    ws: state.Workspace,
+    shown: dict,
+    tables: dict,
+    intervention: dict,
+    url: str,
+    summary: dict,
+    images: bool | None = None,
+) -> bytes:
     """The Export-all zip: every figure of the fact (what the pages drew, and the rest built from the cached
     results), the tables, and a manifest with the intervention state and the link.  No Streamlit calls (it
     runs when the button is clicked)."""
     neurons = tuple(neurons_mod.parse_neurons(",".join(intervention["neurons"])))
-    figures, all_tables = state.all_figures(lm, ws, intervention["clusterer"], neurons, intervention["factor"],
-                                            intervention["mode"], summary["label"])
-    figures.update(shown)                   # what the pages drew wins (same names)
+    figures, all_tables = state.all_figures(
+        lm, ws, intervention["clusterer"], neurons, intervention["factor"], intervention["mode"], summary["label"]
+    )
+    figures.update(shown)  # what the pages drew wins (same names)
     figures = {k: v if isinstance(v, go.Figure) else go.Figure(v) for k, v in figures.items()}
     all_tables.update(tables)
     fact, settings = ws.fact, ws.settings
     manifest = export.manifest(
-        model=summary, prompt=fact.prompt, answer=fact.answer, paraphrases=list(ws.prompts[1:]),
+        model=summary,
+        prompt=fact.prompt,
+        answer=fact.answer,
+        paraphrases=list(ws.prompts[1:]),
         method=settings.method,
-        parameters={**ws.main.params.__dict__, "t": settings.t, "p": settings.p, "max_prompts": settings.max_prompts,
-                    "degeneracy": {k: r.params.__dict__ for k, r in ws.degeneracy.items()}},
-        p_answer=ws.main.prob, knowledge_neurons=[neuron_label(n) for n in ws.kn.neurons],
-        intervention=intervention, link=url)
+        parameters={
+            **ws.main.params.__dict__,
+            "t": settings.t,
+            "p": settings.p,
+            "max_prompts": settings.max_prompts,
+            "degeneracy": {k: r.params.__dict__ for k, r in ws.degeneracy.items()},
+        },
+        p_answer=ws.main.prob,
+        knowledge_neurons=[neuron_label(n) for n in ws.kn.neurons],
+        intervention=intervention,
+        link=url,
+    )
     return export.export_zip(figures, all_tables, manifest, images=images)
 
 
@@ -274,27 +377,35 @@ def reset_figures() -> None:
         st.session_state["_figures_for"] = key
 
 
-neuron_label = neurons_mod.neuron_label      # "L12:N345" everywhere
+neuron_label = neurons_mod.neuron_label  # "L12:N345" everywhere
 
 
 def _mark_cancelled(key: str) -> None:
     st.session_state[f"cancelled_{key}"] = True
 
 
-def run_with_progress(label: str, work: Callable[[Callable[[float, str], None]], Any], *,
-                      cancel_key: str | None = None) -> Any:
+def run_with_progress(
+    label: str, work: Callable[[Callable[[float, str], None]], Any], *, cancel_key: str | None = None
+) -> Any:
     """work(update) under a progress bar.  With cancel_key, a Cancel button beside it: clicking it starts a
     new run of the page, which stops this one at its next progress update (results are only stored when
     complete); the new run finds session_state[f"cancelled_{cancel_key}"] set."""
     holder = st.empty()
     if cancel_key:
-        holder.button("Cancel", key=cancel_key, on_click=_mark_cancelled, args=(cancel_key,),
-                      icon=":material/cancel:", help="Stop this run; nothing unfinished is stored.")
+        holder.button(
+            "Cancel",
+            key=cancel_key,
+            on_click=_mark_cancelled,
+            args=(cancel_key,),
+            icon=":material/cancel:",
+            help="Stop this run; nothing unfinished is stored.",
+        )
     bar = st.progress(0.0, text=label)
 
     def update(frac: float, text: str) -> None:
         text = text if len(text) <= 90 else text[:87] + "..."
         bar.progress(min(1.0, max(0.0, frac)), text=f"{label}: {text} ({frac:.0%})")
+
     try:
         return work(update)
     finally:

@@ -22,6 +22,7 @@ Per model:
 - degeneracy index DI = (union drop - largest single drop) / union drop, mean over
   facts with >= 2 groups (1: no group matters alone, all together do).
 """
+
 from __future__ import annotations
 
 import gc
@@ -45,8 +46,8 @@ NAME = "complexity"
 
 @dataclass(frozen=True)
 class Params:
-    models: tuple[str, ...] = ()       # (): the loaded model only; else load_model names ("default", "gemma3-270m")
-    max_checked: int = 2000            # facts checked for "answered by every model" (in dataset order)
+    models: tuple[str, ...] = ()  # (): the loaded model only; else load_model names ("default", "gemma3-270m")
+    max_checked: int = 2000  # facts checked for "answered by every model" (in dataset order)
     neurons: ConditionParams = field(default_factory=lambda: ConditionParams(random_seeds=0, held_out=False))
 
     @classmethod
@@ -67,9 +68,12 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
     table = complexity_table(per_model)
     layers = layer_table(per_model)
     summary = {"n_facts": len(chosen), "facts": [f.id for f in chosen], "models": table.to_dict("records")}
-    return Report(jsonable(summary), tables={"complexity": table, "complexity_layers": layers},
-                  figures={"complexity": _figure(table), "complexity_layers": _layer_figure(layers)},
-                  markdown=_markdown(len(chosen), table, params))
+    return Report(
+        jsonable(summary),
+        tables={"complexity": table, "complexity_layers": layers},
+        figures={"complexity": _figure(table), "complexity_layers": _layer_figure(layers)},
+        markdown=_markdown(len(chosen), table, params),
+    )
 
 
 def shared_known_facts(ctx: Context, facts, limit, models) -> list:
@@ -81,8 +85,9 @@ def shared_known_facts(ctx: Context, facts, limit, models) -> list:
         kept = []
         with _model_context(ctx, name) as sub:
             for fact in chosen:
-                [record] = sub.each("known", [(fact.id, fact)],
-                                    lambda f: {"known": answers_correctly(sub.lm, f.prompt, f.answers)})
+                [record] = sub.each(
+                    "known", [(fact.id, fact)], lambda f: {"known": answers_correctly(sub.lm, f.prompt, f.answers)}
+                )
                 if record.get("known"):
                     kept.append(fact)
                     if last and limit is not None and len(kept) >= limit:
@@ -114,8 +119,11 @@ class _model_context:
 
 
 def measure(ctx: Context, facts, params: Params) -> list[dict]:
-    return [r for r in ctx.each("complexity", [(f.id, f) for f in facts], lambda f: fact_record(ctx, f, params))
-            if "error" not in r]
+    return [
+        r
+        for r in ctx.each("complexity", [(f.id, f) for f in facts], lambda f: fact_record(ctx, f, params))
+        if "error" not in r
+    ]
 
 
 def fact_record(ctx: Context, fact, params: Params) -> dict:
@@ -128,13 +136,23 @@ def fact_record(ctx: Context, fact, params: Params) -> dict:
     with stage(ctx, "clustering + subset grid"):
         r = analyse(ctx.lm, prompts[0], fact.answer, neurons, scores, p.degeneracy)
     members = sorted({n for c in r.candidates for n in c.members})
-    return jsonable({
-        "fact": fact.id, "n_kn": len(kns.neurons), "n_bdcs": len(r.candidates),
-        "bdc_sizes": [len(c.members) for c in r.candidates], "dkn_layers": [n.layer for n in members],
-        "n_dkn": len(members), "degenerate": r.degenerate, "n_dkn_strict": sum(len(g) for g in r.dkn),
-        "degeneracy_index": r.degeneracy_index, "union_drop": r.union_drop, "prob": r.prob,
-        "baseline": attribution.baseline, "capped": p.max_neurons is not None and len(kns.neurons) > p.max_neurons,
-    })
+    return jsonable(
+        {
+            "fact": fact.id,
+            "n_kn": len(kns.neurons),
+            "n_bdcs": len(r.candidates),
+            "bdc_sizes": [len(c.members) for c in r.candidates],
+            "dkn_layers": [n.layer for n in members],
+            "n_dkn": len(members),
+            "degenerate": r.degenerate,
+            "n_dkn_strict": sum(len(g) for g in r.dkn),
+            "degeneracy_index": r.degeneracy_index,
+            "union_drop": r.union_drop,
+            "prob": r.prob,
+            "baseline": attribution.baseline,
+            "capped": p.max_neurons is not None and len(kns.neurons) > p.max_neurons,
+        }
+    )
 
 
 def complexity_table(per_model: dict) -> pd.DataFrame:
@@ -142,24 +160,35 @@ def complexity_table(per_model: dict) -> pd.DataFrame:
     for name, (info, records) in per_model.items():
         grouped = [r for r in records if r["n_bdcs"] >= 2]
         sizes = [s for r in records for s in r["bdc_sizes"]]
-        spans = [(max(r["dkn_layers"]) - min(r["dkn_layers"])) / max(1, info["n_layers"] - 1)
-                 for r in records if r["dkn_layers"]]
+        spans = [
+            (max(r["dkn_layers"]) - min(r["dkn_layers"])) / max(1, info["n_layers"] - 1)
+            for r in records
+            if r["dkn_layers"]
+        ]
         n_dkn = [r["n_dkn"] for r in records]
-        rows.append({
-            "model": name, "ig_baseline": ", ".join(sorted({r.get("baseline", "zero") for r in records})),
-            "capped_facts": sum(bool(r.get("capped")) for r in records), "params_M": info["n_params"] / 1e6, "layers": info["n_layers"], "d_mlp": info["d_mlp"],
-            "facts": len(records), "mean_kn": _mean([r["n_kn"] for r in records]),
-            "mean_dkn_neurons": _mean(n_dkn),
-            "dkn_per_M_neurons": _mean(n_dkn) / info["n_neurons"] * 1e6 if n_dkn else np.nan,
-            "mean_bdcs": _mean([r["n_bdcs"] for r in records]), "mean_bdc_size": _mean(sizes),
-            "max_bdc_size": max(sizes) if sizes else np.nan,
-            "mean_dkn_layers": _mean([len(set(r["dkn_layers"])) for r in records if r["dkn_layers"]]),
-            "mean_layer_span_share": _mean(spans),
-            "facts_with_>=2_bdcs": len(grouped),
-            "degeneracy_rate_%": 100 * _mean([float(r["degenerate"]) for r in records]),
-            "mean_degeneracy_index": _mean([r["degeneracy_index"] for r in grouped]),
-            "mean_union_drop_%": 100 * _mean([r["union_drop"] for r in grouped]),
-        })
+        rows.append(
+            {
+                "model": name,
+                "ig_baseline": ", ".join(sorted({r.get("baseline", "zero") for r in records})),
+                "capped_facts": sum(bool(r.get("capped")) for r in records),
+                "params_M": info["n_params"] / 1e6,
+                "layers": info["n_layers"],
+                "d_mlp": info["d_mlp"],
+                "facts": len(records),
+                "mean_kn": _mean([r["n_kn"] for r in records]),
+                "mean_dkn_neurons": _mean(n_dkn),
+                "dkn_per_M_neurons": _mean(n_dkn) / info["n_neurons"] * 1e6 if n_dkn else np.nan,
+                "mean_bdcs": _mean([r["n_bdcs"] for r in records]),
+                "mean_bdc_size": _mean(sizes),
+                "max_bdc_size": max(sizes) if sizes else np.nan,
+                "mean_dkn_layers": _mean([len(set(r["dkn_layers"])) for r in records if r["dkn_layers"]]),
+                "mean_layer_span_share": _mean(spans),
+                "facts_with_>=2_bdcs": len(grouped),
+                "degeneracy_rate_%": 100 * _mean([float(r["degenerate"]) for r in records]),
+                "mean_degeneracy_index": _mean([r["degeneracy_index"] for r in grouped]),
+                "mean_union_drop_%": 100 * _mean([r["union_drop"] for r in grouped]),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -171,8 +200,13 @@ def layer_table(per_model: dict) -> pd.DataFrame:
         depth = (layers + 0.5) / info["n_layers"]
         counts = np.histogram(depth, bins=10, range=(0, 1))[0] if len(layers) else np.zeros(10)
         for b, c in enumerate(counts):
-            rows.append({"model": name, "depth_bin": f"{b / 10:.1f}-{(b + 1) / 10:.1f}",
-                         "share_%": 100 * c / max(1, len(layers))})
+            rows.append(
+                {
+                    "model": name,
+                    "depth_bin": f"{b / 10:.1f}-{(b + 1) / 10:.1f}",
+                    "share_%": 100 * c / max(1, len(layers)),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -183,8 +217,14 @@ def _mean(values) -> float:
 def _figure(table: pd.DataFrame):
     from plotly.subplots import make_subplots
 
-    metrics = ["mean_dkn_neurons", "mean_bdcs", "mean_bdc_size", "degeneracy_rate_%", "mean_degeneracy_index",
-               "mean_layer_span_share"]
+    metrics = [
+        "mean_dkn_neurons",
+        "mean_bdcs",
+        "mean_bdc_size",
+        "degeneracy_rate_%",
+        "mean_degeneracy_index",
+        "mean_layer_span_share",
+    ]
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
     for i, m in enumerate(metrics):
         fig.add_bar(x=table["model"], y=table[m], showlegend=False, row=1, col=i + 1)
@@ -195,22 +235,34 @@ def _figure(table: pd.DataFrame):
 def _layer_figure(layers: pd.DataFrame):
     import plotly.express as px
 
-    return px.bar(layers, x="depth_bin", y="share_%", color="model", barmode="group", template="plotly_white",
-                  title="Where DKN neurons sit (share per tenth of the model's depth)")
+    return px.bar(
+        layers,
+        x="depth_bin",
+        y="share_%",
+        color="model",
+        barmode="group",
+        template="plotly_white",
+        title="Where DKN neurons sit (share per tenth of the model's depth)",
+    )
 
 
 def _markdown(n: int, table: pd.DataFrame, params: Params) -> str:
     cap = params.neurons.max_neurons
     rows = table.to_dict("records")
     baselines = "; ".join(f"{r['model']}: {r['ig_baseline']}" for r in rows)
-    clipped = ("no cap: every refined knowledge neuron went into the NTC graph" if cap is None else
-               f"the strongest {cap} knowledge neurons went into the NTC graph; facts clipped: "
-               + "; ".join(f"{r['model']} {r['capped_facts']}" for r in rows))
-    return (f"Models: {', '.join(r['model'] for r in rows)}; facts: {n} (answered by every model). Per fact, the "
-            f"refined knowledge neurons (up to {params.neurons.max_prompts} prompts) were clustered by NTC; the DKN "
-            "neurons are the members of its groups (BDCs). Integrated-gradients baseline per model (the family "
-            f"default: AMIG where the MLP output has its own norm, e.g. Gemma 2/3, whose zero-baseline IG puts "
-            f"everything in the first step; zero otherwise): {baselines}. Neuron cap: {clipped}. "
-            "Degeneracy rate: share of facts passing the strict test (>= 2 groups that each lower P by < 5% "
-            "alone and together by > 30%). The paper reports only that DKNs grow more numerous and complex with "
-            "model size (GPT-2 vs LLaMA2-7b), without a table to compare with.\n")
+    clipped = (
+        "no cap: every refined knowledge neuron went into the NTC graph"
+        if cap is None
+        else f"the strongest {cap} knowledge neurons went into the NTC graph; facts clipped: "
+        + "; ".join(f"{r['model']} {r['capped_facts']}" for r in rows)
+    )
+    return (
+        f"Models: {', '.join(r['model'] for r in rows)}; facts: {n} (answered by every model). Per fact, the "
+        f"refined knowledge neurons (up to {params.neurons.max_prompts} prompts) were clustered by NTC; the DKN "
+        "neurons are the members of its groups (BDCs). Integrated-gradients baseline per model (the family "
+        f"default: AMIG where the MLP output has its own norm, e.g. Gemma 2/3, whose zero-baseline IG puts "
+        f"everything in the first step; zero otherwise): {baselines}. Neuron cap: {clipped}. "
+        "Degeneracy rate: share of facts passing the strict test (>= 2 groups that each lower P by < 5% "
+        "alone and together by > 30%). The paper reports only that DKNs grow more numerous and complex with "
+        "model size (GPT-2 vs LLaMA2-7b), without a table to compare with.\n"
+    )

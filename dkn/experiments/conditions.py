@@ -30,6 +30,7 @@ a tiny P), summarised by medians with fact-clustered bootstrap intervals; `perce
 turns a median log ratio back into the paper's relative change (always finite).  Records are
 JSON-native (lists, floats, str keys, None for NaN) because `Context.each` stores exact JSON.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -50,25 +51,31 @@ from dkn.neurons import Neuron
 from dkn.query import first_answer_tokens as first_tokens  # noqa: F401  (re-exported)
 from dkn.selection import coarse_neurons, find_knowledge_neurons
 
-DEGENERATE, GROUPS, KN, KN_SUBSET, RANDOM, NONE = ("degenerate components", "candidate groups",
-                                                   "knowledge neurons", "KN subset", "random matched", "none")
+DEGENERATE, GROUPS, KN, KN_SUBSET, RANDOM, NONE = (
+    "degenerate components",
+    "candidate groups",
+    "knowledge neurons",
+    "KN subset",
+    "random matched",
+    "none",
+)
 CONDITIONS = (DEGENERATE, GROUPS, KN, KN_SUBSET, RANDOM, NONE)
-SET_CONDITIONS = CONDITIONS[:-1]            # the ones with neurons
-SEEDED = (KN_SUBSET, RANDOM)                # one set per seed
-LOG_FLOOR = 1e-30                           # P below this counts as this (log P >= -69)
+SET_CONDITIONS = CONDITIONS[:-1]  # the ones with neurons
+SEEDED = (KN_SUBSET, RANDOM)  # one set per seed
+LOG_FLOOR = 1e-30  # P below this counts as this (log P >= -69)
 
 
 @dataclass(frozen=True)
 class ConditionParams:
-    max_prompts: int = 3               # selection paraphrases per fact
-    held_out: bool = True              # select on paraphrases, measure on prompts[0]
+    max_prompts: int = 3  # selection paraphrases per fact
+    held_out: bool = True  # select on paraphrases, measure on prompts[0]
     t: float = 0.2
     p: float = 0.5
-    max_neurons: int | None = None     # None: every refined neuron goes into the NTC graph; else the strongest
+    max_neurons: int | None = None  # None: every refined neuron goes into the NTC graph; else the strongest
     random_seeds: int = 3
-    match_pool: int = 10               # random matched: drawn among this many nearest by mean activation
+    match_pool: int = 10  # random matched: drawn among this many nearest by mean activation
     degeneracy: DegeneracyParams = field(default_factory=lambda: DegeneracyParams(clusterer="ntc", random_seeds=0))
-    attribution: AttributionParams | None = None   # None: the family's default (`default_attribution`)
+    attribution: AttributionParams | None = None  # None: the family's default (`default_attribution`)
 
 
 # -- prompts, baseline ---------------------------------------------------------------------------------
@@ -77,9 +84,11 @@ def prompt_split(fact, params: ConditionParams) -> tuple[list[str], str]:
     if not params.held_out:
         return list(fact.prompts[: params.max_prompts]), fact.prompts[0]
     if len(fact.prompts) < 2:
-        raise ValueError(f"fact {fact.id!r} has one prompt: held-out evaluation needs a paraphrase to select on "
-                         "(set held_out=false to select and measure on the same prompt)")
-    return list(fact.prompts[1: 1 + params.max_prompts]), fact.prompts[0]
+        raise ValueError(
+            f"fact {fact.id!r} has one prompt: held-out evaluation needs a paraphrase to select on "
+            "(set held_out=false to select and measure on the same prompt)"
+        )
+    return list(fact.prompts[1 : 1 + params.max_prompts]), fact.prompts[0]
 
 
 def has_post_mlp_norm(lm) -> bool:
@@ -111,8 +120,9 @@ def neuron_conditions(ctx, fact, params: ConditionParams) -> dict:
     if params.degeneracy.clusterer != "ntc":
         raise ValueError("the candidate-groups condition uses NTC groups: degeneracy.clusterer must be 'ntc'")
     with stage(ctx, "attribution"):
-        kns = find_knowledge_neurons(ctx.lm, selection, fact.answer, attribution, t=params.t, p=params.p,
-                                     store=ctx.store)
+        kns = find_knowledge_neurons(
+            ctx.lm, selection, fact.answer, attribution, t=params.t, p=params.p, store=ctx.store
+        )
         jac = selection_jaccard(ctx, selection, fact.answer, attribution, params.t)
     cap = params.max_neurons
     neurons, scores = kns.neurons[:cap], kns.scores[:cap]
@@ -123,18 +133,28 @@ def neuron_conditions(ctx, fact, params: ConditionParams) -> dict:
     seed = 1000 * ctx.seed
     with stage(ctx, "activations"):
         acts = mean_activations(ctx.lm, selection)
-    sets = {DEGENERATE: strict, GROUPS: groups, KN: list(kns.neurons),
-            KN_SUBSET: kn_subsets(kns.neurons, len(groups), params.random_seeds, seed),
-            RANDOM: activation_matched_sets(groups, set(kns.neurons), acts, params.random_seeds, seed,
-                                            params.match_pool)}
-    return jsonable({
-        "sets": {c: _pairs(s) if c not in SEEDED else [_pairs(x) for x in s] for c, s in sets.items()},
-        "kn_scores": list(kns.scores), "selection_prompts": selection, "evaluation_prompt": evaluation,
-        "n_kn": len(kns.neurons), "capped": cap is not None and len(kns.neurons) > cap,
-        "n_bdcs": len(result.candidates), "degenerate": bool(result.degenerate), "union_drop": result.union_drop,
-        "jaccard": jac,
-        "baseline": attribution.baseline,
-    })
+    sets = {
+        DEGENERATE: strict,
+        GROUPS: groups,
+        KN: list(kns.neurons),
+        KN_SUBSET: kn_subsets(kns.neurons, len(groups), params.random_seeds, seed),
+        RANDOM: activation_matched_sets(groups, set(kns.neurons), acts, params.random_seeds, seed, params.match_pool),
+    }
+    return jsonable(
+        {
+            "sets": {c: _pairs(s) if c not in SEEDED else [_pairs(x) for x in s] for c, s in sets.items()},
+            "kn_scores": list(kns.scores),
+            "selection_prompts": selection,
+            "evaluation_prompt": evaluation,
+            "n_kn": len(kns.neurons),
+            "capped": cap is not None and len(kns.neurons) > cap,
+            "n_bdcs": len(result.candidates),
+            "degenerate": bool(result.degenerate),
+            "union_drop": result.union_drop,
+            "jaccard": jac,
+            "baseline": attribution.baseline,
+        }
+    )
 
 
 def _pairs(neurons) -> list[list[int]]:
@@ -153,8 +173,9 @@ def kn_subsets(kns: Sequence[Neuron], size: int, n_seeds: int, seed: int) -> lis
     return out
 
 
-def activation_matched_sets(target: Sequence[Neuron], exclude: set, acts: np.ndarray, n_seeds: int, seed: int,
-                            pool: int = 10) -> list[tuple[Neuron, ...]]:
+def activation_matched_sets(
+    target: Sequence[Neuron], exclude: set, acts: np.ndarray, n_seeds: int, seed: int, pool: int = 10
+) -> list[tuple[Neuron, ...]]:
     """Per seed, one neuron per target neuron: same layer, not in `exclude` nor already drawn, drawn
     uniformly among the `pool` whose mean activation (acts: [n_layers, d_mlp]) is nearest to the target's."""
     if not target:
@@ -165,7 +186,7 @@ def activation_matched_sets(target: Sequence[Neuron], exclude: set, acts: np.nda
         rng = np.random.default_rng(seed + 202 + s)
         chosen: set[tuple[int, int]] = set()
         for n in sorted(target):
-            layer = acts[n.layer]                                               # [d_mlp]
+            layer = acts[n.layer]  # [d_mlp]
             order = np.argsort(np.abs(layer - layer[n.index]), kind="stable")
             free = [int(i) for i in order if (n.layer, int(i)) not in excluded and (n.layer, int(i)) not in chosen]
             if not free:
@@ -182,23 +203,23 @@ def mean_activations(lm, prompts: Sequence[str]) -> np.ndarray:
     total = np.zeros((lm.n_layers, lm.d_mlp))
     count = 0
     for prompt in prompts:
-        ids = torch.tensor([lm.tokenizer(prompt)["input_ids"]], device=lm.device)      # [1, T]
+        ids = torch.tensor([lm.tokenizer(prompt)["input_ids"]], device=lm.device)  # [1, T]
         with record_neurons(lm) as rec:
             lm.model(input_ids=ids)
-        hidden = torch.stack([rec[l][0] for l in range(lm.n_layers)]).float()         # [L, T, d_mlp]
+        hidden = torch.stack([rec[l][0] for l in range(lm.n_layers)]).float()  # [L, T, d_mlp]
         total += hidden.sum(1).cpu().numpy()
         count += hidden.shape[1]
     return total / max(count, 1)
 
 
-def selection_jaccard(ctx, prompts: Sequence[str], answer: str, attribution: AttributionParams,
-                      t: float) -> float | None:
+def selection_jaccard(
+    ctx, prompts: Sequence[str], answer: str, attribution: AttributionParams, t: float
+) -> float | None:
     """Mean pairwise Jaccard index of the coarse knowledge-neuron sets of each selection prompt (cached
     attributions: no extra cost); None with fewer than two prompts."""
     if len(prompts) < 2:
         return None
-    sets = [set(coarse_neurons(attribute(ctx.lm, q, answer, attribution, store=ctx.store).scores, t))
-            for q in prompts]
+    sets = [set(coarse_neurons(attribute(ctx.lm, q, answer, attribution, store=ctx.store).scores, t)) for q in prompts]
     return float(np.mean([jaccard(a, b) for a, b in itertools.combinations(sets, 2)]))
 
 
@@ -291,15 +312,27 @@ def bootstrap_facts(values: Sequence[float | None], n_boot: int = 2000, seed: in
     (resampling facts, i.e. clustered by fact when each value already summarises one fact)."""
     x = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=float)
     if len(x) == 0:
-        return {"n": 0, "median": np.nan, "median_ci_low": np.nan, "median_ci_high": np.nan,
-                "mean": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+        return {
+            "n": 0,
+            "median": np.nan,
+            "median_ci_low": np.nan,
+            "median_ci_high": np.nan,
+            "mean": np.nan,
+            "ci_low": np.nan,
+            "ci_high": np.nan,
+        }
     rng = np.random.default_rng(seed)
-    draws = x[rng.integers(0, len(x), size=(n_boot, len(x)))]                          # [n_boot, n]
+    draws = x[rng.integers(0, len(x), size=(n_boot, len(x)))]  # [n_boot, n]
     medians, means = np.median(draws, 1), draws.mean(1)
-    return {"n": len(x), "median": float(np.median(x)),
-            "median_ci_low": float(np.percentile(medians, 2.5)), "median_ci_high": float(np.percentile(medians, 97.5)),
-            "mean": float(x.mean()), "ci_low": float(np.percentile(means, 2.5)),
-            "ci_high": float(np.percentile(means, 97.5))}
+    return {
+        "n": len(x),
+        "median": float(np.median(x)),
+        "median_ci_low": float(np.percentile(medians, 2.5)),
+        "median_ci_high": float(np.percentile(medians, 97.5)),
+        "mean": float(x.mean()),
+        "ci_low": float(np.percentile(means, 2.5)),
+        "ci_high": float(np.percentile(means, 97.5)),
+    }
 
 
 def bootstrap_mean(values: Sequence[float | None], n_boot: int = 2000, seed: int = 0) -> dict:
@@ -307,8 +340,9 @@ def bootstrap_mean(values: Sequence[float | None], n_boot: int = 2000, seed: int
     return bootstrap_facts(values, n_boot, seed)
 
 
-def bootstrap_groups(groups: Sequence[Sequence[Any]], stat: Callable[[list], float], n_boot: int = 1000,
-                     seed: int = 0) -> dict:
+def bootstrap_groups(
+    groups: Sequence[Sequence[Any]], stat: Callable[[list], float], n_boot: int = 1000, seed: int = 0
+) -> dict:
     """stat over all rows, and a 95% CI from resampling the groups (facts) with replacement; seeded."""
     groups = [list(g) for g in groups if len(g)]
     if not groups:
@@ -317,9 +351,12 @@ def bootstrap_groups(groups: Sequence[Sequence[Any]], stat: Callable[[list], flo
     value = stat([r for g in groups for r in g])
     boots = [stat([r for j in rng.integers(0, len(groups), len(groups)) for r in groups[j]]) for _ in range(n_boot)]
     boots = [b for b in boots if b is not None and math.isfinite(b)]
-    return {"n": len(groups), "value": value,
-            "ci_low": float(np.percentile(boots, 2.5)) if boots else np.nan,
-            "ci_high": float(np.percentile(boots, 97.5)) if boots else np.nan}
+    return {
+        "n": len(groups),
+        "value": value,
+        "ci_low": float(np.percentile(boots, 2.5)) if boots else np.nan,
+        "ci_high": float(np.percentile(boots, 97.5)) if boots else np.nan,
+    }
 
 
 def select_facts(ctx, facts, limit, include_unknown: bool, params: ConditionParams | None = None):
@@ -338,16 +375,34 @@ def with_prompts(params: ConditionParams, max_prompts: int) -> ConditionParams:
     return replace(params, max_prompts=max_prompts)
 
 
-def ci_figure(table, x: str, title: str, yaxis: str, y: str = "median", low: str = "median_ci_low",
-              high: str = "median_ci_high", facet: str | None = "mode"):
+def ci_figure(
+    table,
+    x: str,
+    title: str,
+    yaxis: str,
+    y: str = "median",
+    low: str = "median_ci_low",
+    high: str = "median_ci_high",
+    facet: str | None = "mode",
+):
     """Grouped bars of table[y] by condition with 95% CI error bars."""
     import plotly.express as px
 
     t = table.dropna(subset=[y]).copy()
     t["err_plus"] = t[high] - t[y]
     t["err_minus"] = t[y] - t[low]
-    fig = px.bar(t, x=x, y=y, color="condition", barmode="group", facet_col=facet,
-                 error_y="err_plus", error_y_minus="err_minus", title=title, template="plotly_white",
-                 category_orders={"condition": list(CONDITIONS)})
+    fig = px.bar(
+        t,
+        x=x,
+        y=y,
+        color="condition",
+        barmode="group",
+        facet_col=facet,
+        error_y="err_plus",
+        error_y_minus="err_minus",
+        title=title,
+        template="plotly_white",
+        category_orders={"condition": list(CONDITIONS)},
+    )
     fig.update_yaxes(title_text=yaxis)
     return fig

@@ -25,6 +25,7 @@ is retried on it (`max_retries` times); the other workers' facts are not touched
 a step is recorded as {"error": ...} for that item, as in a local run; any other exception stops the
 run with the worker's traceback.
 """
+
 from __future__ import annotations
 
 import io
@@ -53,14 +54,15 @@ class ClusterError(DknError, RuntimeError):
 try:
     import ray
     from ray import cloudpickle
-except ModuleNotFoundError as err:      # Ray is the optional extra "distributed"
-    raise ClusterError("running on a cluster needs Ray: pip install 'dkn[distributed]' (or ray from "
-                       "requirements.txt)") from err
+except ModuleNotFoundError as err:  # Ray is the optional extra "distributed"
+    raise ClusterError(
+        "running on a cluster needs Ray: pip install 'dkn[distributed]' (or ray from requirements.txt)"
+    ) from err
 
 log = logging.getLogger(__name__)
 
-ItemHook = Callable[[str, str], None]     # (step, item key), called on the worker before each item
-START_TIMEOUT_S = 1800.0                  # loading a large model on every worker can take minutes
+ItemHook = Callable[[str, str], None]  # (step, item key), called on the worker before each item
+START_TIMEOUT_S = 1800.0  # loading a large model on every worker can take minutes
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,11 @@ class ClusterSpec:
     """How to run an experiment's per-fact steps on Ray."""
 
     workers: int
-    address: str | None = None      # "auto", "HOST:PORT", or None: a local Ray with os.cpu_count() CPUs
-    threads: int | None = None      # torch threads per worker; None: the cluster's CPUs shared out evenly
-    device: str | None = None       # None: "cuda" on a worker that got a GPU, else "cpu"
-    max_retries: int = 3            # retries of a fact whose worker died (the worker is always restarted)
-    item_hook: ItemHook | None = field(default=None, compare=False)   # tests: runs on the worker
+    address: str | None = None  # "auto", "HOST:PORT", or None: a local Ray with os.cpu_count() CPUs
+    threads: int | None = None  # torch threads per worker; None: the cluster's CPUs shared out evenly
+    device: str | None = None  # None: "cuda" on a worker that got a GPU, else "cpu"
+    max_retries: int = 3  # retries of a fact whose worker died (the worker is always restarted)
+    item_hook: ItemHook | None = field(default=None, compare=False)  # tests: runs on the worker
 
     def validate(self) -> None:
         if not isinstance(self.workers, int) or self.workers < 1:
@@ -93,12 +95,16 @@ def threads_per_worker(node_cpus: list[float], workers: int, threads: int | None
 
     if threads is not None:
         if not fits(threads):
-            raise ValueError(f"{workers} workers of {threads} threads do not fit on the Ray cluster's nodes "
-                             f"({', '.join(map(str, cpus)) or 'no'} CPUs): use fewer workers or threads")
+            raise ValueError(
+                f"{workers} workers of {threads} threads do not fit on the Ray cluster's nodes "
+                f"({', '.join(map(str, cpus)) or 'no'} CPUs): use fewer workers or threads"
+            )
         return threads
     if sum(cpus) < workers:
-        raise ValueError(f"the Ray cluster has {sum(cpus)} CPUs on {len(cpus)} node(s), too few for {workers} "
-                         f"workers of one thread each: use --workers {max(sum(cpus), 1)} or fewer, or add nodes")
+        raise ValueError(
+            f"the Ray cluster has {sum(cpus)} CPUs on {len(cpus)} node(s), too few for {workers} "
+            f"workers of one thread each: use --workers {max(sum(cpus), 1)} or fewer, or add nodes"
+        )
     return max(n for n in range(1, max(cpus) + 1) if fits(n))
 
 
@@ -122,16 +128,25 @@ class WorkerPool:
             threads = threads_per_worker(cpus, spec.workers, spec.threads)
             gpus = gpus_per_worker(sum(n["Resources"].get("GPU", 0) for n in nodes), spec.workers, spec.device)
             dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-            actor = ray.remote(_Worker).options(num_cpus=threads, num_gpus=gpus, max_restarts=-1,   # restarted
-                                                max_task_retries=spec.max_retries, scheduling_strategy="SPREAD")
-            self.actors = [actor.remote(lm.name, lm.fingerprint, dtype, spec.device, threads)
-                           for _ in range(spec.workers)]
+            actor = ray.remote(_Worker).options(
+                num_cpus=threads,
+                num_gpus=gpus,
+                max_restarts=-1,  # restarted
+                max_task_retries=spec.max_retries,
+                scheduling_strategy="SPREAD",
+            )
+            self.actors = [
+                actor.remote(lm.name, lm.fingerprint, dtype, spec.device, threads) for _ in range(spec.workers)
+            ]
             self.workers_info = self._ready()
         except BaseException:
             self.close()
             raise
-        log.info("Ray: %d workers ready (%s)", len(self.actors), ", ".join(
-            f"pid {w['pid']} {w['device']} x{w['threads']}" for w in self.workers_info))
+        log.info(
+            "Ray: %d workers ready (%s)",
+            len(self.actors),
+            ", ".join(f"pid {w['pid']} {w['device']} x{w['threads']}" for w in self.workers_info),
+        )
 
     @property
     def workers(self) -> int:
@@ -141,25 +156,34 @@ class WorkerPool:
         try:
             info = ray.get([a.ready.remote() for a in self.actors], timeout=START_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError as err:
-            raise ClusterError(f"the Ray workers did not start within {START_TIMEOUT_S:.0f} s: the cluster may "
-                               "lack the CPUs/GPUs asked for (see `ray status`)") from err
+            raise ClusterError(
+                f"the Ray workers did not start within {START_TIMEOUT_S:.0f} s: the cluster may "
+                "lack the CPUs/GPUs asked for (see `ray status`)"
+            ) from err
         except ray.exceptions.RayActorError as err:
             raise ClusterError(f"a Ray worker could not start: {_cause(err)}") from err
         stale = sorted({w["version"] for w in info} - {__version__})
-        if stale:    # results would be stored under this version's run id
-            raise ClusterError(f"Ray workers run dkn {', '.join(stale)}, this driver dkn {__version__}: install "
-                               "the same dkn on every node")
+        if stale:  # results would be stored under this version's run id
+            raise ClusterError(
+                f"Ray workers run dkn {', '.join(stale)}, this driver dkn {__version__}: install "
+                "the same dkn on every node"
+            )
         return info
 
-    def map(self, step: str, fn: Callable[[Any], dict], jobs: list[tuple[int, str, Any]],
-            store_path: str | os.PathLike | None) -> Iterator[tuple[int, dict]]:
+    def map(
+        self,
+        step: str,
+        fn: Callable[[Any], dict],
+        jobs: list[tuple[int, str, Any]],
+        store_path: str | os.PathLike | None,
+    ) -> Iterator[tuple[int, dict]]:
         """Run fn(item) for every (index, key, item) on the workers, one item per free worker; yields
         (index, outcome) as each finishes, outcome = {"record", "writes", "error", "pid", "node"}."""
         if not jobs:
             return
         payload = ray.put(ship(fn))
         queue = iter(jobs)
-        running: dict = {}                       # ObjectRef -> (actor, index, key)
+        running: dict = {}  # ObjectRef -> (actor, index, key)
         store = str(store_path) if store_path is not None else None
 
         def submit(actor) -> None:
@@ -175,15 +199,17 @@ class WorkerPool:
             [ref], _ = ray.wait(list(running), num_returns=1)
             actor, index, key = running.pop(ref)
             outcome = self._outcome(ref, step, key)
-            submit(actor)                        # keep the worker busy while the driver writes
+            submit(actor)  # keep the worker busy while the driver writes
             yield index, outcome
 
     def _outcome(self, ref, step: str, key: str) -> dict:
         try:
             return ray.get(ref)
-        except ray.exceptions.RayActorError as err:   # its worker died on each of 1 + max_retries tries
-            raise ClusterError(f"{step} {key}: the Ray worker died on this item {self.spec.max_retries + 1} times "
-                               f"({_cause(err)}); finished items are stored: rerun to resume") from err
+        except ray.exceptions.RayActorError as err:  # its worker died on each of 1 + max_retries tries
+            raise ClusterError(
+                f"{step} {key}: the Ray worker died on this item {self.spec.max_retries + 1} times "
+                f"({_cause(err)}); finished items are stored: rerun to resume"
+            ) from err
 
     def close(self) -> None:
         """Stop the actors, and Ray itself when this pool started it."""
@@ -213,7 +239,7 @@ def _connect(address: str | None) -> bool:
     An already initialised Ray (a test's cluster, a notebook's) is used as it is."""
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None    # ray.init would read it too
+    address = address or os.environ.get("RAY_ADDRESS") or None  # ray.init would read it too
     try:
         if address:
             _check_reachable(address)
@@ -221,9 +247,11 @@ def _connect(address: str | None) -> bool:
         else:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     except ConnectionError as err:
-        raise ClusterError(f"cannot reach the Ray cluster at {address!r} ({err}): start one with "
-                           "`ray start --head` and give its address (HOST:6379), or leave out --ray-address "
-                           "for a local one") from err
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address!r} ({err}): start one with "
+            "`ray start --head` and give its address (HOST:6379), or leave out --ray-address "
+            "for a local one"
+        ) from err
     return True
 
 
@@ -260,7 +288,7 @@ class _Shipper(cloudpickle.CloudPickler):
         return super().reducer_override(obj)
 
 
-_WORKER: _Worker | None = None          # the actor living in this worker process
+_WORKER: _Worker | None = None  # the actor living in this worker process
 
 
 def _worker_model(name: str, fingerprint: str) -> LoadedModel:
@@ -311,21 +339,22 @@ class _Worker:
         global _WORKER
         import torch
 
-
         torch.set_num_threads(threads)
         self.threads = threads
         self.device = device or ("cuda" if ray.get_gpu_ids() else "cpu")
         self.dtype = getattr(torch, dtype)
         self.main = self._load(name, fingerprint)
-        self.other: LoadedModel | None = None     # a second model (the complexity experiment), one at a time
+        self.other: LoadedModel | None = None  # a second model (the complexity experiment), one at a time
         self.store = _WorkerStore()
         _WORKER = self
 
     def _load(self, name: str, fingerprint: str) -> LoadedModel:
         lm = load_model(name, device=self.device, dtype=self.dtype)
         if lm.fingerprint != fingerprint:
-            raise ModelLoadError(f"the worker on {_node()} loaded {name!r} with fingerprint {lm.fingerprint}, the "
-                                 f"driver has {fingerprint}: put the same model at the same path on every node")
+            raise ModelLoadError(
+                f"the worker on {_node()} loaded {name!r} with fingerprint {lm.fingerprint}, the "
+                f"driver has {fingerprint}: put the same model at the same path on every node"
+            )
         return lm
 
     def model(self, name: str, fingerprint: str) -> LoadedModel:
@@ -337,11 +366,17 @@ class _Worker:
         return self.other
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "node": _node(), "device": str(self.main.device), "threads": self.threads,
-                "version": __version__}
+        return {
+            "pid": os.getpid(),
+            "node": _node(),
+            "device": str(self.main.device),
+            "threads": self.threads,
+            "version": __version__,
+        }
 
-    def run(self, payload: bytes, step: str, key: str, item: Any, store_path: str | None,
-            hook: ItemHook | None) -> dict:
+    def run(
+        self, payload: bytes, step: str, key: str, item: Any, store_path: str | None, hook: ItemHook | None
+    ) -> dict:
         self.store.use(store_path)
         if hook is not None:
             hook(step, key)
@@ -349,11 +384,10 @@ class _Worker:
         error = None
         try:
             record = fn(item)
-        except ValueError as err:      # as Context.each does locally: recorded, the run goes on
+        except ValueError as err:  # as Context.each does locally: recorded, the run goes on
             error = str(err)
             record = {"error": error}
-        return {"record": record, "writes": self.store.take(), "error": error, "pid": os.getpid(),
-                "node": _node()}
+        return {"record": record, "writes": self.store.take(), "error": error, "pid": os.getpid(), "node": _node()}
 
 
 def _node() -> str:

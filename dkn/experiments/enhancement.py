@@ -18,6 +18,7 @@ g_c = log P_amplified,c - log P_none (P floored at 1e-30), median with a bootstr
 `P_change_%_of_median` = 100 * (exp(median g_c) - 1) beside it (finite; the old mean relative
 change divided by a tiny P and exploded).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,12 +63,12 @@ PAPER = {
 @dataclass(frozen=True)
 class Params:
     conditions: ConditionParams = field(default_factory=ConditionParams)
-    max_prompts: int = 3                # selection paraphrases per fact (overrides conditions')
+    max_prompts: int = 3  # selection paraphrases per fact (overrides conditions')
     factor: float = 2.0
     modes: tuple[str, ...] = ("last", "weights")
-    kinds: tuple[str, ...] = KINDS      # PAPER_KINDS for the paper's meaning-changing perturbations
+    kinds: tuple[str, ...] = KINDS  # PAPER_KINDS for the paper's meaning-changing perturbations
     protect_subject: bool = True
-    include_unknown: bool = False       # tests/diagnostics: skip the "model answers it" filter
+    include_unknown: bool = False  # tests/diagnostics: skip the "model answers it" filter
     bootstrap: int = 2000
 
 
@@ -77,8 +78,10 @@ def amplified(ctx: Context, prompt: str, answers, labels, sets, factor: float, m
     probs, top1 = intervene_many_top1(ctx.lm, prompt, answers[0], sets, factor, mode)
     ok = [bool(t in firsts) if len(s) else None for t, s in zip(top1[1:], sets)]
     ps = [float(p) if len(s) else None for p, s in zip(probs[1:], sets)]
-    return {"correct": by_condition(labels, ok, bool(top1[0] in firsts)),
-            "prob": by_condition(labels, ps, float(probs[0]))}
+    return {
+        "correct": by_condition(labels, ok, bool(top1[0] in firsts)),
+        "prob": by_condition(labels, ps, float(probs[0])),
+    }
 
 
 def fact_record(ctx: Context, fact, params: Params) -> dict:
@@ -93,18 +96,27 @@ def fact_record(ctx: Context, fact, params: Params) -> dict:
             probs, top1 = intervene_many_top1(ctx.lm, prompt, fact.answer, [], 1.0, "last")
         entry = {"prompt": prompt, "fails": bool(top1[0] not in firsts), "prob": float(probs[0])}
         if entry["fails"]:
-            if cond is None:           # attribution only for facts that fail somewhere
+            if cond is None:  # attribution only for facts that fail somewhere
                 cond = neuron_conditions(ctx, fact, params.conditions)
                 labels, sets = condition_sets(cond)
             with stage(ctx, "interventions"):
-                entry["amplified"] = {m: amplified(ctx, prompt, fact.answers, labels, sets, params.factor, m)
-                                      for m in params.modes}
+                entry["amplified"] = {
+                    m: amplified(ctx, prompt, fact.answers, labels, sets, params.factor, m) for m in params.modes
+                }
         queries[kind] = entry
-    return jsonable({"fact": fact.id, "relation": fact.relation, "prompt": fact.prompts[0], "queries": queries,
-                     "n": set_sizes(cond) if cond else None,
-                     "jaccard": cond["jaccard"] if cond else None, "baseline": cond["baseline"] if cond else None,
-                     "capped": cond["capped"] if cond else None,
-                     "degenerate": cond["degenerate"] if cond else None})
+    return jsonable(
+        {
+            "fact": fact.id,
+            "relation": fact.relation,
+            "prompt": fact.prompts[0],
+            "queries": queries,
+            "n": set_sizes(cond) if cond else None,
+            "jaccard": cond["jaccard"] if cond else None,
+            "baseline": cond["baseline"] if cond else None,
+            "capped": cond["capped"] if cond else None,
+            "degenerate": cond["degenerate"] if cond else None,
+        }
+    )
 
 
 def failing(records: list[dict], kind: str) -> list[dict]:
@@ -112,21 +124,40 @@ def failing(records: list[dict], kind: str) -> list[dict]:
 
 
 def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
-    params = replace(params, conditions=replace(params.conditions, max_prompts=params.max_prompts),
-                     kinds=check_kinds(params.kinds))
+    params = replace(
+        params, conditions=replace(params.conditions, max_prompts=params.max_prompts), kinds=check_kinds(params.kinds)
+    )
     facts = select_facts(ctx, facts, limit, params.include_unknown, params.conditions)
     records = ctx.each(NAME, [(f.id, f) for f in facts], lambda f: fact_record(ctx, f, params))
     records = [r for r in records if "error" not in r]
     table = enhancement_table(records, params, ctx.seed)
-    fails = pd.DataFrame([{"perturbation": k, "facts": len(records),
-                           "perturbed_queries": sum(k in r["queries"] for r in records),
-                           "failing": len(failing(records, k))} for k in params.kinds])
+    fails = pd.DataFrame(
+        [
+            {
+                "perturbation": k,
+                "facts": len(records),
+                "perturbed_queries": sum(k in r["queries"] for r in records),
+                "failing": len(failing(records, k)),
+            }
+            for k in params.kinds
+        ]
+    )
     summary = {"n_facts": len(records), "failing": fails.to_dict("records"), "table": table.to_dict("records")}
-    figure = ci_figure(table, "perturbation",
-                       f"Robustness (enhancement): failing perturbed queries answered again after x{params.factor:g}",
-                       "accuracy recovered, % (95% CI)", y="recovered_%", low="ci_low", high="ci_high")
-    return Report(jsonable(summary), tables={"enhancement": table, "failing_queries": fails},
-                  figures={"enhancement": figure}, markdown=_markdown(records, table, fails, params))
+    figure = ci_figure(
+        table,
+        "perturbation",
+        f"Robustness (enhancement): failing perturbed queries answered again after x{params.factor:g}",
+        "accuracy recovered, % (95% CI)",
+        y="recovered_%",
+        low="ci_low",
+        high="ci_high",
+    )
+    return Report(
+        jsonable(summary),
+        tables={"enhancement": table, "failing_queries": fails},
+        figures={"enhancement": figure},
+        markdown=_markdown(records, table, fails, params),
+    )
 
 
 def enhancement_table(records: list[dict], params: Params, seed: int) -> pd.DataFrame:
@@ -139,11 +170,19 @@ def enhancement_table(records: list[dict], params: Params, seed: int) -> pd.Data
                 correct = [None if v is None else 100.0 * float(v) for v in correct]
                 gain = [query_gain(q["amplified"][mode]["prob"], c) for q in queries]
                 acc, g = bootstrap_facts(correct, params.bootstrap, seed), bootstrap_facts(gain, params.bootstrap, seed)
-                row = {"perturbation": kind, "mode": mode, "condition": c, "failing_queries": acc["n"],
-                       "recovered_%": acc["mean"], "ci_low": acc["ci_low"], "ci_high": acc["ci_high"],
-                       "median_log_gain": g["median"], "gain_ci_low": g["median_ci_low"],
-                       "gain_ci_high": g["median_ci_high"],
-                       "P_change_%_of_median": 100 * math.expm1(g["median"]) if g["n"] else np.nan}
+                row = {
+                    "perturbation": kind,
+                    "mode": mode,
+                    "condition": c,
+                    "failing_queries": acc["n"],
+                    "recovered_%": acc["mean"],
+                    "ci_low": acc["ci_low"],
+                    "ci_high": acc["ci_high"],
+                    "median_log_gain": g["median"],
+                    "gain_ci_low": g["median_ci_low"],
+                    "gain_ci_high": g["median_ci_high"],
+                    "P_change_%_of_median": 100 * math.expm1(g["median"]) if g["n"] else np.nan,
+                }
                 for model in ("gpt2", "llama2"):
                     paper = PAPER.get((model, mode), {}).get(kind)
                     i = PAPER_COLUMN.get(c)
@@ -168,21 +207,28 @@ def _markdown(records, table, fails, params: Params) -> str:
         "queries (top-1 no longer an answer's first token): "
         + ", ".join(f"{r['perturbation']} {r['failing']}/{r['perturbed_queries']}" for r in fails.to_dict("records"))
         + ".\n",
-        (f"**Measure.** On each failing query, each condition's neurons were amplified x{params.factor:g} "
-        "(`last`: activations at the answer position, the paper's *values*; `weights`: see dkn.interventions); "
-        "`recovered_%` = share of failing queries whose top-1 is an answer's first token again (seeded conditions: "
-        "share of seeds, per query), mean with a seeded 95% bootstrap CI over failing queries (one per fact). "
-        "`median_log_gain` = median of log P_amplified,c - log P_none (bounded; CI by bootstrap over facts); "
-        "`P_change_%_of_median` = 100 * (exp(median gain) - 1), the relative change it stands for.\n"),
+        (
+            f"**Measure.** On each failing query, each condition's neurons were amplified x{params.factor:g} "
+            "(`last`: activations at the answer position, the paper's *values*; `weights`: see dkn.interventions); "
+            "`recovered_%` = share of failing queries whose top-1 is an answer's first token again (seeded conditions: "
+            "share of seeds, per query), mean with a seeded 95% bootstrap CI over failing queries (one per fact). "
+            "`median_log_gain` = median of log P_amplified,c - log P_none (bounded; CI by bootstrap over facts); "
+            "`P_change_%_of_median` = 100 * (exp(median gain) - 1), the relative change it stands for.\n"
+        ),
         conditions_text(with_cond, params.conditions),
-        ("The paper's accuracies (GPT-2, LLaMA2-7b; their DKN / KN / random beside our candidate groups / knowledge "
-        "neurons / random matched, on the paper's perturbations) are beside ours. With few failing queries the "
-        "CIs are wide.\n"),
+        (
+            "The paper's accuracies (GPT-2, LLaMA2-7b; their DKN / KN / random beside our candidate groups / knowledge "
+            "neurons / random matched, on the paper's perturbations) are beside ours. With few failing queries the "
+            "CIs are wide.\n"
+        ),
     ]
     for mode in params.modes:
         for kind in params.kinds:
             cells = table[(table["mode"] == mode) & (table["perturbation"] == kind)].to_dict("records")
-            text = ", ".join(f"{r['condition']} {r['recovered_%']:.1f}% [{r['ci_low']:.1f}, {r['ci_high']:.1f}]"
-                             for r in cells if r["failing_queries"])
+            text = ", ".join(
+                f"{r['condition']} {r['recovered_%']:.1f}% [{r['ci_low']:.1f}, {r['ci_high']:.1f}]"
+                for r in cells
+                if r["failing_queries"]
+            )
             lines.append(f"- {kind} ({mode}): {text or 'no failing queries'}")
     return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ their seed-k neuron set for seed k).  Measured (top-1 = first answer token):
 95% intervals come from a bootstrap clustered by fact (a fact's prompts and seeds
 are resampled together); the seed-to-seed standard deviation is reported beside.
 """
+
 from __future__ import annotations
 
 import time
@@ -73,14 +74,14 @@ PAPER_COLUMN = {GROUPS: 0, KN: 1, RANDOM: 2, ALL: 3}
 
 @dataclass(frozen=True)
 class Params:
-    n_new: int = 60                    # new facts when no limit is given (a limit overrides it)
-    n_old: int | None = None           # old facts for Q_old; None: as many as new facts
-    validation_share: float = 0.3      # of the old facts: for choosing the learning rate
+    n_new: int = 60  # new facts when no limit is given (a limit overrides it)
+    n_old: int | None = None  # old facts for Q_old; None: as many as new facts
+    validation_share: float = 0.3  # of the old facts: for choosing the learning rate
     conditions: tuple[str, ...] = TRAINED
-    steps: int = 20                    # optimiser steps of `batch_size` facts: 20 x 12 = 4 epochs over 60
-    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)   # the sweep; each condition gets its best on validation
-    seeds: int = 3                     # training seeds per condition at the chosen rate
-    batch_size: int | None = 12        # None: all new facts in every step
+    steps: int = 20  # optimiser steps of `batch_size` facts: 20 x 12 = 4 epochs over 60
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # the sweep; each condition gets its best on validation
+    seeds: int = 3  # training seeds per condition at the chosen rate
+    batch_size: int | None = 12  # None: all new facts in every step
     neurons: ConditionParams = field(default_factory=lambda: ConditionParams(max_prompts=1, held_out=False))
 
     @classmethod
@@ -111,13 +112,16 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
     new = [f for f, _ in usable]
     sets = neuron_unions([r for _, r in usable], params.seeds)
     before = fingerprint(ctx.lm.model)
-    chosen = make_key(new=[f.id for f in new], old=[f.id for f in old])[:12]   # the run id leaves out the limit
+    chosen = make_key(new=[f.id for f in new], old=[f.id for f in old])[:12]  # the run id leaves out the limit
     split = (new, old_val, old_test)
     results = {"none": ctx.each("evaluate", [(f"none:{chosen}", None)], lambda _: evaluate(ctx.lm, *split))[0]}
 
     def train(condition, lr, seed):
-        [r] = ctx.each("train", [(f"{condition}:{lr:g}:{seed}:{chosen}", condition)],
-                       lambda c: train_and_evaluate(ctx, split, sets[c][seed], lr, seed, params))
+        [r] = ctx.each(
+            "train",
+            [(f"{condition}:{lr:g}:{seed}:{chosen}", condition)],
+            lambda c: train_and_evaluate(ctx, split, sets[c][seed], lr, seed, params),
+        )
         return r
 
     sweep, runs, chosen_lr = [], {}, {}
@@ -126,10 +130,18 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
         for lr in lrs:
             r = train(condition, lr, 0)
             scores[lr] = validation_score(r)
-            sweep.append({"condition": condition, "lr": lr, "validation_score": scores[lr],
-                          "Q_new": _acc(r, "Q_new"), "Q_old_validation": _acc(r, "Q_old_val"),
-                          "final_loss": r["losses"][-1] if r.get("losses") else np.nan, "skipped": r.get("skipped", "")})
-        if all(v is None for v in scores.values()):           # skipped (no neurons): nothing to choose or repeat
+            sweep.append(
+                {
+                    "condition": condition,
+                    "lr": lr,
+                    "validation_score": scores[lr],
+                    "Q_new": _acc(r, "Q_new"),
+                    "Q_old_validation": _acc(r, "Q_old_val"),
+                    "final_loss": r["losses"][-1] if r.get("losses") else np.nan,
+                    "skipped": r.get("skipped", ""),
+                }
+            )
+        if all(v is None for v in scores.values()):  # skipped (no neurons): nothing to choose or repeat
             chosen_lr[condition], runs[condition] = None, [train(condition, lrs[0], 0)]
             continue
         best = max(lrs, key=lambda lr: (scores[lr] if scores[lr] is not None else -1.0, -lr))
@@ -141,14 +153,29 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
     table = accuracy_table(results["none"], runs, new, old_test, chosen_lr, ctx.seed)
     runs_df = runs_table(runs, sets, chosen_lr)
     sweep_df = pd.DataFrame(sweep)
-    summary = {"n_new": len(new), "n_old_validation": len(old_val), "n_old_test": len(old_test),
-               "original_weights_untouched": untouched, "chosen_lr": chosen_lr, "seeds": params.seeds,
-               "new_facts": [f.id for f in new], "old_facts": [f.id for f in old],
-               "accuracy": table.to_dict("records"), "runs": runs_df.to_dict("records")}
-    return Report(jsonable(summary), tables={"evolvability": table, "evolvability_wide": wide_table(table),
-                                             "evolvability_lr_sweep": sweep_df, "evolvability_runs": runs_df},
-                  figures={"evolvability": _figure(table)},
-                  markdown=_markdown(table, len(new), len(old_val), len(old_test), params, chosen_lr, untouched))
+    summary = {
+        "n_new": len(new),
+        "n_old_validation": len(old_val),
+        "n_old_test": len(old_test),
+        "original_weights_untouched": untouched,
+        "chosen_lr": chosen_lr,
+        "seeds": params.seeds,
+        "new_facts": [f.id for f in new],
+        "old_facts": [f.id for f in old],
+        "accuracy": table.to_dict("records"),
+        "runs": runs_df.to_dict("records"),
+    }
+    return Report(
+        jsonable(summary),
+        tables={
+            "evolvability": table,
+            "evolvability_wide": wide_table(table),
+            "evolvability_lr_sweep": sweep_df,
+            "evolvability_runs": runs_df,
+        },
+        figures={"evolvability": _figure(table)},
+        markdown=_markdown(table, len(new), len(old_val), len(old_test), params, chosen_lr, untouched),
+    )
 
 
 def split_old(old: list, share: float, seed: int) -> tuple[list, list]:
@@ -169,8 +196,9 @@ def new_and_old_facts(ctx: Context, facts, n_new: int, n_old: int | None):
         fact = facts[int(i)]
         if len(new) >= n_new and len(old) >= n_old:
             break
-        [record] = ctx.each("known", [(fact.id, fact)],
-                            lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)})
+        [record] = ctx.each(
+            "known", [(fact.id, fact)], lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)}
+        )
         if "error" in record:
             continue
         if record["known"]:
@@ -179,8 +207,10 @@ def new_and_old_facts(ctx: Context, facts, n_new: int, n_old: int | None):
         elif len(new) < n_new and len(fact.prompts) >= 2:
             new.append(fact)
     if not new:
-        raise DatasetError("the model already answers every fact of this dataset (with a paraphrase): "
-                           "evolvability needs facts it does not know")
+        raise DatasetError(
+            "the model already answers every fact of this dataset (with a paraphrase): "
+            "evolvability needs facts it does not know"
+        )
     return new, old
 
 
@@ -192,8 +222,10 @@ def neuron_unions(records: list[dict], seeds: int) -> dict[str, list[list[Neuron
         if c == ALL:
             out[c] = [None] * seeds
         elif c in SEEDED:
-            out[c] = [sorted({n for r in records if len(r["sets"][c]) > k for n in to_neurons(r["sets"][c][k])})
-                      for k in range(seeds)]
+            out[c] = [
+                sorted({n for r in records if len(r["sets"][c]) > k for n in to_neurons(r["sets"][c][k])})
+                for k in range(seeds)
+            ]
         else:
             union = sorted({n for r in records for n in to_neurons(r["sets"][c])})
             out[c] = [union] * seeds
@@ -203,10 +235,12 @@ def neuron_unions(records: list[dict], seeds: int) -> dict[str, list[list[Neuron
 def evaluate(lm, new, old_val, old_test) -> dict:
     """0/1 per prompt: Q_new (new facts' first prompts), Q_au (their paraphrases), Q_old_val and Q_old (the
     validation and test old facts' first prompts)."""
-    groups = {"Q_new": [(f.prompt, f.answers) for f in new],
-              "Q_au": [(p, f.answers) for f in new for p in f.prompts[1:]],
-              "Q_old_val": [(f.prompt, f.answers) for f in old_val],
-              "Q_old": [(f.prompt, f.answers) for f in old_test]}
+    groups = {
+        "Q_new": [(f.prompt, f.answers) for f in new],
+        "Q_au": [(p, f.answers) for f in new for p in f.prompts[1:]],
+        "Q_old_val": [(f.prompt, f.answers) for f in old_val],
+        "Q_old": [(f.prompt, f.answers) for f in old_test],
+    }
     return {k: [int(x) for x in answers_correctly_many(lm, items)] if items else [] for k, items in groups.items()}
 
 
@@ -233,25 +267,44 @@ def train_and_evaluate(ctx: Context, split, neurons, lr: float, seed: int, param
     if neurons is not None and not neurons:
         return {"skipped": "no neurons in this condition", "n_neurons": 0}
     start = time.perf_counter()
-    copy = fresh_copy(ctx.lm)                         # every run starts from the original weights
+    copy = fresh_copy(ctx.lm)  # every run starts from the original weights
     try:
         with stage(ctx, "training"):
-            trained = train_neurons(copy, split[0], neurons, steps=params.steps, lr=lr, seed=1000 * ctx.seed + seed,
-                                    batch_size=params.batch_size)
+            trained = train_neurons(
+                copy,
+                split[0],
+                neurons,
+                steps=params.steps,
+                lr=lr,
+                seed=1000 * ctx.seed + seed,
+                batch_size=params.batch_size,
+            )
         with stage(ctx, "evaluation"):
             scores = evaluate(copy, *split)
     finally:
-        del copy                                      # freed by reference counting (no gc.collect: 2 s a call)
-    return jsonable({**scores, "losses": list(trained.losses), "n_params": trained.n_params, "lr": lr, "seed": seed,
-                     "n_neurons": trained.n_neurons, "train_seconds": trained.seconds,
-                     "seconds": time.perf_counter() - start})
+        del copy  # freed by reference counting (no gc.collect: 2 s a call)
+    return jsonable(
+        {
+            **scores,
+            "losses": list(trained.losses),
+            "n_params": trained.n_params,
+            "lr": lr,
+            "seed": seed,
+            "n_neurons": trained.n_neurons,
+            "train_seconds": trained.seconds,
+            "seconds": time.perf_counter() - start,
+        }
+    )
 
 
 def accuracy_table(none: dict, runs: dict, new, old_test, chosen_lr: dict, seed: int = 0) -> pd.DataFrame:
     rows = []
     for condition in CONDITIONS:
-        done = [none] if condition == "none" else [r for r in runs.get(condition, []) if "skipped" not in r
-                                                   and "error" not in r]
+        done = (
+            [none]
+            if condition == "none"
+            else [r for r in runs.get(condition, []) if "skipped" not in r and "error" not in r]
+        )
         if not done:
             continue
         for metric in METRICS:
@@ -263,12 +316,21 @@ def accuracy_table(none: dict, runs: dict, new, old_test, chosen_lr: dict, seed:
             b = bootstrap_groups(list(groups.values()), lambda xs: float(np.mean(xs)), 1000, seed)
             per_seed = [100 * float(np.mean(r[metric])) for r in done if r[metric]]
             i = PAPER_COLUMN.get(condition)
-            rows.append({"metric": metric, "condition": condition, "facts": b["n"], "seeds": len(done),
-                         "lr": chosen_lr.get(condition) or np.nan, "accuracy_%": 100 * b["value"],
-                         "ci_low_%": 100 * b["ci_low"], "ci_high_%": 100 * b["ci_high"],
-                         "seed_std_%": float(np.std(per_seed)) if len(per_seed) > 1 else np.nan,
-                         "paper_gpt2_%": PAPER["GPT-2"][metric][i] if i is not None else np.nan,
-                         "paper_llama2_%": PAPER["LLaMA2-7b"][metric][i] if i is not None else np.nan})
+            rows.append(
+                {
+                    "metric": metric,
+                    "condition": condition,
+                    "facts": b["n"],
+                    "seeds": len(done),
+                    "lr": chosen_lr.get(condition) or np.nan,
+                    "accuracy_%": 100 * b["value"],
+                    "ci_low_%": 100 * b["ci_low"],
+                    "ci_high_%": 100 * b["ci_high"],
+                    "seed_std_%": float(np.std(per_seed)) if len(per_seed) > 1 else np.nan,
+                    "paper_gpt2_%": PAPER["GPT-2"][metric][i] if i is not None else np.nan,
+                    "paper_llama2_%": PAPER["LLaMA2-7b"][metric][i] if i is not None else np.nan,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -290,12 +352,20 @@ def runs_table(runs: dict, sets: dict, chosen_lr: dict) -> pd.DataFrame:
     rows = []
     for condition, rs in runs.items():
         for k, r in enumerate(rs):
-            rows.append({"condition": condition, "seed": k, "lr": chosen_lr[condition],
-                         "n_neurons": r.get("n_neurons"), "trained_weights": r.get("n_params"),
-                         "first_loss": r["losses"][0] if r.get("losses") else np.nan,
-                         "final_loss": r["losses"][-1] if r.get("losses") else np.nan,
-                         "train_seconds": r.get("train_seconds", np.nan), "skipped": r.get("skipped", ""),
-                         "layers": _layer_range(sets[condition][k])})
+            rows.append(
+                {
+                    "condition": condition,
+                    "seed": k,
+                    "lr": chosen_lr[condition],
+                    "n_neurons": r.get("n_neurons"),
+                    "trained_weights": r.get("n_params"),
+                    "first_loss": r["losses"][0] if r.get("losses") else np.nan,
+                    "final_loss": r["losses"][-1] if r.get("losses") else np.nan,
+                    "train_seconds": r.get("train_seconds", np.nan),
+                    "skipped": r.get("skipped", ""),
+                    "layers": _layer_range(sets[condition][k]),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -311,9 +381,18 @@ def _figure(table: pd.DataFrame):
 
     t = table.copy()
     t["err_plus"], t["err_minus"] = t["ci_high_%"] - t["accuracy_%"], t["accuracy_%"] - t["ci_low_%"]
-    fig = px.bar(t, x="metric", y="accuracy_%", color="condition", barmode="group", error_y="err_plus",
-                 error_y_minus="err_minus", template="plotly_white", category_orders={"condition": list(CONDITIONS)},
-                 title="Evolvability: top-1 accuracy after fine-tuning only these weights")
+    fig = px.bar(
+        t,
+        x="metric",
+        y="accuracy_%",
+        color="condition",
+        barmode="group",
+        error_y="err_plus",
+        error_y_minus="err_minus",
+        template="plotly_white",
+        category_orders={"condition": list(CONDITIONS)},
+        title="Evolvability: top-1 accuracy after fine-tuning only these weights",
+    )
     fig.update_yaxes(title_text="accuracy (%)", range=[0, 100])
     return fig
 
@@ -322,19 +401,21 @@ def _markdown(table, n_new, n_val, n_test, params: Params, chosen_lr: dict, unto
     rates = ", ".join(f"{c} {lr:g}" for c, lr in chosen_lr.items() if lr is not None)
     skipped = [c for c, lr in chosen_lr.items() if lr is None]
     rates += f" (skipped, no neurons: {', '.join(skipped)})" if skipped else ""
-    return (f"New facts (the model did not answer them): {n_new}; old facts (it did): {n_val} for validation, "
-            f"{n_test} for test. Each run was fine-tuned from a fresh copy of the original weights ({params.steps} "
-            f"Adam steps, batch {params.batch_size or 'all'}) on the new facts' first prompts, updating only its "
-            "condition's neurons' input and output weight vectors (\"all\": every weight). Learning rate per "
-            f"condition chosen from {', '.join(f'{lr:g}' for lr in sorted(params.lrs))} on the validation split "
-            f"(seed 0; mean of Q_new and validation Q_old): {rates}; then {params.seeds} training seeds at that rate. "
-            "Q_new: accuracy on the training prompts; Q_old: on the test old facts (100% before training); Q_au: on "
-            "the new facts' paraphrases, never trained on. Top-1 = the first answer token. Accuracy over every "
-            "(prompt, seed), 95% CI from a bootstrap clustered by fact; `seed_std_%` is the spread over seeds. "
-            "Conditions: `candidate groups` (members of the NTC groups, the scripts' DKN), `degenerate components` "
-            "(strict DKNs, usually none), `knowledge neurons`, `KN subset` (random KNs as many as the candidate "
-            "groups), `random matched` (layer- and activation-matched non-KNs, as many), `all` (every weight). "
-            f"Neurons were attributed on the untrained model ({params.neurons.max_prompts} prompt(s) per fact). "
-            f"Original weights untouched after the run: {untouched}. The wide table shows ours (paper GPT-2 / paper "
-            "LLaMA2-7b); the paper's fine-tuning scripts trained the DKN model for 'only KN' and 'only random', so "
-            "those two paper columns are not a clean comparison.\n")
+    return (
+        f"New facts (the model did not answer them): {n_new}; old facts (it did): {n_val} for validation, "
+        f"{n_test} for test. Each run was fine-tuned from a fresh copy of the original weights ({params.steps} "
+        f"Adam steps, batch {params.batch_size or 'all'}) on the new facts' first prompts, updating only its "
+        "condition's neurons' input and output weight vectors (\"all\": every weight). Learning rate per "
+        f"condition chosen from {', '.join(f'{lr:g}' for lr in sorted(params.lrs))} on the validation split "
+        f"(seed 0; mean of Q_new and validation Q_old): {rates}; then {params.seeds} training seeds at that rate. "
+        "Q_new: accuracy on the training prompts; Q_old: on the test old facts (100% before training); Q_au: on "
+        "the new facts' paraphrases, never trained on. Top-1 = the first answer token. Accuracy over every "
+        "(prompt, seed), 95% CI from a bootstrap clustered by fact; `seed_std_%` is the spread over seeds. "
+        "Conditions: `candidate groups` (members of the NTC groups, the scripts' DKN), `degenerate components` "
+        "(strict DKNs, usually none), `knowledge neurons`, `KN subset` (random KNs as many as the candidate "
+        "groups), `random matched` (layer- and activation-matched non-KNs, as many), `all` (every weight). "
+        f"Neurons were attributed on the untrained model ({params.neurons.max_prompts} prompt(s) per fact). "
+        f"Original weights untouched after the run: {untouched}. The wide table shows ours (paper GPT-2 / paper "
+        "LLaMA2-7b); the paper's fine-tuning scripts trained the DKN model for 'only KN' and 'only random', so "
+        "those two paper columns are not a clean comparison.\n"
+    )

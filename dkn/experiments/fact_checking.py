@@ -29,6 +29,7 @@ after the prompt, against a validation threshold; "always true".  The report say
 whether the neurons beat the answer probability, and how closely their score tracks it
 (Spearman correlation on the test statements).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -42,6 +43,7 @@ import pandas as pd
 
 from dkn.attribution import attribute
 from dkn.cache import make_key
+from dkn.datasets import DatasetError
 from dkn.experiments.conditions import (
     GROUPS,
     KN,
@@ -58,7 +60,6 @@ from dkn.experiments.conditions import (
     to_neurons,
 )
 from dkn.experiments.runner import Context, Report, known_facts
-from dkn.datasets import DatasetError
 from dkn.experiments.timing import stage
 from dkn.interventions import intervene_many
 
@@ -72,15 +73,15 @@ ASK = "{prompt} {candidate}. True or false? The statement is"
 @dataclass(frozen=True)
 class Params:
     conditions: ConditionParams = field(default_factory=lambda: ConditionParams(held_out=False))
-    max_prompts: int = 3               # prompts per training fact for its knowledge neurons (overrides conditions')
-    threshold_scope: str = "pooled"    # "pooled": one threshold per condition from all validation facts; "relation"
+    max_prompts: int = 3  # prompts per training fact for its knowledge neurons (overrides conditions')
+    threshold_scope: str = "pooled"  # "pooled": one threshold per condition from all validation facts; "relation"
     max_relations: int = 5
-    min_facts: int = 3                 # a relation needs train, validation and test facts
-    train_share: float = 0.4           # per relation: share of facts for training, validation; the rest is test
+    min_facts: int = 3  # a relation needs train, validation and test facts
+    train_share: float = 0.4  # per relation: share of facts for training, validation; the rest is test
     validation_share: float = 0.3
-    share: float = 0.5                 # a neuron is shared when in >= share of the training facts' sets
-    n_wrong: int = 1                   # wrong statements per fact
-    include_unknown: bool = False      # tests/diagnostics: skip the "model answers it" filter
+    share: float = 0.5  # a neuron is shared when in >= share of the training facts' sets
+    n_wrong: int = 1  # wrong statements per fact
+    include_unknown: bool = False  # tests/diagnostics: skip the "model answers it" filter
     bootstrap: int = 1000
 
 
@@ -106,8 +107,10 @@ def choose_relations(ctx: Context, facts, limit: int | None, params: Params) -> 
             if len(chosen) >= params.max_relations:
                 break
     if not chosen:
-        raise DatasetError(f"fact checking needs at least {params.min_facts} facts the model answers in one relation "
-                           "(for train, validation and test); this dataset has none: choose another dataset or model")
+        raise DatasetError(
+            f"fact checking needs at least {params.min_facts} facts the model answers in one relation "
+            "(for train, validation and test); this dataset has none: choose another dataset or model"
+        )
     return chosen
 
 
@@ -118,7 +121,7 @@ def split(rel: str, facts: list, params: Params, seed: int) -> dict[str, list]:
     n_train = max(1, round(n * params.train_share))
     n_val = max(1, round(n * params.validation_share))
     n_train = min(n_train, n - n_val - 1)
-    return {"train": order[:n_train], "validation": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return {"train": order[:n_train], "validation": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
 
 
 def wrong_candidates(fact, pool: list[str], n: int, seed: int) -> list[str]:
@@ -139,8 +142,10 @@ def relation_sets(ctx: Context, train: list, records: list[dict], params: Params
     seed, seeds = 1000 * ctx.seed, params.conditions.random_seeds
     with stage(ctx, "activations"):
         acts = mean_activations(ctx.lm, [q for f in train for q in f.prompts[: params.max_prompts]])
-    seeded = {"KN subset": kn_subsets(kns, len(groups), seeds, seed),
-              "random matched": activation_matched_sets(groups, exclude, acts, seeds, seed, params.conditions.match_pool)}
+    seeded = {
+        "KN subset": kn_subsets(kns, len(groups), seeds, seed),
+        "random matched": activation_matched_sets(groups, exclude, acts, seeds, seed, params.conditions.match_pool),
+    }
     return {**shared, **{c: [[list(n) for n in s] for s in v] for c, v in seeded.items()}}
 
 
@@ -161,13 +166,15 @@ def statement_record(ctx: Context, item: dict, sets: dict, params: Params) -> di
     prompt, candidate = item["prompt"], item["candidate"]
     with stage(ctx, "attribution"):
         attr = attribute(ctx.lm, prompt, candidate, statement_attribution(ctx.lm, params), store=ctx.store)
-    scores = {c: [mean_score(attr.scores, x) for x in sets[c]] if c in SEEDED else mean_score(attr.scores, sets[c])
-              for c in NEURON_CONDITIONS}
+    scores = {
+        c: [mean_score(attr.scores, x) for x in sets[c]] if c in SEEDED else mean_score(attr.scores, sets[c])
+        for c in NEURON_CONDITIONS
+    }
     question = ASK.format(prompt=prompt, candidate=candidate)
     try:
         p_true, _ = intervene_many(ctx.lm, question, "true", [], 1.0, "last")
         p_false, _ = intervene_many(ctx.lm, question, "false", [], 1.0, "last")
-    except ValueError:          # a tokenizer without "true"/"false" (tiny test models): no ask baseline
+    except ValueError:  # a tokenizer without "true"/"false" (tiny test models): no ask baseline
         p_true = p_false = None
     logp = float(np.mean(np.log(np.maximum(attr.token_probs, 1e-30))))
     return jsonable({**item, "scores": scores, "p_true": p_true, "p_false": p_false, "answer_logprob": logp})
@@ -237,8 +244,10 @@ def choose_thresholds(validation: list[dict], n_seeds: int) -> dict:
     labels = [r["label"] for r in validation]
     th = {c: best_threshold([r["scores"][c] for r in validation], labels) for c in FIXED}
     for c in SEEDED:
-        th[c] = [best_threshold([r["scores"][c][k] if k < len(r["scores"][c]) else None for r in validation], labels)
-                 for k in range(n_seeds)]
+        th[c] = [
+            best_threshold([r["scores"][c][k] if k < len(r["scores"][c]) else None for r in validation], labels)
+            for k in range(n_seeds)
+        ]
     for c in ("ask (calibrated)", "answer probability"):
         th[c] = best_threshold([baseline_scores(r)[c] for r in validation], labels)
     return th
@@ -247,7 +256,7 @@ def choose_thresholds(validation: list[dict], n_seeds: int) -> dict:
 def metric(rows: list[dict], condition: str, which: int) -> float:
     labels = [r["label"] for r in rows]
     first = rows[0]["pred"][condition] if rows else None
-    if isinstance(first, list):        # one prediction per random seed; a fact may have fewer seeds (or none)
+    if isinstance(first, list):  # one prediction per random seed; a fact may have fewer seeds (or none)
         n_seeds = max(len(r["pred"][condition]) for r in rows)
         per_seed = []
         for k in range(n_seeds):
@@ -266,20 +275,29 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
     train = [f for s in splits.values() for f in s["train"]]
     records = ctx.each("conditions", [(f.id, f) for f in train], lambda f: neuron_conditions(ctx, f, params.conditions))
     by_fact = {f.id: r for f, r in zip(train, records) if "error" not in r}
-    sets = {rel: relation_sets(ctx, s["train"], [by_fact[f.id] for f in s["train"] if f.id in by_fact], params)
-            for rel, s in splits.items()}
+    sets = {
+        rel: relation_sets(ctx, s["train"], [by_fact[f.id] for f in s["train"] if f.id in by_fact], params)
+        for rel, s in splits.items()
+    }
 
     statements = []
     for rel, s in splits.items():
         items = []
         for part in ("validation", "test"):
             for f in s[part]:
-                cands = [(f.answer, True)] + [(w, False) for w in wrong_candidates(f, pools[rel], params.n_wrong, ctx.seed)]
-                items += [{"fact": f.id, "relation": rel, "split": part, "prompt": f.prompt, "candidate": c,
-                           "label": y} for c, y in cands]
-        step = "statements-" + make_key(sets=sets[rel])[:10]       # new shared sets -> new scores
-        done = ctx.each(step, [(f"{i['fact']}|{i['label']}|{i['candidate']}", i) for i in items],
-                        lambda i, rel=rel: statement_record(ctx, i, sets[rel], params))
+                cands = [(f.answer, True)] + [
+                    (w, False) for w in wrong_candidates(f, pools[rel], params.n_wrong, ctx.seed)
+                ]
+                items += [
+                    {"fact": f.id, "relation": rel, "split": part, "prompt": f.prompt, "candidate": c, "label": y}
+                    for c, y in cands
+                ]
+        step = "statements-" + make_key(sets=sets[rel])[:10]  # new shared sets -> new scores
+        done = ctx.each(
+            step,
+            [(f"{i['fact']}|{i['label']}|{i['candidate']}", i) for i in items],
+            lambda i, rel=rel: statement_record(ctx, i, sets[rel], params),
+        )
         statements += [r for r in done if "error" not in r]
 
     if params.threshold_scope not in ("pooled", "relation"):
@@ -287,18 +305,30 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
     validation = [r for r in statements if r["split"] == "validation"]
     seeds = params.conditions.random_seeds
     pooled = choose_thresholds(validation, seeds)
-    thresholds = {rel: pooled if params.threshold_scope == "pooled" else
-                  choose_thresholds([r for r in validation if r["relation"] == rel], seeds) for rel in splits}
+    thresholds = {
+        rel: pooled
+        if params.threshold_scope == "pooled"
+        else choose_thresholds([r for r in validation if r["relation"] == rel], seeds)
+        for rel in splits
+    }
     test = predictions([r for r in statements if r["split"] == "test"], thresholds)
     table = results_table(test, params, ctx.seed)
     rel_table = relation_table(splits, sets, thresholds, statements)
     tracking = score_tracking([r for r in statements if r["split"] == "test"])
-    summary = {"relations": list(splits), "n_test_statements": len(test),
-               "n_validation_facts": len({r["fact"] for r in validation}),
-               "n_test_true": sum(r["label"] for r in test), "table": table.to_dict("records"),
-               "spearman_with_answer_probability": tracking}
-    return Report(jsonable(summary), tables={"fact_checking": table, "fact_checking_relations": rel_table},
-                  figures={"fact_checking": _figure(table)}, markdown=_markdown(table, rel_table, test, facts, params, validation, tracking))
+    summary = {
+        "relations": list(splits),
+        "n_test_statements": len(test),
+        "n_validation_facts": len({r["fact"] for r in validation}),
+        "n_test_true": sum(r["label"] for r in test),
+        "table": table.to_dict("records"),
+        "spearman_with_answer_probability": tracking,
+    }
+    return Report(
+        jsonable(summary),
+        tables={"fact_checking": table, "fact_checking_relations": rel_table},
+        figures={"fact_checking": _figure(table)},
+        markdown=_markdown(table, rel_table, test, facts, params, validation, tracking),
+    )
 
 
 def results_table(test: list[dict], params: Params, seed: int) -> pd.DataFrame:
@@ -307,24 +337,43 @@ def results_table(test: list[dict], params: Params, seed: int) -> pd.DataFrame:
         groups.setdefault(r["fact"], []).append(r)
     rows = []
     for c in NEURON_CONDITIONS + BASELINES:
-        stats = {name: bootstrap_groups(list(groups.values()), lambda rs, c=c, k=k: metric(rs, c, k),
-                                        params.bootstrap, seed)
-                 for k, name in enumerate(("precision", "recall", "F1", "accuracy"))}
-        rows.append({"condition": c, "test_statements": len(test), "test_facts": len(groups),
-                     "precision": stats["precision"]["value"], "recall": stats["recall"]["value"],
-                     "F1": stats["F1"]["value"], "F1_ci_low": stats["F1"]["ci_low"],
-                     "F1_ci_high": stats["F1"]["ci_high"], "accuracy": stats["accuracy"]["value"]})
+        stats = {
+            name: bootstrap_groups(list(groups.values()), lambda rs, c=c, k=k: metric(rs, c, k), params.bootstrap, seed)
+            for k, name in enumerate(("precision", "recall", "F1", "accuracy"))
+        }
+        rows.append(
+            {
+                "condition": c,
+                "test_statements": len(test),
+                "test_facts": len(groups),
+                "precision": stats["precision"]["value"],
+                "recall": stats["recall"]["value"],
+                "F1": stats["F1"]["value"],
+                "F1_ci_low": stats["F1"]["ci_low"],
+                "F1_ci_high": stats["F1"]["ci_high"],
+                "accuracy": stats["accuracy"]["value"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def relation_table(splits, sets, thresholds, statements) -> pd.DataFrame:
     rows = []
     for rel, s in splits.items():
-        rows.append({"relation": rel, "train": len(s["train"]), "validation": len(s["validation"]),
-                     "test": len(s["test"]), "shared_candidate_groups": len(sets[rel][GROUPS]),
-                     "shared_KN": len(sets[rel][KN]), "shared_degenerate": len(sets[rel]["degenerate components"]),
-                     "threshold_candidate_groups": thresholds[rel][GROUPS], "threshold_KN": thresholds[rel][KN],
-                     "statements": sum(r["relation"] == rel for r in statements)})
+        rows.append(
+            {
+                "relation": rel,
+                "train": len(s["train"]),
+                "validation": len(s["validation"]),
+                "test": len(s["test"]),
+                "shared_candidate_groups": len(sets[rel][GROUPS]),
+                "shared_KN": len(sets[rel][KN]),
+                "shared_degenerate": len(sets[rel]["degenerate components"]),
+                "threshold_candidate_groups": thresholds[rel][GROUPS],
+                "threshold_KN": thresholds[rel][KN],
+                "statements": sum(r["relation"] == rel for r in statements),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -346,50 +395,79 @@ def _figure(table: pd.DataFrame):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    fig.add_bar(x=table["condition"], y=table["F1"], name="F1",
-                error_y={"type": "data", "symmetric": False, "array": table["F1_ci_high"] - table["F1"],
-                             "arrayminus": table["F1"] - table["F1_ci_low"]})
+    fig.add_bar(
+        x=table["condition"],
+        y=table["F1"],
+        name="F1",
+        error_y={
+            "type": "data",
+            "symmetric": False,
+            "array": table["F1_ci_high"] - table["F1"],
+            "arrayminus": table["F1"] - table["F1_ci_low"],
+        },
+    )
     fig.add_bar(x=table["condition"], y=table["precision"], name="precision")
     fig.add_bar(x=table["condition"], y=table["recall"], name="recall")
-    fig.update_layout(barmode="group", title="Fact-checking on test statements (F1 with 95% CI over facts)",
-                      template="plotly_white", yaxis_title="score")
+    fig.update_layout(
+        barmode="group",
+        title="Fact-checking on test statements (F1 with 95% CI over facts)",
+        template="plotly_white",
+        yaxis_title="score",
+    )
     return fig
 
 
 def _markdown(table, rel_table, test, facts, params: Params, validation, tracking) -> str:
     n_true = sum(r["label"] for r in test)
-    wrong_source = ("TempLAMA wrong facts (fact.wrong_answers)" if any(f.wrong_answers for f in facts)
-                    else "another fact's answer from the same relation (seeded)")
+    wrong_source = (
+        "TempLAMA wrong facts (fact.wrong_answers)"
+        if any(f.wrong_answers for f in facts)
+        else "another fact's answer from the same relation (seeded)"
+    )
     rows = table.set_index("condition")
     n_val = len({r["fact"] for r in validation})
-    scope = ("one threshold per condition from the validation statements of every relation pooled"
-             if params.threshold_scope == "pooled" else "one threshold per relation from its own validation facts")
+    scope = (
+        "one threshold per condition from the validation statements of every relation pooled"
+        if params.threshold_scope == "pooled"
+        else "one threshold per relation from its own validation facts"
+    )
     lines = [
-        (f"Relations: {', '.join(rel_table['relation'])}. Test statements: {len(test)} ({n_true} true) over "
-        f"{rows['test_facts'].iloc[0] if len(rows) else 0} facts; validation facts: {n_val}. Wrong statements: "
-        f"{wrong_source}.\n"),
-        ("**Method.** Per relation, the facts the model answers were split (seeded) into train / validation / "
-        "test. Shared neurons: those in a condition's set for at least half of the training facts (up to "
-        f"{params.max_prompts} prompt(s) per training fact); `candidate groups`: members of the NTC candidate groups; "
-        "`degenerate components`: strict DKNs (rarely any on small models); `KN subset`: random shared KNs, as many "
-        "as the shared candidate groups; `random matched`: as many non-shared neurons, same layers, similar mean "
-        "activation. A statement (prompt + candidate answer) is judged true when the mean integrated-gradients "
-        "attribution of those neurons for the candidate, averaged per token (no length bias), is above a threshold "
-        f"chosen for maximum F1 on the validation split ({scope}). A relation with no shared neurons judges every "
-        "statement false.\n"),
-        ("**Baselines.** `ask`: the model reads \"<prompt> <candidate>. True or false? The statement is\" and "
-        "we compare P(\" true\") with P(\" false\"); `ask (calibrated)`: the log ratio against a validation "
-        "threshold; `answer probability`: mean log P of the candidate's tokens against a validation threshold; "
-        "`always true`: the trivial classifier (its F1 is the floor to beat).\n"),
-        ("The paper reports fact-checking precision/recall/F1 for DKN vs baselines, but our reference "
-        "(dkn-method.md section 6) gives no numbers for it, so none are shown beside ours.\n"),
+        (
+            f"Relations: {', '.join(rel_table['relation'])}. Test statements: {len(test)} ({n_true} true) over "
+            f"{rows['test_facts'].iloc[0] if len(rows) else 0} facts; validation facts: {n_val}. Wrong statements: "
+            f"{wrong_source}.\n"
+        ),
+        (
+            "**Method.** Per relation, the facts the model answers were split (seeded) into train / validation / "
+            "test. Shared neurons: those in a condition's set for at least half of the training facts (up to "
+            f"{params.max_prompts} prompt(s) per training fact); `candidate groups`: members of the NTC candidate "
+            "groups; `degenerate components`: strict DKNs (rarely any on small models); `KN subset`: random "
+            "shared KNs, as many as the shared candidate groups; `random matched`: as many non-shared neurons, same "
+            "layers, similar mean "
+            "activation. A statement (prompt + candidate answer) is judged true when the mean integrated-gradients "
+            "attribution of those neurons for the candidate, averaged per token (no length bias), is above a threshold "
+            f"chosen for maximum F1 on the validation split ({scope}). A relation with no shared neurons judges every "
+            "statement false.\n"
+        ),
+        (
+            '**Baselines.** `ask`: the model reads "<prompt> <candidate>. True or false? The statement is" and '
+            'we compare P(" true") with P(" false"); `ask (calibrated)`: the log ratio against a validation '
+            "threshold; `answer probability`: mean log P of the candidate's tokens against a validation threshold; "
+            "`always true`: the trivial classifier (its F1 is the floor to beat).\n"
+        ),
+        (
+            "The paper reports fact-checking precision/recall/F1 for DKN vs baselines, but our reference "
+            "(dkn-method.md section 6) gives no numbers for it, so none are shown beside ours.\n"
+        ),
     ]
     lines.append(_verdict(rows, tracking) + "\n")
     for c in NEURON_CONDITIONS + BASELINES:
         if c in rows.index:
             r = rows.loc[c]
-            lines.append(f"- {c}: F1 {r['F1']:.2f} [{r['F1_ci_low']:.2f}, {r['F1_ci_high']:.2f}], "
-                         f"precision {r['precision']:.2f}, recall {r['recall']:.2f}")
+            lines.append(
+                f"- {c}: F1 {r['F1']:.2f} [{r['F1_ci_low']:.2f}, {r['F1_ci_high']:.2f}], "
+                f"precision {r['precision']:.2f}, recall {r['recall']:.2f}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -407,10 +485,19 @@ def _verdict(rows, tracking: dict) -> str:
     else:
         outcome = "is not distinguishable from"
     rho = tracking.get(GROUPS)
-    track = (f" The candidate-groups score tracks the answer probability (Spearman {rho:.2f} on test statements)."
-             if rho is not None else "")
-    return (f"**Verdict.** The best neuron condition ({best}, F1 {b['F1']:.2f} [{b['F1_ci_low']:.2f}, "
-            f"{b['F1_ci_high']:.2f}]) {outcome} the answer-probability baseline (F1 {a['F1']:.2f} "
-            f"[{a['F1_ci_low']:.2f}, {a['F1_ci_high']:.2f}]); "
-            + ("the neurons add nothing a plain P(candidate) does not give." if outcome != "beats" else
-               "the neurons carry information beyond P(candidate).") + track)
+    track = (
+        f" The candidate-groups score tracks the answer probability (Spearman {rho:.2f} on test statements)."
+        if rho is not None
+        else ""
+    )
+    return (
+        f"**Verdict.** The best neuron condition ({best}, F1 {b['F1']:.2f} [{b['F1_ci_low']:.2f}, "
+        f"{b['F1_ci_high']:.2f}]) {outcome} the answer-probability baseline (F1 {a['F1']:.2f} "
+        f"[{a['F1_ci_low']:.2f}, {a['F1_ci_high']:.2f}]); "
+        + (
+            "the neurons add nothing a plain P(candidate) does not give."
+            if outcome != "beats"
+            else "the neurons carry information beyond P(candidate)."
+        )
+        + track
+    )

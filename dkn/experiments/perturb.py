@@ -20,6 +20,7 @@ position, delete a random word.  Rules:
 - the result is never empty; when no word may be changed, `PerturbationError` (a
   ValueError) says so.
 """
+
 from __future__ import annotations
 
 import random
@@ -32,23 +33,86 @@ ALL_KINDS = KINDS + PAPER_KINDS
 PLACEHOLDERS = ("something", "someone", "somewhere", "thing", "stuff")
 FILLERS = ("really", "actually", "indeed", "truly", "basically")
 SYNONYMS = {
-    "capital": "capital city", "city": "town", "country": "nation", "located": "situated", "famous": "well-known",
-    "known": "recognised", "created": "made", "made": "produced", "produced": "made", "founded": "established",
-    "established": "founded", "developed": "built", "built": "constructed", "official": "formal",
-    "language": "tongue", "native": "original", "works": "is employed", "worked": "was employed",
-    "plays": "performs", "played": "performed", "speaks": "talks", "spoken": "used", "born": "brought into the world",
-    "died": "passed away", "member": "part", "part": "piece", "owned": "held", "owner": "holder",
-    "headquarters": "head office", "headquartered": "based", "based": "headquartered", "name": "title",
-    "named": "called", "called": "named", "area": "region", "region": "area", "field": "domain",
-    "profession": "occupation", "occupation": "profession", "job": "occupation", "main": "principal",
-    "largest": "biggest", "big": "large", "large": "big", "small": "little", "home": "house", "location": "place",
-    "place": "location", "citizen": "national", "citizenship": "nationality", "religion": "faith",
-    "released": "issued", "manufactured": "produced", "manufacturer": "maker", "maker": "manufacturer",
-    "company": "firm", "music": "songs", "genre": "style", "position": "role", "role": "position",
-    "team": "side", "club": "team", "sport": "game", "instrument": "tool", "university": "college",
-    "educated": "schooled", "studied": "learned", "mother": "mom", "father": "dad", "child": "kid",
-    "continent": "landmass", "river": "stream", "mountain": "mount", "shares": "has", "border": "boundary",
-    "borders": "touches", "written": "composed", "wrote": "authored", "author": "writer", "writer": "author",
+    "capital": "capital city",
+    "city": "town",
+    "country": "nation",
+    "located": "situated",
+    "famous": "well-known",
+    "known": "recognised",
+    "created": "made",
+    "made": "produced",
+    "produced": "made",
+    "founded": "established",
+    "established": "founded",
+    "developed": "built",
+    "built": "constructed",
+    "official": "formal",
+    "language": "tongue",
+    "native": "original",
+    "works": "is employed",
+    "worked": "was employed",
+    "plays": "performs",
+    "played": "performed",
+    "speaks": "talks",
+    "spoken": "used",
+    "born": "brought into the world",
+    "died": "passed away",
+    "member": "part",
+    "part": "piece",
+    "owned": "held",
+    "owner": "holder",
+    "headquarters": "head office",
+    "headquartered": "based",
+    "based": "headquartered",
+    "name": "title",
+    "named": "called",
+    "called": "named",
+    "area": "region",
+    "region": "area",
+    "field": "domain",
+    "profession": "occupation",
+    "occupation": "profession",
+    "job": "occupation",
+    "main": "principal",
+    "largest": "biggest",
+    "big": "large",
+    "large": "big",
+    "small": "little",
+    "home": "house",
+    "location": "place",
+    "place": "location",
+    "citizen": "national",
+    "citizenship": "nationality",
+    "religion": "faith",
+    "released": "issued",
+    "manufactured": "produced",
+    "manufacturer": "maker",
+    "maker": "manufacturer",
+    "company": "firm",
+    "music": "songs",
+    "genre": "style",
+    "position": "role",
+    "role": "position",
+    "team": "side",
+    "club": "team",
+    "sport": "game",
+    "instrument": "tool",
+    "university": "college",
+    "educated": "schooled",
+    "studied": "learned",
+    "mother": "mom",
+    "father": "dad",
+    "child": "kid",
+    "continent": "landmass",
+    "river": "stream",
+    "mountain": "mount",
+    "shares": "has",
+    "border": "boundary",
+    "borders": "touches",
+    "written": "composed",
+    "wrote": "authored",
+    "author": "writer",
+    "writer": "author",
 }
 
 
@@ -60,8 +124,14 @@ def _norm(word: str) -> str:
     return re.sub(r"\W+", "", word).lower()
 
 
-def perturb(prompt: str, kind: str, seed: int | str = 0, protect: Iterable[str] = (),
-            answers: Iterable[str] = (), placeholders: tuple[str, ...] = PLACEHOLDERS) -> str:
+def perturb(
+    prompt: str,
+    kind: str,
+    seed: int | str = 0,
+    protect: Iterable[str] = (),
+    answers: Iterable[str] = (),
+    placeholders: tuple[str, ...] = PLACEHOLDERS,
+) -> str:
     """The perturbed prompt (see the module docstring)."""
     if kind not in ALL_KINDS:
         raise ValueError(f"unknown perturbation {kind!r}: use one of {', '.join(ALL_KINDS)}")
@@ -79,16 +149,18 @@ def perturb(prompt: str, kind: str, seed: int | str = 0, protect: Iterable[str] 
         raise PerturbationError("every placeholder word is one of the answers' words")
     free = [i for i, w in enumerate(words[:-1]) if _norm(w) not in protected]
     if kind == "add":
-        i = rng.randrange(len(words))                     # before word i; never after the last word
+        i = rng.randrange(len(words))  # before word i; never after the last word
         out = words[:i] + [rng.choice(usable)] + words[i:]
     elif not free:
-        raise PerturbationError(f"no word of {prompt!r} may be {'replaced' if kind == 'replace' else 'deleted'} "
-                                "(the last word and the subject are kept)")
+        raise PerturbationError(
+            f"no word of {prompt!r} may be {'replaced' if kind == 'replace' else 'deleted'} "
+            "(the last word and the subject are kept)"
+        )
     else:
         i = rng.choice(free)
-        out = words[:i] + ([rng.choice(usable)] if kind == "replace" else []) + words[i + 1:]
+        out = words[:i] + ([rng.choice(usable)] if kind == "replace" else []) + words[i + 1 :]
     result = " ".join(out)
-    if not result.strip():   # cannot happen (the last word is kept), but never return an empty prompt
+    if not result.strip():  # cannot happen (the last word is kept), but never return an empty prompt
         raise PerturbationError("the perturbed prompt would be empty")
     return result
 
@@ -98,35 +170,43 @@ def _answerable(words: list[str], kind: str, rng: random.Random, protected: set,
     if kind == "filler":
         fillers = [f for f in FILLERS if not ({_norm(w) for w in f.split()} & banned)]
         filler = rng.choice(fillers)
-        if len(words) > 1 and rng.random() < 0.5:        # before the last word ("... France really is")
+        if len(words) > 1 and rng.random() < 0.5:  # before the last word ("... France really is")
             return " ".join(words[:-1] + [filler] + words[-1:])
         first = words[0] if _norm(words[0]) in protected else words[0][:1].lower() + words[0][1:]
-        return " ".join([filler[0].upper() + filler[1:] + ",", first] + words[1:])   # "Really, the capital ..."
+        return " ".join([filler[0].upper() + filler[1:] + ",", first] + words[1:])  # "Really, the capital ..."
     free = [i for i, w in enumerate(words[:-1]) if _norm(w) not in protected]
     if kind == "typo":
         free = [i for i in free if sum(c.isalpha() for c in words[i]) >= 4]
         if not free:
-            raise PerturbationError(f"no word of {prompt!r} has four letters to swap (the last word and the "
-                                    "subject are kept)")
+            raise PerturbationError(
+                f"no word of {prompt!r} has four letters to swap (the last word and the subject are kept)"
+            )
         i = rng.choice(free)
         word = words[i]
-        spots = [j for j in range(len(word) - 1) if word[j].isalpha() and word[j + 1].isalpha()
-                 and word[j].lower() != word[j + 1].lower()]
+        spots = [
+            j
+            for j in range(len(word) - 1)
+            if word[j].isalpha() and word[j + 1].isalpha() and word[j].lower() != word[j + 1].lower()
+        ]
         if not spots:
             raise PerturbationError(f"no two different adjacent letters to swap in {word!r}")
         j = rng.choice(spots)
-        return " ".join(words[:i] + [word[:j] + word[j + 1] + word[j] + word[j + 2:]] + words[i + 1:])
-    free = [i for i in free if _norm(words[i]) in SYNONYMS and not ({_norm(w) for w in SYNONYMS[_norm(words[i])].split()}
-                                                                     & banned)]
+        return " ".join(words[:i] + [word[:j] + word[j + 1] + word[j] + word[j + 2 :]] + words[i + 1 :])
+    free = [
+        i
+        for i in free
+        if _norm(words[i]) in SYNONYMS and not ({_norm(w) for w in SYNONYMS[_norm(words[i])].split()} & banned)
+    ]
     if not free:
-        raise PerturbationError(f"no word of {prompt!r} has a synonym in the table (the last word and the subject "
-                                "are kept)")
+        raise PerturbationError(
+            f"no word of {prompt!r} has a synonym in the table (the last word and the subject are kept)"
+        )
     i = rng.choice(free)
     word = words[i]
     synonym = SYNONYMS[_norm(word)]
     synonym = synonym[0].upper() + synonym[1:] if word[:1].isupper() else synonym
-    tail = word[len(word.rstrip(".,;:!?")):]                # keep trailing punctuation
-    return " ".join(words[:i] + [synonym + tail] + words[i + 1:])
+    tail = word[len(word.rstrip(".,;:!?")) :]  # keep trailing punctuation
+    return " ".join(words[:i] + [synonym + tail] + words[i + 1 :])
 
 
 def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
@@ -134,13 +214,20 @@ def check_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
     kinds = tuple(kinds)
     unknown = [k for k in kinds if k not in ALL_KINDS]
     if unknown or not kinds:
-        raise ValueError(f"unknown perturbation kinds {unknown or '(none given)'}: use some of {', '.join(ALL_KINDS)} "
-                         f"(default {','.join(KINDS)}; the paper's: {','.join(PAPER_KINDS)})")
+        raise ValueError(
+            f"unknown perturbation kinds {unknown or '(none given)'}: use some of {', '.join(ALL_KINDS)} "
+            f"(default {','.join(KINDS)}; the paper's: {','.join(PAPER_KINDS)})"
+        )
     return kinds
 
 
-def perturb_all(prompt: str, seed: int | str = 0, protect: Iterable[str] = (), answers: Iterable[str] = (),
-                kinds: Iterable[str] = KINDS) -> dict[str, str | None]:
+def perturb_all(
+    prompt: str,
+    seed: int | str = 0,
+    protect: Iterable[str] = (),
+    answers: Iterable[str] = (),
+    kinds: Iterable[str] = KINDS,
+) -> dict[str, str | None]:
     """kind -> perturbed prompt, or None where the prompt cannot be perturbed that way."""
     protect, answers = tuple(protect), tuple(answers)
     out: dict[str, str | None] = {}

@@ -11,6 +11,7 @@ With a cluster (`run_experiment(..., cluster=ClusterSpec(workers=N))`, the CLI's
 items of every step are computed on Ray actors (dkn.experiments.distributed) and this process, the
 driver, still writes each result to the store as it arrives: the same run id, the same resume.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -42,13 +43,14 @@ EXPERIMENTS = {
     "evolvability": "dkn.experiments.evolvability",
     "complexity": "dkn.experiments.complexity",
 }
-ProgressFn = Callable[[str, int, int], None]   # (step label, done, total)
+ProgressFn = Callable[[str, int, int], None]  # (step label, done, total)
 
 
 @dataclass
 class Report:
     """What an experiment returns: tables (name -> pandas DataFrame), figures (name -> plotly Figure),
     Markdown text for the report, and a JSON-able summary."""
+
     summary: dict
     tables: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
@@ -62,9 +64,9 @@ class Context:
     run_id: str
     seed: int = 0
     progress: ProgressFn | None = None
-    computed: int = 0            # items computed in this run (not taken from the store)
-    pool: Any = None             # a distributed.WorkerPool: compute items on Ray workers
-    stages: StageTimes = field(default_factory=StageTimes)   # wall time per stage (dkn.experiments.timing)
+    computed: int = 0  # items computed in this run (not taken from the store)
+    pool: Any = None  # a distributed.WorkerPool: compute items on Ray workers
+    stages: StageTimes = field(default_factory=StageTimes)  # wall time per stage (dkn.experiments.timing)
 
     def each(self, step: str, items: Iterable[tuple[str, Any]], fn: Callable[[Any], dict]) -> list[dict]:
         """fn(item) for every (key, item), resumably: finished items come from the store.  A ValueError
@@ -105,7 +107,7 @@ class Context:
         for i, outcome in self.pool.map(step, fn, jobs, getattr(self.store, "path", None)):
             if outcome["error"] is not None:
                 log.warning("%s: %s skipped: %s", step, items[i][0], outcome["error"])
-            for key, meta, arrays, kind in outcome["writes"]:     # the worker's caches (attributions)
+            for key, meta, arrays, kind in outcome["writes"]:  # the worker's caches (attributions)
                 self.store.put(key, meta, arrays, kind=kind)
             self.store.put(keys[i], outcome["record"], kind=f"run:{self.run_id}")
             results[i] = outcome["record"]
@@ -122,10 +124,21 @@ def experiment_module(name: str):
     return importlib.import_module(EXPERIMENTS[name])
 
 
-def run_experiment(name: str, lm: LoadedModel, dataset: str, *, limit: int | None = None, seed: int = 0,
-                   params: Any = None, store: ResultStore | None = None, out_dir: str | Path | None = None,
-                   progress: ProgressFn | None = None, command: str | None = None,
-                   facts: list[Fact] | None = None, cluster: Any = None) -> tuple[Report, Path]:
+def run_experiment(
+    name: str,
+    lm: LoadedModel,
+    dataset: str,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    params: Any = None,
+    store: ResultStore | None = None,
+    out_dir: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    command: str | None = None,
+    facts: list[Fact] | None = None,
+    cluster: Any = None,
+) -> tuple[Report, Path]:
     """Run (or resume) experiment `name` on `dataset` and write its report; returns (report, folder).
     `facts`: the dataset already loaded by `load_facts(dataset)` (the CLI checks it before loading the model).
     `cluster`: a distributed.ClusterSpec (a pool is started for this run and closed after it) or an open
@@ -136,17 +149,34 @@ def run_experiment(name: str, lm: LoadedModel, dataset: str, *, limit: int | Non
     if not facts:
         raise DatasetError(f"dataset {dataset!r} has no facts")
     store = store or ResultStore()
-    run_id = make_key(experiment=name, model=lm.name, fingerprint=lm.fingerprint, dataset=dataset,
-                      seed=seed, params=jsonable(params), version=__version__)[:16]
+    run_id = make_key(
+        experiment=name,
+        model=lm.name,
+        fingerprint=lm.fingerprint,
+        dataset=dataset,
+        seed=seed,
+        params=jsonable(params),
+        version=__version__,
+    )[:16]
     ctx = Context(lm, store, run_id, seed, progress)
     report = _run_module(module, ctx, facts, params, limit, cluster)
     report.summary["stage_seconds"] = ctx.stages.as_dict()
     report.markdown += ctx.stages.markdown()
     out = Path(out_dir) if out_dir else results_dir() / name / _slug(lm.name)
-    manifest = {"experiment": name, "model": lm.name, "model_label": lm.label, "fingerprint": lm.fingerprint,
-                "dataset": dataset, "limit": limit, "seed": seed, "params": jsonable(params), "run_id": run_id,
-                "version": __version__, "date": dt.datetime.now().isoformat(timespec="seconds"),
-                "command": command or "python -m dkn " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    manifest = {
+        "experiment": name,
+        "model": lm.name,
+        "model_label": lm.label,
+        "fingerprint": lm.fingerprint,
+        "dataset": dataset,
+        "limit": limit,
+        "seed": seed,
+        "params": jsonable(params),
+        "run_id": run_id,
+        "version": __version__,
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": command or "python -m dkn " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
     write_report(out, report, manifest)
     return report, out
 
@@ -156,7 +186,7 @@ def _run_module(module, ctx: Context, facts: list[Fact], params: Any, limit: int
         return module.run(ctx, facts, params, limit)
     from dkn.experiments.distributed import ClusterSpec, worker_pool
 
-    if not isinstance(cluster, ClusterSpec):        # an open pool
+    if not isinstance(cluster, ClusterSpec):  # an open pool
         ctx.pool = cluster
         return module.run(ctx, facts, params, limit)
     with worker_pool(ctx.lm, cluster) as pool:
@@ -180,8 +210,10 @@ def make_params(name: str, settings: Iterable[str] = (), full: bool = False) -> 
         key, sep, text = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or key not in {f.name for f in fields(cls)}:
-            raise ValueError(f"bad setting {item!r} for {name}: use FIELD=VALUE with FIELD one of "
-                             f"{', '.join(f.name for f in fields(cls))}")
+            raise ValueError(
+                f"bad setting {item!r} for {name}: use FIELD=VALUE with FIELD one of "
+                f"{', '.join(f.name for f in fields(cls))}"
+            )
         changes[key] = _parse_setting(text.strip(), hints[key], getattr(params, key))
     return dataclasses.replace(params, **changes)
 
@@ -217,18 +249,21 @@ def load_facts(spec: str) -> list[Fact]:
 def write_report(out: Path, report: Report, manifest: dict) -> None:
     """report.md, summary.json, tables as CSV, figures as HTML (+ PNG/SVG when Kaleido can run)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"manifest": manifest, "summary": report.summary}, indent=2,
-                                                 default=str))
+    (out / "summary.json").write_text(
+        json.dumps({"manifest": manifest, "summary": report.summary}, indent=2, default=str)
+    )
     for name, table in report.tables.items():
         table.to_csv(out / f"{name}.csv", index=False)
     images = []
     for name, figure in report.figures.items():
         figure.write_html(out / f"{name}.html", include_plotlyjs="cdn")
         images.append(name if _write_static(figure, out / name) else None)
-    header = (f"# {manifest['experiment']} on {manifest['model_label']}\n\n"
-              f"- command: `{manifest['command']}`\n- model fingerprint: `{manifest['fingerprint']}`\n"
-              f"- dataset: `{manifest['dataset']}` (limit {manifest['limit']}), seed {manifest['seed']}\n"
-              f"- dkn {manifest['version']}, {manifest['date']}\n\n")
+    header = (
+        f"# {manifest['experiment']} on {manifest['model_label']}\n\n"
+        f"- command: `{manifest['command']}`\n- model fingerprint: `{manifest['fingerprint']}`\n"
+        f"- dataset: `{manifest['dataset']}` (limit {manifest['limit']}), seed {manifest['seed']}\n"
+        f"- dkn {manifest['version']}, {manifest['date']}\n\n"
+    )
     figures = "".join(f"\n![{n}]({n}.png)\n" for n in images if n)
     tables = "".join(f"\n### {name}\n\n{_markdown_table(t)}\n" for name, t in report.tables.items())
     (out / "report.md").write_text(header + report.markdown + "\n" + tables + figures)
@@ -266,11 +301,12 @@ def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact
     from dkn.evaluate import answers_correctly
 
     chosen = []
-    chunk = 1 if ctx.pool is None else 4 * ctx.pool.workers   # on a cluster: a few facts per worker at once
+    chunk = 1 if ctx.pool is None else 4 * ctx.pool.workers  # on a cluster: a few facts per worker at once
     for start in range(0, len(facts), chunk):
-        part = facts[start:start + chunk]
-        records = ctx.each("known", [(f.id, f) for f in part],
-                           lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)})
+        part = facts[start : start + chunk]
+        records = ctx.each(
+            "known", [(f.id, f) for f in part], lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)}
+        )
         chosen += [fact for fact, record in zip(part, records) if record.get("known")]
         if limit is not None and len(chosen) >= limit:
             chosen = chosen[:limit]
@@ -280,8 +316,18 @@ def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact
     return chosen
 
 
-__all__ = ["EXPERIMENTS", "Context", "Report", "experiment_module", "known_facts", "load_facts", "make_params",
-           "past_runs", "run_experiment", "write_report"]
+__all__ = [
+    "EXPERIMENTS",
+    "Context",
+    "Report",
+    "experiment_module",
+    "known_facts",
+    "load_facts",
+    "make_params",
+    "past_runs",
+    "run_experiment",
+    "write_report",
+]
 
 
 def past_runs(*roots: str | Path) -> list[dict]:

@@ -7,6 +7,7 @@ resumed from the store cost nothing and add nothing.  `EtaProgress` is a progres
 callback (step, done, total) that prints "step done/total, elapsed, ETA" lines at most
 every `every` seconds; its ETA counts only items that took time (resumed ones are free).
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,8 +41,10 @@ class StageTimes:
         if not self.seconds:
             return "stage timings: nothing computed in this process (every item came from the store)"
         total = sum(self.seconds.values())
-        parts = [f"{k} {v['seconds']:.1f} s ({100 * v['seconds'] / total:.0f}%, {v['calls']} calls)"
-                 for k, v in self.as_dict().items()]
+        parts = [
+            f"{k} {v['seconds']:.1f} s ({100 * v['seconds'] / total:.0f}%, {v['calls']} calls)"
+            for k, v in self.as_dict().items()
+        ]
         return "stage timings (this process; wall time, shared machine): " + "; ".join(parts)
 
     def markdown(self) -> str:
@@ -68,12 +71,13 @@ def stage(ctx, name: str) -> Iterator[None]:
 
 class EtaProgress:
     """Progress callback printing "step done/total, elapsed, ETA" at most every `every` seconds (and at the end
-    of each step of more than one item: the "known" checks come one item at a time).  ETA = remaining items x mean time of the items that took more than `resumed_below` s."""
+    of each step of more than one item: the "known" checks come one item at a time).  ETA = remaining items x
+    mean time of the items that took more than `resumed_below` s (resumed items are not counted)."""
 
     def __init__(self, out: TextIO | None = None, every: float = 30.0, resumed_below: float = 0.05):
         self.out, self.every, self.resumed_below = out, every, resumed_below
         self.state: dict[str, dict] = {}
-        self.previous = time.perf_counter()      # the last callback of any step (or the creation)
+        self.previous = time.perf_counter()  # the last callback of any step (or the creation)
 
     def __call__(self, step: str, done: int, total: int) -> None:
         now = time.perf_counter()
@@ -94,8 +98,10 @@ class EtaProgress:
 
     def line(self, step: str, done: int, total: int, elapsed: float) -> str:
         eta = self.eta(step, done, total)
-        return (f"{step}: {done}/{total}, elapsed {_duration(elapsed)}, "
-                f"ETA {_duration(eta) if eta is not None else 'unknown'}")
+        return (
+            f"{step}: {done}/{total}, elapsed {_duration(elapsed)}, "
+            f"ETA {_duration(eta) if eta is not None else 'unknown'}"
+        )
 
 
 def _duration(seconds: float) -> str:
