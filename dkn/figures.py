@@ -18,10 +18,12 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from dkn.neurons import Neuron, neuron_label
+from dkn.topology import h0_barcode
 
 GROUP_COLOURS = (
     "#1f77b4",
@@ -58,6 +60,19 @@ def group_name(i: int) -> str:
 
 
 # ------------------------------------------------------------------ attribution
+def heatmap_table(scores: np.ndarray) -> pd.DataFrame:
+    """The heatmap's data, one row per neuron: layer, neuron, score.  scores [n_layers, d_mlp] -> [L * d_mlp] rows
+    in layer-major order (row l * d_mlp + i is neuron (l, i))."""
+    n_layers, d_mlp = scores.shape
+    return pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(n_layers), d_mlp),  # [L * d_mlp]
+            "neuron": np.tile(np.arange(d_mlp), n_layers),  # [L * d_mlp]
+            "score": scores.ravel(),
+        }
+    )
+
+
 def attribution_heatmap(
     scores: np.ndarray,
     title: str = "Attribution score of every MLP neuron",
@@ -409,6 +424,18 @@ def barcode(
     )
     fig.update_xaxes(range=[0, right * 1.02])
     return fig
+
+
+def graph_barcode(
+    graph, groups: Sequence[Sequence[Neuron]] = (), title: str = "Persistence barcode (H0)"
+) -> tuple[go.Figure, list[dict]]:
+    """The H0 barcode of a knowledge-neuron graph (`dkn.graph.KnowledgeGraph`), each bar labelled by its neurons
+    and coloured like the group (`groups`, e.g. the BDCs) whose members it holds; with the bars' table."""
+    bars = h0_barcode(graph.distance)
+    labels = [" ".join(neuron_label(graph.neurons[i]) for i in b.members) for b in bars]
+    index_of = {n: i for i, n in enumerate(graph.neurons)}
+    highlight = [[index_of[n] for n in g if n in index_of] for g in groups]
+    return barcode(bars, labels, title=title, highlight=highlight), bar_table(bars, labels)
 
 
 def _short(text: str, n: int = 28) -> str:

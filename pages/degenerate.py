@@ -8,7 +8,6 @@ import streamlit as st
 from dkn import figures
 from dkn.degeneracy import CLUSTERER_NAMES
 from dkn.graph import EDGES
-from dkn.topology import h0_barcode
 from ui import state, widgets
 from ui.widgets import guard, pct
 
@@ -260,14 +259,13 @@ with guard("Degeneracy analysis"):
             caption="Nodes: neurons, coloured by group. Edges: how strongly one neuron feeds a later "
             "one (width: |strength|; blue solid excites, red dashed inhibits).",
         )
-        bars = h0_barcode(result.graph.distance)
-        labels = [" ".join(widgets.neuron_label(result.graph.neurons[i]) for i in b.members) for b in bars]
-        index_of = {n: i for i, n in enumerate(result.graph.neurons)}
-        highlight = [[index_of[n] for n in g if n in index_of] for g in result.bdcs]
+        bar_fig, bar_rows = figures.graph_barcode(
+            result.graph, result.bdcs, title="Persistence barcode: when groups form and merge"
+        )
         widgets.show_figure(
-            figures.barcode(bars, labels, highlight=highlight, title="Persistence barcode: when groups form and merge"),
+            bar_fig,
             f"barcode-{clusterer}",
-            figures.bar_table(bars, labels),
+            bar_rows,
             key="fig_barcode",
             caption="Grow the distance threshold from 0: every neuron starts alone; a bar ends "
             "when it merges into an older one. Long bars are well-separated groups; bars "

@@ -1,6 +1,5 @@
 """Explore: pick a fact, see what the model predicts, attribute the answer to every MLP neuron."""
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -300,17 +299,10 @@ fig = figures.attribution_heatmap(
     highlight=ws.kn.neurons,
     title=widgets.titled("Attribution score of every MLP neuron (circles: knowledge neurons)", lm, ws),
 )
-hmap = pd.DataFrame(
-    {
-        "layer": np.repeat(np.arange(scores.shape[0]), scores.shape[1]),
-        "neuron": np.tile(np.arange(scores.shape[1]), scores.shape[0]),
-        "score": scores.ravel(),
-    }
-)
 event = widgets.show_figure(
     fig,
     "attribution-heatmap",
-    hmap,
+    figures.heatmap_table(scores),
     key="fig_heatmap",
     on_select="rerun",
     caption="Each row is a layer, each column one neuron of its MLP. Red: the neuron "

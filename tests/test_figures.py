@@ -130,3 +130,24 @@ def test_graph_labels_use_the_one_neuron_form():
     sides = [p for trace in fig.data if trace.mode == "markers+text" for p in trace.textposition]
     assert "middle left" in sides and "middle right" in sides  # neighbours on a layer alternate
     assert fig.layout.legend.y < 0
+
+
+def test_heatmap_table_row_l_times_d_plus_i_is_neuron_l_i():
+    scores = np.arange(12, dtype=np.float32).reshape(3, 4) - 5
+    table = figures.heatmap_table(scores)
+    assert len(table) == 12 and list(table.columns) == ["layer", "neuron", "score"]
+    row = table.iloc[2 * 4 + 3]
+    assert (row["layer"], row["neuron"], row["score"]) == (2, 3, scores[2, 3])
+
+
+def test_graph_barcode_labels_bars_by_neurons_and_colours_the_groups():
+    graph = small_graph()
+    everything = graph.neurons  # the bar that never dies holds all four neurons
+    fig, rows = figures.graph_barcode(graph, [everything])
+    bars = h0_barcode(graph.distance)
+    assert len(fig.data) == len(bars) == len(rows)
+    assert [r["label"] for r in rows] == ["L2:N7", "L3:N1", "L2:N9", "L1:N5 L2:N7 L2:N9 L3:N1"]
+    colours = [t.line.color for t in fig.data]  # shortest-lived first: the never-dying bar is drawn last
+    assert colours[-1] == figures.group_colour(0) and set(colours[:-1]) == {"#4a5568"}
+    fig_plain, _ = figures.graph_barcode(graph)
+    assert {t.line.color for t in fig_plain.data} == {"#4a5568"}  # no group: nothing highlighted
