@@ -23,18 +23,16 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlencode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.app_support import FRANCE, make_cache_dir, seed_store  # noqa: E402
-from tests.test_browser import ARGS, CHROMIUM, free_port  # noqa: E402
+from tests.app_support import CHROMIUM, FRANCE, make_cache_dir, seed_store, streamlit_server  # noqa: E402
+from tests.test_browser import ARGS  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 # fresh facts for the attribution runs (one prompt each, never cached before in this bench's store)
@@ -68,44 +66,6 @@ WATCH = """(sel) => {
   obs.observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
 TITLE = ".st-key-fig_intervention .gtitle"
-
-
-def start_server(cache: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, DKN_CACHE_DIR=str(cache), BROWSER_PATH=CHROMIUM, DKN_APP_TIMING="1")
-    log = open(cache / "streamlit.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app.py",
-            "--server.port",
-            str(port),
-            "--server.headless",
-            "true",
-            "--server.address",
-            "localhost",
-            "--browser.gatherUsageStats",
-            "false",
-            "--server.fileWatcherType",
-            "none",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://localhost:{port}"
-    for _ in range(240):
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit("the app did not start: " + (cache / "streamlit.log").read_text()[-2000:])
 
 
 def idle(page, timeout_s: float = 300) -> None:
@@ -207,10 +167,9 @@ def main(argv=None) -> None:
     cache = make_cache_dir(root)
     os.environ["DKN_CACHE_DIR"] = str(cache)
     seed_store(lm, ResultStore(cache / "results.sqlite"), FRANCE, "Paris")
-    proc, url = start_server(cache)
     load = os.getloadavg()
     try:
-        with sync_playwright() as p:
+        with streamlit_server(cache, health_checks=240, DKN_APP_TIMING="1") as url, sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
@@ -224,11 +183,6 @@ def main(argv=None) -> None:
             )
             browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         panel = [
             float(line.split(":")[1].split()[0])
             for line in (cache / "streamlit.log").read_text().splitlines()

@@ -11,18 +11,14 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.app_support import REPO, make_cache_dir
+from tests.app_support import CHROMIUM, REPO, make_cache_dir, streamlit_server
 
-CHROMIUM = "/usr/bin/chromium"
 SHOTS = Path(os.environ.get("DKN_SCREENSHOTS_DIR") or REPO / "cache" / "screenshots")  # never tracked files
 ARGS = [
     "--headless",
@@ -44,59 +40,11 @@ pytestmark = [
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cache = make_cache_dir(tmp_path_factory.mktemp("dkn-browser-cache"))  # empty store: attribution really runs
-    port = free_port()
-    log = open(cache / "streamlit.log", "w")
-    env = dict(os.environ, DKN_CACHE_DIR=str(cache), BROWSER_PATH=CHROMIUM)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app.py",
-            "--server.port",
-            str(port),
-            "--server.headless",
-            "true",
-            "--server.address",
-            "localhost",
-            "--browser.gatherUsageStats",
-            "false",
-            "--server.fileWatcherType",
-            "none",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://localhost:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the app did not start: " + (cache / "streamlit.log").read_text()[-2000:])
+    with streamlit_server(cache) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture
