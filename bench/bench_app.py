@@ -26,12 +26,14 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlencode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from tests.app_support import CHROMIUM, FRANCE, make_cache_dir, seed_store, streamlit_server  # noqa: E402
+from tests.app_support import idle as app_idle  # noqa: E402
 from tests.test_browser import ARGS  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -68,17 +70,7 @@ WATCH = """(sel) => {
 TITLE = ".st-key-fig_intervention .gtitle"
 
 
-def idle(page, timeout_s: float = 300) -> None:
-    end = time.time() + timeout_s
-    time.sleep(0.3)
-    while time.time() < end:
-        if (
-            page.locator("[data-testid='stStatusWidget'] :text('Running')").count() == 0
-            and page.locator("[data-testid='stSpinner']").count() == 0
-        ):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("the app kept running")
+idle = partial(app_idle, timeout_s=300, settle_s=0.3, poll_s=0.1)  # the bench waits shorter between runs
 
 
 def timed(page, act) -> float:

@@ -71,6 +71,21 @@ class env_var:
             os.environ[self.name] = self.old
 
 
+def idle(page, timeout_s: float = 240, settle_s: float = 0.5, poll_s: float = 0.3) -> None:
+    """Wait until the app's script run has finished in the Playwright `page` (the status widget shows no
+    'Running' and no spinner is left): first `settle_s`, then a look every `poll_s`, for `timeout_s` at most."""
+    end = time.time() + timeout_s
+    time.sleep(settle_s)
+    while time.time() < end:
+        if (
+            page.locator("[data-testid='stStatusWidget'] :text('Running')").count() == 0
+            and page.locator("[data-testid='stSpinner']").count() == 0
+        ):
+            return
+        time.sleep(poll_s)
+    raise AssertionError("the app kept running")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

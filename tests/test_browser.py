@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_support import CHROMIUM, REPO, make_cache_dir, streamlit_server
+from tests.app_support import CHROMIUM, REPO, idle, make_cache_dir, streamlit_server
 
 SHOTS = Path(os.environ.get("DKN_SCREENSHOTS_DIR") or REPO / "cache" / "screenshots")  # never tracked files
 ARGS = [
@@ -74,20 +74,6 @@ def shot(page, name: str) -> None:
     time.sleep(1.0)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
     page.set_viewport_size({"width": 1400, "height": 1000})
-
-
-def idle(page, timeout_s: float = 240) -> None:
-    """Wait until the script run has finished (the status widget shows no 'running')."""
-    end = time.time() + timeout_s
-    time.sleep(0.5)
-    while time.time() < end:
-        if (
-            page.locator("[data-testid='stStatusWidget'] :text('Running')").count() == 0
-            and page.locator("[data-testid='stSpinner']").count() == 0
-        ):
-            return
-        time.sleep(0.3)
-    raise AssertionError("the app kept running")
 
 
 def percent(page, label: str) -> float:

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from tests.app_support import CHROMIUM, REPO, make_cache_dir, streamlit_server
-from tests.test_browser import idle, page, percent, shot  # noqa: F401  (page: a fixture)
+from tests.app_support import CHROMIUM, REPO, idle, make_cache_dir, streamlit_server
+from tests.test_browser import page, percent, shot  # noqa: F401  (page: a fixture)
 
 # Not yet passing: planting into the default model does not verify a degenerate fact yet (each pathway off still
 # lowers P by about 20%, not < 5%; see bench/results/degeneracy_recall.md).  Re-enable once `python -m dkn plant`
