@@ -19,7 +19,6 @@ read the ratios.  Needs /usr/bin/chromium and playwright (as tests/test_browser.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -32,6 +31,8 @@ from urllib.parse import urlencode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from timing import write_results  # noqa: E402
+
 from tests.app_support import CHROMIUM, FRANCE, make_cache_dir, seed_store, streamlit_server  # noqa: E402
 from tests.app_support import idle as app_idle  # noqa: E402
 from tests.test_browser import ARGS  # noqa: E402
@@ -209,8 +210,6 @@ def main(argv=None) -> None:
         "server_panel_median_s": med(panel) if panel else None,
         "raw": {**inter, **attr, "library_intervention_s": lib_inter, "server_panel_s": panel},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "app.json").write_text(json.dumps(out, indent=2))
     md = [
         "# App latency in a real browser (bench/bench_app.py)",
         "",
@@ -235,7 +234,7 @@ def main(argv=None) -> None:
         f"| attribution overhead app - library | {overhead:.2f} s | | |",
         "",
     ]
-    (RESULTS / "app.md").write_text("\n".join(md))
+    write_results(RESULTS, "app", out, "\n".join(md))
     print("\n".join(md))
 
 
