@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from timing import write_results  # noqa: E402
 
-from tests.app_support import CHROMIUM, FRANCE, make_cache_dir, seed_store, streamlit_server  # noqa: E402
+from tests.app_support import CHROMIUM, FRANCE, make_cache_dir, open_app, seed_store, streamlit_server  # noqa: E402
 from tests.app_support import idle as app_idle  # noqa: E402
 from tests.test_browser import ARGS  # noqa: E402
 
@@ -165,9 +165,7 @@ def main(argv=None) -> None:
         with streamlit_server(cache, health_checks=240, DKN_APP_TIMING="1") as url, sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.wait_for_selector("text=1 · The fact", timeout=300_000)
-            idle(page)
+            open_app(page, url, timeout_ms=300_000, wait=idle)
             inter = bench_intervene(page, url, args.repeats)
             attr = (
                 bench_attribution(page, url, lm, args.attribution_repeats)

@@ -86,6 +86,14 @@ def idle(page, timeout_s: float = 240, settle_s: float = 0.5, poll_s: float = 0.
     raise AssertionError("the app kept running")
 
 
+def open_app(page, url: str, timeout_ms: int = 180_000, wait=idle) -> None:
+    """Go to `url` in `page` and wait, `timeout_ms` at most, for the app's first section ("1 · The fact": the
+    model has loaded), then until the script run has finished (`wait`, the `idle` above by default)."""
+    page.goto(url)
+    page.wait_for_selector("text=1 · The fact", timeout=timeout_ms)
+    wait(page)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_support import CHROMIUM, REPO, idle, make_cache_dir, streamlit_server
+from tests.app_support import CHROMIUM, REPO, idle, make_cache_dir, open_app, streamlit_server
 
 SHOTS = Path(os.environ.get("DKN_SCREENSHOTS_DIR") or REPO / "cache" / "screenshots")  # never tracked files
 ARGS = [
@@ -88,9 +88,7 @@ def go_to(page, title: str, marker: str, timeout_s: float = 120) -> None:
 
 
 def test_end_to_end(server, page):
-    page.goto(server)
-    page.wait_for_selector("text=1 · The fact", timeout=180_000)  # the model loads first
-    idle(page)
+    open_app(page, server)  # the model loads first
 
     # pick a built-in fact
     page.locator(".st-key-w_builtin_fact input").first.click()
@@ -162,9 +160,7 @@ def _type_own(page, prompt: str, answer: str) -> None:
 
 
 def test_long_prompt_is_refused_and_the_server_stays_up(server, page):
-    page.goto(server)
-    page.wait_for_selector("text=1 · The fact", timeout=180_000)
-    idle(page)
+    open_app(page, server)
     _type_own(page, " ".join(["history"] * 3000), "Paris")
     try:
         page.wait_for_selector("text=tokens long", timeout=60_000)
@@ -187,9 +183,7 @@ def test_long_prompt_is_refused_and_the_server_stays_up(server, page):
     strict=False,
 )
 def test_typed_paraphrases_are_used(server, page):
-    page.goto(server)
-    page.wait_for_selector("text=1 · The fact", timeout=180_000)
-    idle(page)
+    open_app(page, server)
     _type_own(page, "The capital of Japan is", "Tokyo")
     try:
         page.wait_for_selector("text=Run attribution on 1 prompt", timeout=180_000)
@@ -240,9 +234,7 @@ def test_shared_link_restores_the_view_in_a_fresh_browser(server, tmp_path):
     with sync_api.sync_playwright() as p:
         first = _fresh_context(p, tmp_path, "first")
         page = first.pages[0] if first.pages else first.new_page()
-        page.goto(f"{server}/?{query}")
-        page.wait_for_selector("text=1 · The fact", timeout=180_000)
-        idle(page)
+        open_app(page, f"{server}/?{query}")
         run = page.get_by_role("button", name="Run attribution on 1 prompt")
         if run.count():  # not cached yet in this server's store
             run.click()

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.app_support import CHROMIUM, REPO, idle, make_cache_dir, streamlit_server
+from tests.app_support import CHROMIUM, REPO, idle, make_cache_dir, open_app, streamlit_server
 from tests.test_browser import page, percent, shot  # noqa: F401  (page: a fixture)
 
 # Not yet passing: planting into the default model does not verify a degenerate fact yet (each pathway off still
@@ -79,9 +79,7 @@ def test_planted_fact_survives_each_group_and_dies_with_all(planted_cache, serve
         None,
     )
     assert fact is not None, "the planted model has no verified degenerate fact: rebuild it with `python -m dkn plant`"
-    page.goto(server)
-    page.wait_for_selector("text=1 · The fact", timeout=180_000)
-    idle(page)
+    open_app(page, server)
 
     # the planted model, clearly labelled as constructed
     page.locator("[data-testid='stSidebar'] label:has-text('Planted demo (constructed)')").click()
