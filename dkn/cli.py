@@ -365,21 +365,27 @@ def run_intervene(args) -> int:
     return 0
 
 
-def run_neurons(args) -> int:
+def _knowledge_neurons(lm, args, prompts: list[str], **options):
+    """`find_knowledge_neurons` for `prompts` and --answer with the attribution, -t/-p, store and progress flags."""
     from dkn.selection import find_knowledge_neurons
 
-    lm = _load(args)
-    start = time.perf_counter()
-    kns = find_knowledge_neurons(
+    return find_knowledge_neurons(
         lm,
-        args.fact_prompts,
+        prompts,
         args.answer,
         _params(args),
         t=args.t,
         p=args.p,
         store=_store(args),
         progress=_progress(args, "attribution"),
+        **options,
     )
+
+
+def run_neurons(args) -> int:
+    lm = _load(args)
+    start = time.perf_counter()
+    kns = _knowledge_neurons(lm, args, args.fact_prompts)
     out = {
         "model": lm.name,
         "answer": args.answer,
@@ -512,7 +518,6 @@ def _add_late_commands(sub) -> None:
 
 def run_dkn(args) -> int:
     from dkn.degeneracy import DegeneracyParams, analyse
-    from dkn.selection import find_knowledge_neurons
 
     params = DegeneracyParams(
         clusterer=args.clusterer,
@@ -529,17 +534,7 @@ def run_dkn(args) -> int:
     lm = _load(args)
     start = time.perf_counter()
     prompts = [args.prompt] + args.paraphrase
-    kns = find_knowledge_neurons(
-        lm,
-        prompts,
-        args.answer,
-        _params(args),
-        t=args.t,
-        p=args.p,
-        store=_store(args),
-        progress=_progress(args, "attribution"),
-        per_layer=args.per_layer,
-    )
+    kns = _knowledge_neurons(lm, args, prompts, per_layer=args.per_layer)
     result = analyse(lm, args.prompt, args.answer, kns.neurons, kns.scores, params)
     out = result.as_json()
     out.update(model=lm.name, seconds=time.perf_counter() - start)

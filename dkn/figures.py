@@ -573,25 +573,16 @@ def intervention_bars_spec(
         "yaxis2": yaxis(top_after, "x2"),
         "annotations": [
             {
-                "text": "before",
-                "x": 0.205,
+                "text": text,
+                "x": x,
                 "y": 1.0,
                 "xref": "paper",
                 "yref": "paper",
                 "yanchor": "bottom",
                 "showarrow": False,
                 "font": {"size": 14},
-            },
-            {
-                "text": "after",
-                "x": 0.795,
-                "y": 1.0,
-                "xref": "paper",
-                "yref": "paper",
-                "yanchor": "bottom",
-                "showarrow": False,
-                "font": {"size": 14},
-            },
+            }
+            for text, x in (("before", 0.205), ("after", 0.795))  # centred over each panel's x domain
         ],
     }
     layout["margin"] = {**BASE_LAYOUT["margin"], "t": 100}

@@ -139,8 +139,7 @@ def _runner_dists(lm, runner, sets, factor) -> torch.Tensor:
     """[n_sets, vocab]: one single-token row per set, each starting at its lowest layer."""
     starts = [min((n.layer for n in s), default=lm.n_layers) for s in sets]
     order = np.argsort(starts, kind="stable")  # rows sorted by start layer
-    masks = _multipliers(lm, [sets[i] for i in order], factor)  # layer -> [n_sets, d_mlp]
-    edits = {layer: _scale_rows(mask, position=None) for layer, mask in masks.items()}
+    edits = row_edits(lm, [sets[i] for i in order], factor, position=None)
     row_start = torch.tensor([starts[i] for i in order], device="cpu")  # bookkeeping: read with .tolist()
     dists = runner.logits(row_start, edits).float().softmax(-1)  # [n_sets, vocab]
     return dists[torch.from_numpy(np.argsort(order)).to(dists.device)]  # back to the caller's order
@@ -149,12 +148,16 @@ def _runner_dists(lm, runner, sets, factor) -> torch.Tensor:
 def _full_row_dists(lm, step: Step, sets, factor, every_position: bool) -> torch.Tensor:
     """[n_sets, vocab]: one full-prompt row per set."""
     ids = torch.tensor([step.input_ids], device=lm.device).expand(len(sets), -1)  # [n_sets, T]
-    masks = _multipliers(lm, sets, factor)
     position = None if every_position else step.position
-    edits = {layer: _scale_rows(mask, position) for layer, mask in masks.items()}
-    with edit_neurons(lm, edits):
+    with edit_neurons(lm, row_edits(lm, sets, factor, position)):
         logits = lm.model(input_ids=ids, use_cache=False).logits[:, step.position]  # [n_sets, vocab]
     return logits.float().softmax(-1)
+
+
+def row_edits(lm: LoadedModel, sets: Sequence[tuple[Neuron, ...]], factor: float, position: int | None):
+    """layer -> edit for `edit_neurons` that scales batch row r's neurons sets[r] by `factor`, at `position`
+    (every position when None)."""
+    return {layer: _scale_rows(mask, position) for layer, mask in _multipliers(lm, sets, factor).items()}
 
 
 def _multipliers(lm, sets, factor) -> dict[int, torch.Tensor]:

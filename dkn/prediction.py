@@ -16,7 +16,7 @@ import torch
 
 from dkn.degeneracy import random_matched_sets
 from dkn.hooks import edit_neurons
-from dkn.interventions import MODES, intervene_many, scaled_weights
+from dkn.interventions import MODES, intervene_many, row_edits, scaled_weights
 from dkn.models import LoadedModel
 from dkn.neurons import Neuron, check_in_range
 from dkn.query import make_query
@@ -67,28 +67,6 @@ def _margin(logits: torch.Tensor, target: int) -> float:
     return float(logits[target] - others.max())
 
 
-def _scaled_rows(lm: LoadedModel, sets: Sequence[tuple[Neuron, ...]], factor: float, position: int | None):
-    """Edits that scale row r's neurons sets[r] by factor (at `position`, or every position when None)."""
-    layers = sorted({n.layer for s in sets for n in s})
-    masks = {layer: torch.ones(len(sets), lm.d_mlp, device=lm.device) for layer in layers}  # [rows, d_mlp]
-    for r, s in enumerate(sets):
-        for n in s:
-            masks[n.layer][r, n.index] = factor
-
-    def edit_for(mask):
-        def edit(h):  # h: [rows, T, d_mlp]
-            m = mask.to(h.dtype)
-            if position is None:
-                return h * m[:, None, :]
-            h = h.clone()
-            h[:, position] = h[:, position] * m
-            return h
-
-        return edit
-
-    return {layer: edit_for(mask) for layer, mask in masks.items()}
-
-
 @torch.no_grad()
 def _first_step_logits(lm, step, sets, factor, mode) -> torch.Tensor:
     """[len(sets), vocab] float32 logits at the first answer position with each set scaled."""
@@ -101,7 +79,7 @@ def _first_step_logits(lm, step, sets, factor, mode) -> torch.Tensor:
         return torch.stack(rows).float()
     ids = torch.tensor([step.input_ids], device=lm.device).expand(len(sets), -1)  # [rows, T]
     position = step.position if mode == "last" else None
-    with edit_neurons(lm, _scaled_rows(lm, sets, factor, position)):
+    with edit_neurons(lm, row_edits(lm, sets, factor, position)):
         return lm.model(input_ids=ids).logits[:, step.position].float()  # [rows, vocab]
 
 

@@ -433,20 +433,14 @@ with guard():
         st.caption("Also a knowledge neuron of: " + "; ".join(facts_of))
     c1, c2 = st.columns(2)
     vocab_cfg = {"logit change": st.column_config.NumberColumn(format="%+.3f")}
-    c1.markdown("**Promotes**")
-    c1.dataframe(
-        pd.DataFrame({"token": [repr(t) for t, _ in promoted], "logit change": [v for _, v in promoted]}),
-        hide_index=True,
-        width="stretch",
-        column_config=vocab_cfg,
-    )
-    c2.markdown("**Demotes**")
-    c2.dataframe(
-        pd.DataFrame({"token": [repr(t) for t, _ in demoted], "logit change": [v for _, v in demoted]}),
-        hide_index=True,
-        width="stretch",
-        column_config=vocab_cfg,
-    )
+    for col, title, changes in ((c1, "Promotes", promoted), (c2, "Demotes", demoted)):
+        col.markdown(f"**{title}**")
+        col.dataframe(
+            pd.DataFrame({"token": [repr(t) for t, _ in changes], "logit change": [v for _, v in changes]}),
+            hide_index=True,
+            width="stretch",
+            column_config=vocab_cfg,
+        )
     st.session_state.setdefault("_tables", {})[f"vocabulary-{neuron.layer}-{neuron.index}"] = [
         {"direction": "promotes", "token": t, "logit_change": v} for t, v in promoted
     ] + [{"direction": "demotes", "token": t, "logit_change": v} for t, v in demoted]

@@ -305,16 +305,8 @@ with guard("Degeneracy grid"):
     if result.candidates:
         n = len(result.candidates)
         sub = [(s, result.prob * (1 - d)) for s, d in result.subset_drops]
-        m = st.columns(3)
-        m[0].metric(
-            "Degeneracy index", f"{result.degeneracy_index:.2f}", help="(union drop − largest single drop) / union drop"
-        )
-        m[1].metric("Groups combine", result.combination)
-        m[2].metric(
-            "All suppressed",
-            pct(result.prob * (1 - result.union_drop)),
-            delta=widgets.signed_pct(-result.union_drop),
-            delta_color="normal",
+        widgets.degeneracy_metrics(
+            result, "All suppressed", index_help="(union drop − largest single drop) / union drop"
         )
         widgets.show_figure(
             figures.degeneracy_grid(sub, result.prob, n),
@@ -379,15 +371,7 @@ if ws.custom_groups:
     g = ws.custom_grid
     if g is not None and g.n_groups == len(ws.custom_groups):
         names = [f"group {i + 1}" for i in range(g.n_groups)]
-        m = st.columns(3)
-        m[0].metric("Degeneracy index", f"{g.degeneracy_index:.2f}")
-        m[1].metric("Groups combine", g.combination)
-        m[2].metric(
-            "All switched",
-            pct(g.prob * (1 - g.union_drop)),
-            delta=widgets.signed_pct(-g.union_drop),
-            delta_color="normal",
-        )
+        widgets.degeneracy_metrics(g, "All switched")
         widgets.show_figure(
             figures.degeneracy_grid(
                 g.subset_probs,

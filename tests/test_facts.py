@@ -259,6 +259,31 @@ def test_bad_rows_in_dataset_files(tmp_path):
         load_pararel(root, strict=True)
 
 
+def test_repeated_fact_ids_keep_the_first_row_and_report_the_rest(tmp_path, caplog):
+    rome = tmp_path / "known_1000.json"
+    rec = {"subject": "France", "attribute": "Paris", "prompt": "The capital of France is", "known_id": 7}
+    rome.write_text(json.dumps([rec, {**rec, "attribute": "Lyon"}]))
+    tl = tmp_path / "val.jsonl"
+    row = {"query": "Buffon plays for _X_.", "answer": [{"name": "Juventus FC"}], "date": "2010", "id": "Q1"}
+    tl.write_text("\n".join(json.dumps(r) for r in (row, {**row, "answer": [{"name": "Parma"}]})))
+    user = tmp_path / "facts.jsonl"
+    fact = {"id": "f1", "prompt": "Berlin is in", "answer": "Germany"}
+    user.write_text("\n".join(json.dumps(r) for r in (fact, {**fact, "answer": "Europe"})))
+    cases = [
+        (load_rome, rome, "record 1: duplicate known_id 7"),
+        (load_templama, tl, "line 2: duplicate id 'templama/Q1'"),
+        (load_user_file, user, "line 2: duplicate id 'f1'"),
+    ]
+    for load, path, problem in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dkn.datasets"):
+            facts = load(path)
+        assert len(facts) == 1 and facts[0].answer in ("Paris", "Juventus FC", "Germany"), load.__name__
+        assert problem in caplog.text, load.__name__
+        with pytest.raises(DatasetError, match=problem):
+            load(path, strict=True)
+
+
 def test_corrupt_json_names_the_line(tmp_path):
     p = tmp_path / "broken.jsonl"
     p.write_text(json.dumps(FACTS[0]) + "\n" + json.dumps(FACTS[1]) + '\n{"prompt": "oops",\n')

@@ -203,13 +203,22 @@ def show_figure(
     if on_select:
         kwargs.update(on_select=on_select, selection_mode=("points", "box"))
     event = st.plotly_chart(fig, **kwargs, **chart_kwargs)
-    cols = st.columns([3, 1])
-    with cols[0]:
-        if caption:
-            st.caption(caption)
-    with cols[1]:
-        export_menu(fig, name, table, key=key)
+    _caption_and_export(caption, fig, name, table, key)
     return event
+
+
+def degeneracy_metrics(grid: Any, all_label: str, index_help: str | None = None) -> None:
+    """Three metrics of a degeneracy grid (a DegeneracyResult or a custom_groups.GroupGrid): its degeneracy
+    index, how its groups combine, and P(answer) with all groups scaled (`all_label`), as a change."""
+    m = st.columns(3)
+    m[0].metric("Degeneracy index", f"{grid.degeneracy_index:.2f}", help=index_help)
+    m[1].metric("Groups combine", grid.combination)
+    m[2].metric(
+        all_label,
+        pct(grid.prob * (1 - grid.union_drop)),
+        delta=signed_pct(-grid.union_drop),
+        delta_color="normal",
+    )
 
 
 def export_menu(fig: go.Figure | None, name: str, table: Any = None, *, key: str) -> None:
@@ -217,70 +226,39 @@ def export_menu(fig: go.Figure | None, name: str, table: Any = None, *, key: str
     with st.popover("Export", icon=":material/download:", width="content"):
         if fig is not None:
             help_img = None if has_browser else export.MISSING_BROWSER
-            st.download_button(
-                "PNG image",
-                lambda: export.figure_png(fig),
-                f"{name}.png",
-                "image/png",
-                key=f"{key}_png",
-                on_click="ignore",
-                disabled=not has_browser,
-                help=help_img,
-                width="stretch",
-            )
-            st.download_button(
-                "SVG image",
-                lambda: export.figure_svg(fig),
-                f"{name}.svg",
-                "image/svg+xml",
-                key=f"{key}_svg",
-                on_click="ignore",
-                disabled=not has_browser,
-                help=help_img,
-                width="stretch",
-            )
-            st.download_button(
-                "HTML (interactive)",
-                lambda: export.figure_html(fig),
-                f"{name}.html",
-                "text/html",
-                key=f"{key}_html",
-                on_click="ignore",
-                width="stretch",
-            )
+            image = {"disabled": not has_browser, "help": help_img}
+            _download("PNG image", lambda: export.figure_png(fig), name, "png", "image/png", key, **image)
+            _download("SVG image", lambda: export.figure_svg(fig), name, "svg", "image/svg+xml", key, **image)
+            _download("HTML (interactive)", lambda: export.figure_html(fig), name, "html", "text/html", key)
             if not has_browser:
                 st.caption(export.MISSING_BROWSER)
         if table is not None:
-            st.download_button(
-                "Data as CSV",
-                lambda: export.table_csv(table),
-                f"{name}.csv",
-                "text/csv",
-                key=f"{key}_csv",
-                on_click="ignore",
-                width="stretch",
-            )
-            st.download_button(
-                "Data as JSON",
-                lambda: export.table_json(table),
-                f"{name}.json",
-                "application/json",
-                key=f"{key}_json",
-                on_click="ignore",
-                width="stretch",
-            )
+            _download("Data as CSV", lambda: export.table_csv(table), name, "csv", "text/csv", key)
+            _download("Data as JSON", lambda: export.table_json(table), name, "json", "application/json", key)
+
+
+def _download(label: str, data, name: str, suffix: str, mime: str, key: str, **options) -> None:
+    """One export button: file `name.suffix`, widget key `key_suffix`, the page not rerun on click."""
+    st.download_button(
+        label, data, f"{name}.{suffix}", mime, key=f"{key}_{suffix}", on_click="ignore", width="stretch", **options
+    )
+
+
+def _caption_and_export(caption: str, fig: go.Figure | None, name: str, table: Any, key: str) -> None:
+    """The row under a chart or table: its caption on the left, its export menu on the right."""
+    cols = st.columns([3, 1])
+    with cols[0]:
+        if caption:
+            st.caption(caption)
+    with cols[1]:
+        export_menu(fig, name, table, key=key)
 
 
 def show_table(table: pd.DataFrame | list[dict], name: str, *, key: str, caption: str = "", **kwargs) -> None:
     frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table)
     st.session_state.setdefault("_tables", {})[name] = frame
     st.dataframe(frame, hide_index=True, width="stretch", key=key, **kwargs)
-    cols = st.columns([3, 1])
-    with cols[0]:
-        if caption:
-            st.caption(caption)
-    with cols[1]:
-        export_menu(None, name, frame, key=key)
+    _caption_and_export(caption, None, name, frame, key)
 
 
 def export_all_button(lm: LoadedModel | None, ws: state.Workspace | None = None) -> None:

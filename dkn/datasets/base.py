@@ -151,6 +151,14 @@ class BadRows:
                 return False
         return True
 
+    def first_time(self, row: int, key: str, seen: set[str], problem: str) -> bool:
+        """True the first time `key` turns up (it is then added to `seen`); a repeat is a bad row (`problem`)."""
+        if key in seen:
+            self.bad(row, problem)
+            return False
+        seen.add(key)
+        return True
+
     def summary(self) -> None:
         if self.count:
             log.warning("%s: skipped %d bad %s(s)", self.path, self.count, self.unit)

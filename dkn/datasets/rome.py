@@ -36,10 +36,8 @@ def load_rome(path: str | os.PathLike | None = None, limit: int | None = None, s
         if not bad.require(i, rec, ["subject", "attribute", "prompt"]):
             continue
         fid = f"rome/{rec.get('known_id', i)}"
-        if fid in seen:
-            bad.bad(i, f"duplicate known_id {rec.get('known_id')!r}")
+        if not bad.first_time(i, fid, seen, f"duplicate known_id {rec.get('known_id')!r}"):
             continue
-        seen.add(fid)
         facts.append(
             Fact(
                 id=fid,

@@ -113,10 +113,8 @@ def load_templama(path: str | os.PathLike | None = None, limit: int | None = Non
             prompts = [f"In {obj['date']}, {stem}"]
             answers, wrong = tuple(names), ()
             subject = _templama_subject(stem)
-        if fid in seen:
-            bad.bad(lineno, f"duplicate id {fid!r}")
+        if not bad.first_time(lineno, fid, seen, f"duplicate id {fid!r}"):
             continue
-        seen.add(fid)
         facts.append(
             Fact(
                 id=fid,

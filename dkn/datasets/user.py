@@ -93,10 +93,8 @@ def load_user_file(path: str | os.PathLike, limit: int | None = None, strict: bo
         else:
             prompts = [clean_prompt(x) for x in prompts]
         fid = str(obj.get("id") or "").strip() or f"{p.stem}/{row}"
-        if fid in seen:
-            bad.bad(row, f"duplicate id {fid!r}")
+        if not bad.first_time(row, fid, seen, f"duplicate id {fid!r}"):
             continue
-        seen.add(fid)
         known = obj.get("known_by_default")
         if isinstance(known, str):
             known = {"true": True, "false": False}.get(known.strip().lower())

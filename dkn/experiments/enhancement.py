@@ -22,7 +22,7 @@ change divided by a tiny P and exploded).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -41,11 +41,10 @@ from dkn.experiments.conditions import (
     jsonable,
     log_ratio,
     neuron_conditions,
-    select_facts,
     set_sizes,
 )
-from dkn.experiments.perturb import KINDS, check_kinds
-from dkn.experiments.robustness import PAPER_COLUMN, conditions_text, perturbations
+from dkn.experiments.perturb import KINDS
+from dkn.experiments.robustness import PAPER_COLUMN, answered_records, conditions_text, perturbations
 from dkn.experiments.runner import Context, Report
 from dkn.experiments.timing import stage
 from dkn.interventions import intervene_many_top1
@@ -124,12 +123,7 @@ def failing(records: list[dict], kind: str) -> list[dict]:
 
 
 def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
-    params = replace(
-        params, conditions=replace(params.conditions, max_prompts=params.max_prompts), kinds=check_kinds(params.kinds)
-    )
-    facts = select_facts(ctx, facts, limit, params.include_unknown, params.conditions)
-    records = ctx.each(NAME, [(f.id, f) for f in facts], lambda f: fact_record(ctx, f, params))
-    records = [r for r in records if "error" not in r]
+    params, records = answered_records(ctx, NAME, facts, params, limit, fact_record)
     table = enhancement_table(records, params, ctx.seed)
     fails = pd.DataFrame(
         [

@@ -133,13 +133,20 @@ def fact_log_ratios(record: dict, kind: str, mode: str) -> dict:
     return out
 
 
-def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
+def answered_records(ctx: Context, name: str, facts, params, limit: int | None, fact_record) -> tuple:
+    """(params with their `max_prompts` passed to the selection and their kinds checked, the records
+    `fact_record(ctx, fact, params)` of the facts the model answers, failed ones dropped): the first stage
+    of robustness and of enhancement."""
     params = replace(
         params, conditions=replace(params.conditions, max_prompts=params.max_prompts), kinds=check_kinds(params.kinds)
     )
     facts = select_facts(ctx, facts, limit, params.include_unknown, params.conditions)
-    records = ctx.each(NAME, [(f.id, f) for f in facts], lambda f: fact_record(ctx, f, params))
-    records = [r for r in records if "error" not in r]
+    records = ctx.each(name, [(f.id, f) for f in facts], lambda f: fact_record(ctx, f, params))
+    return params, [r for r in records if "error" not in r]
+
+
+def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
+    params, records = answered_records(ctx, NAME, facts, params, limit, fact_record)
     table = robustness_table(records, params, ctx.seed)
     cost = perturbation_cost_table(records, params, ctx.seed)
     suppression = suppression_table(records, params, ctx.seed)
