@@ -19,22 +19,23 @@ read the ratios.  Needs /usr/bin/chromium and playwright (as tests/test_browser.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlencode
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.app_support import FRANCE, make_cache_dir, seed_store  # noqa: E402
-from tests.test_browser import ARGS, CHROMIUM, free_port  # noqa: E402
+from timing import write_results  # noqa: E402
+
+from tests.app_support import CHROMIUM, FRANCE, make_cache_dir, open_app, seed_store, streamlit_server  # noqa: E402
+from tests.app_support import idle as app_idle  # noqa: E402
+from tests.test_browser import ARGS  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 # fresh facts for the attribution runs (one prompt each, never cached before in this bench's store)
@@ -70,55 +71,7 @@ WATCH = """(sel) => {
 TITLE = ".st-key-fig_intervention .gtitle"
 
 
-def start_server(cache: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ, DKN_CACHE_DIR=str(cache), BROWSER_PATH=CHROMIUM, DKN_APP_TIMING="1")
-    log = open(cache / "streamlit.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app.py",
-            "--server.port",
-            str(port),
-            "--server.headless",
-            "true",
-            "--server.address",
-            "localhost",
-            "--browser.gatherUsageStats",
-            "false",
-            "--server.fileWatcherType",
-            "none",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://localhost:{port}"
-    for _ in range(240):
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit("the app did not start: " + (cache / "streamlit.log").read_text()[-2000:])
-
-
-def idle(page, timeout_s: float = 300) -> None:
-    end = time.time() + timeout_s
-    time.sleep(0.3)
-    while time.time() < end:
-        if (
-            page.locator("[data-testid='stStatusWidget'] :text('Running')").count() == 0
-            and page.locator("[data-testid='stSpinner']").count() == 0
-        ):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("the app kept running")
+idle = partial(app_idle, timeout_s=300, settle_s=0.3, poll_s=0.1)  # the bench waits shorter between runs
 
 
 def timed(page, act) -> float:
@@ -207,15 +160,12 @@ def main(argv=None) -> None:
     cache = make_cache_dir(root)
     os.environ["DKN_CACHE_DIR"] = str(cache)
     seed_store(lm, ResultStore(cache / "results.sqlite"), FRANCE, "Paris")
-    proc, url = start_server(cache)
     load = os.getloadavg()
     try:
-        with sync_playwright() as p:
+        with streamlit_server(cache, health_checks=240, DKN_APP_TIMING="1") as url, sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.wait_for_selector("text=1 · The fact", timeout=300_000)
-            idle(page)
+            open_app(page, url, timeout_ms=300_000, wait=idle)
             inter = bench_intervene(page, url, args.repeats)
             attr = (
                 bench_attribution(page, url, lm, args.attribution_repeats)
@@ -224,11 +174,6 @@ def main(argv=None) -> None:
             )
             browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         panel = [
             float(line.split(":")[1].split()[0])
             for line in (cache / "streamlit.log").read_text().splitlines()
@@ -263,8 +208,6 @@ def main(argv=None) -> None:
         "server_panel_median_s": med(panel) if panel else None,
         "raw": {**inter, **attr, "library_intervention_s": lib_inter, "server_panel_s": panel},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "app.json").write_text(json.dumps(out, indent=2))
     md = [
         "# App latency in a real browser (bench/bench_app.py)",
         "",
@@ -289,7 +232,7 @@ def main(argv=None) -> None:
         f"| attribution overhead app - library | {overhead:.2f} s | | |",
         "",
     ]
-    (RESULTS / "app.md").write_text("\n".join(md))
+    write_results(RESULTS, "app", out, "\n".join(md))
     print("\n".join(md))
 
 

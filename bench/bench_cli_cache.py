@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
 import subprocess
@@ -27,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from timing import write_results
 
 from dkn.cache import ResultStore
 from dkn.memo import KIND
@@ -71,8 +72,6 @@ def main() -> None:
         "median_s": medians,
         "no_memo_over_memo_hit": medians["no memo"] / medians["memo hit"],
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "cli_cache.json").write_text(json.dumps(result, indent=2))
     lines = [
         "# A cached `python -m dkn attribute` (SmolLM2-135M, 4 IG steps)",
         "",
@@ -89,7 +88,7 @@ def main() -> None:
         "",
         f"First (computing) call: {compute:.1f} s.  No memo / memo hit: {result['no_memo_over_memo_hit']:.1f}x.",
     ]
-    (OUT / "cli_cache.md").write_text("\n".join(lines) + "\n")
+    write_results(OUT, "cli_cache", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

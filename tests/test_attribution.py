@@ -9,6 +9,7 @@ import sqlite3
 import numpy as np
 import pytest
 import torch
+from cli_support import fact_argv, save_model_folder
 from tiny_models import FAMILY_CONFIGS, tiny_model
 
 from dkn.attribution import AttributionParams, attribute
@@ -506,27 +507,8 @@ def test_cli_row_limits_change_nothing_and_bad_values_exit_2(tmp_path, capsys):
 
     from dkn.cli import main
 
-    lm = tiny_model("llama")
-    folder = tmp_path / "tiny"
-    lm.model.save_pretrained(folder, safe_serialization=True)
-    lm.tokenizer.save_pretrained(folder)
-    base = [
-        "attribute",
-        "--model",
-        str(folder),
-        "--device",
-        "cpu",
-        "--prompt",
-        PROMPT,
-        "--answer",
-        ANSWER,
-        "--json",
-        "--no-cache",
-        "--steps",
-        "4",
-        "--top",
-        "5",
-    ]
+    folder = save_model_folder(tiny_model("llama"), tmp_path / "tiny")
+    base = fact_argv("attribute", folder, PROMPT, ANSWER, "--json", "--no-cache", "--steps", "4", "--top", "5")
     capsys.readouterr()
     assert main(base) == 0
     free = json.loads(capsys.readouterr().out)["top"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from cli_support import fact_argv, save_model_folder
 from tiny_models import tiny_model
 
 from dkn.attribution import AttributionParams, attribute
@@ -129,27 +130,8 @@ def test_cli_dkn_json_carries_rounds_sufficiency_redundancy_and_interactions(tmp
 
     from dkn.cli import main
 
-    lm = _stored_twice_in_two_layers()
-    folder = tmp_path / "planted"
-    lm.model.save_pretrained(folder, safe_serialization=True)
-    lm.tokenizer.save_pretrained(folder)
-    argv = [
-        "dkn",
-        "--model",
-        str(folder),
-        "--device",
-        "cpu",
-        "--prompt",
-        PROMPT,
-        "--answer",
-        ANSWER,
-        "--clusterer",
-        "backup",
-        "--json",
-        "--no-cache",
-        "--steps",
-        "8",
-    ]
+    folder = save_model_folder(_stored_twice_in_two_layers(), tmp_path / "planted")
+    argv = fact_argv("dkn", folder, PROMPT, ANSWER, "--clusterer", "backup", "--json", "--no-cache", "--steps", "8")
     capsys.readouterr()
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)

@@ -11,18 +11,14 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.app_support import REPO, make_cache_dir
+from tests.app_support import CHROMIUM, REPO, idle, make_cache_dir, open_app, streamlit_server
 
-CHROMIUM = "/usr/bin/chromium"
 SHOTS = Path(os.environ.get("DKN_SCREENSHOTS_DIR") or REPO / "cache" / "screenshots")  # never tracked files
 ARGS = [
     "--headless",
@@ -44,59 +40,11 @@ pytestmark = [
 sync_api = pytest.importorskip("playwright.sync_api")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cache = make_cache_dir(tmp_path_factory.mktemp("dkn-browser-cache"))  # empty store: attribution really runs
-    port = free_port()
-    log = open(cache / "streamlit.log", "w")
-    env = dict(os.environ, DKN_CACHE_DIR=str(cache), BROWSER_PATH=CHROMIUM)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app.py",
-            "--server.port",
-            str(port),
-            "--server.headless",
-            "true",
-            "--server.address",
-            "localhost",
-            "--browser.gatherUsageStats",
-            "false",
-            "--server.fileWatcherType",
-            "none",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://localhost:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the app did not start: " + (cache / "streamlit.log").read_text()[-2000:])
+    with streamlit_server(cache) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture
@@ -128,20 +76,6 @@ def shot(page, name: str) -> None:
     page.set_viewport_size({"width": 1400, "height": 1000})
 
 
-def idle(page, timeout_s: float = 240) -> None:
-    """Wait until the script run has finished (the status widget shows no 'running')."""
-    end = time.time() + timeout_s
-    time.sleep(0.5)
-    while time.time() < end:
-        if (
-            page.locator("[data-testid='stStatusWidget'] :text('Running')").count() == 0
-            and page.locator("[data-testid='stSpinner']").count() == 0
-        ):
-            return
-        time.sleep(0.3)
-    raise AssertionError("the app kept running")
-
-
 def percent(page, label: str) -> float:
     value = page.locator(f"[data-testid='stMetric']:has-text('{label}') [data-testid='stMetricValue']").first
     return float(re.sub(r"[^0-9.e-]", "", value.inner_text()))
@@ -154,9 +88,7 @@ def go_to(page, title: str, marker: str, timeout_s: float = 120) -> None:
 
 
 def test_end_to_end(server, page):
-    page.goto(server)
-    page.wait_for_selector("text=1 · The fact", timeout=180_000)  # the model loads first
-    idle(page)
+    open_app(page, server)  # the model loads first
 
     # pick a built-in fact
     page.locator(".st-key-w_builtin_fact input").first.click()
@@ -228,9 +160,7 @@ def _type_own(page, prompt: str, answer: str) -> None:
 
 
 def test_long_prompt_is_refused_and_the_server_stays_up(server, page):
-    page.goto(server)
-    page.wait_for_selector("text=1 · The fact", timeout=180_000)
-    idle(page)
+    open_app(page, server)
     _type_own(page, " ".join(["history"] * 3000), "Paris")
     try:
         page.wait_for_selector("text=tokens long", timeout=60_000)
@@ -253,9 +183,7 @@ def test_long_prompt_is_refused_and_the_server_stays_up(server, page):
     strict=False,
 )
 def test_typed_paraphrases_are_used(server, page):
-    page.goto(server)
-    page.wait_for_selector("text=1 · The fact", timeout=180_000)
-    idle(page)
+    open_app(page, server)
     _type_own(page, "The capital of Japan is", "Tokyo")
     try:
         page.wait_for_selector("text=Run attribution on 1 prompt", timeout=180_000)
@@ -306,9 +234,7 @@ def test_shared_link_restores_the_view_in_a_fresh_browser(server, tmp_path):
     with sync_api.sync_playwright() as p:
         first = _fresh_context(p, tmp_path, "first")
         page = first.pages[0] if first.pages else first.new_page()
-        page.goto(f"{server}/?{query}")
-        page.wait_for_selector("text=1 · The fact", timeout=180_000)
-        idle(page)
+        open_app(page, f"{server}/?{query}")
         run = page.get_by_role("button", name="Run attribution on 1 prompt")
         if run.count():  # not cached yet in this server's store
             run.click()

@@ -11,15 +11,12 @@ own cache is never written.  Needs Debian's chromium and Playwright; skipped wit
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
-from tests.app_support import REPO, make_cache_dir
-from tests.test_browser import CHROMIUM, free_port, idle, page, percent, shot  # noqa: F401  (page: a fixture)
+from tests.app_support import CHROMIUM, REPO, idle, make_cache_dir, open_app, streamlit_server
+from tests.test_browser import page, percent, shot  # noqa: F401  (page: a fixture)
 
 # Not yet passing: planting into the default model does not verify a degenerate fact yet (each pathway off still
 # lowers P by about 20%, not < 5%; see bench/results/degeneracy_recall.md).  Re-enable once `python -m dkn plant`
@@ -58,50 +55,8 @@ def planted_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(planted_cache):
-    port = free_port()
-    log = open(planted_cache / "streamlit.log", "w")
-    env = dict(os.environ, DKN_CACHE_DIR=str(planted_cache), BROWSER_PATH=CHROMIUM)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app.py",
-            "--server.port",
-            str(port),
-            "--server.headless",
-            "true",
-            "--server.address",
-            "localhost",
-            "--browser.gatherUsageStats",
-            "false",
-            "--server.fileWatcherType",
-            "none",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://localhost:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the app did not start: " + (planted_cache / "streamlit.log").read_text()[-2000:])
+    with streamlit_server(planted_cache) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def after(page, before: float, timeout_s: float = 60) -> float:  # noqa: F811
@@ -124,9 +79,7 @@ def test_planted_fact_survives_each_group_and_dies_with_all(planted_cache, serve
         None,
     )
     assert fact is not None, "the planted model has no verified degenerate fact: rebuild it with `python -m dkn plant`"
-    page.goto(server)
-    page.wait_for_selector("text=1 · The fact", timeout=180_000)
-    idle(page)
+    open_app(page, server)
 
     # the planted model, clearly labelled as constructed
     page.locator("[data-testid='stSidebar'] label:has-text('Planted demo (constructed)')").click()

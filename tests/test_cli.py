@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_support import fact_argv, save_model_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,11 +209,7 @@ def test_folder_without_model_exits_2(tmp_path, capsys, monkeypatch):
 def _tiny_folder(tmp_path) -> Path:
     from tiny_models import tiny_model
 
-    lm = tiny_model("gpt2")
-    folder = tmp_path / "tiny"
-    lm.model.save_pretrained(folder, safe_serialization=True)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
+    return save_model_folder(tiny_model("gpt2"), tmp_path / "tiny")
 
 
 def test_tiny_local_folder_through_every_command(tmp_path, capsys):
@@ -258,21 +255,7 @@ def test_tiny_local_folder_through_every_command(tmp_path, capsys):
 def test_unreadable_model_folder_exits_2(tmp_path, capsys, damage):
     folder = _tiny_folder(tmp_path)
     (folder / damage).write_bytes(b"{ this is not what it should be" * 4)
-    _in_process_error(
-        capsys,
-        [
-            "attribute",
-            "--model",
-            str(folder),
-            "--device",
-            "cpu",
-            "--prompt",
-            "the capital of france is",
-            "--answer",
-            "paris",
-            "--no-cache",
-        ],
-    )
+    _in_process_error(capsys, fact_argv("attribute", folder, "the capital of france is", "paris", "--no-cache"))
 
 
 # -- bad numbers, names and paths are refused before anything loads ---------------------------------------

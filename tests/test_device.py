@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+from cli_support import fact_argv, save_model_folder
 from tiny_models import tiny_model
 
 from dkn.attribution import BASELINES, METHODS, AttributionParams, attribute
@@ -124,10 +125,7 @@ def test_fine_tuning_makes_no_tensor_without_a_device():
 # -- --device / --dtype ------------------------------------------------------------------------------
 def _saved_tiny(tmp_path, family="llama"):
     lm = tiny_model(family)
-    folder = tmp_path / f"tiny-{family}"
-    lm.model.save_pretrained(folder, safe_serialization=True)
-    lm.tokenizer.save_pretrained(folder)
-    return lm, folder
+    return lm, save_model_folder(lm, tmp_path / f"tiny-{family}")
 
 
 def test_half_precision_weights_accumulate_in_float32(tmp_path):
@@ -166,9 +164,7 @@ def test_cli_device_cuda_without_a_gpu_exits_2_with_a_message(tmp_path, capsys):
     from dkn.cli import main
 
     _, folder = _saved_tiny(tmp_path)
-    code = main(
-        ["attribute", "--model", str(folder), "--device", "cuda", "--prompt", PROMPT, "--answer", ANSWER, "--no-cache"]
-    )
+    code = main(fact_argv("attribute", folder, PROMPT, ANSWER, "--no-cache", device="cuda"))
     err = capsys.readouterr().err
     assert code == 2 and "no CUDA GPU" in err and "Traceback" not in err
 
@@ -179,21 +175,7 @@ def test_cli_dtype_flag_loads_half_precision(tmp_path, capsys):
     from dkn.cli import main
 
     _, folder = _saved_tiny(tmp_path)
-    args = [
-        "attribute",
-        "--model",
-        str(folder),
-        "--device",
-        "cpu",
-        "--prompt",
-        PROMPT,
-        "--answer",
-        ANSWER,
-        "--no-cache",
-        "--steps",
-        "3",
-        "--json",
-    ]
+    args = fact_argv("attribute", folder, PROMPT, ANSWER, "--no-cache", "--steps", "3", "--json")
     capsys.readouterr()
     assert main([*args, "--dtype", "bfloat16"]) == 0
     half = json.loads(capsys.readouterr().out)

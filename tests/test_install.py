@@ -85,32 +85,15 @@ def test_console_script_and_folders(installed):
 def test_installed_command_attributes_and_caches_in_the_user_cache(installed):
     """A real small command from another folder: a tiny saved model, attributed, stored in ~/.cache/dkn."""
     sys.path.insert(0, str(REPO / "tests"))
+    from cli_support import fact_argv, save_model_folder
     from tiny_models import tiny_model
 
     py, bin_, env, site, tmp = installed
-    lm = tiny_model("gpt2")
-    folder = tmp / "tiny-model"
-    lm.model.save_pretrained(folder, safe_serialization=True)
-    lm.tokenizer.save_pretrained(folder)
+    folder = save_model_folder(tiny_model("gpt2"), tmp / "tiny-model")
     work = tmp / "work"
     work.mkdir()
-    argv = [
-        str(bin_ / "dkn"),
-        "attribute",
-        "--model",
-        str(folder),
-        "--device",
-        "cpu",
-        "--prompt",
-        "the capital of france is",
-        "--answer",
-        "paris",
-        "--steps",
-        "2",
-        "--top",
-        "3",
-        "--json",
-    ]
+    fact = fact_argv("attribute", folder, "the capital of france is", "paris", "--steps", "2", "--top", "3", "--json")
+    argv = [str(bin_ / "dkn"), *fact]
     first = json.loads(_run(argv, cwd=work, env=env).stdout)
     again = json.loads(_run(argv, cwd=work, env=env).stdout)
     assert (first["n_layers"], first["d_mlp"], len(first["top"])) == (3, 128, 3)

@@ -66,6 +66,16 @@ def test_d_mlp_from_config_matches_the_weights(models, family):
             assert vectors.shape == (lm.d_mlp, lm.config.hidden_size)
 
 
+def _forward_prompt(lm, handles) -> None:
+    """Run PROMPT through `lm` (no grad), then remove the hook `handles`, also when the forward fails."""
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=torch.tensor([lm.tokenizer(PROMPT)["input_ids"]]))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _down_io(lm, layer, replacement):
     """(down_proj output at position 0) when its input is replaced by `replacement` [d_mlp] everywhere."""
     out = {}
@@ -77,12 +87,7 @@ def _down_io(lm, layer, replacement):
         out["y"] = output.detach().reshape(-1, output.shape[-1])[0].clone()
 
     handles = [lm.down_proj(layer).register_forward_pre_hook(pre), lm.down_proj(layer).register_forward_hook(post)]
-    try:
-        with torch.no_grad():
-            lm.model(input_ids=torch.tensor([lm.tokenizer(PROMPT)["input_ids"]]))
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_prompt(lm, handles)
     return out["y"]
 
 
@@ -121,12 +126,7 @@ def test_input_vectors_are_what_a_neuron_reads(models, family):
         m.register_forward_hook(lambda mod, args, out, k=k: seen.__setitem__(k, (args[0].detach(), out.detach())))
         for k, m in enumerate(modules)
     ]
-    try:
-        with torch.no_grad():
-            lm.model(input_ids=torch.tensor([lm.tokenizer(PROMPT)["input_ids"]]))
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_prompt(lm, handles)
     for k, (module, matrix) in enumerate(zip(modules, vectors)):
         x, out = seen[k]
         bias = module.bias if getattr(module, "bias", None) is not None else 0.0

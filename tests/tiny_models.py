@@ -17,6 +17,13 @@ WORDS = (
     "and in on it was new york london tokyo red blue green sky grass sea sun moon king queen"
 ).split()
 
+
+def _sizes(**own) -> dict:
+    """The config keywords most families name alike (width 32, 3 layers, 4 heads, 64 positions), plus `own`."""
+    return dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64, **own)
+
+
+GROUPED_QUERY = dict(num_key_value_heads=2, intermediate_size=48)  # LLaMA-style: 2 key/value heads for 4 queries
 FAMILY_CONFIGS = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64)),
     "gpt_neo": (
@@ -32,70 +39,12 @@ FAMILY_CONFIGS = {
         ),
     ),
     "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, rotary_dim=4)),
-    "gpt_neox": (
-        "GPTNeoXConfig",
-        "GPTNeoXForCausalLM",
-        dict(
-            hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=80, max_position_embeddings=64
-        ),
-    ),
-    "opt": (
-        "OPTConfig",
-        "OPTForCausalLM",
-        dict(
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            ffn_dim=72,
-            word_embed_proj_dim=32,
-            max_position_embeddings=64,
-        ),
-    ),
-    "llama": (
-        "LlamaConfig",
-        "LlamaForCausalLM",
-        dict(
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=64,
-        ),
-    ),
-    "qwen2": (
-        "Qwen2Config",
-        "Qwen2ForCausalLM",
-        dict(
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=64,
-        ),
-    ),
-    "gemma3_text": (
-        "Gemma3TextConfig",
-        "Gemma3ForCausalLM",
-        dict(
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            intermediate_size=48,
-            max_position_embeddings=64,
-            sliding_window=4,
-        ),
-    ),
-    "bert": (
-        "BertConfig",
-        "BertForMaskedLM",
-        dict(
-            hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=56, max_position_embeddings=64
-        ),
-    ),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", _sizes(intermediate_size=80)),
+    "opt": ("OPTConfig", "OPTForCausalLM", _sizes(ffn_dim=72, word_embed_proj_dim=32)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _sizes(**GROUPED_QUERY)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _sizes(**GROUPED_QUERY)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", _sizes(**GROUPED_QUERY, head_dim=8, sliding_window=4)),
+    "bert": ("BertConfig", "BertForMaskedLM", _sizes(intermediate_size=56)),
 }
 CAUSAL_FAMILIES = [f for f in FAMILY_CONFIGS if f != "bert"]
 
