@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import streamlit as st
 
-from dkn.attribution import Attribution, AttributionParams, attribute, attribution_key
+from dkn.attribution import Attribution, AttributionParams, attribution_key
 from dkn.cache import ResultStore, default_path
 from dkn.custom_groups import DoseResponse, GroupGrid, RandomControl
 from dkn.datasets import DatasetError, Fact, builtin_facts, load_dataset
@@ -29,7 +29,7 @@ from dkn.models import DEFAULT_MODEL, LoadedModel, load_model, model_summary
 from dkn.neurons import Neuron, neuron_label
 from dkn.prediction import answer_token_ranks
 from dkn.query import QueryError, check_prompt_length, make_query
-from dkn.selection import KnowledgeNeurons, find_knowledge_neurons, refine
+from dkn.selection import KnowledgeNeurons, find_knowledge_neurons
 
 DEFAULT_FACT_ID = "builtin/capital/France"
 MAX_PROMPTS_DEFAULT = 3
@@ -253,28 +253,33 @@ def all_cached(lm: LoadedModel, fact: FactChoice, settings: Settings) -> bool:
 
 
 def run_attribution(lm: LoadedModel, progress: Callable[[float, str], None] | None = None) -> Workspace:
-    """Attribute each prompt of the current fact (cached in the store) and refine the knowledge neurons."""
+    """Attribute each prompt of the current fact (cached in the store) and refine the knowledge neurons
+    (`dkn.selection.find_knowledge_neurons`); `progress(fraction, label)` names the prompt being attributed."""
     import time
 
     fact, settings = current_fact(), current_settings()
     prompts = fact.prompts[: settings.max_prompts]
-    params, store = settings.attribution_params(), get_store()
     start = time.perf_counter()
-    results = []
-    for i, prompt in enumerate(prompts):
-        label = f"prompt {i + 1} of {len(prompts)}: {prompt[:60]!r}"
 
-        def sub(done: int, total: int, i=i, label=label) -> None:
-            if progress is not None and total:
-                progress((i + done / total) / len(prompts), label)
+    def report(done: int, total: int) -> None:
+        if progress is not None and total:
+            i = min(done * len(prompts) // total, len(prompts) - 1)
+            progress(done / total, f"prompt {i + 1} of {len(prompts)}: {prompts[i][:60]!r}")
 
-        if progress is not None:
-            progress(i / len(prompts), label)
-        with exclusive(lm):
-            results.append(attribute(lm, prompt, fact.answer, params, store=store, progress=sub))
+    with exclusive(lm):
+        kn = find_knowledge_neurons(
+            lm,
+            prompts,
+            fact.answer,
+            settings.attribution_params(),
+            t=settings.t,
+            p=settings.p,
+            store=get_store(),
+            progress=report,
+        )
     if progress is not None:
         progress(1.0, "done")
-    kn = refine([a.scores for a in results], settings.t, settings.p)
+    results = list(kn.attributions)
     ws = Workspace(
         workspace_key(lm, fact, settings),
         fact,
