@@ -12,13 +12,14 @@ Two kinds of planted models, both described by `PlantedFact`s (prompt, answer, k
   * "single":     one group (a single pathway: switching it off removes the fact);
   * "additive":   2 groups whose contributions add up to the answer (each one is needed).
 - **The default model with planted redundancy** (`plant_default`): SmolLM2-135M whose own knowledge neurons
-  of a fact stay as they are (pathway A), while a second, disjoint set of neurons in distant layers
-  (pathway B) is trained with neuron-restricted fine-tuning (`dkn.finetune`) to carry the fact when A is
-  suppressed at the answer position, with KL terms that keep the fact's distribution and unrelated prompts
-  unchanged.  Controls: facts left with their single pathway, and facts where B adds a fixed amount to the
-  answer's logit whether A is on or not (two additive pathways, each needed).  Each planted fact is
-  verified through `dkn.interventions` and the measured drops are written to a JSON manifest beside the
-  weights.  `load_planted("planted-default")` builds it on first use under `cache/planted/`.
+  of a fact stay as they are (pathway A, chosen to end before the last layers), while a second, disjoint set
+  of neurons in the last layers (pathway B: after A, it reads whether A wrote the answer) is trained with
+  neuron-restricted fine-tuning (`dkn.finetune`) to carry the fact when A is suppressed at the answer position,
+  with KL terms that keep the fact's distribution and unrelated prompts unchanged.  Controls: facts left with
+  their single pathway, and facts where B adds a fixed amount to the answer's logit whether A is on or not
+  (two additive pathways, each needed).  Each planted fact is verified through `dkn.interventions` and the
+  measured drops are written to a JSON manifest beside the weights.  `load_planted("planted-default")` builds
+  it on first use under `cache/planted/`.
 
 These are constructed for demonstration and for the recall benchmark (bench/bench_degeneracy_recall.py):
 they are not natural models, and say so in their label.
@@ -360,8 +361,8 @@ class PlantParams:
     max_prompt_tokens: int = 10  # short prompts keep the CPU cost down
     n_unrelated: int = 6  # unrelated prompts in the KL term ...
     n_heldout: int = 16  # ... and held out to report the KL on
-    steps: int = 50
-    lr: float = 1e-2
+    steps: int = 60
+    lr: float = 2e-2
     kl_weight: float = 1.0  # weight of the unrelated prompts' KL
     answer_weight: float = 10.0  # weight of the squared log-probability error of the answer
     attribution_steps: int = 5  # IG steps when looking for pathway A (cheap; A is then checked directly)
@@ -482,7 +483,10 @@ def _choose_pathways(lm: LoadedModel, candidates, params: PlantParams, log) -> l
             break
         scores = attribute(lm, prompt, answer, AttributionParams(steps=params.attribution_steps)).scores
         kns = sorted(coarse_neurons(scores, 0.2), key=lambda n: -scores[n.layer, n.index])
-        prefixes = [tuple(kns[:k]) for k in range(2, min(params.max_a, len(kns)) + 1)]
+        # A ends early enough for B to sit after it (B then reads A's output at the answer position and can
+        # learn to write the answer only when A is off; a B before A could only add a fixed amount)
+        early = [n for n in kns if n.layer < lm.n_layers - params.b_layers - 1]
+        prefixes = [tuple(early[:k]) for k in range(2, min(params.max_a, len(early)) + 1)]
         if not prefixes:
             continue
         prob, probs = intervene_many(lm, prompt, answer, prefixes, 0.0)
@@ -505,13 +509,14 @@ def _choose_pathways(lm: LoadedModel, candidates, params: PlantParams, log) -> l
 
 
 def _pick_b(lm: LoadedModel, a: Sequence[Neuron], taken: set[Neuron], params: PlantParams, rng) -> tuple[Neuron, ...]:
-    """Pathway B: random neurons in the `b_layers` adjacent layers farthest from A's layers (never layer 0
-    or the last layer), none of them a knowledge neuron of any planted fact or another fact's B."""
-    a_layers = {n.layer for n in a}
-    starts = range(1, lm.n_layers - params.b_layers)
-    distance = lambda s: min(abs(layer - x) for layer in range(s, s + params.b_layers) for x in a_layers)  # noqa: E731
-    best = max(distance(s) for s in starts)
-    start = int(rng.choice([s for s in starts if distance(s) >= best - 1]))
+    """Pathway B: random neurons in the model's last `b_layers` layers (after all of A's layers, so that B reads
+    whether A wrote the answer), none of them a knowledge neuron of any planted fact or another fact's B."""
+    start = lm.n_layers - params.b_layers
+    if start <= max(n.layer for n in a) + 1:
+        raise ValueError(
+            f"pathway A reaches layer {max(n.layer for n in a)}: B's {params.b_layers} layers do not "
+            "fit after it with a layer between; plant fewer B layers"
+        )
     chosen = []
     for layer in range(start, start + params.b_layers):
         pool = [i for i in range(lm.d_mlp) if Neuron(layer, i) not in taken]

@@ -18,18 +18,10 @@ import pytest
 from tests.app_support import CHROMIUM, REPO, idle, make_cache_dir, open_app, streamlit_server
 from tests.test_browser import page, percent, shot  # noqa: F401  (page: a fixture)
 
-# Not yet passing: planting into the default model does not verify a degenerate fact yet (each pathway off still
-# lowers P by about 20%, not < 5%; see bench/results/degeneracy_recall.md).  Re-enable once `python -m dkn plant`
-# reports a verified degenerate fact.
-PLANTING_VERIFIES = False
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.real_model,
     pytest.mark.slow,
-    pytest.mark.skipif(
-        not PLANTING_VERIFIES,
-        reason="planted default model does not verify a degenerate fact yet (each pathway off still lowers P by ~20%)",
-    ),
     pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason="no /usr/bin/chromium: run `make browser`"),
 ]
 
@@ -96,7 +88,7 @@ def test_planted_fact_survives_each_group_and_dies_with_all(planted_cache, serve
     page.locator(f"[role='option']:has-text('{fact.prompt} → {fact.answer}')").first.click()
     idle(page)
     page.locator("summary:has-text('Settings')").click()
-    box = page.locator(".st-key-set_max_prompts input")
+    box = page.locator("[class*='st-key-set_max_prompts'] input")
     box.fill("1")
     box.press("Enter")
     idle(page)
@@ -108,9 +100,10 @@ def test_planted_fact_survives_each_group_and_dies_with_all(planted_cache, serve
     page.locator("[data-testid='stSidebarNav'] a:has-text('Intervene')").first.click()
     page.wait_for_selector("text=Effect on the answer", timeout=120_000)
     idle(page)
-    for group in fact.groups:
+    for i, group in enumerate(fact.groups):
         page.locator("[data-testid='stForm'] [data-testid='stTextInput'] input").fill(", ".join(map(str, group)))
         page.get_by_role("button", name="Add group").click()
+        page.wait_for_selector(f"[data-testid='stCheckbox']:has-text('My group {i + 1} ·')", timeout=120_000)
         idle(page)
     before = percent(page, "P(answer) before")
     assert percent(page, "P(answer) after") == before
