@@ -260,23 +260,7 @@ def run_attribution(lm: LoadedModel, progress: Callable[[float, str], None] | No
     fact, settings = current_fact(), current_settings()
     prompts = fact.prompts[: settings.max_prompts]
     start = time.perf_counter()
-
-    def report(done: int, total: int) -> None:
-        if progress is not None and total:
-            i = min(done * len(prompts) // total, len(prompts) - 1)
-            progress(done / total, f"prompt {i + 1} of {len(prompts)}: {prompts[i][:60]!r}")
-
-    with exclusive(lm):
-        kn = find_knowledge_neurons(
-            lm,
-            prompts,
-            fact.answer,
-            settings.attribution_params(),
-            t=settings.t,
-            p=settings.p,
-            store=get_store(),
-            progress=report,
-        )
+    kn = fact_kn(lm, fact, settings, compute=True, progress=progress)
     if progress is not None:
         progress(1.0, "done")
     results = list(kn.attributions)
@@ -482,8 +466,13 @@ def fact_kn(
     if not compute and not all_cached(lm, fact, settings):
         return None
     prompts = fact.prompts[: settings.max_prompts]
+
+    def report(done: int, total: int) -> None:  # progress(fraction, label naming the prompt being attributed)
+        if progress is not None and total:
+            i = min(done * len(prompts) // total, len(prompts) - 1)
+            progress(done / total, f"prompt {i + 1} of {len(prompts)}: {prompts[i][:60]!r}")
+
     with exclusive(lm):
-        sub = None if progress is None else (lambda done, total: progress(done / max(total, 1), fact.prompt[:60]))
         return find_knowledge_neurons(
             lm,
             prompts,
@@ -492,7 +481,7 @@ def fact_kn(
             t=settings.t,
             p=settings.p,
             store=get_store(),
-            progress=sub,
+            progress=report,
         )
 
 
