@@ -28,10 +28,12 @@ from __future__ import annotations
 import contextvars
 import copy
 import logging
+import threading
 from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dkn.hooks import Edit, edit_neurons
 from dkn.models import LoadedModel
@@ -277,7 +279,11 @@ def shared_prefix_attention(
     The prefix's keys/values [1, kv_heads, P, hd] are never broadcast to the B rows (a broadcast matmul
     would materialise them per row, and autograd would keep the copies for every layer): the rows are
     folded into the matrix dimension instead, one [B * groups, hd] @ [hd, P] product per key/value head."""
-    cache = _PREFIX.get()
+    cache = _PREFIX.get(None)
+    if cache is None:  # a pass in a thread that set no prefix
+        return _fallback_attention(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, softcap=softcap, **kwargs
+        )
     B, H, _, hd = query.shape
     kv = key.shape[1]
     groups = H // kv
@@ -306,20 +312,50 @@ def shared_prefix_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+# config id -> [how many passes use the switch now, the implementation to restore]; under _SWITCH_LOCK
+_SWITCHED: dict[int, list] = {}
+_SWITCH_LOCK = threading.Lock()
+
+
 @contextmanager
 def _shared_prefix_attention(lm: LoadedModel, cache: _SharedPrefixCache):
-    """Switch every attention module of `lm` to shared_prefix_attention for the duration."""
+    """Switch every attention module of `lm` to shared_prefix_attention for the duration.
+
+    The switch lives on the model's shared config, the prefix in this thread's context: a pass in another
+    thread that sets no prefix runs the original attention (`_fallback_attention`), and overlapping switches
+    are counted so that the last one out restores the original implementation (never "dkn_shared_prefix")."""
     configs = {id(m.config): m.config for m in lm.model.modules() if hasattr(m, "config")}
-    saved = {k: c._attn_implementation for k, c in configs.items()}
     token = _PREFIX.set(cache)
-    try:
-        for c in configs.values():
+    with _SWITCH_LOCK:
+        for k, c in configs.items():
+            entry = _SWITCHED.setdefault(k, [0, c._attn_implementation])
+            entry[0] += 1
             c._attn_implementation = ATTENTION_NAME
+    try:
         yield
     finally:
-        for k, c in configs.items():
-            c._attn_implementation = saved[k]
+        with _SWITCH_LOCK:
+            for k, c in configs.items():
+                entry = _SWITCHED[k]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    c._attn_implementation = entry[1]
+                    del _SWITCHED[k]
         _PREFIX.reset(token)
+
+
+def _fallback_attention(module, *args, **kwargs):
+    """The attention the model had before the switch, for a pass that set no shared prefix (another
+    thread's plain forward while a staggered pass runs).  "eager" and unset fall back to SDPA, the same
+    function up to rounding.  While the switch is on, transformers builds no attention mask (the name has
+    no mask function), so such a pass is right for unpadded inputs (causal SDPA) but loses a padding mask:
+    dkn's own passes never get here (they hold the model's lock); code that pads a batch in another
+    thread must take `lm.lock` too."""
+    with _SWITCH_LOCK:
+        entry = _SWITCHED.get(id(getattr(module, "config", None)))
+    original = entry[1] if entry is not None else None
+    function = ALL_ATTENTION_FUNCTIONS.get(original) if original not in (None, "eager", ATTENTION_NAME) else None
+    return (function or ALL_ATTENTION_FUNCTIONS["sdpa"])(module, *args, **kwargs)
 
 
 AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)

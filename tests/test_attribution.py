@@ -502,6 +502,46 @@ def test_shared_prefix_attention_keeps_no_per_row_copy_of_the_prefix():
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_plain_pass_in_another_thread_runs_during_the_attention_switch(models, family):
+    """The staggered pass switches the shared config to "dkn_shared_prefix"; a plain forward in another
+    thread meanwhile sets no prefix: it must run the original attention (same logits, no LookupError), and
+    overlapping switches must restore the original implementation, not each other's switched name."""
+    import threading
+
+    from dkn.forward import ATTENTION_NAME, _shared_prefix_attention, _SharedPrefixCache
+
+    lm = models(family)
+    ids = lm.tokenizer(PROMPT, return_tensors="pt").input_ids
+    original = lm.model.config._attn_implementation
+    with torch.no_grad():
+        expected = lm.model(ids).logits
+    entered, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def hold_switch():
+        with _shared_prefix_attention(lm, _SharedPrefixCache(None)):
+            entered.set()
+            release.wait(30)
+        done.set()
+
+    other = threading.Thread(target=hold_switch)
+    other.start()
+    assert entered.wait(30)
+    try:
+        assert lm.model.config._attn_implementation == ATTENTION_NAME  # the switch is on for everyone
+        with torch.no_grad():
+            during = lm.model(ids).logits  # this thread set no prefix
+        torch.testing.assert_close(during, expected, rtol=1e-4, atol=1e-5)
+        with _shared_prefix_attention(lm, _SharedPrefixCache(None)):  # a second switch overlaps the first
+            release.set()
+            assert done.wait(30)
+            assert lm.model.config._attn_implementation == ATTENTION_NAME  # still needed by this one
+    finally:
+        release.set()
+        other.join(30)
+    assert lm.model.config._attn_implementation == original  # the last one out restores it
+
+
 def test_cli_row_limits_change_nothing_and_bad_values_exit_2(tmp_path, capsys):
     import json
 
