@@ -363,3 +363,15 @@ def test_export_all_builds_every_figure_with_the_intervention_and_link(app):
     assert {"attribution-heatmap", "layer-summary", "kn-graph-ntc", "barcode-ntc", "intervention"} <= names
     html = zf.read("figures/intervention.html").decode()
     assert summary["label"] in html and "The capital of France is" in html and "2 neurons" in html
+
+
+def test_the_app_config_turns_off_streamlits_full_gc_after_every_run():
+    """Streamlit's default `runner.postScriptGC` runs gc.collect() after each script run: with a model
+    loaded that holds the GIL for ~250 ms while the run's messages wait unsent, most of an Intervene
+    update's latency (bench/bench_app.py measures both).  The shipped config must keep it off, and the
+    server must bind to localhost only."""
+    import tomllib
+
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["runner"]["postScriptGC"] is False
+    assert config["server"]["address"] == "localhost"
