@@ -176,12 +176,6 @@ def test_long_prompt_is_refused_and_the_server_stays_up(server, page):
     assert page.locator("[data-testid='stException']").count() == 0
 
 
-@pytest.mark.xfail(
-    reason="not passing yet in the browser: the two rows typed into the data editor do not reach "
-    "the app (the AppTest test_typed_paraphrases_are_used_and_do_not_pin_the_prompt_count "
-    "covers the behaviour)",
-    strict=False,
-)
 def test_typed_paraphrases_are_used(server, page):
     open_app(page, server)
     _type_own(page, "The capital of Japan is", "Tokyo")
@@ -191,17 +185,34 @@ def test_typed_paraphrases_are_used(server, page):
         page.screenshot(path="/tmp/paraphrase_fail.png", full_page=True)
         raise
     grid = page.locator("[data-testid='stDataFrame']").first
-    for text in ("Japan's capital is", "The capital city of Japan is"):
+    for row, text in enumerate(("Japan's capital is", "The capital city of Japan is")):
         grid.hover()
         page.locator(
             "[data-testid='stElementToolbarButton'] button[aria-label='Add row'], "
             "[data-testid='stElementToolbar'] button[aria-label='Add row']"
         ).first.click()
-        time.sleep(0.5)
+        idle(page)  # adding a row reruns the app
+        # the new row's cell: open its editor (the grid is a canvas; rows and header are 35 px high)
+        box = grid.bounding_box()
+        editing = "() => !!document.activeElement && document.activeElement.classList.contains('gdg-input')"
+        for _ in range(5):  # the grid may still be redrawing after the rerun: retry until its editor has focus
+            page.mouse.dblclick(box["x"] + 200, box["y"] + GRID_ROW_PX * (row + 1) + GRID_ROW_PX // 2)
+            time.sleep(0.5)
+            if page.evaluate(editing):
+                break
         page.keyboard.type(text)
+        # Enter commits what the grid's editor state holds, which trails the keystrokes: wait for it
+        page.wait_for_function("(t) => document.activeElement && document.activeElement.value === t", arg=text)
+        time.sleep(0.2)
         page.keyboard.press("Enter")
         idle(page)
-    page.wait_for_selector("text=2 paraphrases: the fact has 3 prompts.", timeout=60_000)
+        label = "1 paraphrase:" if row == 0 else f"{row + 1} paraphrases:"
+        page.wait_for_selector(f"text={label}", timeout=60_000)  # the row reached the app
+    try:
+        page.wait_for_selector("text=2 paraphrases: the fact has 3 prompts.", timeout=60_000)
+    except Exception:
+        page.screenshot(path="/tmp/paraphrase_fail.png", full_page=True)
+        raise
     page.wait_for_selector("text=Run attribution on 3 prompts", timeout=60_000)
     # start it, then cancel: the run stops, the page says so, the server stays up
     page.get_by_role("button", name="Run attribution on 3 prompts").click()
@@ -211,6 +222,9 @@ def test_typed_paraphrases_are_used(server, page):
     page.wait_for_selector("text=Attribution cancelled", timeout=120_000)
     assert _health(server) == b"ok"
     assert page.get_by_role("button", name="Run attribution on 3 prompts").count() == 1
+
+
+GRID_ROW_PX = 35  # Streamlit data editor: header and row height
 
 
 def _fresh_context(p, tmp_path, name: str):
@@ -223,12 +237,6 @@ def _fresh_context(p, tmp_path, name: str):
     )
 
 
-@pytest.mark.xfail(
-    reason="not passing yet: on the shared machine the Intervene page did not appear within 400 s "
-    "after the link's attribution (the AppTest test_link_restores_the_view_and_follows_it "
-    "covers restoring)",
-    strict=False,
-)
 def test_shared_link_restores_the_view_in_a_fresh_browser(server, tmp_path):
     query = "fact=builtin%2Fcapital%2FFrance&n=1&t=0.15&factor=0.5&mode=last"
     with sync_api.sync_playwright() as p:
