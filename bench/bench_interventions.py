@@ -80,6 +80,18 @@ def main() -> None:
         ),
     }
 
+    # dose-response of 3 groups over 17 factors: the baseline loops over the factors (one batched call each,
+    # as before this round); dose_response is one call with a factor per row
+    from dkn.custom_groups import DOSE_FACTORS, dose_response
+
+    three = groups[:3]
+    rows["dose-response, 3 groups x 17 factors, one call per factor (baseline)"] = median_seconds(
+        lambda: [intervene_many(lm, PROMPT, ANSWER, three, f, "last") for f in DOSE_FACTORS], args.repeats
+    )
+    rows["dose-response, 3 groups x 17 factors, one call (dose_response)"] = median_seconds(
+        lambda: dose_response(lm, PROMPT, ANSWER, three), args.repeats
+    )
+
     def cold():
         lm.runners.clear()
         intervene_many(lm, PROMPT, ANSWER, [neurons], 0.0, "last")

@@ -165,19 +165,17 @@ def dose_response(
 ) -> DoseResponse:
     """P(answer) as each group's factor sweeps `factors` (default -1 to 3 in steps of 0.25).
 
-    Each factor is one batched intervention over all the groups; in "last" mode each row is a single
-    token over the cached prompt prefix, so the whole curve costs len(factors) small passes."""
+    One batched intervention: a row per (group, factor), each with its own factor; in "last" mode each row
+    is a single token over the cached prompt prefix ("weights" mode edits the weights, one pass per row)."""
     groups = [tuple(Neuron(*n) for n in g) for g in groups]
     if not groups or any(not g for g in groups):
         raise ValueError("dose_response needs at least one group, and no empty group")
     factors = tuple(float(f) for f in factors)
     if not factors or not all(np.isfinite(factors)):
         raise ValueError("dose_response needs finite factors")
-    columns, prob = [], 0.0
-    for f in factors:
-        prob, probs = intervene_many(lm, prompt, answer, groups, f, mode)  # probs: [n_groups]
-        columns.append(probs)
-    grid = np.stack(columns, axis=1)  # [n_groups, n_factors]
+    sets = [g for g in groups for _ in factors]  # group-major: row g * n_factors + j is group g at factors[j]
+    prob, probs = intervene_many(lm, prompt, answer, sets, factors * len(groups), mode)  # [n_groups * n_factors]
+    grid = probs.reshape(len(groups), len(factors))  # [n_groups, n_factors]
     return DoseResponse(prob, factors, tuple(tuple(float(p) for p in row) for row in grid), mode)
 
 

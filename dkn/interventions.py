@@ -60,7 +60,7 @@ def intervene(
     query = make_query(lm, prompt, answer)
     neurons = tuple(Neuron(*n) for n in neurons)
     _check(lm, neurons, mode)
-    before, after = _step_distributions(lm, query, [(), neurons], factor, mode)  # [n_steps] x [vocab] each
+    before, after = _step_distributions(lm, query, [(), neurons], [1.0, float(factor)], mode)  # [n_steps][vocab]
     return InterventionResult(
         _answer_prob(query, before),
         _answer_prob(query, after),
@@ -77,10 +77,11 @@ def intervene_many(
     prompt: str,
     answer: str,
     neuron_sets: Sequence[Iterable[Neuron]],
-    factor: float = 0.0,
+    factor: float | Sequence[float] = 0.0,
     mode: str = "last",
 ) -> tuple[float, np.ndarray]:
-    """(P(answer) unchanged, [n_sets] P(answer) with each set scaled by `factor`), batched."""
+    """(P(answer) unchanged, [n_sets] P(answer) with each set scaled by `factor`), batched.  `factor` is one
+    number for every set or one per set (a dose-response curve is one call: each row its own factor)."""
     probs, _ = intervene_many_top1(lm, prompt, answer, neuron_sets, factor, mode)
     return float(probs[0]), probs[1:]
 
@@ -90,7 +91,7 @@ def intervene_many_top1(
     prompt: str,
     answer: str,
     neuron_sets: Sequence[Iterable[Neuron]],
-    factor: float = 0.0,
+    factor: float | Sequence[float] = 0.0,
     mode: str = "last",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Like `intervene_many`, plus the top-1 next token at the first answer position:
@@ -99,10 +100,21 @@ def intervene_many_top1(
     sets = [tuple(Neuron(*n) for n in s) for s in neuron_sets]
     for s in sets:
         _check(lm, s, mode)
-    dists = _step_distributions(lm, query, [()] + sets, factor, mode)
+    factors = [1.0, *row_factors(factor, len(sets))]  # row 0: the unchanged model
+    dists = _step_distributions(lm, query, [()] + sets, factors, mode)
     probs = np.array([_answer_prob(query, d) for d in dists])
     top1 = np.array([int(d[0].argmax()) for d in dists])
     return probs, top1
+
+
+def row_factors(factor: float | Sequence[float], n_sets: int) -> list[float]:
+    """One finite factor per set: `factor` repeated, or checked to be one per set."""
+    factors = [float(factor)] * n_sets if np.ndim(factor) == 0 else [float(f) for f in factor]
+    if len(factors) != n_sets:
+        raise ValueError(f"{len(factors)} factors for {n_sets} neuron sets: give one factor, or one per set")
+    if not all(np.isfinite(factors)):
+        raise ValueError("factors must be finite numbers")
+    return factors
 
 
 def _check(lm: LoadedModel, neurons: tuple[Neuron, ...], mode: str) -> None:
@@ -122,52 +134,56 @@ def _top_tokens(lm: LoadedModel, dist: torch.Tensor, k: int) -> list[tuple[str, 
 
 
 @torch.no_grad()
-def _step_distributions(lm, query: Query, sets: list[tuple[Neuron, ...]], factor: float, mode: str):
-    """[n_sets][n_steps] next-token distributions [vocab] at each answer position."""
+def _step_distributions(lm, query: Query, sets: list[tuple[Neuron, ...]], factors: list[float], mode: str):
+    """[n_sets][n_steps] next-token distributions [vocab] at each answer position; set i scaled by
+    factors[i]."""
     per_step = []
     for step in query.steps:
         if mode == "weights":
-            per_step.append(torch.stack([_weights_dist(lm, step, s, factor) for s in sets]))
+            per_step.append(torch.stack([_weights_dist(lm, step, s, f) for s, f in zip(sets, factors)]))
         elif mode == "last" and (runner := answer_runner(lm, step)) is not None:
-            per_step.append(_runner_dists(lm, runner, sets, factor))
+            per_step.append(_runner_dists(lm, runner, sets, factors))
         else:
-            per_step.append(_full_row_dists(lm, step, sets, factor, every_position=mode == "all"))
+            per_step.append(_full_row_dists(lm, step, sets, factors, every_position=mode == "all"))
     return [[per_step[t][i] for t in range(len(query.steps))] for i in range(len(sets))]
 
 
-def _runner_dists(lm, runner, sets, factor) -> torch.Tensor:
+def _runner_dists(lm, runner, sets, factors) -> torch.Tensor:
     """[n_sets, vocab]: one single-token row per set, each starting at its lowest layer."""
     starts = [min((n.layer for n in s), default=lm.n_layers) for s in sets]
     order = np.argsort(starts, kind="stable")  # rows sorted by start layer
-    edits = row_edits(lm, [sets[i] for i in order], factor, position=None)
+    edits = row_edits(lm, [sets[i] for i in order], [factors[i] for i in order], position=None)
     row_start = torch.tensor([starts[i] for i in order], device="cpu")  # bookkeeping: read with .tolist()
     dists = runner.logits(row_start, edits).float().softmax(-1)  # [n_sets, vocab]
     return dists[torch.from_numpy(np.argsort(order)).to(dists.device)]  # back to the caller's order
 
 
-def _full_row_dists(lm, step: Step, sets, factor, every_position: bool) -> torch.Tensor:
+def _full_row_dists(lm, step: Step, sets, factors, every_position: bool) -> torch.Tensor:
     """[n_sets, vocab]: one full-prompt row per set."""
     ids = torch.tensor([step.input_ids], device=lm.device).expand(len(sets), -1)  # [n_sets, T]
     position = None if every_position else step.position
-    with edit_neurons(lm, row_edits(lm, sets, factor, position)):
+    with edit_neurons(lm, row_edits(lm, sets, factors, position)):
         logits = lm.model(input_ids=ids, use_cache=False).logits[:, step.position]  # [n_sets, vocab]
     return logits.float().softmax(-1)
 
 
-def row_edits(lm: LoadedModel, sets: Sequence[tuple[Neuron, ...]], factor: float, position: int | None):
-    """layer -> edit for `edit_neurons` that scales batch row r's neurons sets[r] by `factor`, at `position`
-    (every position when None)."""
-    return {layer: _scale_rows(mask, position) for layer, mask in _multipliers(lm, sets, factor).items()}
+def row_edits(
+    lm: LoadedModel, sets: Sequence[tuple[Neuron, ...]], factor: float | Sequence[float], position: int | None
+):
+    """layer -> edit for `edit_neurons` that scales batch row r's neurons sets[r] by `factor` (one number, or
+    one per row), at `position` (every position when None)."""
+    factors = row_factors(factor, len(sets))
+    return {layer: _scale_rows(mask, position) for layer, mask in _multipliers(lm, sets, factors).items()}
 
 
-def _multipliers(lm, sets, factor) -> dict[int, torch.Tensor]:
-    """layer -> [n_sets, d_mlp] of ones, with `factor` at each set's neurons in that layer."""
+def _multipliers(lm, sets, factors) -> dict[int, torch.Tensor]:
+    """layer -> [n_sets, d_mlp] of ones, with factors[r] at row r's neurons in that layer."""
     masks: dict[int, torch.Tensor] = {}
-    for row, neurons in enumerate(sets):
+    for row, (neurons, f) in enumerate(zip(sets, factors)):
         for n in neurons:
             if n.layer not in masks:
                 masks[n.layer] = torch.ones(len(sets), lm.d_mlp, device=lm.device)
-            masks[n.layer][row, n.index] = factor
+            masks[n.layer][row, n.index] = f
     return masks
 
 

@@ -252,8 +252,8 @@ def dose_panel(result, mode: str) -> None:
         key="dose_response",
         disabled=not groups or have,
         icon=":material/show_chart:",
-        help="P(answer) as each ticked group's factor goes from -1 to 3 (17 factors, each one batched "
-        "pass over all the groups).",
+        help="P(answer) as each ticked group's factor goes from -1 to 3 (17 factors): one batched pass, a "
+        "row per group and factor.",
     ):
         with state.exclusive(lm):
             ws.dose = custom_groups.dose_response(lm, ws.fact.prompt, ws.fact.answer, [g for _, g in groups], mode=mode)

@@ -73,3 +73,20 @@ def test_dose_response_is_each_factor_in_turn(lm):
     assert custom_groups.DOSE_FACTORS[0] == -1.0 and custom_groups.DOSE_FACTORS[-1] == 3.0
     with pytest.raises(ValueError, match="finite"):
         custom_groups.dose_response(lm, PROMPT, ANSWER, GROUPS[:1], factors=(float("nan"),))
+
+
+def test_dose_response_is_one_batched_pass(lm, monkeypatch):
+    """The whole curve is one call of the batched intervention (a row per group and factor), not one per factor."""
+    from dkn import interventions
+
+    calls = []
+    real = interventions._step_distributions
+
+    def counted(lm_, query, sets, factors, mode):
+        calls.append(len(sets))
+        return real(lm_, query, sets, factors, mode)
+
+    monkeypatch.setattr(interventions, "_step_distributions", counted)
+    dr = custom_groups.dose_response(lm, PROMPT, ANSWER, GROUPS, factors=custom_groups.DOSE_FACTORS)
+    assert calls == [1 + len(GROUPS) * len(custom_groups.DOSE_FACTORS)]  # the unchanged row + every (group, factor)
+    assert len(dr.probs) == len(GROUPS) and all(len(r) == len(custom_groups.DOSE_FACTORS) for r in dr.probs)

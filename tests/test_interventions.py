@@ -110,6 +110,24 @@ def test_batched_equals_single_equals_plain(lm, mode, factor):
     assert np.ptp(batched) > 0  # the sets do different things
 
 
+@pytest.mark.parametrize("mode", ["last", "all", "weights"])
+def test_one_factor_per_set_equals_each_set_at_its_own_factor(lm, mode):
+    """A per-set factor list (the dose-response's one pass) gives what each set at its factor gives alone;
+    the rows are not simply the same factor (the list is checked for length and finiteness)."""
+    sets = _sets(lm)
+    factors = [0.0, 2.0, 3.0, -1.0, 0.5, 1.5]
+    before, batched = intervene_many(lm, PROMPT, ANSWER, sets, factors, mode)
+    assert before == pytest.approx(_plain_prob(lm, [], 1.0, mode), rel=1e-5)
+    for neurons, f, got in zip(sets, factors, batched):
+        assert got == pytest.approx(_plain_prob(lm, neurons, f, mode), rel=1e-4, abs=1e-9), (neurons, f)
+    _, same = intervene_many(lm, PROMPT, ANSWER, sets, 0.0, mode)
+    assert not np.allclose(same, batched)  # the factors did differ per row
+    with pytest.raises(ValueError, match="one per set"):
+        intervene_many(lm, PROMPT, ANSWER, sets, factors[:-1], mode)
+    with pytest.raises(ValueError, match="finite"):
+        intervene_many(lm, PROMPT, ANSWER, sets, [*factors[:-1], float("inf")], mode)
+
+
 def test_multi_token_answer_is_gold_prefix_conditioned(lm):
     neurons = [(0, 2), (lm.n_layers - 1, 4)]
     for mode in ("last", "all"):
