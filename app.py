@@ -16,11 +16,11 @@ st.set_page_config(
 from ui import link, state, widgets  # noqa: E402  (after set_page_config)
 
 PAGES = [
-    st.Page("pages/explore.py", title="Explore", icon=":material/search:", default=True),
-    st.Page("pages/degenerate.py", title="Degenerate neurons", icon=":material/hub:"),
-    st.Page("pages/intervene.py", title="Intervene", icon=":material/tune:"),
-    st.Page("pages/compare.py", title="Facts compared", icon=":material/compare_arrows:"),
-    st.Page("pages/experiments.py", title="Experiments", icon=":material/science:"),
+    st.Page("app_pages/explore.py", title="Explore", icon=":material/search:", default=True),
+    st.Page("app_pages/degenerate.py", title="Degenerate neurons", icon=":material/hub:"),
+    st.Page("app_pages/intervene.py", title="Intervene", icon=":material/tune:"),
+    st.Page("app_pages/compare.py", title="Facts compared", icon=":material/compare_arrows:"),
+    st.Page("app_pages/experiments.py", title="Experiments", icon=":material/science:"),
 ]
 
 link.restore()  # a shared link: its state, before any widget is drawn

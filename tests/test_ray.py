@@ -198,7 +198,7 @@ def page(tiny, tmp_path, monkeypatch, workers: int, address: str = ""):
     folder, _, data = tiny
     monkeypatch.setenv("DKN_CACHE_DIR", str(tmp_path))
     monkeypatch.chdir(REPO)
-    at = AppTest.from_file(str(REPO / "pages" / "experiments.py"), default_timeout=600)
+    at = AppTest.from_file(str(REPO / "app_pages" / "experiments.py"), default_timeout=600)
     at.session_state["model_name"] = str(folder)
     at.run()
     next(s for s in at.selectbox if s.label == "Experiment").set_value(EXPERIMENT)

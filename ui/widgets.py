@@ -169,7 +169,7 @@ def require_workspace(lm: LoadedModel) -> state.Workspace:
         f"No attribution yet for **{fact.prompt} → {fact.answer}**. Run it on the Explore page first.",
         icon=":material/info:",
     )
-    st.page_link("pages/explore.py", label="Go to Explore", icon=":material/search:")
+    st.page_link("app_pages/explore.py", label="Go to Explore", icon=":material/search:")
     st.stop()
 
 

@@ -301,4 +301,4 @@ if compare:
                     column_config=TABLE_CONFIG,
                 )
 
-st.page_link("pages/intervene.py", label="Next: switch the groups off and on", icon=":material/arrow_forward:")
+st.page_link("app_pages/intervene.py", label="Next: switch the groups off and on", icon=":material/arrow_forward:")

@@ -437,4 +437,4 @@ with guard():
         {"direction": "promotes", "token": t, "logit_change": v} for t, v in promoted
     ] + [{"direction": "demotes", "token": t, "logit_change": v} for t, v in demoted]
 
-st.page_link("pages/degenerate.py", label="Next: cluster them into degenerate groups", icon=":material/arrow_forward:")
+st.page_link("app_pages/degenerate.py", label="Next: cluster them into degenerate groups", icon=":material/arrow_forward:")
