@@ -194,6 +194,13 @@ def test_complexity_on_two_tiny_models(store, tmp_path, monkeypatch):
         "mean_layer_span_share",
     } <= set(table.columns)
     assert report.summary["n_facts"] == 3
+    # the figure: one bar chart per metric in a grid of 3 columns, short readable titles (they overlapped
+    # as six raw column names in one row)
+    fig = complexity._figure(table)
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == list(complexity.FIGURE_METRICS.values()) and max(map(len, titles)) <= 30
+    assert {t.xaxis for t in fig.data} == {"x", *(f"x{i}" for i in range(2, len(titles) + 1))}
+    assert len({round(a.y, 3) for a in fig.layout.annotations}) == 2  # two rows of titles
 
 
 def test_make_params_from_the_command_line():

@@ -214,21 +214,34 @@ def _mean(values) -> float:
     return float(np.mean(values)) if len(values) else np.nan
 
 
+#: the per-model bars of the report: table column -> subplot title (short enough not to overlap)
+FIGURE_METRICS = {
+    "mean_dkn_neurons": "DKN neurons per fact",
+    "mean_bdcs": "groups (BDCs) per fact",
+    "mean_bdc_size": "neurons per group",
+    "degeneracy_rate_%": "degenerate facts (%)",
+    "mean_degeneracy_index": "degeneracy index",
+    "mean_layer_span_share": "layer span (share of depth)",
+}
+
+
 def _figure(table: pd.DataFrame):
+    """The metrics as a 2 x 3 grid of bar charts, one bar per model."""
     from plotly.subplots import make_subplots
 
-    metrics = [
-        "mean_dkn_neurons",
-        "mean_bdcs",
-        "mean_bdc_size",
-        "degeneracy_rate_%",
-        "mean_degeneracy_index",
-        "mean_layer_span_share",
-    ]
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=metrics)
-    for i, m in enumerate(metrics):
-        fig.add_bar(x=table["model"], y=table[m], showlegend=False, row=1, col=i + 1)
-    fig.update_layout(title="DKN complexity per model (same facts)", template="plotly_white")
+    cols = 3
+    rows = -(-len(FIGURE_METRICS) // cols)
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=list(FIGURE_METRICS.values()),
+        vertical_spacing=0.18,
+        horizontal_spacing=0.08,
+    )
+    for i, m in enumerate(FIGURE_METRICS):
+        fig.add_bar(x=table["model"], y=table[m], showlegend=False, row=i // cols + 1, col=i % cols + 1)
+    fig.update_annotations(font_size=13)
+    fig.update_layout(title="DKN complexity per model (same facts)", template="plotly_white", height=300 * rows + 120)
     return fig
 
 
