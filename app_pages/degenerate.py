@@ -80,12 +80,14 @@ def analysis(name: str):
 
 
 def candidate_table(result) -> pd.DataFrame:
+    generic = widgets.generic_neurons()
     return pd.DataFrame(
         [
             {
                 "group": f"BDC {figures.group_name(i)}",
                 "neurons": " ".join(widgets.neuron_label(n) for n in c.members),
                 "size": len(c.members),
+                "generic": " ".join(widgets.neuron_label(n) for n in c.members if n in generic) or "—",
                 "drop alone": c.single_drop,
                 "drop with only it left": c.alone_drop,
                 "passed": c.passed,
@@ -110,6 +112,11 @@ TABLE_CONFIG = {
         "suppressed: a group that can express the fact on its own keeps this small",
     ),
     "persistence": st.column_config.NumberColumn(format="%.3g"),
+    "generic": st.column_config.TextColumn(
+        "generic members",
+        help="Members that are knowledge neurons of most compared facts (the Facts compared page sets "
+        "them; none until facts are compared): a group of generic neurons is not about this fact",
+    ),
     "passed": st.column_config.CheckboxColumn("passed", help="Can go alone (|change| < the low threshold)"),
     "sufficient": st.column_config.CheckboxColumn(
         "sufficient", help="Left on alone it keeps the fact (drop < the high threshold)"
@@ -295,7 +302,7 @@ if compare:
             )
             if r.candidates:
                 st.dataframe(
-                    candidate_table(r)[["group", "size", "drop alone", "drop with only it left", "passed"]],
+                    candidate_table(r)[["group", "size", "generic", "drop alone", "drop with only it left", "passed"]],
                     hide_index=True,
                     width="stretch",
                     column_config=TABLE_CONFIG,

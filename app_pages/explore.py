@@ -345,7 +345,7 @@ if not kn.neurons:
     st.stop()
 with guard():
     generic = st.session_state.get("generic_neurons")
-    generic_set = generic["neurons"] if generic else set()
+    generic_set = widgets.generic_neurons()
     rows = []
     for n, s, c in zip(kn.neurons, kn.scores, kn.counts):
         promoted, _ = state.get_vocab(lm, ws, n)
@@ -437,4 +437,6 @@ with guard():
         {"direction": "promotes", "token": t, "logit_change": v} for t, v in promoted
     ] + [{"direction": "demotes", "token": t, "logit_change": v} for t, v in demoted]
 
-st.page_link("app_pages/degenerate.py", label="Next: cluster them into degenerate groups", icon=":material/arrow_forward:")
+st.page_link(
+    "app_pages/degenerate.py", label="Next: cluster them into degenerate groups", icon=":material/arrow_forward:"
+)

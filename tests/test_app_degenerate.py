@@ -35,7 +35,7 @@ def planted(tmp_path_factory):
         yield root / "cache", folder
 
 
-def _page(planted, monkeypatch, clusterer: str) -> AppTest:
+def _page(planted, monkeypatch, clusterer: str, generic=()) -> AppTest:
     from ui.state import FactChoice, Settings
 
     cache, folder = planted
@@ -47,6 +47,8 @@ def _page(planted, monkeypatch, clusterer: str) -> AppTest:
     at.session_state["fact"] = FactChoice(PROMPT, ANSWER, (), "custom")
     at.session_state["settings"] = Settings(steps=8, max_prompts=1)
     at.session_state["clusterer_value"] = clusterer
+    if generic:  # as the Facts compared page leaves it
+        at.session_state["generic_neurons"] = {"neurons": set(generic), "facts_of": {}, "n_facts": 3, "share": 0.5}
     at.switch_page("app_pages/degenerate.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
@@ -70,6 +72,7 @@ def test_backup_discovery_shows_both_copies_peeling_sufficiency_and_interactions
     table = at.dataframe[0].value
     assert list(table["round"]) == [1, 2] and list(table["sufficient"]) == [True, True]
     assert set(table["neurons"]) == {"L0:N0 L0:N1", "L1:N2 L1:N3"}
+    assert list(table["generic"]) == ["—", "—"]  # no facts compared yet
     assert "✅ at least 2 groups can each be switched off alone" in _text(at.markdown)
 
 
@@ -78,3 +81,13 @@ def test_ntc_on_the_same_fact_says_which_condition_failed(planted, monkeypatch):
     assert "no candidate group" in _text(at.warning)
     assert "❌ the method proposes at least 2 groups" in _text(at.markdown)
     assert not any(m.label == "Redundancy R" and m.value not in ("n/a",) for m in at.metric)
+
+
+def test_candidate_groups_name_their_generic_members(planted, monkeypatch):
+    """A neuron flagged generic on the Facts compared page is named in its group's row."""
+    from dkn.neurons import Neuron
+
+    at = _page(planted, monkeypatch, "backup", generic=[Neuron(1, 3)])
+    table = at.dataframe[0].value
+    by_neurons = dict(zip(table["neurons"], table["generic"]))
+    assert by_neurons == {"L0:N0 L0:N1": "—", "L1:N2 L1:N3": "L1:N3"}

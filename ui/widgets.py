@@ -358,6 +358,12 @@ def reset_figures() -> None:
 neuron_label = neurons_mod.neuron_label  # "L12:N345" everywhere
 
 
+def generic_neurons() -> set:
+    """The knowledge neurons flagged generic on the Facts compared page (empty until facts are compared)."""
+    generic = st.session_state.get("generic_neurons")
+    return set(generic["neurons"]) if generic else set()
+
+
 def _mark_cancelled(key: str) -> None:
     st.session_state[f"cancelled_{key}"] = True
 
