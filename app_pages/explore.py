@@ -343,6 +343,43 @@ st.markdown(
 if not kn.neurons:
     st.warning("No knowledge neurons: lower t or p in the settings, or use fewer paraphrases.")
     st.stop()
+
+
+def generic_knockout_panel(generic_set: set) -> None:
+    """The selection without the generic neurons (Dai et al.'s negative examples) and its knockout."""
+    shared = [n for n in kn.neurons if n in generic_set]
+    with st.expander(f"Without the generic neurons ({widgets.count(len(shared), 'generic knowledge neuron')})"):
+        if not generic_set:
+            st.caption("Compare facts on the Facts compared page first: it decides which neurons are generic.")
+            return
+        ko = state.get_generic_knockout(lm, ws, frozenset(generic_set))
+        m = st.columns(3)
+        for col, (label, p) in zip(
+            m,
+            (
+                ("All knowledge neurons off", ko.all_kn),
+                ("Fact-specific off", ko.specific),
+                ("Generic off", ko.generic_only),
+            ),
+        ):
+            col.metric(label, pct(p), delta=widgets.signed_pct(-ko.drop(p)), delta_color="normal")
+        values = {
+            "unchanged": ko.prob,
+            "all KNs off": ko.all_kn,
+            "fact-specific off": ko.specific,
+            "generic off": ko.generic_only,
+        }
+        widgets.show_figure(
+            figures.probability_bars(values, widgets.titled("Knockout with and without the generic neurons", lm, ws)),
+            "generic-knockout",
+            ko.table(),
+            key="fig_generic_knockout",
+            caption="Suppressed (factor 0) at the answer position. Dropping the generic neurons from the "
+            "selection keeps the fact-specific ones; if their knockout still removes the answer, the fact "
+            "is stored in them, not in the neurons every fact shares.",
+        )
+
+
 with guard():
     generic = st.session_state.get("generic_neurons")
     generic_set = widgets.generic_neurons()
@@ -398,6 +435,8 @@ with guard():
         st.toast(f"Group of {len(chosen)} neurons added: test it on the Intervene page.")
     with c3:
         widgets.export_menu(None, "knowledge-neurons", table.drop(columns=["pick"]), key="tab_kn")
+
+    generic_knockout_panel(generic_set)
 
     st.subheader("Vocabulary projection")
     st.caption(

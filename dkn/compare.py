@@ -5,6 +5,10 @@ The same few neurons can top the attribution of unrelated facts (a large-norm ne
 each pair shares, and the Jaccard index) and, per neuron, the share of the facts it is a knowledge neuron
 of; `Overlap.generic` lists the neurons found in at least `min_share` of the facts (and in 2 or more).
 
+`knockout_without_generic` is the selection option that drops the generic neurons (the negative examples
+of Dai et al.: neurons shared with unrelated facts) and shows what it does to the knockout: P(answer) with
+every knowledge neuron suppressed, with only the fact-specific ones, and with only the generic ones.
+
 `neuron_detail` describes one neuron on one prompt: its activation at the answer position, the change of
 the answer's first-token logit per unit of activation through the unembedding (dkn.vocab's logit-lens
 view), and their product, its direct effect on the answer logit (later layers ignored).
@@ -100,4 +104,42 @@ def neuron_detail(lm: LoadedModel, prompt: str, answer: str, neuron: Neuron) -> 
     return NeuronDetail(neuron, activation, per_unit, activation * per_unit, lm.tokenizer.decode([step.target]))
 
 
-__all__ = ["NeuronDetail", "Overlap", "kn_overlap", "neuron_detail"]
+@dataclass(frozen=True)
+class GenericKnockout:
+    prob: float  # P(answer), unchanged model
+    all_kn: float  # P(answer) with every knowledge neuron suppressed
+    specific: float  # ... with only the fact-specific ones (the generic ones dropped from the set)
+    generic_only: float  # ... with only the generic ones
+    specific_neurons: tuple[Neuron, ...]
+    generic_neurons: tuple[Neuron, ...]
+
+    def drop(self, p: float) -> float:
+        """Relative drop of P(answer): 1 means the answer is gone."""
+        return (self.prob - p) / self.prob if self.prob > 0 else 0.0
+
+    def table(self) -> list[dict]:
+        return [
+            {"knocked out": name, "neurons": len(ns), "p_answer": p, "drop": self.drop(p)}
+            for name, ns, p in (
+                ("every knowledge neuron", self.specific_neurons + self.generic_neurons, self.all_kn),
+                ("fact-specific only (generic dropped)", self.specific_neurons, self.specific),
+                ("generic only", self.generic_neurons, self.generic_only),
+            )
+        ]
+
+
+def knockout_without_generic(
+    lm: LoadedModel, prompt: str, answer: str, neurons: Sequence[Neuron], generic: Sequence[Neuron], mode: str = "last"
+) -> GenericKnockout:
+    """Suppress the knowledge neurons `neurons` with and without the generic ones (one batched pass)."""
+    from dkn.interventions import intervene_many
+
+    neurons = tuple(Neuron(*n) for n in neurons)
+    generic_set = {Neuron(*n) for n in generic}
+    specific = tuple(n for n in neurons if n not in generic_set)
+    shared = tuple(n for n in neurons if n in generic_set)
+    prob, (p_all, p_specific, p_generic) = intervene_many(lm, prompt, answer, [neurons, specific, shared], 0.0, mode)
+    return GenericKnockout(float(prob), float(p_all), float(p_specific), float(p_generic), specific, shared)
+
+
+__all__ = ["GenericKnockout", "NeuronDetail", "Overlap", "kn_overlap", "knockout_without_generic", "neuron_detail"]

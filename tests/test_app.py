@@ -304,6 +304,10 @@ def test_facts_compared_flags_shared_neurons(app):
     no_exceptions(at)
     assert any("generic" in d.value.columns for d in at.dataframe)  # the knowledge-neuron table's flag
     assert any(m.label == "Knowledge neuron of" for m in at.metric)  # the neuron detail panel
+    # the selection without the generic neurons, and its effect on the knockout
+    labels = {m.label for m in at.metric}
+    assert {"All knowledge neurons off", "Fact-specific off", "Generic off"} <= labels
+    assert any("Knockout with and without the generic neurons" in c.proto.spec for c in charts(at))
     assert any(m.label.startswith("Direct effect on the") for m in at.metric)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from dkn.compare import kn_overlap, neuron_detail
+from dkn.compare import kn_overlap, knockout_without_generic, neuron_detail
 from dkn.hooks import record_neurons
 from dkn.neurons import Neuron
 from dkn.query import make_query
@@ -52,3 +52,22 @@ def test_neuron_detail_is_activation_times_logit_change():
     assert d.answer_token == lm.tokenizer.decode([step.target])
     with pytest.raises(ValueError, match="out of range"):
         neuron_detail(lm, prompt, answer, Neuron(99, 0))
+
+
+def test_knockout_without_generic_splits_the_set_and_suppresses_each_part():
+    from dkn.interventions import intervene
+
+    lm = tiny_model("llama")
+    prompt, answer = "the capital of france is", "paris"
+    kns = [Neuron(0, 3), Neuron(1, 5), Neuron(2, 7), Neuron(2, 1)]
+    generic = [Neuron(1, 5), Neuron(2, 1), Neuron(0, 4)]  # (0, 4) is not a knowledge neuron of this fact
+    ko = knockout_without_generic(lm, prompt, answer, kns, generic)
+    assert ko.specific_neurons == (Neuron(0, 3), Neuron(2, 7)) and ko.generic_neurons == (Neuron(1, 5), Neuron(2, 1))
+    for p, ns in ((ko.all_kn, kns), (ko.specific, ko.specific_neurons), (ko.generic_only, ko.generic_neurons)):
+        assert p == pytest.approx(intervene(lm, prompt, answer, ns, 0.0).prob_after, rel=1e-4, abs=1e-9)
+    assert ko.prob == pytest.approx(intervene(lm, prompt, answer, [], 1.0).prob_before, rel=1e-5)
+    rows = ko.table()
+    assert [r["neurons"] for r in rows] == [4, 2, 2]
+    assert rows[0]["drop"] == pytest.approx((ko.prob - ko.all_kn) / ko.prob)
+    none = knockout_without_generic(lm, prompt, answer, kns, [])  # nothing generic: specific == all
+    assert none.specific == pytest.approx(none.all_kn) and none.generic_only == pytest.approx(none.prob, rel=1e-5)

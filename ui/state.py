@@ -313,6 +313,20 @@ def get_edit_effects(lm: LoadedModel, ws: Workspace, neurons: tuple[Neuron, ...]
     return cache[key]
 
 
+def get_generic_knockout(lm: LoadedModel, ws: Workspace, generic: frozenset):
+    """dkn.compare.knockout_without_generic for the workspace's knowledge neurons (kept per generic set)."""
+    from dkn.compare import knockout_without_generic
+
+    cache = st.session_state.setdefault("_generic_knockouts", {})
+    key = (ws.key, tuple(ws.kn.neurons), generic)
+    if key not in cache:
+        if len(cache) > 32:
+            cache.clear()
+        with exclusive(lm):
+            cache[key] = knockout_without_generic(lm, ws.fact.prompt, ws.fact.answer, ws.kn.neurons, generic)
+    return cache[key]
+
+
 def get_neuron_detail(lm: LoadedModel, ws: Workspace, neuron: Neuron):
     """dkn.compare.neuron_detail on the fact's main prompt (kept per neuron)."""
     from dkn.compare import neuron_detail
