@@ -184,12 +184,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(
             f"device {name!r} asked for, but torch sees no CUDA GPU here "
-            "(torch.cuda.is_available() is False): use --device cpu or --device auto"
+            "(torch.cuda.is_available() is False): choose the device cpu or auto (--device in the CLI)"
         )
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise ModelLoadError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) exist")
     if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ModelLoadError("device 'mps' asked for, but torch sees no Apple GPU here: use --device cpu or auto")
+        raise ModelLoadError(
+            "device 'mps' asked for, but torch sees no Apple GPU here: "
+            "choose the device cpu or auto (--device in the CLI)"
+        )
     if resolved.type not in ("cpu", "cuda", "mps"):
         raise ModelLoadError(f"unknown device {device!r}: use one of {', '.join(DEVICES)} (or cuda:N)")
     return resolved

@@ -259,6 +259,28 @@ def test_back_to_default_model_clears_the_bad_path(app):
     assert at.session_state["model_text"] == ""
 
 
+def test_device_and_precision_are_chosen_in_the_sidebar(app):
+    """The picker loads the model with the chosen weights' precision (its own cache entry and fingerprint);
+    a device this machine lacks is a message in the sidebar, and "Back to the default model" undoes it."""
+    at = app.run()
+    float32 = at.session_state["model_device"], at.session_state["model_dtype"]
+    assert float32 == ("auto", "float32")
+    sidebar_select = {w.label: w for w in at.sidebar.selectbox}
+    sidebar_select["Weights"].set_value("bfloat16").run()
+    next(b for b in at.sidebar.button if b.label == "Load model").click().run()
+    no_exceptions(at)
+    assert "cpu bfloat16" in texts(at.sidebar.caption)
+    assert at.session_state["model_dtype"] == "bfloat16"
+    {w.label: w for w in at.sidebar.selectbox}["Device"].set_value("mps").run()  # never on Linux
+    next(b for b in at.sidebar.button if b.label == "Load model").click().run()
+    no_exceptions(at)
+    assert "mps" in texts(at.sidebar.error).lower()
+    next(b for b in at.sidebar.button if b.label == "Back to the default model").click().run()
+    no_exceptions(at)
+    assert (at.session_state["model_device"], at.session_state["model_dtype"]) == ("auto", "float32")
+    assert "cpu float32" in texts(at.sidebar.caption) and not at.sidebar.error
+
+
 def test_typed_neurons_survive_a_validation_error_and_none_unticks(app):
     at = app.run()
     at.switch_page("app_pages/intervene.py").run()

@@ -155,7 +155,7 @@ def test_device_and_dtype_are_checked_with_a_clear_message():
     with pytest.raises(ModelLoadError, match="unknown dtype"):
         resolve_dtype("float8")
     if not torch.cuda.is_available():
-        with pytest.raises(ModelLoadError, match="no CUDA GPU.*--device cpu"):
+        with pytest.raises(ModelLoadError, match="no CUDA GPU.*device cpu or auto"):
             resolve_device("cuda")
 
 

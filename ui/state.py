@@ -37,8 +37,9 @@ MAX_PROMPTS_DEFAULT = 3
 
 # ------------------------------------------------------------------ shared by every session
 @st.cache_resource(show_spinner="Loading the model (once for every session of this server)...")
-def get_model(name: str) -> LoadedModel:
-    return load_model(name)
+def get_model(name: str, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+    """One copy per (name, device, dtype) for every session; "auto" picks CUDA, else MPS, else the CPU."""
+    return load_model(name, device=device, dtype=dtype)
 
 
 @st.cache_resource(show_spinner=False)
@@ -73,11 +74,16 @@ def model_name() -> str:
     return st.session_state.setdefault("model_name", DEFAULT_MODEL)
 
 
+def model_placement() -> tuple[str, str]:
+    """(device, dtype) the session's model is loaded with (set by the sidebar's Load button)."""
+    return st.session_state.setdefault("model_device", "auto"), st.session_state.setdefault("model_dtype", "float32")
+
+
 def current_model() -> LoadedModel | None:
     """The loaded model of this session, or None (the error, if any, is in session_state["model_error"])."""
     name = model_name()
     try:
-        lm = get_model(name)
+        lm = get_model(name, *model_placement())
     except Exception as err:  # ModelLoadError, ValueError (unsupported family), OSError...
         st.session_state["model_error"] = f"{err}"
         return None

@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from dkn import export
+from dkn import export, options
 from dkn import neurons as neurons_mod
 from dkn.datasets import DatasetError
 from dkn.models import DEFAULT_LABEL, DEFAULT_MODEL, PLANTED_MODEL, LoadedModel, ModelLoadError
@@ -97,18 +97,21 @@ def model_picker() -> LoadedModel | None:
         wanted = st.text_input(
             "Hugging Face id" if SOURCES[source] == "hub" else "Folder", key="model_text", placeholder=placeholder
         ).strip()
+    device, dtype = placement_picker()
+    changed = (wanted, device, dtype) != (state.model_name(), *state.model_placement())
     if st.button(
         "Load model",
         key="load_model",
         disabled=not wanted,
         width="stretch",
-        type="primary" if wanted != state.model_name() else "secondary",
+        type="primary" if changed else "secondary",
     ):
         st.session_state["model_name"] = wanted
+        st.session_state["model_device"], st.session_state["model_dtype"] = device, dtype
     lm = state.current_model()
     if lm is None:
         st.error(f"{st.session_state.get('model_error', 'no model loaded')}", icon=":material/error:")
-        if state.model_name() != DEFAULT_MODEL:
+        if (state.model_name(), *state.model_placement()) != (DEFAULT_MODEL, "auto", "float32"):
             st.button("Back to the default model", key="model_reset", on_click=back_to_default)
         return None
     s = state.summary(lm)
@@ -121,6 +124,28 @@ def model_picker() -> LoadedModel | None:
     if lm.name == PLANTED_MODEL:
         planted_facts()
     return lm
+
+
+def placement_picker() -> tuple[str, str]:
+    """Device and weights' precision for the next Load (the loaded model keeps its own until then)."""
+    loaded_device, loaded_dtype = state.model_placement()
+    with st.expander("Device and precision", expanded=False):
+        device = st.selectbox(
+            "Device",
+            list(options.DEVICES),
+            index=list(options.DEVICES).index(loaded_device) if loaded_device in options.DEVICES else 0,
+            key="w_model_device",
+            help="auto: a CUDA GPU if there is one, else Apple's MPS, else the CPU.",
+        )
+        dtype = st.selectbox(
+            "Weights",
+            list(options.DTYPES),
+            index=list(options.DTYPES).index(loaded_dtype) if loaded_dtype in options.DTYPES else 0,
+            key="w_model_dtype",
+            help="bfloat16 / float16 halve the memory (mainly for a GPU); attribution accumulates in float32 "
+            "whatever the weights. Results are cached per model fingerprint, which the precision changes.",
+        )
+    return device, dtype
 
 
 def planted_facts() -> None:
@@ -140,6 +165,9 @@ def back_to_default() -> None:
     """The reset button's callback (before the widgets are drawn): the default model, and the bad name or
     path gone from the sidebar."""
     st.session_state["model_name"] = DEFAULT_MODEL
+    st.session_state["model_device"], st.session_state["model_dtype"] = "auto", "float32"
+    st.session_state.pop("w_model_device", None)  # the pickers start again from the loaded placement
+    st.session_state.pop("w_model_dtype", None)
     st.session_state["model_source"] = next(iter(SOURCES))
     st.session_state["model_text"] = ""
     st.session_state.pop("model_error", None)
