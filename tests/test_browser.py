@@ -269,3 +269,22 @@ def test_shared_link_restores_the_view_in_a_fresh_browser(server, tmp_path):
             assert page.locator(".st-key-fig_intervention .gtitle").first.text_content() == title
         finally:
             fresh.close()
+
+
+def test_facts_compared_flags_generic_neurons(server, page):
+    """The Facts compared view in the browser: the missing facts are attributed on request (one prompt
+    each), then the overlap matrix and the generic count appear, and the Explore page offers the
+    knockout without the generic neurons."""
+    open_app(page, f"{server}/?fact=builtin%2Fcapital%2FFrance&n=1")
+    go_to(page, "Facts compared", "Generic: a knowledge neuron of at least")
+    run = page.get_by_role("button", name=re.compile("Attribute the"))
+    if run.count():  # not all cached yet in this server's store
+        run.click()
+    page.wait_for_selector(".st-key-fig_overlap .main-svg", timeout=600_000)
+    idle(page)
+    assert percent(page, "Generic knowledge neurons") >= 0
+    assert page.locator(".st-key-fig_overlap .main-svg").count() >= 1  # plotly draws layered svgs
+    go_to(page, "Explore", "Knowledge neurons")
+    page.locator("summary:has-text('Without the generic neurons')").first.click()
+    page.wait_for_selector("text=All knowledge neurons off", timeout=120_000)
+    assert page.locator("[data-testid='stException']").count() == 0
