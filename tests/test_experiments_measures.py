@@ -262,3 +262,22 @@ def test_bad_perturbation_kinds_and_single_prompt_facts(models, store):
     ctx = Context(models("gpt2"), store, "select")
     assert [f.id for f in select_facts(ctx, facts, None, True, ConditionParams())] == ["b"]  # held out: needs 2
     assert [f.id for f in select_facts(ctx, facts, None, True, ConditionParams(held_out=False))] == ["a", "b"]
+
+
+def test_known_facts_reports_answered_facts_of_those_needed(models, store, monkeypatch):
+    """The "known" filter checks one fact at a time: its progress counts the facts found of those needed
+    (a line per answered fact, so the ETA includes the misses), not "1/1" for every fact checked."""
+    from dkn import evaluate
+    from dkn.experiments.runner import known_facts
+
+    facts = [Fact(f"t/{i}", f"s{i}", "r", ("paris",), (f"the capital {i} is",), "user") for i in range(9)]
+    monkeypatch.setattr(evaluate, "answers_correctly", lambda lm, prompt, answers: int(prompt.split()[2]) % 3 == 0)
+    calls = []
+    ctx = Context(models("llama"), store, "known-test", seed=0)
+    ctx.progress = lambda step, done, total: calls.append((step, done, total))
+    chosen = known_facts(ctx, facts, limit=2)
+    assert [f.id for f in chosen] == ["t/0", "t/3"]
+    assert calls == [("facts the model answers", 1, 2), ("facts the model answers", 2, 2)]
+    calls.clear()
+    assert [f.id for f in known_facts(ctx, facts, limit=None)] == ["t/0", "t/3", "t/6"]  # resumed from the store
+    assert calls == [("facts the model answers", k, 9) for k in (1, 2, 3)]

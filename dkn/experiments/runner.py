@@ -68,11 +68,20 @@ class Context:
     pool: Any = None  # a distributed.WorkerPool: compute items on Ray workers
     stages: StageTimes = field(default_factory=StageTimes)  # wall time per stage (dkn.experiments.timing)
 
-    def each(self, step: str, items: Iterable[tuple[str, Any]], fn: Callable[[Any], dict]) -> list[dict]:
+    def each(
+        self, step: str, items: Iterable[tuple[str, Any]], fn: Callable[[Any], dict], report: bool = True
+    ) -> list[dict]:
         """fn(item) for every (key, item), resumably: finished items come from the store.  A ValueError
         (bad fact, unusable prompt) is recorded as {"error": message} for that item and the run goes on.
-        With a pool, the missing items are computed on its workers and stored here as they arrive."""
+        With a pool, the missing items are computed on its workers and stored here as they arrive.
+        `report=False`: no progress lines (the caller reports its own)."""
         items = list(items)
+        if not report:
+            progress, self.progress = self.progress, None
+            try:
+                return self.each(step, items, fn)
+            finally:
+                self.progress = progress
         if self.pool is not None:
             return self._each_on_pool(step, items, fn)
         results = []
@@ -302,12 +311,19 @@ def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact
 
     chosen = []
     chunk = 1 if ctx.pool is None else 4 * ctx.pool.workers  # on a cluster: a few facts per worker at once
+    needed = len(facts) if limit is None else min(limit, len(facts))
     for start in range(0, len(facts), chunk):
         part = facts[start : start + chunk]
         records = ctx.each(
-            "known", [(f.id, f) for f in part], lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)}
+            "known",
+            [(f.id, f) for f in part],
+            lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)},
+            report=False,
         )
-        chosen += [fact for fact, record in zip(part, records) if record.get("known")]
+        found = [fact for fact, record in zip(part, records) if record.get("known")]
+        chosen += found
+        if found and ctx.progress is not None:  # one line per answered fact: its ETA counts the misses too
+            ctx.progress("facts the model answers", min(len(chosen), needed), needed)
         if limit is not None and len(chosen) >= limit:
             chosen = chosen[:limit]
             break
