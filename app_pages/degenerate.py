@@ -184,7 +184,8 @@ with guard("Degeneracy analysis"):
             caption="Round 1: the knowledge neurons. Each later round attributes again with every "
             "neuron found so far switched off, and takes the neurons that now carry the "
             "fact (the backups). The curve is P(answer) once each round is switched off "
-            "too; it stops when the fact is gone. Each round is one candidate group.",
+            "too; it stops when the fact is gone. The rounds are then split into parallel pathways, completed "
+            "and pruned (each with the other groups off): each pathway is one candidate group.",
         )
 
     st.subheader("Candidate groups")

@@ -72,6 +72,8 @@ def methods(selected: list[str] | None) -> list[tuple[str, dict]]:
             continue
         if field is None or name in GRAPHLESS:
             out.append((name, {"clusterer": name}))
+            if name == "backup":  # the rounds as components, before they are turned into pathways
+                out.append(("backup/rounds", {"clusterer": name, "backup_pathways": False}))
         else:
             out += [(f"{name}/{e}", {"clusterer": name, field: e}) for e in edges]
     return out

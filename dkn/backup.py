@@ -13,18 +13,34 @@ coin: switch the first carriers off and others take over.  So, in rounds:
 3. repeat until P(answer) with everything found so far suppressed has dropped by more than
    `threshold_high` (the fact is gone), no new neuron is found, or `rounds` rounds are done.
 
-Each round's neurons form one candidate component, which dkn.degeneracy then tests like any other
-group; P after each round is the "peeling" curve.  During the rounds, neurons are suppressed (set to
+A round is not yet a pathway: it can hold parts of two parallel pathways (both carried the fact once the
+earlier rounds were off), miss a pathway's upstream neurons (whose effect runs through a member already
+found, so suppressing that member hid them) and carry noise.  `pathways` turns the rounds into whole
+pathways, each step with every other component suppressed:
+a. split: two members each harmless alone (drop < threshold_low) whose joint suppression removes the fact
+   (drop > threshold_high) lie on parallel pathways; the members joined by no such pair form one part
+   (all pairs in one batched intervention);
+b. complete: attribute with every other part suppressed, so that this part's pathway alone carries the
+   fact, and add the coarse neurons of that attribution (upstream members included);
+c. prune: keep the members whose suppression alone (the others still off) removes the fact, i.e. the
+   pathway's links; a part with no such member is kept whole.
+Parts are made disjoint (a neuron stays in the first).  On the planted tiny models (bench/
+bench_degeneracy_recall.py) this is what lets backup discovery recover every planted pathway.
+
+Each pathway is one candidate component, which dkn.degeneracy then tests like any other group; P after
+each round is the "peeling" curve.  During the rounds, neurons are suppressed (set to
 0) at every prompt position, inside a context manager around dkn.attribution.attribute, so the
 attribution engine needs no change; the degeneracy grid afterwards uses its own `mode`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import networkx as nx
 import numpy as np
 import torch
 
@@ -108,3 +124,71 @@ def round_neurons(
     chosen.sort(key=lambda n: -scores[n.layer, n.index])
     chosen = chosen[:max_neurons]
     return tuple(chosen), tuple(float(scores[n.layer, n.index]) for n in chosen)
+
+
+def pathways(
+    lm: LoadedModel, prompt: str, answer: str, rounds: Sequence[Round], params: DegeneracyParams
+) -> tuple[tuple[tuple[Neuron, ...], int], ...]:
+    """(pathway, the 1-based round it came from) for each pathway in the rounds: split, complete, prune
+    (see the module docstring); suppression at every position, thresholds from `params`."""
+    parts: list[tuple[tuple[Neuron, ...], int]] = []
+    groups = [tuple(r.neurons) for r in rounds]
+    for k, group in enumerate(groups):
+        others = [n for j, g in enumerate(groups) if j != k for n in g]
+        parts += [(part, k + 1) for part in _split(lm, prompt, answer, group, others, params)]
+    completed = []
+    for k, (part, origin) in enumerate(parts):
+        others = [n for j, (p, _) in enumerate(parts) if j != k for n in p]
+        attribution = attribute_suppressed(lm, prompt, answer, others, params.backup_attribution)
+        new, _ = round_neurons(attribution.scores, set(others), params.backup_t, params.backup_max_neurons)
+        whole = tuple(dict.fromkeys(part + new))
+        completed.append((_prune(lm, prompt, answer, whole, others, params), origin))
+    seen: set[Neuron] = set()
+    out = []
+    for part, origin in completed:
+        part = tuple(n for n in part if n not in seen)
+        seen |= set(part)
+        if part:
+            out.append((part, origin))
+    return tuple(out)
+
+
+def _drops_with(lm, prompt, answer, others: Sequence[Neuron], sets: list[tuple[Neuron, ...]]) -> np.ndarray:
+    """Relative drop of P, every position suppressed, for `others` plus each set, against `others` alone."""
+    from dkn.interventions import intervene_many
+
+    base = tuple(others)
+    _, probs = intervene_many(lm, prompt, answer, [base] + [base + s for s in sets], 0.0, "all")
+    p0 = probs[0]
+    return (p0 - probs[1:]) / p0 if p0 > 0 else np.zeros(len(sets))
+
+
+def _split(lm, prompt, answer, group, others, params) -> list[tuple[Neuron, ...]]:
+    """The parts of `group` that lie on parallel pathways (members harmless alone, jointly removing the fact
+    with one of another part); the whole group when no pair says so.  Members in no such pair are dropped."""
+    group = list(group)
+    if len(group) < 2:
+        return [tuple(group)]
+    pairs = list(itertools.combinations(range(len(group)), 2))
+    drops = _drops_with(lm, prompt, answer, others, [(n,) for n in group] + [(group[i], group[j]) for i, j in pairs])
+    single, joint = drops[: len(group)], drops[len(group) :]
+    parallel = {
+        (i, j)
+        for (i, j), d in zip(pairs, joint)
+        if abs(single[i]) < params.threshold_low and abs(single[j]) < params.threshold_low and d > params.threshold_high
+    }
+    if not parallel:
+        return [tuple(group)]
+    active = sorted({i for pair in parallel for i in pair})
+    same = nx.Graph()
+    same.add_nodes_from(active)
+    same.add_edges_from(pair for pair in itertools.combinations(active, 2) if pair not in parallel)
+    return [tuple(group[i] for i in sorted(c)) for c in sorted(nx.connected_components(same), key=min)]
+
+
+def _prune(lm, prompt, answer, part, others, params) -> tuple[Neuron, ...]:
+    """The members of `part` whose suppression alone (with `others` off) removes the fact; all of `part` when
+    none does (a part that is redundant inside)."""
+    drops = _drops_with(lm, prompt, answer, others, [(n,) for n in part])
+    links = tuple(n for n, d in zip(part, drops) if d > params.threshold_high)
+    return links or tuple(part)

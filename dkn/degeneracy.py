@@ -6,7 +6,8 @@ Pipeline for one fact (Chen et al. 2024, with the authors' script defects fixed)
    - a clusterer of dkn.topology (NTC and the paper's baselines) on the graph's distances;
    - "amig": AMIG's own definition (Chen et al., AAAI 2024): two *neurons*, each harmless alone, whose
      joint suppression removes the fact; the pair is the DKN and its two neurons are its components;
-   - "backup": conditional attribution rounds (dkn.backup): each round's neurons are one component;
+   - "backup": conditional attribution rounds (dkn.backup), turned into whole pathways (split, completed
+     and pruned with the other components suppressed); each pathway is one component;
 3. the subset grid of candidates is evaluated in one batched intervention: every subset up to
    `max_grid_bdcs` groups, else the singles, the leave-one-outs and the whole set; the union of the
    groups that pass is always evaluated too, whatever the grid size;
@@ -67,6 +68,7 @@ class DegeneracyParams:
     backup_t: float = 0.2  # backup discovery: coarse threshold of each round's attribution
     backup_max_neurons: int = 20  # backup discovery: at most this many neurons per round (top scores)
     backup_attribution: object = None  # backup discovery: dkn.attribution.AttributionParams (None: defaults)
+    backup_pathways: bool = True  # backup discovery: split, complete and prune the rounds (dkn.backup.pathways)
     seed: int = 0
 
     def validate(self) -> None:
@@ -234,15 +236,25 @@ def analyse(
         from dkn.backup import discover
 
         rounds = discover(lm, prompt, answer, params, first_round=neurons)
-        groups, persistence = [r.neurons for r in rounds], []
+        if params.backup_pathways:
+            from dkn.backup import pathways
+
+            found = pathways(lm, prompt, answer, rounds, params)
+            groups, origins = [g for g, _ in found], [k for _, k in found]
+        else:
+            groups, origins = [r.neurons for r in rounds], [k + 1 for k in range(len(rounds))]
+        persistence = []
         found = tuple(dict.fromkeys(n for g in groups for n in g))
         graph = _graph(lm, prompt, answer, found or neurons, params)
     else:
         graph = _graph(lm, prompt, answer, neurons, params)
         groups, persistence = _candidate_groups(lm, prompt, answer, neurons, graph, params)
+        origins = []
     groups, persistence = groups[: params.max_bdcs], persistence[: params.max_bdcs]
     grid, control, prob = _evaluate(lm, prompt, answer, groups, set(neurons), params)
-    result = _assemble(prompt, answer, prob, neurons, scores, graph, groups, persistence, grid, control, params, rounds)
+    result = _assemble(
+        prompt, answer, prob, neurons, scores, graph, groups, persistence, grid, control, params, rounds, origins
+    )
     return _with_seconds(result, time.perf_counter() - start)
 
 
@@ -404,7 +416,9 @@ def combination(single_drops: Sequence[float], union_drop: float, threshold_low:
 
 
 # ------------------------------------------------------------------ the test
-def _assemble(prompt, answer, prob, neurons, scores, graph, groups, persistence, grid, control, params, rounds):
+def _assemble(
+    prompt, answer, prob, neurons, scores, graph, groups, persistence, grid, control, params, rounds, origins
+):
     n = len(groups)
     singles = [grid[(i,)] for i in range(n)]
     everything = tuple(range(n))
@@ -417,8 +431,7 @@ def _assemble(prompt, answer, prob, neurons, scores, graph, groups, persistence,
             alone[i],
             params,
             persistence[i] if i < len(persistence) else None,
-            rounds[i] if i < len(rounds) else None,
-            i + 1 if rounds else None,
+            origins[i] if i < len(origins) else None,
         )
         for i, g in enumerate(groups)
     )
@@ -474,9 +487,7 @@ def _assemble(prompt, answer, prob, neurons, scores, graph, groups, persistence,
     )
 
 
-def _candidate(
-    group: Group, drop: float, alone: float, params: DegeneracyParams, persistence, round_, index
-) -> Candidate:
+def _candidate(group: Group, drop: float, alone: float, params: DegeneracyParams, persistence, origin) -> Candidate:
     passed = abs(drop) < params.threshold_low
     change = "lowers" if drop >= 0 else "raises"
     if passed:
@@ -490,7 +501,7 @@ def _candidate(
         reason = f"alone it lowers P by {drop:.1%} (>= {params.threshold_low:.0%}): it is needed, not redundant"
     sufficient = bool(np.isfinite(alone) and alone < params.threshold_high)
     p, b, d = persistence if persistence else (None, None, None)
-    return Candidate(group, float(drop), passed, reason, p, b, d, float(alone), sufficient, index)
+    return Candidate(group, float(drop), passed, reason, p, b, d, float(alone), sufficient, origin)
 
 
 def _verdict(n_neurons, candidates, passing, dkn_drop, degenerate, conditions, params) -> str:

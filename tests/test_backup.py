@@ -25,8 +25,9 @@ FAST = AttributionParams(steps=8)
 def _stored_twice_in_two_layers(with_b: bool = True):
     """A 2-layer LLaMA-shaped model whose only MLP neurons are two disjoint groups in different layers, each
     reading the last token and writing the answer's unembedding direction; attention writes nothing.
-    Integrated gradients scales one layer at a time: with A on, scaling B changes nothing, so B scores about
-    1% of A and is no knowledge neuron, although either group alone keeps P within 2%."""
+    Integrated gradients scales one layer at a time: with A on, scaling B changes nothing, so B scores a few
+    percent of A and is no knowledge neuron, although either group alone keeps P within 2%.  Within a group
+    both neurons are needed (one alone, the other group off, loses > 5%): each group is one pathway."""
     lm = tiny_model("llama")
     lm.model.model.layers = lm.model.model.layers[:2]
     lm.model.config.num_hidden_layers = 2
@@ -45,7 +46,7 @@ def _stored_twice_in_two_layers(with_b: bool = True):
             layer.self_attn.o_proj.weight.zero_()
             for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
                 proj.weight.zero_()
-        for group, strength in ((GROUP_A, 0.3), (GROUP_B, 0.2 if with_b else 0.0)):
+        for group, strength in ((GROUP_A, 0.2), (GROUP_B, 0.15 if with_b else 0.0)):
             for n in group:
                 mlp = lm.model.model.layers[n.layer].mlp
                 mlp.gate_proj.weight[n.index] = e_last
@@ -76,6 +77,15 @@ def test_backup_rounds_find_both_copies_where_ntc_cannot():
     assert r.degenerate, r.verdict
     assert [set(c.members) for c in r.candidates] == [set(GROUP_A), set(GROUP_B)]
     assert [c.round for c in r.candidates] == [1, 2]
+    raw = analyse(
+        lm,
+        PROMPT,
+        ANSWER,
+        kns,
+        params=DegeneracyParams(clusterer="backup", random_seeds=1, backup_attribution=FAST, backup_pathways=False),
+    )
+    assert raw.degenerate and [set(c.members) for c in raw.candidates] == [set(GROUP_A), set(GROUP_B)]
+    assert [c.round for c in raw.candidates] == [1, 2]
     assert len(r.rounds) == 2 and r.rounds[1].drop_after > 0.3  # stopped when the fact was gone
     assert r.peeling[0] == pytest.approx(r.prob) and r.peeling[1] > 0.95 * r.prob and r.peeling[2] < 0.1 * r.prob
     assert all(c.sufficient for c in r.candidates) and r.redundancy > 0.9
@@ -94,6 +104,22 @@ def test_backup_rounds_invent_no_second_copy_for_a_single_pathway():
     assert len(r.candidates) == 1 and set(r.candidates[0].members) == set(GROUP_A)
     assert not r.degenerate and "single group" in r.verdict
     assert len(r.rounds) == 1 and r.rounds[0].drop_after > 0.9
+
+
+def test_pathways_split_parallel_carriers_inside_one_round():
+    """With stronger neurons each of A's two neurons carries the fact alone (B off, one A neuron loses < 5%):
+    they are parallel carriers, so the round that found both is split; B's neurons still need each other."""
+    lm = _stored_twice_in_two_layers()
+    with torch.no_grad():
+        for n in GROUP_A:
+            lm.model.model.layers[n.layer].mlp.down_proj.weight[:, n.index] *= 1.5
+    kns = _knowledge_neurons(lm)
+    r = analyse(
+        lm, PROMPT, ANSWER, kns, params=DegeneracyParams(clusterer="backup", random_seeds=1, backup_attribution=FAST)
+    )
+    assert r.degenerate, r.verdict
+    assert [set(c.members) for c in r.candidates] == [{GROUP_A[0]}, {GROUP_A[1]}, set(GROUP_B)]
+    assert [c.round for c in r.candidates] == [1, 1, 2]
 
 
 def test_backup_without_given_neurons_attributes_its_first_round():

@@ -315,7 +315,7 @@ def test_a_group_that_raises_p_is_not_harmless():
     params = DegeneracyParams(random_seeds=0)
     grid = {(0,): -0.2, (1,): 0.01, (2,): 0.02, (0, 1): 0.3, (0, 2): 0.3, (1, 2): 0.5, (0, 1, 2): 0.6}
     groups = [(Neuron(0, 0),), (Neuron(0, 1),), (Neuron(0, 2),)]
-    r = degeneracy._assemble("p", "a", 0.5, (), (), None, groups, [], dict(grid), np.array([]), params, ())
+    r = degeneracy._assemble("p", "a", 0.5, (), (), None, groups, [], dict(grid), np.array([]), params, (), [])
     assert [c.passed for c in r.candidates] == [False, True, True]
     assert r.candidates[0].single_drop == pytest.approx(-0.2) and "raises" in r.candidates[0].reason
     assert r.dkn == (groups[1], groups[2]) and r.dkn_union_drop == pytest.approx(0.5)
