@@ -153,14 +153,23 @@ def pathways(
     return tuple(out)
 
 
+_SETS_PER_PASS = 64  # full-prompt rows per batched pass (a round of 20 neurons has 210 singles and pairs)
+
+
 def _drops_with(lm, prompt, answer, others: Sequence[Neuron], sets: list[tuple[Neuron, ...]]) -> np.ndarray:
     """Relative drop of P, every position suppressed, for `others` plus each set, against `others` alone."""
     from dkn.interventions import intervene_many
 
     base = tuple(others)
-    _, probs = intervene_many(lm, prompt, answer, [base] + [base + s for s in sets], 0.0, "all")
-    p0 = probs[0]
-    return (p0 - probs[1:]) / p0 if p0 > 0 else np.zeros(len(sets))
+    _, [p0] = intervene_many(lm, prompt, answer, [base], 0.0, "all")
+    probs = np.concatenate(
+        [
+            intervene_many(lm, prompt, answer, [base + s for s in sets[i : i + _SETS_PER_PASS]], 0.0, "all")[1]
+            for i in range(0, len(sets), _SETS_PER_PASS)
+        ]
+        or [np.zeros(0)]
+    )
+    return (p0 - probs) / p0 if p0 > 0 else np.zeros(len(sets))
 
 
 def _split(lm, prompt, answer, group, others, params) -> list[tuple[Neuron, ...]]:
