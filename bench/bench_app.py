@@ -171,12 +171,10 @@ def serve_and_measure(cache: Path, lm, repeats: int, attribution_repeats: int, p
 
 
 def machine_note(load_start, load_end) -> str:
-    busy = max(load_start[0], load_end[0]) > 1.5
-    return (
-        "**shared with other jobs** (absolute times are noisy; read the side-by-side ratios)"
-        if busy
-        else "otherwise idle"
-    )
+    """Idle or shared, judged by the load before the run (at the end it is the benchmark's own: server, browser)."""
+    if load_start[0] > 1.5:
+        return "**shared with other jobs** (absolute times are noisy; read the side-by-side ratios)"
+    return "otherwise idle (the load at the end is the benchmark's own: the app server, the browser, the model)"
 
 
 def main(argv=None) -> None:
