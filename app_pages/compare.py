@@ -88,6 +88,7 @@ if len(ready) < 2:
 with guard("Comparing"):
     ov = kn_overlap(ready)
     st.session_state["generic_neurons"] = {
+        "fingerprint": lm.fingerprint,  # the flags are about this model's neurons
         "neurons": set(ov.generic(min_share)),
         "facts_of": ov.facts_of,
         "n_facts": len(ready),

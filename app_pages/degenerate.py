@@ -80,7 +80,7 @@ def analysis(name: str):
 
 
 def candidate_table(result) -> pd.DataFrame:
-    generic = widgets.generic_neurons()
+    generic = widgets.generic_neurons(lm)
     return pd.DataFrame(
         [
             {

@@ -381,8 +381,8 @@ def generic_knockout_panel(generic_set: set) -> None:
 
 
 with guard():
-    generic = st.session_state.get("generic_neurons")
-    generic_set = widgets.generic_neurons()
+    generic = widgets.generic_comparison(lm)
+    generic_set = widgets.generic_neurons(lm)
     rows = []
     for n, s, c in zip(kn.neurons, kn.scores, kn.counts):
         promoted, _ = state.get_vocab(lm, ws, n)

@@ -18,12 +18,13 @@ earlier rounds were off), miss a pathway's upstream neurons (whose effect runs t
 found, so suppressing that member hid them) and carry noise.  `pathways` turns the rounds into whole
 pathways, each step with every other component suppressed:
 a. split: two members each harmless alone (drop < threshold_low) whose joint suppression removes the fact
-   (drop > threshold_high) lie on parallel pathways; the members joined by no such pair form one part
-   (all pairs in one batched intervention);
+   (drop > threshold_high) lie on parallel pathways: the two sides of each connected, bipartite graph of
+   such pairs are two parts (a non-bipartite one stays one part); members in no such pair are dropped
+   (every single and pair batched, at most 64 rows a pass);
 b. complete: attribute with every other part suppressed, so that this part's pathway alone carries the
    fact, and add the coarse neurons of that attribution (upstream members included);
-c. prune: keep the members whose suppression alone (the others still off) removes the fact, i.e. the
-   pathway's links; a part with no such member is kept whole.
+c. prune: keep the members whose suppression alone (the other split parts still off) removes the fact,
+   i.e. the pathway's links; a part with no such member is kept whole.
 Parts are made disjoint (a neuron stays in the first).  On the planted tiny models (bench/
 bench_degeneracy_recall.py) this is what lets backup discovery recover every planted pathway.
 
@@ -188,11 +189,14 @@ def _split(lm, prompt, answer, group, others, params) -> list[tuple[Neuron, ...]
     }
     if not parallel:
         return [tuple(group)]
-    active = sorted({i for pair in parallel for i in pair})
-    same = nx.Graph()
-    same.add_nodes_from(active)
-    same.add_edges_from(pair for pair in itertools.combinations(active, 2) if pair not in parallel)
-    return [tuple(group[i] for i in sorted(c)) for c in sorted(nx.connected_components(same), key=min)]
+    graph = nx.Graph(parallel)  # an edge: two members on parallel pathways
+    parts = []
+    for component in sorted(nx.connected_components(graph), key=min):
+        sub = graph.subgraph(component)
+        # two pathways: the two sides of a bipartite component (a missed pair does not merge them)
+        sides = nx.bipartite.sets(sub) if nx.is_bipartite(sub) else (component,)
+        parts += [tuple(group[i] for i in sorted(side)) for side in sides]
+    return sorted(parts, key=lambda part: group.index(part[0]))
 
 
 def _prune(lm, prompt, answer, part, others, params) -> tuple[Neuron, ...]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import logging
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -346,16 +347,29 @@ def _shared_prefix_attention(lm: LoadedModel, cache: _SharedPrefixCache):
 
 def _fallback_attention(module, *args, **kwargs):
     """The attention the model had before the switch, for a pass that set no shared prefix (another
-    thread's plain forward while a staggered pass runs).  "eager" and unset fall back to SDPA, the same
-    function up to rounding.  While the switch is on, transformers builds no attention mask (the name has
-    no mask function), so such a pass is right for unpadded inputs (causal SDPA) but loses a padding mask:
-    dkn's own passes never get here (they hold the model's lock); code that pads a batch in another
-    thread must take `lm.lock` too."""
+    thread's plain forward while a staggered pass runs): the registered function of that name, or for
+    "eager" (and unset) the model's own `eager_attention_forward` (softcapping included, e.g. Gemma 2), else
+    SDPA.  While the switch is on, transformers builds no attention mask (the name has no mask function),
+    so such a pass is right for unpadded inputs without a sliding window (causal attention) but loses a
+    padding or sliding-window mask: dkn's own passes never get here (they hold the model's lock); code that
+    pads a batch in another thread must take `lm.lock` too."""
     with _SWITCH_LOCK:
         entry = _SWITCHED.get(id(getattr(module, "config", None)))
     original = entry[1] if entry is not None else None
-    function = ALL_ATTENTION_FUNCTIONS.get(original) if original not in (None, "eager", ATTENTION_NAME) else None
-    return (function or ALL_ATTENTION_FUNCTIONS["sdpa"])(module, *args, **kwargs)
+    if original not in (None, "eager", ATTENTION_NAME) and original in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[original](module, *args, **kwargs)
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, *args, **kwargs)
+    query, key, value, attention_mask, *rest = args
+    if attention_mask is None and query.shape[-2] > 1:  # eager reads causality from the mask: build it
+        q, k = query.shape[-2], key.shape[-2]
+        blocked = torch.ones(q, k, dtype=torch.bool, device=query.device).triu(k - q + 1)  # [q, k]
+        attention_mask = torch.zeros(q, k, dtype=query.dtype, device=query.device).masked_fill(
+            blocked, torch.finfo(query.dtype).min
+        )[None, None]  # [1, 1, q, k], additive
+    kwargs.pop("is_causal", None)
+    return eager(module, query, key, value, attention_mask, *rest, **kwargs)
 
 
 AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)

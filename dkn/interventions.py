@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dkn.forward import answer_runner
+from dkn.forward import answer_runner, rows_per_pass
 from dkn.hooks import edit_neurons
 from dkn.models import LoadedModel
 from dkn.neurons import Neuron, check_in_range
@@ -159,12 +159,19 @@ def _runner_dists(lm, runner, sets, factors) -> torch.Tensor:
 
 
 def _full_row_dists(lm, step: Step, sets, factors, every_position: bool) -> torch.Tensor:
-    """[n_sets, vocab]: one full-prompt row per set."""
-    ids = torch.tensor([step.input_ids], device=lm.device).expand(len(sets), -1)  # [n_sets, T]
+    """[n_sets, vocab]: one full-prompt row per set, in passes of as many rows as the model's memory budget
+    and row limit allow (dkn.forward.rows_per_pass)."""
     position = None if every_position else step.position
-    with edit_neurons(lm, row_edits(lm, sets, factors, position)):
-        logits = lm.model(input_ids=ids, use_cache=False).logits[:, step.position]  # [n_sets, vocab]
-    return logits.float().softmax(-1)
+    T = len(step.input_ids)
+    chunk = rows_per_pass(lm, T, T)
+    out = []
+    for i in range(0, len(sets), chunk):
+        part, part_factors = sets[i : i + chunk], factors[i : i + chunk]
+        ids = torch.tensor([step.input_ids], device=lm.device).expand(len(part), -1)  # [rows, T]
+        with edit_neurons(lm, row_edits(lm, part, part_factors, position)):
+            logits = lm.model(input_ids=ids, use_cache=False).logits[:, step.position]  # [rows, vocab]
+        out.append(logits.float().softmax(-1))
+    return torch.cat(out)  # [n_sets, vocab]
 
 
 def row_edits(

@@ -289,8 +289,9 @@ _NOT_FINGERPRINTED = {"_name_or_path", "architectures", "transformers_version", 
 
 
 def fingerprint(model: nn.Module) -> str:
-    """sha256 over the config and a strided sample of every parameter: changes whenever the weights do
-    (bar a change confined to unsampled entries), and costs milliseconds even on large models."""
+    """sha256 over the config and a strided sample of every parameter (and its dtype, unless float32): changes
+    whenever the weights or their precision do (bar a change confined to unsampled entries), and costs
+    milliseconds even on large models."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_FINGERPRINTED}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     offloaded = _offloaded_values(model)
@@ -302,6 +303,8 @@ def fingerprint(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         h.update(flat[::step].float().cpu().numpy().tobytes())
+        if p.dtype != torch.float32:  # bf16 weights cast to fp16 or fp32 sample the same values: name the dtype
+            h.update(str(p.dtype).encode())
     return h.hexdigest()[:16]
 
 

@@ -48,7 +48,15 @@ def _page(planted, monkeypatch, clusterer: str, generic=()) -> AppTest:
     at.session_state["settings"] = Settings(steps=8, max_prompts=1)
     at.session_state["clusterer_value"] = clusterer
     if generic:  # as the Facts compared page leaves it
-        at.session_state["generic_neurons"] = {"neurons": set(generic), "facts_of": {}, "n_facts": 3, "share": 0.5}
+        from ui.state import get_model
+
+        at.session_state["generic_neurons"] = {
+            "fingerprint": get_model(str(folder)).fingerprint,
+            "neurons": set(generic),
+            "facts_of": {},
+            "n_facts": 3,
+            "share": 0.5,
+        }
     at.switch_page("app_pages/degenerate.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at

@@ -502,7 +502,7 @@ def test_shared_prefix_attention_keeps_no_per_row_copy_of_the_prefix():
     torch.testing.assert_close(out, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma-eager-softcap"])
 def test_a_plain_pass_in_another_thread_runs_during_the_attention_switch(models, family):
     """The staggered pass switches the shared config to "dkn_shared_prefix"; a plain forward in another
     thread meanwhile sets no prefix: it must run the original attention (same logits, no LookupError), and
@@ -511,7 +511,14 @@ def test_a_plain_pass_in_another_thread_runs_during_the_attention_switch(models,
 
     from dkn.forward import ATTENTION_NAME, _shared_prefix_attention, _SharedPrefixCache
 
-    lm = models(family)
+    if family == "gemma-eager-softcap":  # eager attention with logit softcapping: SDPA cannot stand in for it
+        lm = tiny_model("gemma3_text")
+        config = lm.model.config
+        config._attn_implementation, config.attn_logit_softcapping, config.sliding_window = "eager", 2.0, 64
+        for layer in lm.model.model.layers:
+            layer.self_attn.attn_logit_softcapping = 2.0
+    else:
+        lm = models(family)
     ids = lm.tokenizer(PROMPT, return_tensors="pt").input_ids
     original = lm.model.config._attn_implementation
     with torch.no_grad():

@@ -181,3 +181,21 @@ def test_pathway_drops_are_the_same_in_small_passes(monkeypatch):
     monkeypatch.setattr(backup, "_SETS_PER_PASS", 2)
     np.testing.assert_allclose(backup._drops_with(lm, PROMPT, ANSWER, [GROUP_B[1]], sets), whole, rtol=1e-5, atol=1e-7)
     assert whole.shape == (len(sets),) and np.ptp(whole) > 0.01  # the sets do differ
+
+
+def test_split_keeps_two_pathways_apart_when_a_cross_pair_is_missed(monkeypatch):
+    """Parallel pairs form a bipartite graph whose two sides are the pathways: one cross pair that misses
+    the threshold (a1 with b2) must not merge the pathways, as joining every non-parallel pair did."""
+    from dkn import backup
+
+    a1, a2, b1, b2 = Neuron(0, 0), Neuron(0, 1), Neuron(1, 2), Neuron(1, 3)
+    pair_drop = {(a1, b1): 0.9, (a2, b2): 0.9, (a2, b1): 0.9, (a1, b2): 0.2, (a1, a2): 0.0, (b1, b2): 0.0}
+
+    def drops(lm, prompt, answer, others, sets):
+        return np.array([0.01 if len(s) == 1 else pair_drop[s] for s in sets])
+
+    monkeypatch.setattr(backup, "_drops_with", drops)
+    params = DegeneracyParams()
+    assert backup._split(None, PROMPT, ANSWER, [a1, a2, b1, b2], [], params) == [(a1, a2), (b1, b2)]
+    pair_drop.update({(a1, b1): 0.1, (a2, b2): 0.1, (a2, b1): 0.1})  # no parallel pair: one part
+    assert backup._split(None, PROMPT, ANSWER, [a1, a2, b1, b2], [], params) == [(a1, a2, b1, b2)]

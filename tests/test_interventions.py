@@ -128,6 +128,20 @@ def test_one_factor_per_set_equals_each_set_at_its_own_factor(lm, mode):
         intervene_many(lm, PROMPT, ANSWER, sets, [*factors[:-1], float("inf")], mode)
 
 
+@pytest.mark.parametrize("mode", ["all", "last"])
+def test_full_rows_in_small_passes_change_nothing(lm, mode, monkeypatch):
+    """Full-prompt rows run in passes bounded by the memory budget: one row per pass gives the same P."""
+    from dkn import interventions
+
+    sets = _sets(lm)
+    factors = [0.0, 2.0, 3.0, -1.0, 0.5, 1.5]
+    monkeypatch.setattr(interventions, "answer_runner", lambda lm_, step: None)  # "last" on full rows too
+    _, whole = intervene_many(lm, PROMPT, ANSWER, sets, factors, mode)
+    monkeypatch.setattr(interventions, "rows_per_pass", lambda lm_, tokens, context: 1)
+    _, one_by_one = intervene_many(lm, PROMPT, ANSWER, sets, factors, mode)
+    np.testing.assert_allclose(one_by_one, whole, rtol=1e-5, atol=1e-9)
+
+
 def test_multi_token_answer_is_gold_prefix_conditioned(lm):
     neurons = [(0, 2), (lm.n_layers - 1, 4)]
     for mode in ("last", "all"):

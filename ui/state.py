@@ -25,7 +25,7 @@ from dkn.datasets import DatasetError, Fact, builtin_facts, load_dataset
 from dkn.degeneracy import DegeneracyParams, DegeneracyResult, analyse
 from dkn.figures import group_name
 from dkn.interventions import InterventionResult, intervene
-from dkn.models import DEFAULT_MODEL, LoadedModel, load_model, model_summary
+from dkn.models import DEFAULT_MODEL, LoadedModel, load_model, model_summary, resolve_device
 from dkn.neurons import Neuron, neuron_label
 from dkn.prediction import answer_token_ranks
 from dkn.query import QueryError, check_prompt_length, make_query
@@ -36,9 +36,10 @@ MAX_PROMPTS_DEFAULT = 3
 
 
 # ------------------------------------------------------------------ shared by every session
-@st.cache_resource(show_spinner="Loading the model (once for every session of this server)...")
-def get_model(name: str, device: str = "auto", dtype: str = "float32") -> LoadedModel:
-    """One copy per (name, device, dtype) for every session; "auto" picks CUDA, else MPS, else the CPU."""
+@st.cache_resource(show_spinner="Loading the model (once for every session of this server)...", max_entries=2)
+def get_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """One copy per (name, device, dtype) for every session, the last two kept (a model is hundreds of MB
+    to many GB): pass a resolved device (see `current_model`), so that "auto" and what it picks share one."""
     return load_model(name, device=device, dtype=dtype)
 
 
@@ -83,7 +84,8 @@ def current_model() -> LoadedModel | None:
     """The loaded model of this session, or None (the error, if any, is in session_state["model_error"])."""
     name = model_name()
     try:
-        lm = get_model(name, *model_placement())
+        device, dtype = model_placement()
+        lm = get_model(name, str(resolve_device(device)), dtype)
     except Exception as err:  # ModelLoadError, ValueError (unsupported family), OSError...
         st.session_state["model_error"] = f"{err}"
         return None

@@ -386,9 +386,16 @@ def reset_figures() -> None:
 neuron_label = neurons_mod.neuron_label  # "L12:N345" everywhere
 
 
-def generic_neurons() -> set:
-    """The knowledge neurons flagged generic on the Facts compared page (empty until facts are compared)."""
+def generic_comparison(lm: LoadedModel) -> dict | None:
+    """What the Facts compared page found for this model ({"neurons", "facts_of", "n_facts", "share"}), or
+    None before facts were compared, or when they were compared on another model."""
     generic = st.session_state.get("generic_neurons")
+    return generic if generic and generic.get("fingerprint") == lm.fingerprint else None
+
+
+def generic_neurons(lm: LoadedModel) -> set:
+    """The knowledge neurons flagged generic on the Facts compared page for this model (empty until then)."""
+    generic = generic_comparison(lm)
     return set(generic["neurons"]) if generic else set()
 
 

@@ -322,7 +322,11 @@ def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact
         )
         found = [fact for fact, record in zip(part, records) if record.get("known")]
         chosen += found
-        if found and ctx.progress is not None:  # one line per answered fact: its ETA counts the misses too
+        if ctx.progress is None:
+            pass
+        elif limit is None:  # every fact is checked: count the checks
+            ctx.progress("facts checked", min(start + chunk, len(facts)), len(facts))
+        elif found:  # a line per chunk that answered, so that the ETA counts the misses in between
             ctx.progress("facts the model answers", min(len(chosen), needed), needed)
         if limit is not None and len(chosen) >= limit:
             chosen = chosen[:limit]
