@@ -281,3 +281,23 @@ def test_known_facts_reports_answered_facts_of_those_needed(models, store, monke
     calls.clear()
     assert [f.id for f in known_facts(ctx, facts, limit=None)] == ["t/0", "t/3", "t/6"]  # resumed from the store
     assert calls == [("facts checked", k, 9) for k in range(1, 10)]  # no limit: every fact is checked
+
+
+def test_fact_checking_checks_a_bounded_number_of_facts_per_relation(models, store, monkeypatch):
+    """A relation the model barely knows (TempLAMA's: thousands of facts) costs at most `max_checked`
+    checks, then it is skipped; a known relation is still chosen."""
+    from dkn import evaluate
+
+    checked = []
+
+    def answers(lm, prompt, answers):
+        checked.append(prompt)
+        return prompt.startswith("known")
+
+    monkeypatch.setattr(evaluate, "answers_correctly", answers)
+    unknown = [Fact(f"u/{i}", f"s{i}", "rare", ("x",), (f"rare {i} is",), "user") for i in range(500)]
+    known = [Fact(f"k/{i}", f"t{i}", "capital", ("y",), (f"known {i} is",), "user") for i in range(6)]
+    ctx = Context(models("llama"), store, "fc-bound", seed=0)
+    chosen = fact_checking.choose_relations(ctx, unknown + known, 12, fact_checking.Params(max_checked=40))
+    assert list(chosen) == ["capital"] and len(chosen["capital"]) == 3  # ceil(12 / 5 relations) facts
+    assert sum(p.startswith("rare") for p in checked) == 40

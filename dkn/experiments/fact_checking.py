@@ -81,6 +81,7 @@ class Params:
     validation_share: float = 0.3
     share: float = 0.5  # a neuron is shared when in >= share of the training facts' sets
     n_wrong: int = 1  # wrong statements per fact
+    max_checked: int = 100  # facts checked per relation for "the model answers it" (TempLAMA has thousands)
     include_unknown: bool = False  # tests/diagnostics: skip the "model answers it" filter
     bootstrap: int = 1000
 
@@ -99,7 +100,7 @@ def choose_relations(ctx: Context, facts, limit: int | None, params: Params) -> 
             kept = rel_facts[:per_rel] if per_rel else list(rel_facts)
         else:
             try:
-                kept = known_facts(ctx, rel_facts, per_rel)
+                kept = known_facts(ctx, rel_facts[: params.max_checked], per_rel)
             except DatasetError:
                 continue
         if len(kept) >= params.min_facts:
