@@ -328,7 +328,9 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
         jsonable(summary),
         tables={"fact_checking": table, "fact_checking_relations": rel_table},
         figures={"fact_checking": _figure(table)},
-        markdown=_markdown(table, rel_table, test, facts, params, validation, tracking),
+        markdown=_markdown(
+            table, rel_table, test, [f for fs in relations.values() for f in fs], params, validation, tracking
+        ),
     )
 
 
@@ -418,12 +420,16 @@ def _figure(table: pd.DataFrame):
     return fig
 
 
-def _markdown(table, rel_table, test, facts, params: Params, validation, tracking) -> str:
+def _markdown(table, rel_table, test, chosen, params: Params, validation, tracking) -> str:
+    """The report; `chosen`: the facts of the chosen relations (where the wrong statements came from)."""
     n_true = sum(r["label"] for r in test)
+    with_wrong = sum(bool(f.wrong_answers) for f in chosen)
     wrong_source = (
-        "TempLAMA wrong facts (fact.wrong_answers)"
-        if any(f.wrong_answers for f in facts)
-        else "another fact's answer from the same relation (seeded)"
+        f"TempLAMA wrong facts (fact.wrong_answers) for {with_wrong} of {len(chosen)} facts, else another "
+        "fact's answer from the same relation (seeded)"
+        if with_wrong
+        else "another fact's answer from the same relation (seeded); no chosen relation has TempLAMA wrong facts "
+        f"(a relation needs {params.min_facts} facts the model answers among its first {params.max_checked})"
     )
     rows = table.set_index("condition")
     n_val = len({r["fact"] for r in validation})
