@@ -301,3 +301,15 @@ def test_fact_checking_checks_a_bounded_number_of_facts_per_relation(models, sto
     chosen = fact_checking.choose_relations(ctx, unknown + known, 12, fact_checking.Params(max_checked=40))
     assert list(chosen) == ["capital"] and len(chosen["capital"]) == 3  # ceil(12 / 5 relations) facts
     assert sum(p.startswith("rare") for p in checked) == 40
+
+
+def test_the_report_says_where_the_wrong_statements_come_from():
+    """Only the chosen relations' facts count: a dataset with TempLAMA facts whose relations were all skipped
+    must not be reported as judged on TempLAMA's wrong facts."""
+    params = fact_checking.Params()
+    plain = [Fact("p/1", "s", "P36", ("paris",), ("the capital is",), "user")]
+    temporal = [Fact("t/1", "s", "P39", ("x",), ("held the post of",), "user", wrong_answers=("y",))]
+    assert fact_checking.wrong_statement_source(plain, params).startswith("another fact's answer")
+    assert "no chosen relation has TempLAMA" in fact_checking.wrong_statement_source(plain, params)
+    assert fact_checking.wrong_statement_source(plain + temporal, params).startswith("TempLAMA wrong facts")
+    assert "for 1 of 2 facts" in fact_checking.wrong_statement_source(plain + temporal, params)

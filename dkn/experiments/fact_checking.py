@@ -420,17 +420,24 @@ def _figure(table: pd.DataFrame):
     return fig
 
 
+def wrong_statement_source(chosen, params: Params) -> str:
+    """Where the chosen facts' wrong statements come from, in words for the report."""
+    with_wrong = sum(bool(f.wrong_answers) for f in chosen)
+    if with_wrong:
+        return (
+            f"TempLAMA wrong facts (fact.wrong_answers) for {with_wrong} of {len(chosen)} facts, else another "
+            "fact's answer from the same relation (seeded)"
+        )
+    return (
+        "another fact's answer from the same relation (seeded); no chosen relation has TempLAMA wrong facts "
+        f"(a relation needs {params.min_facts} facts the model answers among its first {params.max_checked})"
+    )
+
+
 def _markdown(table, rel_table, test, chosen, params: Params, validation, tracking) -> str:
     """The report; `chosen`: the facts of the chosen relations (where the wrong statements came from)."""
     n_true = sum(r["label"] for r in test)
-    with_wrong = sum(bool(f.wrong_answers) for f in chosen)
-    wrong_source = (
-        f"TempLAMA wrong facts (fact.wrong_answers) for {with_wrong} of {len(chosen)} facts, else another "
-        "fact's answer from the same relation (seeded)"
-        if with_wrong
-        else "another fact's answer from the same relation (seeded); no chosen relation has TempLAMA wrong facts "
-        f"(a relation needs {params.min_facts} facts the model answers among its first {params.max_checked})"
-    )
+    wrong_source = wrong_statement_source(chosen, params)
     rows = table.set_index("condition")
     n_val = len({r["fact"] for r in validation})
     scope = (
