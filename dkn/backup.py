@@ -20,7 +20,7 @@ pathways, each step with every other component suppressed:
 a. split: two members each harmless alone (drop < threshold_low) whose joint suppression removes the fact
    (drop > threshold_high) lie on parallel pathways: the two sides of each connected, bipartite graph of
    such pairs are two parts (a non-bipartite one stays one part); members in no such pair are dropped
-   (every single and pair batched, at most 64 rows a pass);
+   (every single and pair in one batched intervention, split into passes by the memory budget);
 b. complete: attribute with every other part suppressed, so that this part's pathway alone carries the
    fact, and add the coarse neurons of that attribution (upstream members included);
 c. prune: keep the members whose suppression alone (the other split parts still off) removes the fact,
@@ -154,23 +154,15 @@ def pathways(
     return tuple(out)
 
 
-_SETS_PER_PASS = 64  # full-prompt rows per batched pass (a round of 20 neurons has 210 singles and pairs)
-
-
 def _drops_with(lm, prompt, answer, others: Sequence[Neuron], sets: list[tuple[Neuron, ...]]) -> np.ndarray:
-    """Relative drop of P, every position suppressed, for `others` plus each set, against `others` alone."""
+    """Relative drop of P, every position suppressed, for `others` plus each set, against `others` alone (one
+    batched intervention; dkn.interventions splits its rows into passes that fit the memory budget)."""
     from dkn.interventions import intervene_many
 
     base = tuple(others)
-    _, [p0] = intervene_many(lm, prompt, answer, [base], 0.0, "all")
-    probs = np.concatenate(
-        [
-            intervene_many(lm, prompt, answer, [base + s for s in sets[i : i + _SETS_PER_PASS]], 0.0, "all")[1]
-            for i in range(0, len(sets), _SETS_PER_PASS)
-        ]
-        or [np.zeros(0)]
-    )
-    return (p0 - probs) / p0 if p0 > 0 else np.zeros(len(sets))
+    _, probs = intervene_many(lm, prompt, answer, [base] + [base + s for s in sets], 0.0, "all")
+    p0 = probs[0]
+    return (p0 - probs[1:]) / p0 if p0 > 0 else np.zeros(len(sets))
 
 
 def _split(lm, prompt, answer, group, others, params) -> list[tuple[Neuron, ...]]:

@@ -233,14 +233,12 @@ def analyse(
     scores = tuple(float(s) for s in scores) if scores is not None else (0.0,) * len(neurons)
     rounds: tuple[Round, ...] = ()
     if params.clusterer == "backup":
-        from dkn.backup import discover
+        from dkn.backup import discover, pathways
 
         rounds = discover(lm, prompt, answer, params, first_round=neurons)
         if params.backup_pathways:
-            from dkn.backup import pathways
-
-            found = pathways(lm, prompt, answer, rounds, params)
-            groups, origins = [g for g, _ in found], [k for _, k in found]
+            paths = pathways(lm, prompt, answer, rounds, params)
+            groups, origins = [g for g, _ in paths], [k for _, k in paths]
         else:
             groups, origins = [r.neurons for r in rounds], [k + 1 for k in range(len(rounds))]
         persistence = []

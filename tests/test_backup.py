@@ -172,13 +172,13 @@ def test_cli_dkn_json_carries_rounds_sufficiency_redundancy_and_interactions(tmp
 
 
 def test_pathway_drops_are_the_same_in_small_passes(monkeypatch):
-    """The singles-and-pairs test runs in passes of at most _SETS_PER_PASS rows: the drops do not depend on it."""
-    from dkn import backup
+    """The singles-and-pairs test runs in passes bounded by the memory budget: the drops do not depend on it."""
+    from dkn import backup, interventions
 
     lm = _stored_twice_in_two_layers()
     sets = [(n,) for n in GROUP_A + GROUP_B] + [(GROUP_A[0], GROUP_B[0]), (GROUP_A[1], GROUP_B[1])]
     whole = backup._drops_with(lm, PROMPT, ANSWER, [GROUP_B[1]], sets)
-    monkeypatch.setattr(backup, "_SETS_PER_PASS", 2)
+    monkeypatch.setattr(interventions, "rows_per_pass", lambda lm_, tokens, context: 2)
     np.testing.assert_allclose(backup._drops_with(lm, PROMPT, ANSWER, [GROUP_B[1]], sets), whole, rtol=1e-5, atol=1e-7)
     assert whole.shape == (len(sets),) and np.ptp(whole) > 0.01  # the sets do differ
 
