@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import re
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_model
@@ -166,6 +167,27 @@ def test_evolvability_end_to_end(store, tmp_path, monkeypatch):
     assert ctx2.computed == 0
 
 
+def test_evolvability_fact_walk_reports_facts_found_not_one_line_per_check(store, monkeypatch):
+    """The walk for new (unanswered, with a paraphrase) and old (answered) facts prints one progress line
+    per fact it takes, counting towards n_new + n_old (it printed "known: 1/1" for every fact checked)."""
+    from dkn.experiments import evolvability
+
+    facts = _facts()
+    known = {facts[0].id, facts[1].id, facts[2].id}
+    monkeypatch.setattr(
+        evolvability,
+        "answers_correctly",
+        lambda lm, prompt, answers: next(f for f in facts if f.prompt == prompt).id in known,
+    )
+    lines = []
+    ctx = Context(tiny_model("llama"), store, "evo-walk", seed=0, progress=lambda *a: lines.append(a))
+    new, old = evolvability.new_and_old_facts(ctx, facts, 2, 1)
+    assert len(new) == 2 and len(old) == 1
+    assert {f.id for f in old} <= known and not {f.id for f in new} & known
+    assert [done for _, done, _ in lines] == [1, 2, 3]
+    assert {(step, total) for step, _, total in lines} == {("new and old facts found", 3)}
+
+
 def test_complexity_on_two_tiny_models(store, tmp_path, monkeypatch):
     from dkn.experiments import complexity
 
@@ -190,10 +212,22 @@ def test_complexity_on_two_tiny_models(store, tmp_path, monkeypatch):
         "mean_dkn_neurons",
         "mean_bdc_size",
         "degeneracy_rate_%",
-        "mean_degeneracy_index",
+        "mean_redundancy",
+        "mean_excess_over_largest",
+        "mean_dkn_neurons_ci_low",
         "mean_layer_span_share",
     } <= set(table.columns)
+    assert "mean_degeneracy_index" not in table.columns  # the additive-rewarding index is not called degeneracy
+    assert (table["mean_dkn_neurons_ci_low"] <= table["mean_dkn_neurons"]).all()
+    assert (table["mean_dkn_neurons"] <= table["mean_dkn_neurons_ci_high"]).all()
     assert report.summary["n_facts"] == 3
+    # paired: the second model minus the first on the same facts, one row per measure
+    paired = report.tables["complexity_paired"]
+    assert set(paired["measure"]) == set(complexity.PAIRED_MEASURES) and (paired["n"] <= 3).all()
+    by_fact = {name: {r["fact"]: r["n_dkn"] for r in records} for name, records in _complexity_records(report)}
+    diffs = [by_fact[folders[1]][f] - by_fact[folders[0]][f] for f in by_fact[folders[0]]]
+    row = paired[paired["measure"] == "n_dkn"].iloc[0]
+    assert row["mean"] == pytest.approx(np.mean(diffs)) and row["comparison"] == f"{folders[1]} - {folders[0]}"
     # the figure: one bar chart per metric in a grid of 3 columns, short readable titles (they overlapped
     # as six raw column names in one row)
     fig = complexity._figure(table)
@@ -201,6 +235,50 @@ def test_complexity_on_two_tiny_models(store, tmp_path, monkeypatch):
     assert titles == list(complexity.FIGURE_METRICS.values()) and max(map(len, titles)) <= 30
     assert {t.xaxis for t in fig.data} == {"x", *(f"x{i}" for i in range(2, len(titles) + 1))}
     assert len({round(a.y, 3) for a in fig.layout.annotations}) == 2  # two rows of titles
+
+
+def _complexity_records(report):
+    """(model, per-fact records) from a complexity report's summary: its paired rows are checked against them."""
+    return [(m["model"], report.summary["records"][m["model"]]) for m in report.summary["models"]]
+
+
+def test_shared_known_facts_stops_at_the_limit_and_checks_the_second_model_only_when_the_first_answers(
+    store, tmp_path, monkeypatch
+):
+    """The walk goes fact by fact through every model: with a limit it stops once enough facts are shared
+    (it used to check the whole dataset, up to 2000 facts, on the first model before the second began)."""
+    from dkn.experiments import complexity
+    from dkn.models import load_model
+
+    folders = []
+    for family in ("gpt2", "llama"):
+        lm = tiny_model(family)
+        folder = tmp_path / family
+        lm.model.save_pretrained(folder, safe_serialization=True)
+        lm.tokenizer.save_pretrained(folder)
+        folders.append(str(folder))
+    facts = _facts()
+    first_knows = {facts[0].id, facts[2].id}  # the first model answers facts 0 and 2, the second every fact
+    checks = []
+
+    def answers(lm, prompt, answers):
+        fact = next(f for f in facts if f.prompt == prompt)
+        checks.append((lm.name, fact.id))
+        return lm.name != folders[0] or fact.id in first_knows
+
+    monkeypatch.setattr(complexity, "answers_correctly", answers)
+    lines = []
+    ctx = Context(load_model(folders[0], device="cpu"), store, "cx-known", seed=0, progress=lambda *a: lines.append(a))
+    chosen = complexity.shared_known_facts(ctx, facts, 1, folders)
+    assert [f.id for f in chosen] == [facts[0].id]
+    assert checks == [(folders[0], facts[0].id), (folders[1], facts[0].id)]  # stopped at the limit
+    assert lines == [("facts all 2 models answer", 1, 1)]
+    checks.clear()
+    chosen = complexity.shared_known_facts(ctx, facts, None, folders)
+    assert [f.id for f in chosen] == [facts[0].id, facts[2].id]
+    assert (folders[1], facts[1].id) not in checks  # the first model missed it: the second never checks it
+    with pytest.raises(complexity.DatasetError, match="answered by all of"):
+        complexity.shared_known_facts(ctx, facts[1:2], None, folders)
 
 
 def test_make_params_from_the_command_line():
@@ -213,8 +291,12 @@ def test_make_params_from_the_command_line():
         make_params("evolvability", ["nope=1"])
 
 
-def test_gemma_without_its_package_says_make_gemma(isolated_cache_dir, monkeypatch):
-    from dkn import models
+def test_gemma_without_its_package_says_make_gemma(isolated_cache_dir, tmp_path, monkeypatch):
+    """No converted folder and no package: the message names `make gemma`.  The models folder is an empty
+    tmp one, so the test means the same on a machine where `make gemma` already converted Gemma."""
+    from dkn import models, paths
+
+    monkeypatch.setenv(paths.ENV_MODELS, str(tmp_path / "no-models"))
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

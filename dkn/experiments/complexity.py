@@ -3,7 +3,9 @@
 Facts: those every compared model answers (top-1 = first answer token after the
 first prompt), in dataset order, up to `limit`, so all models are measured on the
 same facts.  With `models=()` only the loaded model is measured (on the facts it
-answers).  Models are loaded one at a time with `load_model` and freed between.
+answers).  The models are loaded together with `load_model` for the "answered by
+every model" check (fact by fact, so it stops at `limit`), then measured one at a
+time and freed between.
 
 Per fact, with the shared condition settings (dkn.experiments.conditions:
 refined knowledge neurons over up to 3 prompts, every one of them into the NTC
@@ -19,13 +21,20 @@ Per model:
   (max - min layer) as a share of the model's depth;
 - degeneracy rate: share of facts that pass the strict test (>= 2 groups each
   dropping P by < threshold_low alone, together by > threshold_high);
-- degeneracy index DI = (union drop - largest single drop) / union drop, mean over
-  facts with >= 2 groups (1: no group matters alone, all together do).
+- redundancy R = (U - sum of single-group drops) / U over facts with >= 2 groups
+  (> 0 redundant, ~0 additive, < 0 each group necessary; dkn.degeneracy), with the
+  old "degeneracy index" (U - largest single drop) / U kept as
+  `mean_excess_over_largest`: it gives k additive groups 1 - 1/k, so it is no
+  redundancy measure;
+- means with 95% bootstrap intervals over facts, and a paired table: each later
+  model minus the first on the same facts (DKN neurons, groups, group size, layers).
 """
 
 from __future__ import annotations
 
 import gc
+import logging
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,13 +44,20 @@ from dkn.cache import make_key
 from dkn.datasets import DatasetError
 from dkn.degeneracy import analyse
 from dkn.evaluate import answers_correctly
-from dkn.experiments.conditions import ConditionParams, default_attribution, jsonable
+from dkn.experiments.conditions import (
+    ConditionParams,
+    bootstrap_facts,
+    bootstrap_mean,
+    default_attribution,
+    jsonable,
+)
 from dkn.experiments.runner import Context, Report, known_facts
 from dkn.experiments.timing import stage
 from dkn.models import load_model, model_summary
 from dkn.selection import find_knowledge_neurons
 
 NAME = "complexity"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,35 +83,51 @@ def run(ctx: Context, facts, params: Params, limit: int | None) -> Report:
                 per_model[name] = (model_summary(sub.lm), measure(sub, chosen, params))
     table = complexity_table(per_model)
     layers = layer_table(per_model)
-    summary = {"n_facts": len(chosen), "facts": [f.id for f in chosen], "models": table.to_dict("records")}
+    paired = paired_table(per_model)
+    summary = {
+        "n_facts": len(chosen),
+        "facts": [f.id for f in chosen],
+        "models": table.to_dict("records"),
+        "paired": paired.to_dict("records"),
+        "records": {name: records for name, (_, records) in per_model.items()},
+    }
     return Report(
         jsonable(summary),
-        tables={"complexity": table, "complexity_layers": layers},
+        tables={"complexity": table, "complexity_layers": layers}
+        | ({"complexity_paired": paired} if len(paired) else {}),
         figures={"complexity": _figure(table), "complexity_layers": _layer_figure(layers)},
         markdown=_markdown(len(chosen), table, params),
     )
 
 
 def shared_known_facts(ctx: Context, facts, limit, models) -> list:
-    """Facts that every model answers, in dataset order, up to `limit`.  Each model checks only the facts
-    that the models before it answer; the last one stops at `limit`."""
-    chosen = list(facts)
-    for i, name in enumerate(models):
-        last = i == len(models) - 1
-        kept = []
-        with _model_context(ctx, name) as sub:
-            for fact in chosen:
-                [record] = sub.each(
-                    "known", [(fact.id, fact)], lambda f: {"known": answers_correctly(sub.lm, f.prompt, f.answers)}
-                )
-                if record.get("known"):
-                    kept.append(fact)
-                    if last and limit is not None and len(kept) >= limit:
-                        break
-        chosen = kept
+    """Facts that every model answers, in dataset order, up to `limit`.  All models are loaded at once
+    and each fact is checked model by model (the next model only when the previous one answers), so the
+    walk stops as soon as `limit` facts are shared instead of checking the whole dataset on the first model."""
+    needed = len(facts) if limit is None else min(limit, len(facts))
+    chosen, checked = [], 0
+    with ExitStack() as stack:
+        subs = [stack.enter_context(_model_context(ctx, name)) for name in models]
+        for fact in facts:
+            checked += 1
+            if all(_answers(sub, fact) for sub in subs):
+                chosen.append(fact)
+                if ctx.progress is not None:  # a line per shared fact, so that the ETA counts the misses
+                    ctx.progress(f"facts all {len(models)} models answer", len(chosen), needed)
+            if len(chosen) >= needed:
+                break
+        log.info("%d of %d facts checked are answered by %s", len(chosen), checked, ", ".join(models))
     if not chosen:
         raise DatasetError(f"no fact of this dataset is answered by all of {', '.join(models)}")
-    return chosen[:limit]
+    return chosen
+
+
+def _answers(ctx: Context, fact) -> bool:
+    """Whether ctx's model answers `fact` (its first prompt), stored as the "known" step."""
+    [record] = ctx.each(
+        "known", [(fact.id, fact)], lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)}, report=False
+    )
+    return bool(record.get("known"))
 
 
 class _model_context:
@@ -146,7 +178,8 @@ def fact_record(ctx: Context, fact, params: Params) -> dict:
             "n_dkn": len(members),
             "degenerate": r.degenerate,
             "n_dkn_strict": sum(len(g) for g in r.dkn),
-            "degeneracy_index": r.degeneracy_index,
+            "redundancy": r.redundancy,
+            "excess_over_largest": r.excess_over_largest,
             "union_drop": r.union_drop,
             "prob": r.prob,
             "baseline": attribution.baseline,
@@ -166,6 +199,7 @@ def complexity_table(per_model: dict) -> pd.DataFrame:
             if r["dkn_layers"]
         ]
         n_dkn = [r["n_dkn"] for r in records]
+        redundancy = [r.get("redundancy") for r in grouped]
         rows.append(
             {
                 "model": name,
@@ -177,15 +211,20 @@ def complexity_table(per_model: dict) -> pd.DataFrame:
                 "facts": len(records),
                 "mean_kn": _mean([r["n_kn"] for r in records]),
                 "mean_dkn_neurons": _mean(n_dkn),
+                **_interval("mean_dkn_neurons", n_dkn),
                 "dkn_per_M_neurons": _mean(n_dkn) / info["n_neurons"] * 1e6 if n_dkn else np.nan,
                 "mean_bdcs": _mean([r["n_bdcs"] for r in records]),
+                **_interval("mean_bdcs", [r["n_bdcs"] for r in records]),
                 "mean_bdc_size": _mean(sizes),
                 "max_bdc_size": max(sizes) if sizes else np.nan,
                 "mean_dkn_layers": _mean([len(set(r["dkn_layers"])) for r in records if r["dkn_layers"]]),
                 "mean_layer_span_share": _mean(spans),
                 "facts_with_>=2_bdcs": len(grouped),
                 "degeneracy_rate_%": 100 * _mean([float(r["degenerate"]) for r in records]),
-                "mean_degeneracy_index": _mean([r["degeneracy_index"] for r in grouped]),
+                "degenerate_facts": sum(bool(r["degenerate"]) for r in records),
+                "mean_redundancy": _mean(redundancy),
+                **_interval("mean_redundancy", redundancy),
+                "mean_excess_over_largest": _mean([_excess(r) for r in grouped]),
                 "mean_union_drop_%": 100 * _mean([r["union_drop"] for r in grouped]),
             }
         )
@@ -211,7 +250,47 @@ def layer_table(per_model: dict) -> pd.DataFrame:
 
 
 def _mean(values) -> float:
+    values = [v for v in values if v is not None and np.isfinite(v)]
     return float(np.mean(values)) if len(values) else np.nan
+
+
+def _interval(column: str, values) -> dict:
+    """95% bootstrap interval of the mean over facts, as `<column>_ci_low` / `<column>_ci_high`."""
+    b = bootstrap_mean(values)
+    return {f"{column}_ci_low": b["ci_low"], f"{column}_ci_high": b["ci_high"]}
+
+
+def _excess(record: dict) -> float:
+    """(union - largest single) / union; named `degeneracy_index` in records stored before it was renamed."""
+    return record.get("excess_over_largest", record.get("degeneracy_index"))
+
+
+#: per-fact measures compared between models on the same facts (paired)
+PAIRED_MEASURES = {
+    "n_dkn": lambda r: r["n_dkn"],
+    "n_bdcs": lambda r: r["n_bdcs"],
+    "mean_bdc_size": lambda r: float(np.mean(r["bdc_sizes"])) if r["bdc_sizes"] else None,
+    "dkn_layers": lambda r: len(set(r["dkn_layers"])) if r["dkn_layers"] else None,
+}
+
+
+def paired_table(per_model: dict) -> pd.DataFrame:
+    """Each later model minus the first, per fact answered by both (paired), for every PAIRED_MEASURES
+    measure: median and mean difference with 95% bootstrap intervals over facts."""
+    names = list(per_model)
+    if len(names) < 2:
+        return pd.DataFrame()
+    by_fact = {name: {r["fact"]: r for r in records} for name, (_, records) in per_model.items()}
+    base, rows = names[0], []
+    for other in names[1:]:
+        shared = [f for f in by_fact[base] if f in by_fact[other]]
+        for measure, get in PAIRED_MEASURES.items():
+            diffs = []
+            for f in shared:
+                a, b = get(by_fact[base][f]), get(by_fact[other][f])
+                diffs.append(None if a is None or b is None else b - a)
+            rows.append({"comparison": f"{other} - {base}", "measure": measure, **bootstrap_facts(diffs)})
+    return pd.DataFrame(rows)
 
 
 #: the per-model bars of the report: table column -> subplot title (short enough not to overlap)
@@ -220,7 +299,7 @@ FIGURE_METRICS = {
     "mean_bdcs": "groups (BDCs) per fact",
     "mean_bdc_size": "neurons per group",
     "degeneracy_rate_%": "degenerate facts (%)",
-    "mean_degeneracy_index": "degeneracy index",
+    "mean_redundancy": "redundancy R (>= 2 groups)",
     "mean_layer_span_share": "layer span (share of depth)",
 }
 
@@ -276,6 +355,9 @@ def _markdown(n: int, table: pd.DataFrame, params: Params) -> str:
         f"default: AMIG where the MLP output has its own norm, e.g. Gemma 2/3, whose zero-baseline IG puts "
         f"everything in the first step; zero otherwise): {baselines}. Neuron cap: {clipped}. "
         "Degeneracy rate: share of facts passing the strict test (>= 2 groups that each lower P by < 5% "
-        "alone and together by > 30%). The paper reports only that DKNs grow more numerous and complex with "
+        "alone and together by > 30%). Redundancy R = (union drop - sum of single-group drops) / union drop "
+        "over facts with >= 2 groups (> 0 redundant, ~0 additive, < 0 each group necessary); intervals are "
+        "95% bootstrap intervals over facts; the paired table gives each later model minus the first on the "
+        "same facts. The paper reports only that DKNs grow more numerous and complex with "
         "model size (GPT-2 vs LLaMA2-7b), without a table to compare with.\n"
     )

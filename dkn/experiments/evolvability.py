@@ -197,15 +197,21 @@ def new_and_old_facts(ctx: Context, facts, n_new: int, n_old: int | None):
         if len(new) >= n_new and len(old) >= n_old:
             break
         [record] = ctx.each(
-            "known", [(fact.id, fact)], lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)}
+            "known",
+            [(fact.id, fact)],
+            lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)},
+            report=False,
         )
         if "error" in record:
             continue
-        if record["known"]:
-            if len(old) < n_old:
-                old.append(fact)
-        elif len(new) < n_new and len(fact.prompts) >= 2:
+        if record["known"] and len(old) < n_old:
+            old.append(fact)
+        elif not record["known"] and len(new) < n_new and len(fact.prompts) >= 2:
             new.append(fact)
+        else:
+            continue
+        if ctx.progress is not None:  # a line per fact taken, so that the ETA counts the facts passed over
+            ctx.progress("new and old facts found", len(new) + len(old), n_new + n_old)
     if not new:
         raise DatasetError(
             "the model already answers every fact of this dataset (with a paraphrase): "
