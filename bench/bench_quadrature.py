@@ -17,7 +17,8 @@ points times our measured linspace-20 / chosen ratio.
     nice -n 10 .venv/bin/python bench/bench_quadrature.py                 # 20 facts (long on 2 cores)
     nice -n 10 .venv/bin/python bench/bench_quadrature.py --facts 4 --skip-speed
 
-Writes bench/results/quadrature.json and bench/results/quadrature.md.
+Writes bench/results/quadrature.json and bench/results/quadrature.md; an interrupted part 1 resumes from
+bench/results/quadrature.partial.json (the facts it finished, same reference and facts).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ for path in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(path))
 
 RESULTS = ROOT / "bench" / "results"
+PARTIAL = RESULTS / "quadrature.partial.json"  # the facts finished so far; a rerun resumes from it
 GRID = {
     "linspace": (10, 20),
     "left": (20,),
@@ -95,7 +97,14 @@ def accuracy(n_facts: int, reference_points: int) -> dict:
     per = {f"{rule}-{m}": [] for rule, ms in GRID.items() for m in ms}
     seconds = {key: [] for key in per}
     facts = _facts(n_facts)
+    done = _resumable(facts, reference_points, per)
+    if done:
+        part = json.loads(PARTIAL.read_text())
+        per, seconds = part["per_fact"], part["seconds"]
+        print(f"resuming after {done} facts from {PARTIAL.name}", flush=True)
     for i, fact in enumerate(facts):
+        if i < done:
+            continue
         start = time.perf_counter()
         ref = attribute(lm, fact.prompts[0], fact.answers[0], AttributionParams(steps=reference_points)).scores
         print(
@@ -108,7 +117,7 @@ def accuracy(n_facts: int, reference_points: int) -> dict:
                 result = attribute(lm, fact.prompts[0], fact.answers[0], AttributionParams(steps=m, rule=rule))
                 per[f"{rule}-{m}"].append(errors(result.scores, ref))
                 seconds[f"{rule}-{m}"].append(result.seconds)
-        (RESULTS / "quadrature.partial.json").write_text(
+        PARTIAL.write_text(
             json.dumps(
                 {
                     "facts": [[f.prompts[0], f.answers[0]] for f in facts[: i + 1]],
@@ -119,6 +128,25 @@ def accuracy(n_facts: int, reference_points: int) -> dict:
             )
         )
     return summarise(per, seconds, [[f.prompts[0], f.answers[0]] for f in facts], f"midpoint-{reference_points}")
+
+
+def _resumable(facts, reference_points: int, per: dict) -> int:
+    """How many facts an interrupted run finished with the same reference, facts (in order) and rules: those
+    are taken from PARTIAL instead of being computed again (0 when there is nothing to resume)."""
+    if not PARTIAL.exists():
+        return 0
+    try:
+        part = json.loads(PARTIAL.read_text())
+    except json.JSONDecodeError:
+        return 0
+    n = len(part.get("facts", []))
+    same = (
+        part.get("reference") == f"midpoint-{reference_points}"
+        and part["facts"] == [[f.prompts[0], f.answers[0]] for f in facts[:n]]
+        and set(part.get("per_fact", {})) == set(per)
+        and all(len(v) == n for v in part["per_fact"].values())
+    )
+    return n if same else 0
 
 
 def summarise(per: dict, seconds: dict, facts: list, reference: str) -> dict:
@@ -140,7 +168,7 @@ def summarise(per: dict, seconds: dict, facts: list, reference: str) -> dict:
                     "seconds_median": float(np.median(seconds[key])) if seconds.get(key) else None,
                 }
             )
-    (RESULTS / "quadrature.partial.json").unlink(missing_ok=True)
+    PARTIAL.unlink(missing_ok=True)
     peer = next(r for r in table if (r["rule"], r["points"]) == PEER)
     as_good = [
         r
@@ -216,7 +244,7 @@ def main() -> int:
         rule, points = args.chosen.rsplit("-", 1)
         chosen = (rule, int(points))
     elif args.from_partial:
-        part = json.loads((RESULTS / "quadrature.partial.json").read_text())
+        part = json.loads(PARTIAL.read_text())
         report["accuracy"] = summarise(part["per_fact"], part.get("seconds", {}), part["facts"], part["reference"])
         chosen = (report["accuracy"]["chosen"]["rule"], report["accuracy"]["chosen"]["points"])
     else:
