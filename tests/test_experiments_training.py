@@ -191,13 +191,7 @@ def test_evolvability_fact_walk_reports_facts_found_not_one_line_per_check(store
 def test_complexity_on_two_tiny_models(store, tmp_path, monkeypatch):
     from dkn.experiments import complexity
 
-    folders = []
-    for family in ("gpt2", "llama"):
-        lm = tiny_model(family)
-        folder = tmp_path / family
-        lm.model.save_pretrained(folder, safe_serialization=True)
-        lm.tokenizer.save_pretrained(folder)
-        folders.append(str(folder))
+    folders = _saved_tiny_models(tmp_path, ("gpt2", "llama"))
     monkeypatch.setattr(complexity, "answers_correctly", lambda lm, prompt, answers: True)  # random models know nothing
     from dkn.models import load_model
 
@@ -237,6 +231,17 @@ def test_complexity_on_two_tiny_models(store, tmp_path, monkeypatch):
     assert len({round(a.y, 3) for a in fig.layout.annotations}) == 2  # two rows of titles
 
 
+def _saved_tiny_models(folder, families) -> list[str]:
+    """One tiny random model per family saved as a folder (what load_model takes as a model name)."""
+    out = []
+    for family in families:
+        lm = tiny_model(family)
+        lm.model.save_pretrained(folder / family, safe_serialization=True)
+        lm.tokenizer.save_pretrained(folder / family)
+        out.append(str(folder / family))
+    return out
+
+
 def _complexity_records(report):
     """(model, per-fact records) from a complexity report's summary: its paired rows are checked against them."""
     return [(m["model"], report.summary["records"][m["model"]]) for m in report.summary["models"]]
@@ -250,13 +255,7 @@ def test_shared_known_facts_stops_at_the_limit_and_checks_the_second_model_only_
     from dkn.experiments import complexity
     from dkn.models import load_model
 
-    folders = []
-    for family in ("gpt2", "llama"):
-        lm = tiny_model(family)
-        folder = tmp_path / family
-        lm.model.save_pretrained(folder, safe_serialization=True)
-        lm.tokenizer.save_pretrained(folder)
-        folders.append(str(folder))
+    folders = _saved_tiny_models(tmp_path, ("gpt2", "llama"))
     facts = _facts()
     first_knows = {facts[0].id, facts[2].id}  # the first model answers facts 0 and 2, the second every fact
     checks = []
