@@ -202,6 +202,10 @@ def test_complexity_on_two_tiny_models(store, tmp_path, monkeypatch):
     report = complexity.run(ctx, _facts(), params, 3)
     table = report.tables["complexity"]
     assert list(table["model"]) == folders and (table["facts"] == 3).all()
+    # what each model computed counts for the run: its stage timings and items (they were lost with the
+    # per-model contexts, so a full run reported "nothing computed in this process")
+    assert ctx.stages.calls["attribution"] == 6 and ctx.stages.calls["clustering + subset grid"] == 6
+    assert ctx.computed >= 6
     assert {
         "mean_dkn_neurons",
         "mean_bdc_size",

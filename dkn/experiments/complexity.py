@@ -52,7 +52,7 @@ from dkn.experiments.conditions import (
     jsonable,
 )
 from dkn.experiments.runner import Context, Report, known_facts
-from dkn.experiments.timing import stage
+from dkn.experiments.timing import stage, times_of
 from dkn.models import load_model, model_summary
 from dkn.selection import find_knowledge_neurons
 
@@ -141,11 +141,14 @@ class _model_context:
         lm = ctx.lm if self.name == ctx.lm.name else load_model(self.name, device=ctx.lm.device)
         run_id = make_key(parent=ctx.run_id, model=lm.name, fingerprint=lm.fingerprint)[:16]
         self.sub = Context(lm, ctx.store, run_id, ctx.seed, ctx.progress)
+        self.sub.stages = times_of(ctx)  # the run's stage timings, whichever model computed them
         return self.sub
 
     def __exit__(self, *exc) -> None:
-        if self.sub is not None and self.sub.lm is not self.ctx.lm:
-            self.ctx.computed += self.sub.computed
+        if self.sub is None:
+            return
+        self.ctx.computed += self.sub.computed
+        if self.sub.lm is not self.ctx.lm:
             self.sub.lm = None
             gc.collect()
 
