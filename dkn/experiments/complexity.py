@@ -321,10 +321,34 @@ def _figure(table: pd.DataFrame):
         horizontal_spacing=0.08,
     )
     for i, m in enumerate(FIGURE_METRICS):
-        fig.add_bar(x=table["model"], y=table[m], showlegend=False, row=i // cols + 1, col=i % cols + 1)
+        row, col = i // cols + 1, i % cols + 1
+        low, high = table.get(f"{m}_ci_low"), table.get(f"{m}_ci_high")
+        error = None if low is None else dict(type="data", array=high - table[m], arrayminus=table[m] - low)
+        fig.add_bar(
+            x=table["model"],
+            y=table[m],
+            error_y=error,
+            text=[f"{v:.3g}" for v in table[m]],
+            textposition="outside",
+            cliponaxis=False,
+            showlegend=False,
+            row=row,
+            col=col,
+        )
+        fig.update_yaxes(range=_padded_range(table[m], low, high), row=row, col=col)
     fig.update_annotations(font_size=13)
     fig.update_layout(title="DKN complexity per model (same facts)", template="plotly_white", height=300 * rows + 120)
     return fig
+
+
+def _padded_range(values, low=None, high=None) -> list[float]:
+    """A y range holding 0, the values and their intervals, with room above and below for labels (a bar of
+    negative values otherwise ran into the subplot's title, and an all-zero metric got an axis of -1..1)."""
+    points = [0.0, *values] + ([*low, *high] if low is not None else [])
+    points = [float(v) for v in points if v is not None and np.isfinite(v)]
+    lo, hi = min(points), max(points)
+    span = (hi - lo) or 1.0
+    return [lo - 0.2 * span if lo < 0 else 0.0, hi + 0.2 * span if hi > 0 or lo == hi else 0.1 * span]
 
 
 def _layer_figure(layers: pd.DataFrame):
