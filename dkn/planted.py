@@ -361,7 +361,7 @@ class PlantParams:
     max_prompt_tokens: int = 10  # short prompts keep the CPU cost down
     n_unrelated: int = 6  # unrelated prompts in the KL term ...
     n_heldout: int = 16  # ... and held out to report the KL on
-    steps: int = 60
+    steps: int = 150  # 60 verified 5 of the 10 planted facts (1 of 6 degenerate), 150 verifies 8 (4 of 6)
     lr: float = 2e-2
     kl_weight: float = 1.0  # weight of the unrelated prompts' KL
     answer_weight: float = 10.0  # weight of the squared log-probability error of the answer

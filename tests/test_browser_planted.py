@@ -39,7 +39,7 @@ def planted_cache(tmp_path_factory):
     else:
         build_planted_default(
             cache / "planted" / "default-twice",
-            PlantParams(n_degenerate=1, n_single=0, n_additive=0),
+            PlantParams(n_degenerate=1, n_single=0, n_additive=0, steps=60),  # one fact: 60 steps suffice
             log=lambda m: None,
         )
     return cache
