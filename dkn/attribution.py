@@ -28,6 +28,7 @@ from dkn.hooks import edit_neurons, record_neurons
 from dkn.integration import integration_points
 from dkn.models import LoadedModel
 from dkn.neurons import Neuron
+from dkn.options import DEFAULT_RULE, DEFAULT_STEPS
 from dkn.query import Query, Step, make_query
 from dkn.rows import RowJob, baseline_probs, integrated_grads, reference_integrated_grads
 
@@ -39,8 +40,8 @@ Progress = Callable[[int, int], None]  # (done, total)
 @dataclass(frozen=True)
 class AttributionParams:
     method: str = "ig"  # one of METHODS
-    steps: int = 20  # m, integrated gradients only
-    rule: str = "midpoint"  # see dkn.integration.RULES
+    steps: int = DEFAULT_STEPS  # m points of `rule`, integrated gradients only (dkn.options: why this default)
+    rule: str = DEFAULT_RULE  # see dkn.integration.RULES
     baseline: str = "zero"  # "zero" (Dai et al.) or "amig" (Chen et al.)
     site: str = "post"  # "post": after the activation (dkn's neuron); "pre": the scripts' choice
     multiplier: str = "delta"  # "delta": a - b (correct IG); "activation": a (the scripts' choice)

@@ -153,8 +153,13 @@ def _fact_args(p):
 
 def _attribution_args(p):
     p.add_argument("--method", choices=options.METHODS, default="ig")
-    p.add_argument("--steps", type=positive_int, default=20)
-    p.add_argument("--rule", choices=options.RULES, default="midpoint", help="the quadrature rule (midpoint)")
+    p.add_argument("--steps", type=positive_int, default=options.DEFAULT_STEPS, help=f"({options.DEFAULT_STEPS})")
+    p.add_argument(
+        "--rule",
+        choices=options.RULES,
+        default=options.DEFAULT_RULE,
+        help=f"the quadrature rule ({options.DEFAULT_RULE})",
+    )
     p.add_argument("--baseline", choices=options.BASELINES, default="zero")
     p.add_argument("--faithful", action="store_true", help="the DKN authors' script choices (see docs)")
     p.add_argument("--no-cache", action="store_true", help="recompute and do not store")

@@ -166,7 +166,7 @@ def why_no_facts(name_or_path: str) -> str:
 @dataclass(frozen=True)
 class Settings:
     method: str = "ig"
-    steps: int = 20
+    steps: int = AttributionParams().steps
     baseline: str = "zero"
     t: float = 0.2  # coarse threshold: share of the maximum score
     p: float = 0.5  # refined: coarse in more than this share of the prompts
