@@ -337,3 +337,23 @@ def test_unknown_experiment_lists_the_names(lm, tmp_path, store):
         module = runner.experiment_module(name)
         assert module.NAME == name and callable(module.run)
         hash(module.Params())  # frozen
+
+
+def test_a_new_attribution_default_is_a_new_run(lm, monkeypatch):
+    """The run id holds the library's attribution defaults: params with attribution=None resumed results of the
+    old integration rule after the default changed, as if they were the new one's."""
+    from dataclasses import dataclass
+
+    from dkn.attribution import AttributionParams
+
+    params = runner.make_params("robustness")
+    before = runner.run_key("robustness", lm, "builtin", 0, params)
+    assert runner.run_key("robustness", lm, "builtin", 0, params) == before  # stable: a rerun resumes
+
+    @dataclass(frozen=True)
+    class OldDefaults(AttributionParams):
+        steps: int = 20
+        rule: str = "midpoint"
+
+    monkeypatch.setattr(runner, "AttributionParams", OldDefaults)
+    assert runner.run_key("robustness", lm, "builtin", 0, params) != before

@@ -21,11 +21,12 @@ import logging
 import shlex
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from dkn import __version__
+from dkn.attribution import AttributionParams
 from dkn.cache import ResultStore, make_key
 from dkn.datasets import DatasetError, Fact, load_dataset
 from dkn.experiments.timing import StageTimes
@@ -158,15 +159,7 @@ def run_experiment(
     if not facts:
         raise DatasetError(f"dataset {dataset!r} has no facts")
     store = store or ResultStore()
-    run_id = make_key(
-        experiment=name,
-        model=lm.name,
-        fingerprint=lm.fingerprint,
-        dataset=dataset,
-        seed=seed,
-        params=jsonable(params),
-        version=__version__,
-    )[:16]
+    run_id = run_key(name, lm, dataset, seed, params)
     ctx = Context(lm, store, run_id, seed, progress)
     report = _run_module(module, ctx, facts, params, limit, cluster)
     report.summary["stage_seconds"] = ctx.stages.as_dict()
@@ -188,6 +181,22 @@ def run_experiment(
     }
     write_report(out, report, manifest)
     return report, out
+
+
+def run_key(name: str, lm: LoadedModel, dataset: str, seed: int, params: Any) -> str:
+    """The id under which a run's per-fact steps are stored (what a rerun resumes from).  It holds the library's
+    attribution defaults, which `attribution=None` in the params stands for: when a default changes (the
+    integration rule did), a rerun computes afresh instead of resuming results of the old default."""
+    return make_key(
+        experiment=name,
+        model=lm.name,
+        fingerprint=lm.fingerprint,
+        dataset=dataset,
+        seed=seed,
+        params=jsonable(params),
+        attribution_defaults=asdict(AttributionParams()),
+        version=__version__,
+    )[:16]
 
 
 def _run_module(module, ctx: Context, facts: list[Fact], params: Any, limit: int | None, cluster: Any) -> Report:
