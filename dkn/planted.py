@@ -365,7 +365,8 @@ class PlantParams:
     lr: float = 2e-2
     kl_weight: float = 1.0  # weight of the unrelated prompts' KL
     answer_weight: float = 10.0  # weight of the squared log-probability error of the answer
-    attribution_steps: int = 5  # IG steps when looking for pathway A (cheap; A is then checked directly)
+    attribution_steps: int = 5  # IG steps when looking for pathway A (cheap; A is then checked directly) ...
+    attribution_rule: str = "midpoint"  # ... and their rule: fixed, so a new library default does not move A
     seed: int = 0
 
 
@@ -481,7 +482,8 @@ def _choose_pathways(lm: LoadedModel, candidates, params: PlantParams, log) -> l
     for prompt, answer in candidates:
         if not any(need.values()):
             break
-        scores = attribute(lm, prompt, answer, AttributionParams(steps=params.attribution_steps)).scores
+        attribution = AttributionParams(steps=params.attribution_steps, rule=params.attribution_rule)
+        scores = attribute(lm, prompt, answer, attribution).scores
         kns = sorted(coarse_neurons(scores, 0.2), key=lambda n: -scores[n.layer, n.index])
         # A ends early enough for B to sit after it (B then reads A's output at the answer position and can
         # learn to write the answer only when A is off; a B before A could only add a fixed amount)

@@ -249,8 +249,8 @@ def test_grad_x_act_equals_activation_times_true_gradient(models, family):
 def test_amig_baseline(models, family):
     lm = models(family)
     ids, pos, target = _inputs(lm)
-    zero = attribute(lm, PROMPT, ANSWER, AttributionParams(steps=4))
-    amig = attribute(lm, PROMPT, ANSWER, AttributionParams(steps=4, baseline="amig"))
+    zero = attribute(lm, PROMPT, ANSWER, AttributionParams(steps=4, rule="midpoint"))  # the rule checked below
+    amig = attribute(lm, PROMPT, ANSWER, AttributionParams(steps=4, rule="midpoint", baseline="amig"))
     assert not np.allclose(amig.baseline_probs, zero.baseline_probs, rtol=1e-3, atol=0)
     assert not np.allclose(amig.scores, zero.scores, rtol=1e-3, atol=0)
     # zero-baseline probabilities: layer l's answer-position hidden vector set to 0
@@ -407,7 +407,7 @@ def test_progress_reaches_total(models, reference_loop):
         lm,
         PROMPT,
         "new york",
-        AttributionParams(steps=5),
+        AttributionParams(steps=5, rule="midpoint"),  # the row count below is the midpoint rule's
         max_rows=4,
         reference_loop=reference_loop,
         progress=lambda done, total: calls.append((done, total)),
