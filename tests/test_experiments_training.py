@@ -11,6 +11,7 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
+from dkn import evaluate
 from dkn.datasets import Fact
 from dkn.experiments.runner import Context, make_params, write_report
 from dkn.finetune import fresh_copy, neuron_masks, train_neurons
@@ -175,7 +176,7 @@ def test_evolvability_fact_walk_reports_facts_found_not_one_line_per_check(store
     facts = _facts()
     known = {facts[0].id, facts[1].id, facts[2].id}
     monkeypatch.setattr(
-        evolvability,
+        evaluate,  # the "known" step (dkn.experiments.runner.known_records) asks it
         "answers_correctly",
         lambda lm, prompt, answers: next(f for f in facts if f.prompt == prompt).id in known,
     )
@@ -192,7 +193,7 @@ def test_complexity_on_two_tiny_models(store, tmp_path, monkeypatch):
     from dkn.experiments import complexity
 
     folders = _saved_tiny_models(tmp_path, ("gpt2", "llama"))
-    monkeypatch.setattr(complexity, "answers_correctly", lambda lm, prompt, answers: True)  # random models know nothing
+    monkeypatch.setattr(evaluate, "answers_correctly", lambda lm, prompt, answers: True)  # random models know nothing
     from dkn.models import load_model
 
     ctx = Context(load_model(folders[0], device="cpu"), store, "cx-test", seed=0)
@@ -269,7 +270,7 @@ def test_shared_known_facts_stops_at_the_limit_and_checks_the_second_model_only_
         checks.append((lm.name, fact.id))
         return lm.name != folders[0] or fact.id in first_knows
 
-    monkeypatch.setattr(complexity, "answers_correctly", answers)
+    monkeypatch.setattr(evaluate, "answers_correctly", answers)
     lines = []
     ctx = Context(load_model(folders[0], device="cpu"), store, "cx-known", seed=0, progress=lambda *a: lines.append(a))
     chosen = complexity.shared_known_facts(ctx, facts, 1, folders)

@@ -43,7 +43,6 @@ import pandas as pd
 from dkn.cache import make_key
 from dkn.datasets import DatasetError
 from dkn.degeneracy import analyse
-from dkn.evaluate import answers_correctly
 from dkn.experiments.conditions import (
     ConditionParams,
     bootstrap_facts,
@@ -51,7 +50,7 @@ from dkn.experiments.conditions import (
     default_attribution,
     jsonable,
 )
-from dkn.experiments.runner import Context, Report, known_facts
+from dkn.experiments.runner import Context, Report, known_facts, known_records
 from dkn.experiments.timing import stage, times_of
 from dkn.models import load_model, model_summary
 from dkn.selection import find_knowledge_neurons
@@ -110,7 +109,7 @@ def shared_known_facts(ctx: Context, facts, limit, models) -> list:
         subs = [stack.enter_context(_model_context(ctx, name)) for name in models]
         for fact in facts:
             checked += 1
-            if all(_answers(sub, fact) for sub in subs):
+            if all(known_records(sub, [fact])[0].get("known") for sub in subs):
                 chosen.append(fact)
                 if ctx.progress is not None:  # a line per shared fact, so that the ETA counts the misses
                     ctx.progress(f"facts all {len(models)} models answer", len(chosen), needed)
@@ -120,14 +119,6 @@ def shared_known_facts(ctx: Context, facts, limit, models) -> list:
     if not chosen:
         raise DatasetError(f"no fact of this dataset is answered by all of {', '.join(models)}")
     return chosen
-
-
-def _answers(ctx: Context, fact) -> bool:
-    """Whether ctx's model answers `fact` (its first prompt), stored as the "known" step."""
-    [record] = ctx.each(
-        "known", [(fact.id, fact)], lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)}, report=False
-    )
-    return bool(record.get("known"))
 
 
 class _model_context:
@@ -202,7 +193,7 @@ def complexity_table(per_model: dict) -> pd.DataFrame:
             if r["dkn_layers"]
         ]
         n_dkn = [r["n_dkn"] for r in records]
-        redundancy = [r.get("redundancy") for r in grouped]
+        redundancy = [r["redundancy"] for r in grouped]
         rows.append(
             {
                 "model": name,
@@ -227,7 +218,7 @@ def complexity_table(per_model: dict) -> pd.DataFrame:
                 "degenerate_facts": sum(bool(r["degenerate"]) for r in records),
                 "mean_redundancy": _mean(redundancy),
                 **_interval("mean_redundancy", redundancy),
-                "mean_excess_over_largest": _mean([_excess(r) for r in grouped]),
+                "mean_excess_over_largest": _mean([r["excess_over_largest"] for r in grouped]),
                 "mean_union_drop_%": 100 * _mean([r["union_drop"] for r in grouped]),
             }
         )
@@ -261,11 +252,6 @@ def _interval(column: str, values) -> dict:
     """95% bootstrap interval of the mean over facts, as `<column>_ci_low` / `<column>_ci_high`."""
     b = bootstrap_mean(values)
     return {f"{column}_ci_low": b["ci_low"], f"{column}_ci_high": b["ci_high"]}
-
-
-def _excess(record: dict) -> float:
-    """(union - largest single) / union; named `degeneracy_index` in records stored before it was renamed."""
-    return record.get("excess_over_largest", record.get("degeneracy_index"))
 
 
 #: per-fact measures compared between models on the same facts (paired)

@@ -39,7 +39,7 @@ import pandas as pd
 
 from dkn.cache import make_key
 from dkn.datasets import DatasetError
-from dkn.evaluate import answers_correctly, answers_correctly_many
+from dkn.evaluate import answers_correctly_many
 from dkn.experiments.conditions import (
     DEGENERATE,
     GROUPS,
@@ -53,7 +53,7 @@ from dkn.experiments.conditions import (
     neuron_conditions,
     to_neurons,
 )
-from dkn.experiments.runner import Context, Report
+from dkn.experiments.runner import Context, Report, known_records
 from dkn.experiments.timing import stage
 from dkn.finetune import fresh_copy, train_neurons
 from dkn.models import fingerprint
@@ -196,12 +196,7 @@ def new_and_old_facts(ctx: Context, facts, n_new: int, n_old: int | None):
         fact = facts[int(i)]
         if len(new) >= n_new and len(old) >= n_old:
             break
-        [record] = ctx.each(
-            "known",
-            [(fact.id, fact)],
-            lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)},
-            report=False,
-        )
+        [record] = known_records(ctx, [fact])
         if "error" in record:
             continue
         if record["known"] and len(old) < n_old:

@@ -313,22 +313,30 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "model"
 
 
+def known_records(ctx: Context, facts: list[Fact]) -> list[dict]:
+    """The "known" step of each fact, stored and resumable: {"known": the model's top-1 after the first prompt
+    is the first token of an answer}, or {"error": ...} for a fact it cannot be asked.  The one step every
+    experiment's fact filter uses, so a fact is checked once per run and model; no progress lines (the
+    callers report what they are looking for)."""
+    from dkn.evaluate import answers_correctly
+
+    return ctx.each(
+        "known",
+        [(f.id, f) for f in facts],
+        lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)},
+        report=False,
+    )
+
+
 def known_facts(ctx: Context, facts: list[Fact], limit: int | None) -> list[Fact]:
     """The facts the model answers (top-1 is the first token of an answer), up to `limit`, in order.
     Checked lazily in the dataset's order and stored, so large datasets cost only what is needed."""
-    from dkn.evaluate import answers_correctly
-
     chosen = []
     chunk = 1 if ctx.pool is None else 4 * ctx.pool.workers  # on a cluster: a few facts per worker at once
     needed = len(facts) if limit is None else min(limit, len(facts))
     for start in range(0, len(facts), chunk):
         part = facts[start : start + chunk]
-        records = ctx.each(
-            "known",
-            [(f.id, f) for f in part],
-            lambda f: {"known": answers_correctly(ctx.lm, f.prompt, f.answers)},
-            report=False,
-        )
+        records = known_records(ctx, part)
         found = [fact for fact, record in zip(part, records) if record.get("known")]
         chosen += found
         if ctx.progress is None:
@@ -351,6 +359,7 @@ __all__ = [
     "Report",
     "experiment_module",
     "known_facts",
+    "known_records",
     "load_facts",
     "make_params",
     "past_runs",
