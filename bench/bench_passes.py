@@ -29,6 +29,7 @@ for path in (ROOT, ROOT / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from bench_quadrature import rows_per_layer  # noqa: E402
 from timing import median_seconds, write_results  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -49,7 +50,7 @@ def main() -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     lm = load_model("default", device="cpu")
     params = AttributionParams()
-    n_rows = lm.n_layers * (params.steps + 1)  # (layer, alpha) rows, the alpha = 0 row included
+    n_rows = lm.n_layers * rows_per_layer(params.rule, params.steps) + 1  # (layer, alpha) rows + the shared clean one
     reference = attribute(lm, PROMPT, ANSWER, params, max_rows=10 * n_rows).scores
     rows = []
     for k in PASSES:
