@@ -186,11 +186,15 @@ def test_typed_paraphrases_are_used(server, page):
         raise
     grid = page.locator("[data-testid='stDataFrame']").first
     for row, text in enumerate(("Japan's capital is", "The capital city of Japan is")):
-        grid.hover()
-        page.locator(
+        grid.hover()  # the toolbar shows on hover ...
+        add_row = page.locator(
             "[data-testid='stElementToolbarButton'] button[aria-label='Add row'], "
             "[data-testid='stElementToolbar'] button[aria-label='Add row']"
-        ).first.click()
+        ).first
+        add_row.wait_for(state="visible")
+        # ... and slides in over the grid's scroller, which can take the pointer click for a while (CI once
+        # timed out on "element is not stable"): the click event goes to the button itself
+        add_row.dispatch_event("click")
         idle(page)  # adding a row reruns the app
         # the new row's cell: open its editor (the grid is a canvas; rows and header are 35 px high)
         box = grid.bounding_box()
