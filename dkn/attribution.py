@@ -214,9 +214,13 @@ def _sub_progress(progress: Progress, index: int, count: int) -> Progress:
 def _attribute_step(lm, step: Step, params, limits, reference_loop, progress):
     """(scores [n_layers, d_mlp], P(target), P(target) with each layer at baseline [n_layers]) for one token."""
     ids = torch.tensor([step.input_ids], device=lm.device)  # [1, T]
-    acts, prob = _clean_activations(lm, ids, step, params.site)  # [L, d], float
-    base = _baseline(lm, ids, step, params, acts)  # [L, d]
     runner = answer_runner(lm, step, params.site, keep=False)  # None for masked LMs
+    if runner is not None:  # its clean run of the answer position recorded the neurons
+        acts = runner.clean_acts  # [L, d], float
+        prob = float(runner.clean_logits[0].float().softmax(-1)[step.target])
+    else:
+        acts, prob = _clean_activations(lm, ids, step, params.site)  # [L, d], float
+    base = _baseline(lm, ids, step, params, acts)  # [L, d]
     job = RowJob(lm, ids, step, params.site, acts, base, runner, *limits)
     if params.method != "ig":
         base_probs = baseline_probs(job)  # [L]

@@ -36,7 +36,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from dkn.hooks import Edit, edit_neurons
+from dkn.hooks import Edit, edit_neurons, record_neurons
 from dkn.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class AnswerPositionRunner:
                 if input_ids.shape[1] > 1
                 else None
             )  # no head needed
-            self.block_inputs, self.block_calls, self.clean_logits = self._capture()
+            self.block_inputs, self.block_calls, self.clean_logits, self.clean_acts = self._capture()
         key = (site, input_ids.shape[1])
         if key not in lm.staggered_checks:  # the replay depends on the architecture and the prompt length only
             lm.staggered_checks[key] = self._head_reproduces_logits()
@@ -75,7 +75,9 @@ class AnswerPositionRunner:
 
     # -- the clean run -------------------------------------------------------------------------------
     def _capture(self):
-        """Per block, the residual input [1, 1, d_model] and the (args, kwargs) it was called with."""
+        """The clean run of the answer position: per block, the residual input [1, 1, d_model] and the
+        (args, kwargs) it was called with; the logits [1, vocab]; the neurons at `site` [L, d_mlp] float32
+        (attribution's clean activations, so that it needs no separate full-prompt pass)."""
         inputs, calls, handles = [], [], []
         cache = self._cache(1)
 
@@ -87,12 +89,14 @@ class AnswerPositionRunner:
         for block in self.lm.blocks:
             handles.append(block.register_forward_pre_hook(capture, with_kwargs=True))
         try:
-            logits = self.lm.model(input_ids=self.last, cache=cache).logits[:, -1]  # [1, vocab]
+            with record_neurons(self.lm, site=self.site) as rec:
+                logits = self.lm.model(input_ids=self.last, cache=cache).logits[:, -1]  # [1, vocab]
         finally:
             for h in handles:
                 h.remove()
         self._capture_cache = cache
-        return inputs, calls, logits
+        acts = torch.stack([rec[l][0, -1] for l in range(self.lm.n_layers)]).float()  # [L, d_mlp]
+        return inputs, calls, logits, acts
 
     def _head_reproduces_logits(self) -> bool:
         # float32 replays agree to ~1e-6; half precision rounds every block differently from the model's own

@@ -219,7 +219,8 @@ def test_activation_method_returns_recorded_activations(models, family):
     lm = models(family)
     ids, pos, _ = _inputs(lm)
     result = attribute(lm, PROMPT, ANSWER, AttributionParams(method="activation"))
-    np.testing.assert_array_equal(result.scores, _activations(lm, ids, pos).numpy())
+    # causal models record them in the runner's single-token pass over the prefix cache: float rounding only
+    np.testing.assert_allclose(result.scores, _activations(lm, ids, pos).numpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "bert"])
@@ -309,7 +310,8 @@ def test_faithful_uses_pre_activation_site(models):
         for h in handles:
             h.remove()
     acts_pre = attribute(lm, PROMPT, ANSWER, AttributionParams(method="activation", site="pre")).scores
-    np.testing.assert_array_equal(acts_pre, torch.stack([c_fc[l] for l in range(lm.n_layers)]).numpy())
+    expected_pre = torch.stack([c_fc[l] for l in range(lm.n_layers)]).numpy()
+    np.testing.assert_allclose(acts_pre, expected_pre, rtol=1e-5, atol=1e-5)  # the runner's pass: rounding only
     acts_post = attribute(lm, PROMPT, ANSWER, AttributionParams(method="activation")).scores
     expected = torch.nn.functional.gelu(torch.from_numpy(acts_pre), approximate="tanh").numpy()
     np.testing.assert_allclose(acts_post, expected, rtol=1e-5, atol=1e-6)
