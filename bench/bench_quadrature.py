@@ -45,20 +45,44 @@ GRID = {
     "left": (20,),
     "right": (20,),
     "midpoint": (3, 5, 10, 20),
-    "trapezoid": (5, 10, 20),
+    "trapezoid": (5, 6, 8, 10, 20),
     "gauss": (2, 3, 4, 5, 6, 8, 10),
+    "adaptive": (4, 6, 8),
 }
+REFERENCES = ROOT / "cache" / "bench" / "quadrature-reference"  # reference scores, kept for reruns (not committed)
 PEER = ("linspace", 20)
 TOP = 20
 
 
-def rows_per_layer(rule: str, points: int) -> int:
+def rows_per_layer(rule: str, points: int, result=None) -> float:
     """Rows one layer costs on the fast path: the points, plus an alpha = 0 row when the rule has none
-    (P at the baseline), minus the alpha = 1 row when the rule has one (shared by every layer)."""
+    (P at the baseline), minus the alpha = 1 row when the rule has one (shared by every layer).  The
+    adaptive rule's depend on the prompt: its intervals per layer, averaged (from `result.extra`)."""
     from dkn.integration import integration_points
 
+    if rule == "adaptive":
+        return float(np.mean(result.extra["intervals"])) if result is not None else float(points)
     alphas, _ = integration_points(rule, points)
     return len(alphas) + (0 if np.any(alphas == 0) else 1) - (1 if np.any(alphas == 1) else 0)
+
+
+def reference_scores(lm, prompt: str, answer: str, points: int) -> np.ndarray:
+    """Midpoint-`points` scores of one fact, computed once and kept under cache/bench/ (a rerun with a
+    changed grid costs the rules only)."""
+    import hashlib
+
+    from dkn.attribution import AttributionParams, attribute
+
+    key = hashlib.sha256(f"{lm.fingerprint}|{prompt}|{answer}|midpoint-{points}".encode()).hexdigest()[:20]
+    path = REFERENCES / f"{key}.npy"
+    if path.exists():
+        return np.load(path)
+    scores = attribute(lm, prompt, answer, AttributionParams(steps=points, rule="midpoint")).scores
+    REFERENCES.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, scores)
+    tmp.replace(path)  # never a half-written reference
+    return scores
 
 
 def errors(scores: np.ndarray, reference: np.ndarray) -> dict:
@@ -106,7 +130,7 @@ def accuracy(n_facts: int, reference_points: int) -> dict:
         if i < done:
             continue
         start = time.perf_counter()
-        ref = attribute(lm, fact.prompts[0], fact.answers[0], AttributionParams(steps=reference_points)).scores
+        ref = reference_scores(lm, fact.prompts[0], fact.answers[0], reference_points)
         print(
             f"fact {i + 1}/{len(facts)} {fact.prompts[0]!r} -> {fact.answers[0]!r}: reference "
             f"{time.perf_counter() - start:.0f} s",
@@ -115,7 +139,7 @@ def accuracy(n_facts: int, reference_points: int) -> dict:
         for rule, ms in GRID.items():
             for m in ms:
                 result = attribute(lm, fact.prompts[0], fact.answers[0], AttributionParams(steps=m, rule=rule))
-                per[f"{rule}-{m}"].append(errors(result.scores, ref))
+                per[f"{rule}-{m}"].append({**errors(result.scores, ref), "rows": rows_per_layer(rule, m, result)})
                 seconds[f"{rule}-{m}"].append(result.seconds)
         PARTIAL.write_text(
             json.dumps(
@@ -160,7 +184,7 @@ def summarise(per: dict, seconds: dict, facts: list, reference: str) -> dict:
                 {
                     "rule": rule,
                     "points": m,
-                    "rows_per_layer": rows_per_layer(rule, m),
+                    "rows_per_layer": float(np.mean([r.get("rows", rows_per_layer(rule, m)) for r in rows])),
                     "max_rel": float(np.mean([r["max_rel"] for r in rows])),
                     "max_rel_worst": float(np.max([r["max_rel"] for r in rows])),
                     "mean_rel": float(np.mean([r["mean_rel"] for r in rows])),
@@ -203,6 +227,8 @@ def speed(chosen: tuple[str, int], repeats: int) -> dict:
             for k, p in params.items():
                 times[k].append(attribute(lm, prompt, ba.ANSWER.strip(), p).seconds)
         med = {k: float(np.median(v)) for k, v in times.items()}
+        ref = reference_scores(lm, prompt, ba.ANSWER.strip(), 512)  # accuracy on the timed model too
+        results = {k: attribute(lm, prompt, ba.ANSWER.strip(), p) for k, p in params.items()}
         peer_s = peer_file[name]["median_s"]["peer"]
         then_ratio = peer_s / peer_file[name]["median_s"]["ours"]
         out[name] = {
@@ -213,6 +239,8 @@ def speed(chosen: tuple[str, int], repeats: int) -> dict:
             "speedup_vs_peer_direct": peer_s / med["chosen"],
             "speedup_vs_peer_by_ratios": then_ratio * med["peer_rule"] / med["chosen"],
             "speedup_at_equal_work_then": then_ratio,
+            "errors_vs_midpoint_512": {k: errors(r.scores, ref) for k, r in results.items()},
+            "chosen_intervals_per_layer": results["chosen"].extra.get("intervals"),
         }
     return out
 
@@ -282,7 +310,7 @@ def markdown(r: dict) -> str:
         ]
         for t in sorted(a["table"], key=lambda t: (t["rows_per_layer"], t["rule"])):
             lines.append(
-                f"| {t['rule']} | {t['points']} | {t['rows_per_layer']} | {t['max_rel']:.2e} | "
+                f"| {t['rule']} | {t['points']} | {t['rows_per_layer']:.1f} | {t['max_rel']:.2e} | "
                 f"{t['max_rel_worst']:.2e} | {t['mean_rel']:.2e} | {t['jaccard']:.3f} | "
                 f"{'' if t['seconds_median'] is None else format(t['seconds_median'], '.2f')} |"
             )
@@ -312,6 +340,21 @@ def markdown(r: dict) -> str:
                 f"{s['peer_s_from_attribution_json']:.2f} | {s['speedup_vs_peer_direct']:.1f}x | "
                 f"{s['speedup_vs_peer_by_ratios']:.1f}x | {s['speedup_at_equal_work_then']:.1f}x |"
             )
+        lines += [
+            "",
+            "Accuracy on the timed model itself (against its midpoint-512 scores), and the chosen rule's "
+            "intervals per layer there:",
+            "",
+        ]
+        for s in r["speed"].values():
+            e = s.get("errors_vs_midpoint_512")
+            if e:
+                lines.append(
+                    f"- {s['tokens']} tokens: peer's rule max {e['peer_rule']['max_rel']:.2e} / mean "
+                    f"{e['peer_rule']['mean_rel']:.2e} / Jaccard {e['peer_rule']['jaccard']:.2f}; chosen max "
+                    f"{e['chosen']['max_rel']:.2e} / mean {e['chosen']['mean_rel']:.2e} / Jaccard "
+                    f"{e['chosen']['jaccard']:.2f}; intervals {s.get('chosen_intervals_per_layer')}"
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,7 @@ from dkn.models import LoadedModel
 from dkn.neurons import Neuron
 from dkn.options import DEFAULT_RULE, DEFAULT_STEPS
 from dkn.query import Query, Step, make_query
-from dkn.rows import RowJob, baseline_probs, integrated_grads, reference_integrated_grads
+from dkn.rows import RowJob, adaptive_integrated_grads, baseline_probs, integrated_grads, reference_integrated_grads
 
 METHODS = ("ig", "grad_x_act", "activation")
 BASELINES = ("zero", "amig")
@@ -189,10 +189,11 @@ def _compute(lm, query: Query, params: AttributionParams, *, limits, reference_l
     for i, step in enumerate(query.steps):
         step_progress = None if progress is None else _sub_progress(progress, i, len(query.steps))
         per_step.append(_attribute_step(lm, step, params, limits, reference_loop, step_progress))
-    scores = np.stack([s for s, _, _ in per_step])  # [n_tokens, n_layers, d_mlp]
+    scores = np.stack([s for s, _, _, _ in per_step])  # [n_tokens, n_layers, d_mlp]
     scores = scores.sum(0) if params.combine == "sum" else scores.mean(0)  # [n_layers, d_mlp]
-    token_probs = tuple(float(p) for _, p, _ in per_step)
-    baseline_probs = np.stack([b for _, _, b in per_step], axis=1)  # [n_layers, n_tokens]
+    token_probs = tuple(float(p) for _, p, _, _ in per_step)
+    baseline_probs = np.stack([b for _, _, b, _ in per_step], axis=1)  # [n_layers, n_tokens]
+    extra = {k: [e[k] for _, _, _, e in per_step] for k in per_step[0][3]}  # per answer token
     return Attribution(
         scores.astype(np.float32),
         float(np.prod(token_probs)),
@@ -204,6 +205,7 @@ def _compute(lm, query: Query, params: AttributionParams, *, limits, reference_l
         params,
         lm.name,
         lm.fingerprint,
+        extra=extra,
     )
 
 
@@ -212,7 +214,8 @@ def _sub_progress(progress: Progress, index: int, count: int) -> Progress:
 
 
 def _attribute_step(lm, step: Step, params, limits, reference_loop, progress):
-    """(scores [n_layers, d_mlp], P(target), P(target) with each layer at baseline [n_layers]) for one token."""
+    """(scores [n_layers, d_mlp], P(target), P(target) with each layer at baseline [n_layers], extra) for one
+    token; extra holds the adaptive rule's intervals per layer ("intervals")."""
     ids = torch.tensor([step.input_ids], device=lm.device)  # [1, T]
     runner = answer_runner(lm, step, params.site, keep=False)  # None for masked LMs
     if runner is not None:  # its clean run of the answer position recorded the neurons
@@ -225,17 +228,22 @@ def _attribute_step(lm, step: Step, params, limits, reference_loop, progress):
     if params.method != "ig":
         base_probs = baseline_probs(job)  # [L]
         if params.method == "activation":
-            return acts.cpu().numpy(), prob, base_probs
+            return acts.cpu().numpy(), prob, base_probs, {}
         grads = _grad_at(lm, ids, step, params.site, acts)  # [L, d]
-        return (acts * grads).cpu().numpy(), prob, base_probs
+        return (acts * grads).cpu().numpy(), prob, base_probs, {}
+    multiplier = acts - base if params.multiplier == "delta" else acts  # [L, d]
+    if params.rule == "adaptive":
+        if reference_loop:
+            raise ValueError("the reference loop runs fixed rules only: compare 'adaptive' layer by layer")
+        grad_sum, base_probs, intervals = adaptive_integrated_grads(job, params.steps, multiplier, progress=progress)
+        return (multiplier * grad_sum).cpu().numpy(), prob, base_probs, {"intervals": intervals.tolist()}
     alphas, weights = integration_points(params.rule, params.steps)
     if reference_loop:
         grad_sum = reference_integrated_grads(job, alphas, weights, progress)
         base_probs = baseline_probs(job)
     else:
         grad_sum, base_probs = integrated_grads(job, alphas, weights, progress)  # [L, d], [L]
-    multiplier = acts - base if params.multiplier == "delta" else acts
-    return (multiplier * grad_sum).cpu().numpy(), prob, base_probs
+    return (multiplier * grad_sum).cpu().numpy(), prob, base_probs, {}
 
 
 @torch.inference_mode()

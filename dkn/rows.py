@@ -7,6 +7,7 @@ the neuron site, the clean activations and the baseline, the fast runner when th
 bounds of one pass); the functions here turn rows into gradients and probabilities:
 
 - `integrated_grads`: every (layer, alpha) pair as one row of a few batched passes (the fast path);
+- `adaptive_integrated_grads`: the trapezoid rule refined per layer where its error estimate is large;
 - `reference_integrated_grads`: the plain per-layer loop over full prompts (the tests' reference);
 - `baseline_probs`: P(target) with each layer alone at its baseline.
 
@@ -22,8 +23,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dkn import integration
 from dkn.forward import AnswerPositionRunner, rows_per_pass
 from dkn.hooks import edit_neurons
+from dkn.integration import (
+    ADAPTIVE_MAX_ROUNDS,
+    halved_trapezoid_weights,
+    integration_points,
+    intervals_needed,
+    new_trapezoid_nodes,
+    refined_trapezoid,
+    richardson_error,
+)
 from dkn.models import LoadedModel
 from dkn.query import Step
 
@@ -62,8 +73,56 @@ def integrated_grads(job: RowJob, alphas: np.ndarray, weights: np.ndarray, progr
     Rows are (layer, alpha) pairs in layer-major order, evaluated in passes bounded by the job's
     max_rows / memory_budget (see dkn.forward.rows_per_pass).  When the rule has no alpha = 0 point, one
     is added with weight 0, so that P(baseline) comes from the same pass."""
+    sums, base_probs = _every_layer_sums(job, alphas, weights[None], progress)
+    return sums[0], base_probs
+
+
+def adaptive_integrated_grads(
+    job: RowJob,
+    m: int,
+    multiplier: torch.Tensor,
+    tolerance: float | None = None,
+    max_intervals: int | None = None,
+    progress: Progress | None = None,
+):
+    """The trapezoid rule with its intervals chosen per layer: ([L, d] integral of dP/dh(l), [L] P with
+    layer l at its baseline, [L] intervals used).  Every layer starts at m intervals (one batched pass);
+    a layer's error, in score units (`multiplier` [L, d] times the gradient sums), is estimated from the
+    nested rule over m / 2 intervals (dkn.integration.richardson_error); each layer whose largest error
+    exceeds `tolerance` times the largest score gets the intervals that should bring it under, all such
+    layers in one further pass, for at most ADAPTIVE_MAX_ROUNDS passes.  `tolerance` and `max_intervals`
+    default to dkn.integration's ADAPTIVE_TOLERANCE and ADAPTIVE_MAX_INTERVALS (read at call time)."""
+    tolerance = integration.ADAPTIVE_TOLERANCE if tolerance is None else tolerance
+    max_intervals = integration.ADAPTIVE_MAX_INTERVALS if max_intervals is None else max_intervals
+    alphas, weights = integration_points("trapezoid", m)
+    sums, base_probs = _every_layer_sums(job, alphas, np.stack([weights, halved_trapezoid_weights(m)]), progress)
+    fine, coarse = sums[0].cpu().numpy(), sums[1].cpu().numpy()  # [L, d] each
+    scale = multiplier.cpu().numpy()  # [L, d]
+    intervals, ratio = np.full(job.n_layers, m), np.full(job.n_layers, 2)
+    for _ in range(ADAPTIVE_MAX_ROUNDS):
+        top = max(float(np.abs(scale * fine).max()), 1e-30)
+        error = richardson_error(scale * fine, scale * coarse, ratio[:, None]).max(1) / top  # [L]
+        target = np.array([intervals_needed(e, tolerance, n, max_intervals) for e, n in zip(error, intervals)])
+        todo = np.flatnonzero(target > intervals)
+        if todo.size == 0:
+            break
+        nodes = [new_trapezoid_nodes(int(intervals[l]), int(target[l])) for l in todo]
+        row_layer = np.concatenate([np.full(len(n), l) for l, n in zip(todo, nodes)])  # [R], ascending
+        new_sum = np.zeros_like(fine)
+        grads = _rows_grads(job, row_layer, np.concatenate(nodes))  # [R, d]
+        np.add.at(new_sum, row_layer, grads.cpu().numpy())
+        coarse[todo] = fine[todo]
+        fine[todo] = refined_trapezoid(fine[todo], intervals[todo, None], target[todo, None], new_sum[todo])
+        ratio[todo], intervals[todo] = target[todo] // intervals[todo], target[todo]
+    return torch.from_numpy(fine).to(job.acts), base_probs, intervals
+
+
+def _every_layer_sums(job: RowJob, alphas: np.ndarray, weight_sets: np.ndarray, progress: Progress | None):
+    """([S, L, d] sum_k weight_sets[s, k] dP/dh(l) at alpha_k, for every layer l, [L] P at the baseline):
+    one row per (layer, alpha), with an alpha = 0 row added (weight 0) when the points lack one, and the
+    alpha = 1 rows of every layer replaced by one shared clean row when there is a runner."""
     if not np.any(alphas == 0):
-        alphas, weights = np.append(alphas, 0.0), np.append(weights, 0.0)
+        alphas, weight_sets = np.append(alphas, 0.0), np.pad(weight_sets, ((0, 0), (0, 1)))
     L, n_alpha = job.n_layers, len(alphas)
     row_layer = np.repeat(np.arange(L), n_alpha)  # [R]
     row_alpha = np.tile(np.arange(n_alpha), L)  # [R]
@@ -74,27 +133,44 @@ def integrated_grads(job: RowJob, alphas: np.ndarray, weights: np.ndarray, progr
         # gradient at each layer comes from a zero added there, replaces L identical rows
         keep = row_alpha != at_one[0]
         row_layer, row_alpha = row_layer[keep], row_alpha[keep]
+    acts = job.acts
+    weights_t = torch.tensor(weight_sets, dtype=acts.dtype, device=acts.device)  # [S, n_alpha]
+    sums = torch.zeros(len(weight_sets), *acts.shape, dtype=acts.dtype, device=acts.device)  # [S, L, d]
+    base_probs = np.zeros(L)
+    zero = int(np.flatnonzero(alphas == 0)[0])
+    for start, stop, grads, probs, clean in _row_passes(job, row_layer, alphas[row_alpha], share_clean, progress):
+        layers = torch.from_numpy(row_layer[start:stop]).to(acts.device)  # [B]
+        ks = torch.from_numpy(row_alpha[start:stop]).to(acts.device)  # [B]
+        for s in range(len(weight_sets)):
+            sums[s].index_add_(0, layers, weights_t[s, ks, None] * grads)
+            if clean is not None:
+                sums[s] += weights_t[s, at_one[0]] * clean  # [L, d]
+        at_zero = row_alpha[start:stop] == zero
+        base_probs[row_layer[start:stop][at_zero]] = probs.cpu().numpy()[at_zero]
+    return sums, base_probs
+
+
+def _rows_grads(job: RowJob, row_layer: np.ndarray, row_alpha: np.ndarray) -> torch.Tensor:
+    """[R, d]: dP/dh(row_layer[r]) at h = b + row_alpha[r] (a - b), rows in ascending layer order."""
+    return torch.cat([grads for _, _, grads, _, _ in _row_passes(job, row_layer, row_alpha, False, None)])
+
+
+def _row_passes(job: RowJob, row_layer: np.ndarray, row_alpha: np.ndarray, share_clean: bool, progress):
+    """Yields (start, stop, dP/dh [B, d], P [B], clean [L, d] or None) for the rows start:stop of each pass
+    (row r sets layer row_layer[r] to b + row_alpha[r] (a - b)); with `share_clean`, the first pass also
+    returns dP/dh at the clean activations of every layer (see _path_grads)."""
     T = len(job.step.input_ids)
     rows_per_chunk = rows_per_pass(job.lm, 1 if job.runner is not None else T, T, job.max_rows, job.memory_budget)
     acts, base = job.acts, job.base
-    alphas_t = torch.tensor(alphas, dtype=acts.dtype, device=acts.device)
-    weights_t = torch.tensor(weights, dtype=acts.dtype, device=acts.device)
-    grad_sum = torch.zeros_like(acts)  # [L, d]
-    base_probs = np.zeros(L)
-    zero = int(np.flatnonzero(alphas == 0)[0])
     for start in range(0, len(row_layer), rows_per_chunk):
-        layers = torch.from_numpy(row_layer[start : start + rows_per_chunk]).to(acts.device)  # [B]
-        ks = torch.from_numpy(row_alpha[start : start + rows_per_chunk]).to(acts.device)  # [B]
-        path = base[layers] + alphas_t[ks, None] * (acts[layers] - base[layers])  # [B, d]
-        grads, probs, clean = _path_grads(job, layers, path, with_clean=share_clean and start == 0)  # [B, d], [B]
-        grad_sum.index_add_(0, layers, weights_t[ks, None] * grads)
-        if clean is not None:
-            grad_sum += weights_t[at_one[0]] * clean  # [L, d]
-        at_zero = (ks == zero).cpu().numpy()
-        base_probs[layers.cpu().numpy()[at_zero]] = probs.cpu().numpy()[at_zero]
+        stop = min(start + rows_per_chunk, len(row_layer))
+        layers = torch.from_numpy(row_layer[start:stop]).to(acts.device)  # [B]
+        alpha = torch.tensor(row_alpha[start:stop], dtype=acts.dtype, device=acts.device)[:, None]  # [B, 1]
+        path = base[layers] + alpha * (acts[layers] - base[layers])  # [B, d]
+        grads, probs, clean = _path_grads(job, layers, path, with_clean=share_clean and start == 0)
+        yield start, stop, grads, probs, clean
         if progress is not None:
-            progress(min(start + rows_per_chunk, len(row_layer)), len(row_layer))
-    return grad_sum, base_probs
+            progress(stop, len(row_layer))
 
 
 def reference_integrated_grads(

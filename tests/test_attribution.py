@@ -152,6 +152,40 @@ def test_fast_path_equals_plain_torch_ig(models, family):
         assert _rel(result.scores[layer], expected.detach().numpy()) < 1e-4, layer
 
 
+# -- the adaptive rule -----------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_adaptive_rule_is_the_plain_trapezoid_with_its_intervals_and_refines_where_the_error_is(
+    models, family, monkeypatch
+):
+    """Every layer's scores equal plain IG with the trapezoid rule over that layer's intervals, and a layer
+    is refined exactly when its first-level error estimate (trapezoid-2 vs -1, from scratch) is too big."""
+    import dkn.integration
+
+    monkeypatch.setattr(dkn.integration, "ADAPTIVE_TOLERANCE", 2e-3)
+    monkeypatch.setattr(dkn.integration, "ADAPTIVE_MAX_INTERVALS", 16)
+    lm = models(family)
+    ids, pos, target = _inputs(lm)
+    result = attribute(lm, PROMPT, ANSWER, AttributionParams(rule="adaptive", steps=2))
+    (intervals,) = result.extra["intervals"]  # one answer token
+    acts = _activations(lm, ids, pos)
+    zero = torch.zeros_like(acts[0])
+    first = {
+        m: torch.stack(
+            [acts[l] * _plain_ig_layer(lm, ids, pos, target, l, acts, zero, "trapezoid", m) for l in range(3)]
+        ).detach()
+        for m in (1, 2)
+    }  # [L, d] scores of trapezoid-1 and -2
+    top = float(first[2].abs().max())
+    estimate = ((first[2] - first[1]).abs() / 3).amax(1) / top  # [L], what the rule compares
+    assert [n > 2 for n in intervals] == [bool(e > 2e-3) for e in estimate], (intervals, estimate)
+    assert any(n > 2 for n in intervals) and all(n <= 16 for n in intervals)
+    for layer, n in enumerate(intervals):
+        expected = acts[layer] * _plain_ig_layer(lm, ids, pos, target, layer, acts, zero, "trapezoid", n)
+        assert _rel(result.scores[layer], expected.detach().numpy()) < 1e-4, (layer, n)
+    with pytest.raises(ValueError, match="fixed rules only"):
+        attribute(lm, PROMPT, ANSWER, AttributionParams(rule="adaptive", steps=2), reference_loop=True)
+
+
 # -- completeness --------------------------------------------------------------------------------
 def _target(result):
     return (np.asarray(result.token_probs)[None, :] - result.baseline_probs).sum(1)
