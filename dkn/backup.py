@@ -29,9 +29,12 @@ Parts are made disjoint (a neuron stays in the first).  On the planted tiny mode
 bench_degeneracy_recall.py) this is what lets backup discovery recover every planted pathway.
 
 Each pathway is one candidate component, which dkn.degeneracy then tests like any other group; P after
-each round is the "peeling" curve.  During the rounds, neurons are suppressed (set to
-0) at every prompt position, inside a context manager around dkn.attribution.attribute, so the
-attribution engine needs no change; the degeneracy grid afterwards uses its own `mode`.
+each round is the "peeling" curve.  During the rounds, neurons are suppressed (set to 0) where the
+degeneracy test suppresses them (`params.mode`: at the answer position by default, or at every position),
+inside a context manager around dkn.attribution.attribute, so the attribution engine needs no change.
+(Until this round the rounds always suppressed at every position; on the planted default model that
+removes facts whose backup was trained to take over at the answer position, bench/results/
+degeneracy_recall.md.)
 """
 
 from __future__ import annotations
@@ -54,18 +57,34 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def suppressed(lm: LoadedModel, neurons: Iterable[Neuron], site: str = "post") -> Iterator[None]:
-    """Within the block, `neurons` output 0 at every position (hooks removed on exit, also on errors)."""
+def suppressed(
+    lm: LoadedModel, neurons: Iterable[Neuron], site: str = "post", mode: str = "all", positions: Sequence[int] = ()
+) -> Iterator[None]:
+    """Within the block, `neurons` output 0 (hooks removed on exit, also on errors): with mode "all" (or
+    "weights") at every position; with "last" at the answer position only, as dkn.interventions' "last":
+    for a causal model the last position of every pass (a full prompt's last token, or the single token of
+    the runner's rows) except the runner's prefix run (dkn.forward.in_prefix_run), for a masked model
+    `positions` (the answer's mask positions)."""
+    from dkn.forward import in_prefix_run
+
+    if mode not in ("all", "weights", "last"):
+        raise ValueError(f"unknown suppression mode {mode!r}: use 'all', 'weights' or 'last'")
+    if mode == "last" and lm.family.masked_lm and not positions:
+        raise ValueError("suppression at the answer position of a masked model needs the answer's positions")
     neurons = tuple(Neuron(*n) for n in neurons)
     check_in_range(neurons, lm.n_layers, lm.d_mlp)
     by_layer: dict[int, list[int]] = {}
     for n in neurons:
         by_layer.setdefault(n.layer, []).append(n.index)
+    rows = (list(positions) if lm.family.masked_lm else [-1]) if mode == "last" else [slice(None)]
 
     def zero(index: list[int]):
         def edit(h):  # h: [B, T, d_mlp]
-            mask = torch.ones(h.shape[-1], device=h.device, dtype=h.dtype)
-            mask[index] = 0
+            if mode == "last" and in_prefix_run():
+                return h
+            mask = torch.ones(h.shape[-2:], device=h.device, dtype=h.dtype)  # [T, d_mlp]
+            for row in rows:  # a position, or every position
+                mask[row, index] = 0
             return h * mask
 
         return edit
@@ -74,12 +93,16 @@ def suppressed(lm: LoadedModel, neurons: Iterable[Neuron], site: str = "post") -
         yield
 
 
-def attribute_suppressed(lm: LoadedModel, prompt: str, answer: str, neurons: Sequence[Neuron], params=None):
-    """dkn.attribution.attribute with `neurons` suppressed at every position (never cached: the store's key
-    does not know about the suppression)."""
+def attribute_suppressed(
+    lm: LoadedModel, prompt: str, answer: str, neurons: Sequence[Neuron], params=None, mode: str = "all"
+):
+    """dkn.attribution.attribute with `neurons` suppressed (`mode` as in `suppressed`; never cached: the store's
+    key does not know about the suppression)."""
     from dkn.attribution import attribute
+    from dkn.query import make_query
 
-    with suppressed(lm, neurons):
+    positions = [step.position for step in make_query(lm, prompt, answer).steps] if lm.family.masked_lm else []
+    with suppressed(lm, neurons, mode=mode, positions=positions):
         return attribute(lm, prompt, answer, params, store=None)
 
 
@@ -93,19 +116,19 @@ def discover(
 
     found: list[Neuron] = []
     rounds: list[Round] = []
-    prob0, _ = intervene_many(lm, prompt, answer, [], 0.0, "all")
+    prob0, _ = intervene_many(lm, prompt, answer, [], 0.0, params.mode)
     prob_before = prob0
     given = tuple(dict.fromkeys(Neuron(*n) for n in first_round))[: params.backup_max_neurons]
     for k in range(params.backup_rounds):
         if k == 0 and given:
             new, scores = given, (float("nan"),) * len(given)
         else:
-            attribution = attribute_suppressed(lm, prompt, answer, found, params.backup_attribution)
+            attribution = attribute_suppressed(lm, prompt, answer, found, params.backup_attribution, params.mode)
             new, scores = round_neurons(attribution.scores, set(found), params.backup_t, params.backup_max_neurons)
         if not new:
             break
         found += new
-        _, [prob_after] = intervene_many(lm, prompt, answer, [tuple(found)], 0.0, "all")
+        _, [prob_after] = intervene_many(lm, prompt, answer, [tuple(found)], 0.0, params.mode)
         drop = (prob0 - prob_after) / prob0 if prob0 > 0 else 0.0
         rounds.append(Round(tuple(new), tuple(scores), float(prob_before), float(prob_after), float(drop)))
         prob_before = prob_after
@@ -131,7 +154,7 @@ def pathways(
     lm: LoadedModel, prompt: str, answer: str, rounds: Sequence[Round], params: DegeneracyParams
 ) -> tuple[tuple[tuple[Neuron, ...], int], ...]:
     """(pathway, the 1-based round it came from) for each pathway in the rounds: split, complete, prune
-    (see the module docstring); suppression at every position, thresholds from `params`."""
+    (see the module docstring); suppression and thresholds from `params`."""
     parts: list[tuple[tuple[Neuron, ...], int]] = []
     groups = [tuple(r.neurons) for r in rounds]
     for k, group in enumerate(groups):
@@ -140,7 +163,7 @@ def pathways(
     completed = []
     for k, (part, origin) in enumerate(parts):
         others = [n for j, (p, _) in enumerate(parts) if j != k for n in p]
-        attribution = attribute_suppressed(lm, prompt, answer, others, params.backup_attribution)
+        attribution = attribute_suppressed(lm, prompt, answer, others, params.backup_attribution, params.mode)
         new, _ = round_neurons(attribution.scores, set(others), params.backup_t, params.backup_max_neurons)
         whole = tuple(dict.fromkeys(part + new))
         completed.append((_prune(lm, prompt, answer, whole, others, params), origin))
@@ -154,13 +177,13 @@ def pathways(
     return tuple(out)
 
 
-def _drops_with(lm, prompt, answer, others: Sequence[Neuron], sets: list[tuple[Neuron, ...]]) -> np.ndarray:
-    """Relative drop of P, every position suppressed, for `others` plus each set, against `others` alone (one
+def _drops_with(lm, prompt, answer, others: Sequence[Neuron], sets: list[tuple[Neuron, ...]], mode: str) -> np.ndarray:
+    """Relative drop of P, suppressed as `mode` says, for `others` plus each set, against `others` alone (one
     batched intervention; dkn.interventions splits its rows into passes that fit the memory budget)."""
     from dkn.interventions import intervene_many
 
     base = tuple(others)
-    _, probs = intervene_many(lm, prompt, answer, [base] + [base + s for s in sets], 0.0, "all")
+    _, probs = intervene_many(lm, prompt, answer, [base] + [base + s for s in sets], 0.0, mode)
     p0 = probs[0]
     return (p0 - probs[1:]) / p0 if p0 > 0 else np.zeros(len(sets))
 
@@ -172,7 +195,8 @@ def _split(lm, prompt, answer, group, others, params) -> list[tuple[Neuron, ...]
     if len(group) < 2:
         return [tuple(group)]
     pairs = list(itertools.combinations(range(len(group)), 2))
-    drops = _drops_with(lm, prompt, answer, others, [(n,) for n in group] + [(group[i], group[j]) for i, j in pairs])
+    sets = [(n,) for n in group] + [(group[i], group[j]) for i, j in pairs]
+    drops = _drops_with(lm, prompt, answer, others, sets, params.mode)
     single, joint = drops[: len(group)], drops[len(group) :]
     parallel = {
         (i, j)
@@ -194,6 +218,6 @@ def _split(lm, prompt, answer, group, others, params) -> list[tuple[Neuron, ...]
 def _prune(lm, prompt, answer, part, others, params) -> tuple[Neuron, ...]:
     """The members of `part` whose suppression alone (with `others` off) removes the fact; all of `part` when
     none does (a part that is redundant inside)."""
-    drops = _drops_with(lm, prompt, answer, others, [(n,) for n in part])
+    drops = _drops_with(lm, prompt, answer, others, [(n,) for n in part], params.mode)
     links = tuple(n for n, d in zip(part, drops) if d > params.threshold_high)
     return links or tuple(part)

@@ -417,6 +417,13 @@ def _add_plant_command(sub) -> None:
     p.add_argument("--facts", type=int, default=6, help="how many facts to store twice (6)")
     p.add_argument("--controls", type=int, default=2, help="single-pathway and additive controls, each (2)")
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps (150; about 4 min on 2 cores)")
+    p.add_argument(
+        "--pathway-a",
+        choices=("fewest", "knowledge_neurons"),
+        default="fewest",
+        help="pathway A: the fewest top knowledge neurons that carry the fact (fewest), or all of the fact's "
+        "knowledge neurons before B's layers (knowledge_neurons)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
 
 
@@ -425,7 +432,13 @@ def run_plant(args) -> int:
 
     if args.facts < 1 or args.controls < 0 or args.steps < 1:
         raise UsageError("--facts and --steps must be >= 1 and --controls >= 0")
-    params = PlantParams(n_degenerate=args.facts, n_single=args.controls, n_additive=args.controls, steps=args.steps)
+    params = PlantParams(
+        n_degenerate=args.facts,
+        n_single=args.controls,
+        n_additive=args.controls,
+        steps=args.steps,
+        a_choice=args.pathway_a,
+    )
     say = (lambda msg: print(msg, file=sys.stderr)) if not args.json else (lambda msg: None)
     folder = build_planted_default(args.out, params, device=args.device, log=say)
     facts = read_manifest(folder)

@@ -43,6 +43,24 @@ log = logging.getLogger(__name__)
 RUNNER_CACHE_SIZE = 16  # runners kept per model (live interventions reuse them)
 
 
+_IN_PREFIX_RUN: contextvars.ContextVar = contextvars.ContextVar("dkn_in_prefix_run", default=False)
+
+
+def in_prefix_run() -> bool:
+    """True while a runner computes its prompt's prefix (every token before the answer position): hooks that
+    act at the answer position only skip that pass (dkn.backup.suppressed with mode "last")."""
+    return _IN_PREFIX_RUN.get()
+
+
+@contextmanager
+def _prefix_run():
+    token = _IN_PREFIX_RUN.set(True)
+    try:
+        yield
+    finally:
+        _IN_PREFIX_RUN.reset(token)
+
+
 class AnswerPositionRunner:
     """Rows that share a causal prompt and differ at its last position (the answer position)."""
 
@@ -51,11 +69,12 @@ class AnswerPositionRunner:
         self.lm, self.site = lm, site
         self.last = input_ids[:, -1:]  # [1, 1]
         with torch.no_grad(), lm.lock:
-            self.prefix = (
-                lm.model.base_model(input_ids=input_ids[:, :-1], cache=empty_cache(lm), use_cache=True).cache
-                if input_ids.shape[1] > 1
-                else None
-            )  # no head needed
+            with _prefix_run():
+                self.prefix = (
+                    lm.model.base_model(input_ids=input_ids[:, :-1], cache=empty_cache(lm), use_cache=True).cache
+                    if input_ids.shape[1] > 1
+                    else None
+                )  # no head needed
             self.block_inputs, self.block_calls, self.clean_logits, self.clean_acts = self._capture()
         key = (site, input_ids.shape[1])
         if key not in lm.staggered_checks:  # the replay depends on the architecture and the prompt length only

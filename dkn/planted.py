@@ -355,8 +355,12 @@ class PlantParams:
     n_additive: int = 2  # controls: B adds to the answer's logit, A and B each needed
     b_layers: int = 2  # pathway B: this many adjacent layers ...
     b_per_layer: int = 4  # ... with this many neurons each
-    max_a: int = 6  # pathway A: at most this many of the fact's top knowledge neurons ...
-    a_drop: float = 0.5  # ... the fewest whose suppression lowers P by more than this
+    a_choice: str = "fewest"  # pathway A: "fewest" of the fact's top knowledge neurons (below), or
+    #   "knowledge_neurons": all of them (those before B's layers, at most max_a_kn), the issue's "its own
+    #   knowledge neurons", which is what an instrument that starts from the knowledge neurons can see
+    max_a: int = 6  # "fewest": at most this many of the fact's top knowledge neurons ...
+    a_drop: float = 0.5  # ... the fewest whose suppression lowers P by more than this (both choices: A must)
+    max_a_kn: int = 40
     additive_boost: float = 1.386  # additive controls: B adds log(4) to the answer's logit
     max_prompt_tokens: int = 10  # short prompts keep the CPU cost down
     n_unrelated: int = 6  # unrelated prompts in the KL term ...
@@ -488,7 +492,12 @@ def _choose_pathways(lm: LoadedModel, candidates, params: PlantParams, log) -> l
         # A ends early enough for B to sit after it (B then reads A's output at the answer position and can
         # learn to write the answer only when A is off; a B before A could only add a fixed amount)
         early = [n for n in kns if n.layer < lm.n_layers - params.b_layers - 1]
-        prefixes = [tuple(early[:k]) for k in range(2, min(params.max_a, len(early)) + 1)]
+        if params.a_choice == "knowledge_neurons":
+            prefixes = [tuple(early[: params.max_a_kn])] if len(early) >= 2 else []
+        elif params.a_choice == "fewest":
+            prefixes = [tuple(early[:k]) for k in range(2, min(params.max_a, len(early)) + 1)]
+        else:
+            raise ValueError(f"unknown a_choice {params.a_choice!r}: use 'fewest' or 'knowledge_neurons'")
         if not prefixes:
             continue
         prob, probs = intervene_many(lm, prompt, answer, prefixes, 0.0)

@@ -14,6 +14,7 @@ from dkn.degeneracy import DegeneracyParams, analyse
 from dkn.interventions import intervene_many
 from dkn.models import wrap_model
 from dkn.neurons import Neuron
+from dkn.query import make_query
 from dkn.selection import coarse_neurons
 
 PROMPT, ANSWER = "the capital of france is", "paris"
@@ -146,6 +147,28 @@ def test_attribution_under_suppression_zeroes_the_suppressed_and_matches_the_ref
     assert attribute(lm, PROMPT, ANSWER, FAST).prob == pytest.approx(p0, rel=1e-6)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_attribution_suppressed_at_the_answer_position_only(family):
+    """mode "last": the neurons are off at the answer position and nowhere else, in the runner's rows as in the
+    full-prompt reference loop (the runner's prefix run stays clean), and P is intervene's "last" P."""
+    lm = tiny_model(family)
+    off = [Neuron(0, 3), Neuron(2, 7), Neuron(2, 8)]
+    fast = attribute_suppressed(lm, PROMPT, ANSWER, off, FAST, mode="last")
+    everywhere = attribute_suppressed(lm, PROMPT, ANSWER, off, FAST, mode="all")
+    positions = [] if family != "bert" else [step.position for step in make_query(lm, PROMPT, ANSWER).steps]
+    with suppressed(lm, off, mode="last", positions=positions):
+        ref = attribute(lm, PROMPT, ANSWER, FAST, reference_loop=True)
+    np.testing.assert_allclose(fast.scores, ref.scores, atol=1e-6)
+    assert all(fast.scores[n.layer, n.index] == 0 for n in off)
+    _, [p_last] = intervene_many(lm, PROMPT, ANSWER, [off], 0.0, "last")
+    _, [p_all] = intervene_many(lm, PROMPT, ANSWER, [off], 0.0, "all")
+    assert fast.prob == pytest.approx(p_last, rel=1e-5) and everywhere.prob == pytest.approx(p_all, rel=1e-5)
+    assert abs(p_last - p_all) > 1e-4  # the two modes differ on this model: the test can tell them apart
+    with pytest.raises(ValueError, match="unknown suppression mode"):
+        with suppressed(lm, off, mode="first"):
+            pass
+
+
 def test_bad_backup_settings_are_refused():
     with pytest.raises(ValueError, match="backup_rounds"):
         DegeneracyParams(clusterer="backup", backup_rounds=0).validate()
@@ -177,9 +200,10 @@ def test_pathway_drops_are_the_same_in_small_passes(monkeypatch):
 
     lm = _stored_twice_in_two_layers()
     sets = [(n,) for n in GROUP_A + GROUP_B] + [(GROUP_A[0], GROUP_B[0]), (GROUP_A[1], GROUP_B[1])]
-    whole = backup._drops_with(lm, PROMPT, ANSWER, [GROUP_B[1]], sets)
+    whole = backup._drops_with(lm, PROMPT, ANSWER, [GROUP_B[1]], sets, "all")
     monkeypatch.setattr(interventions, "rows_per_pass", lambda lm_, tokens, context: 2)
-    np.testing.assert_allclose(backup._drops_with(lm, PROMPT, ANSWER, [GROUP_B[1]], sets), whole, rtol=1e-5, atol=1e-7)
+    small = backup._drops_with(lm, PROMPT, ANSWER, [GROUP_B[1]], sets, "all")
+    np.testing.assert_allclose(small, whole, rtol=1e-5, atol=1e-7)
     assert whole.shape == (len(sets),) and np.ptp(whole) > 0.01  # the sets do differ
 
 
@@ -191,7 +215,7 @@ def test_split_keeps_two_pathways_apart_when_a_cross_pair_is_missed(monkeypatch)
     a1, a2, b1, b2 = Neuron(0, 0), Neuron(0, 1), Neuron(1, 2), Neuron(1, 3)
     pair_drop = {(a1, b1): 0.9, (a2, b2): 0.9, (a2, b1): 0.9, (a1, b2): 0.2, (a1, a2): 0.0, (b1, b2): 0.0}
 
-    def drops(lm, prompt, answer, others, sets):
+    def drops(lm, prompt, answer, others, sets, mode):
         return np.array([0.01 if len(s) == 1 else pair_drop[s] for s in sets])
 
     monkeypatch.setattr(backup, "_drops_with", drops)

@@ -130,10 +130,11 @@ UNRELATED = [
 ]
 
 
-def _plant_tiny(kl_weight: float):
+def _plant_tiny(kl_weight: float, **overrides):
     base = tiny_planted_model("llama", "single", extra_layers=4, seed=2)
     fact = base.facts[0]
     params = PlantParams(
+        **overrides,
         n_degenerate=1,
         n_single=0,
         n_additive=0,
@@ -170,6 +171,24 @@ def test_planting_a_second_pathway_makes_a_single_pathway_fact_degenerate():
     assert pm.info["kl_heldout"]["n"] == 2 and pm.info["kl_heldout"]["mean"] < 0.05
     _, _, drifted = _plant_tiny(kl_weight=0.0)
     assert drifted.info["kl_heldout"]["mean"] > 5 * pm.info["kl_heldout"]["mean"]
+
+
+def test_pathway_a_can_be_all_of_the_facts_knowledge_neurons():
+    """a_choice="knowledge_neurons": A is every coarse knowledge neuron before B's layers (from scratch here),
+    where "fewest" takes the shortest top prefix that carries the fact."""
+    from dkn.attribution import AttributionParams, attribute
+    from dkn.selection import coarse_neurons
+
+    base, fact, pm = _plant_tiny(kl_weight=5.0, a_choice="knowledge_neurons", b_layers=2)
+    scores = attribute(base.lm, fact.prompt, fact.answer, AttributionParams(steps=5, rule="midpoint")).scores
+    kns = sorted(coarse_neurons(scores, 0.2), key=lambda n: -scores[n.layer, n.index])
+    early = tuple(n for n in kns if n.layer < base.lm.n_layers - 2 - 1)
+    (planted,) = pm.facts
+    assert planted.groups[0] == early and len(early) >= 2
+    _, _, fewest = _plant_tiny(kl_weight=5.0, b_layers=2)
+    assert set(fewest.facts[0].groups[0]) <= set(early)
+    with pytest.raises(ValueError, match="unknown a_choice"):
+        _plant_tiny(kl_weight=5.0, a_choice="most")
 
 
 def test_plant_command_refuses_bad_counts(capsys):

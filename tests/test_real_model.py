@@ -89,3 +89,18 @@ def test_fast_path_matches_the_reference_for_two_layers(default_lm, ig, top10):
         fast = ig.scores[layer]
         assert np.corrcoef(fast, reference)[0, 1] >= 0.9999, layer
         assert np.abs(fast - reference).max() <= 1e-3 * np.abs(reference).max(), layer
+
+
+def test_adaptive_rule_refines_the_sharp_layer_and_beats_the_peer_rule(default_lm):
+    """On this fact the integrand's sharp features sit in layer 0 (the massive-activation layer): the
+    adaptive rule spends its extra points there and nowhere else, and is closer to a 128-interval trapezoid
+    than the knowledge-neurons peer's 20 evenly spaced points, with fewer rows."""
+    reference = attribute(default_lm, PROMPT, ANSWER, AttributionParams(steps=128, rule="trapezoid")).scores
+    adaptive = attribute(default_lm, PROMPT, ANSWER, AttributionParams(steps=6, rule="adaptive"))
+    peer = attribute(default_lm, PROMPT, ANSWER, AttributionParams(steps=20, rule="linspace")).scores
+    (intervals,) = adaptive.extra["intervals"]
+    assert intervals[0] > 6 and intervals[1:].count(6) >= 27, intervals
+    assert np.mean(intervals) < 19  # the peer's rows per layer
+    error = lambda s: np.abs(s - reference)
+    assert error(adaptive.scores).max() < error(peer).max()
+    assert error(adaptive.scores).mean() < error(peer).mean()
