@@ -26,6 +26,8 @@ PAGES = [
 link.restore()  # a shared link: its state, before any widget is drawn
 page = st.navigation(PAGES)
 with st.sidebar:
+    if st.session_state.get("_url_error"):  # shown until the session ends: the link was only partly read
+        st.warning(st.session_state["_url_error"], icon=":material/link_off:")
     lm = widgets.model_picker()
     st.divider()
     share = st.container()  # filled after the page ran (the page decides the fact and the groups)

@@ -5,6 +5,7 @@ import streamlit as st
 
 from dkn import figures
 from dkn.neurons import Neuron
+from dkn.options import DEFAULT_RULE
 from ui import state, widgets
 from ui.widgets import guard, pct
 
@@ -200,14 +201,21 @@ with st.expander("Settings", icon=":material/settings:"):
     method = c1.selectbox(
         "Method", list(METHODS), index=list(METHODS).index(settings.method), format_func=METHODS.get, key="set_method"
     )
+    adaptive = DEFAULT_RULE == "adaptive"  # its step count is the first level's intervals: even
     steps = c2.slider(
-        "Integration steps",
-        4,
-        50,
+        "Integration intervals (first level)" if adaptive else "Integration steps",
+        2 if adaptive else 4,
+        48 if adaptive else 50,
         settings.steps,
+        step=2 if adaptive else 1,
         key="set_steps",
         disabled=method != "ig",
-        help="More steps: more exact integrated gradients, proportionally slower.",
+        help=(
+            "Intervals every layer starts with; layers whose estimated error is larger get more "
+            "(dkn.integration, rule 'adaptive')."
+            if adaptive
+            else "More steps: more exact integrated gradients, proportionally slower."
+        ),
     )
     baseline = c3.selectbox(
         "Baseline",

@@ -368,6 +368,18 @@ def test_link_restores_the_view_and_follows_it(app):
     assert at.query_params["group"] in ("L3:N7 L4:N1", ["L3:N7 L4:N1"])
 
 
+def test_a_link_with_a_bad_setting_says_so_and_keeps_the_rest(app):
+    from dkn.options import DEFAULT_RULE
+
+    bad_steps = "7" if DEFAULT_RULE == "adaptive" else "0"  # odd intervals / no steps: both refused
+    app.query_params.update({"fact": "builtin/capital/Germany", "steps": bad_steps, "factor": "0.5"})
+    at = app.run()
+    no_exceptions(at)
+    assert "could not be read" in texts(at.warning) and "the rest is restored" in texts(at.warning)
+    assert at.session_state["fact"].prompt == "The capital of Germany is"  # read before the bad setting
+    assert at.session_state["settings"].steps != int(bad_steps)
+
+
 def test_export_all_builds_every_figure_with_the_intervention_and_link(app):
     import io
     import json

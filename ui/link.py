@@ -68,16 +68,16 @@ def _restore(params) -> None:
                 builtin_fact=match.id,
             )
     s = state.current_settings()
-    state.set_settings(
-        state.Settings(
-            method=_get(params, "method", s.method),
-            steps=int(_get(params, "steps", s.steps)),
-            baseline=_get(params, "baseline", s.baseline),
-            t=float(_get(params, "t", s.t)),
-            p=float(_get(params, "p", s.p)),
-            max_prompts=int(_get(params, "n", s.max_prompts)),
-        )
+    settings = state.Settings(
+        method=_get(params, "method", s.method),
+        steps=int(_get(params, "steps", s.steps)),
+        baseline=_get(params, "baseline", s.baseline),
+        t=float(_get(params, "t", s.t)),
+        p=float(_get(params, "p", s.p)),
+        max_prompts=int(_get(params, "n", s.max_prompts)),
     )
+    settings.attribution_params().validate()  # e.g. an odd step count for the adaptive rule: ValueError
+    state.set_settings(settings)
     if _get(params, "clusterer"):
         st.session_state["clusterer_value"] = params["clusterer"]
     if _get(params, "factor") is not None:
