@@ -163,6 +163,7 @@ def _meta(result: Attribution) -> dict:
         "fingerprint": result.fingerprint,
         "seconds": result.seconds,
         "params": asdict(result.params),
+        "extra": result.extra,
     }
 
 
@@ -181,6 +182,7 @@ def _from_entry(entry, params: AttributionParams) -> Attribution:
         m["fingerprint"],
         m["seconds"],
         cached=True,
+        extra=m.get("extra", {}),
     )
 
 
@@ -218,7 +220,7 @@ def _attribute_step(lm, step: Step, params, limits, reference_loop, progress):
     token; extra holds the adaptive rule's intervals per layer ("intervals")."""
     ids = torch.tensor([step.input_ids], device=lm.device)  # [1, T]
     runner = answer_runner(lm, step, params.site, keep=False)  # None for masked LMs
-    if runner is not None:  # its clean run of the answer position recorded the neurons
+    if runner is not None and not reference_loop:  # its clean run of the answer position recorded the neurons
         acts = runner.clean_acts  # [L, d], float
         prob = float(runner.clean_logits[0].float().softmax(-1)[step.target])
     else:

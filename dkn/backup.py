@@ -65,7 +65,7 @@ def suppressed(
     for a causal model the last position of every pass (a full prompt's last token, or the single token of
     the runner's rows) except the runner's prefix run (dkn.forward.in_prefix_run), for a masked model
     `positions` (the answer's mask positions)."""
-    from dkn.forward import in_prefix_run
+    from dkn.forward import in_prefix_run, no_kept_runners
 
     if mode not in ("all", "weights", "last"):
         raise ValueError(f"unknown suppression mode {mode!r}: use 'all', 'weights' or 'last'")
@@ -76,6 +76,7 @@ def suppressed(
     by_layer: dict[int, list[int]] = {}
     for n in neurons:
         by_layer.setdefault(n.layer, []).append(n.index)
+    # "weights" zeroes a neuron's weights in dkn.interventions: for its output that is every position
     rows = (list(positions) if lm.family.masked_lm else [-1]) if mode == "last" else [slice(None)]
 
     def zero(index: list[int]):
@@ -89,7 +90,7 @@ def suppressed(
 
         return edit
 
-    with edit_neurons(lm, {layer: zero(index) for layer, index in by_layer.items()}, site):
+    with no_kept_runners(), edit_neurons(lm, {layer: zero(index) for layer, index in by_layer.items()}, site):
         yield
 
 
@@ -101,7 +102,15 @@ def attribute_suppressed(
     from dkn.attribution import attribute
     from dkn.query import make_query
 
-    positions = [step.position for step in make_query(lm, prompt, answer).steps] if lm.family.masked_lm else []
+    steps = make_query(lm, prompt, answer).steps
+    if mode == "last" and lm.family.masked_lm and len(steps) > 1:
+        # intervene's "last" zeroes each answer token's own mask position in that token's pass; the hook here
+        # cannot tell the passes apart
+        raise ValueError(
+            "attribution with neurons off at the answer position of a masked model needs a one-token answer; "
+            "use mode 'all' for multi-token answers"
+        )
+    positions = [step.position for step in steps] if lm.family.masked_lm else []
     with suppressed(lm, neurons, mode=mode, positions=positions):
         return attribute(lm, prompt, answer, params, store=None)
 

@@ -44,6 +44,19 @@ RUNNER_CACHE_SIZE = 16  # runners kept per model (live interventions reuse them)
 
 
 _IN_PREFIX_RUN: contextvars.ContextVar = contextvars.ContextVar("dkn_in_prefix_run", default=False)
+_NO_KEPT_RUNNERS: contextvars.ContextVar = contextvars.ContextVar("dkn_no_kept_runners", default=False)
+
+
+@contextmanager
+def no_kept_runners():
+    """Within the block, answer_runner neither reuses nor keeps runners: a runner bakes the hooks active when
+    it was built into its prefix cache and clean capture, so one built under a suppression (dkn.backup.
+    suppressed) must not serve a later unsuppressed request, nor an unsuppressed one a suppressed request."""
+    token = _NO_KEPT_RUNNERS.set(True)
+    try:
+        yield
+    finally:
+        _NO_KEPT_RUNNERS.reset(token)
 
 
 def in_prefix_run() -> bool:
@@ -249,7 +262,7 @@ def answer_runner(lm: LoadedModel, step, site: str = "post", keep: bool = True) 
     if lm.family.masked_lm or step.position != len(step.input_ids) - 1:
         return None
     ids = torch.tensor([step.input_ids], device=lm.device)  # [1, T]
-    if not keep:
+    if not keep or _NO_KEPT_RUNNERS.get():
         return AnswerPositionRunner(lm, ids, site)
     key = (tuple(step.input_ids), site)
     with lm.lock:

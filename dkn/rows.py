@@ -27,7 +27,6 @@ from dkn import integration
 from dkn.forward import AnswerPositionRunner, rows_per_pass
 from dkn.hooks import edit_neurons
 from dkn.integration import (
-    ADAPTIVE_MAX_ROUNDS,
     halved_trapezoid_weights,
     integration_points,
     intervals_needed,
@@ -90,7 +89,8 @@ def adaptive_integrated_grads(
     a layer's error, in score units (`multiplier` [L, d] times the gradient sums), is estimated from the
     nested rule over m / 2 intervals (dkn.integration.richardson_error); each layer whose largest error
     exceeds `tolerance` times the largest score gets the intervals that should bring it under, all such
-    layers in one further pass, for at most ADAPTIVE_MAX_ROUNDS passes.  `tolerance` and `max_intervals`
+    layers in one further pass, for at most ADAPTIVE_MAX_ROUNDS passes (the last refinement is not estimated
+    again: a layer at ADAPTIVE_MAX_INTERVALS may still be over the tolerance).  `tolerance` and `max_intervals`
     default to dkn.integration's ADAPTIVE_TOLERANCE and ADAPTIVE_MAX_INTERVALS (read at call time)."""
     tolerance = integration.ADAPTIVE_TOLERANCE if tolerance is None else tolerance
     max_intervals = integration.ADAPTIVE_MAX_INTERVALS if max_intervals is None else max_intervals
@@ -99,9 +99,11 @@ def adaptive_integrated_grads(
     fine, coarse = sums[0].cpu().numpy(), sums[1].cpu().numpy()  # [L, d] each
     scale = multiplier.cpu().numpy()  # [L, d]
     intervals, ratio = np.full(job.n_layers, m), np.full(job.n_layers, 2)
-    for _ in range(ADAPTIVE_MAX_ROUNDS):
+    done = job.n_layers * m  # rows so far (for `progress`)
+    for _ in range(integration.ADAPTIVE_MAX_ROUNDS):
         top = max(float(np.abs(scale * fine).max()), 1e-30)
         error = richardson_error(scale * fine, scale * coarse, ratio[:, None]).max(1) / top  # [L]
+        error = np.nan_to_num(error, nan=0.0, posinf=np.finfo(np.float32).max)  # NaN: left as is; inf: the cap
         target = np.array([intervals_needed(e, tolerance, n, max_intervals) for e, n in zip(error, intervals)])
         todo = np.flatnonzero(target > intervals)
         if todo.size == 0:
@@ -110,6 +112,9 @@ def adaptive_integrated_grads(
         row_layer = np.concatenate([np.full(len(n), l) for l, n in zip(todo, nodes)])  # [R], ascending
         new_sum = np.zeros_like(fine)
         grads = _rows_grads(job, row_layer, np.concatenate(nodes))  # [R, d]
+        done += len(row_layer)
+        if progress is not None:
+            progress(done, done)  # a refinement pass: its rows were not known in advance
         np.add.at(new_sum, row_layer, grads.cpu().numpy())
         coarse[todo] = fine[todo]
         fine[todo] = refined_trapezoid(fine[todo], intervals[todo, None], target[todo, None], new_sum[todo])

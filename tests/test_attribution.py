@@ -186,6 +186,17 @@ def test_adaptive_rule_is_the_plain_trapezoid_with_its_intervals_and_refines_whe
         attribute(lm, PROMPT, ANSWER, AttributionParams(rule="adaptive", steps=2), reference_loop=True)
 
 
+def test_adaptive_intervals_survive_the_result_store(models, tmp_path):
+    from dkn.cache import ResultStore
+
+    lm = models("llama")
+    store = ResultStore(tmp_path / "results.sqlite")
+    first = attribute(lm, PROMPT, ANSWER, AttributionParams(rule="adaptive", steps=2), store=store)
+    again = attribute(lm, PROMPT, ANSWER, AttributionParams(rule="adaptive", steps=2), store=store)
+    assert again.cached and again.extra == first.extra and len(first.extra["intervals"][0]) == lm.n_layers
+    np.testing.assert_array_equal(again.scores, first.scores)
+
+
 # -- completeness --------------------------------------------------------------------------------
 def _target(result):
     return (np.asarray(result.token_probs)[None, :] - result.baseline_probs).sum(1)

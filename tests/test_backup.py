@@ -169,6 +169,25 @@ def test_attribution_suppressed_at_the_answer_position_only(family):
             pass
 
 
+def test_runners_kept_for_live_interventions_never_cross_a_suppression():
+    """A runner bakes the active hooks into its prefix and clean capture: inside `suppressed`, interventions
+    neither reuse the clean runner kept from before nor leave a suppressed one behind."""
+    lm = _stored_twice_in_two_layers()
+    p0, _ = intervene_many(lm, PROMPT, ANSWER, [], 0.0, "last")  # keeps a clean runner
+    with suppressed(lm, GROUP_A + GROUP_B, mode="last"):
+        p_inside, _ = intervene_many(lm, PROMPT, ANSWER, [], 0.0, "last")
+    _, [p_off] = intervene_many(lm, PROMPT, ANSWER, [GROUP_A + GROUP_B], 0.0, "last")
+    assert p_inside == pytest.approx(p_off, rel=1e-5) and p_off < 0.5 * p0
+    assert intervene_many(lm, PROMPT, ANSWER, [], 0.0, "last")[0] == pytest.approx(p0, rel=1e-6)
+
+
+def test_answer_position_suppression_of_a_masked_multi_token_answer_is_refused():
+    lm = tiny_model("bert")
+    with pytest.raises(ValueError, match="one-token answer"):
+        attribute_suppressed(lm, PROMPT, "paris france", [Neuron(0, 3)], FAST, mode="last")
+    assert attribute_suppressed(lm, PROMPT, "paris france", [Neuron(0, 3)], FAST, mode="all").scores[0, 3] == 0
+
+
 def test_bad_backup_settings_are_refused():
     with pytest.raises(ValueError, match="backup_rounds"):
         DegeneracyParams(clusterer="backup", backup_rounds=0).validate()
