@@ -132,7 +132,7 @@ def test_fast_path_equals_reference_loop_and_chunking(models, family):
     assert np.isfinite(fast.scores).all() and np.abs(fast.scores).max() > 0
     ref = attribute(lm, PROMPT, ANSWER, params, reference_loop=True)
     assert _rel(fast.scores, ref.scores) < 1e-5
-    assert fast.prob == pytest.approx(ref.prob, rel=1e-6)
+    assert fast.prob == pytest.approx(ref.prob, rel=1e-5)  # runner pass vs full prompt: rounding
     for rows in (1, 7, 512):
         chunked = attribute(lm, PROMPT, ANSWER, params, max_rows=rows)
         assert _rel(chunked.scores, fast.scores) < 1e-5, rows

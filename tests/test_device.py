@@ -64,13 +64,16 @@ def llama():
 def test_attribution_makes_no_tensor_without_a_device(llama, method, baseline):
     rules = RULES if method == "ig" else ("midpoint",)
     for rule in rules:
-        params = AttributionParams(method=method, steps=3, rule=rule, baseline=baseline)
+        steps = 4 if rule == "adaptive" else 3  # the adaptive rule halves its intervals: an even count
+        params = AttributionParams(method=method, steps=steps, rule=rule, baseline=baseline)
         expected = attribute(llama, PROMPT, "paris new", params)
         with no_implicit_device():
             fast = attribute(llama, PROMPT, "paris new", params, max_rows=4)
-            loop = attribute(llama, PROMPT, "paris new", params, reference_loop=True)
+            loop = None if rule == "adaptive" else attribute(llama, PROMPT, "paris new", params, reference_loop=True)
         np.testing.assert_allclose(fast.scores, expected.scores, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(loop.scores, expected.scores, rtol=1e-4, atol=1e-5 * np.abs(expected.scores).max())
+        if loop is not None:  # the reference loop runs fixed rules only
+            atol = 1e-5 * np.abs(expected.scores).max()
+            np.testing.assert_allclose(loop.scores, expected.scores, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma3_text", "bert"])
