@@ -112,7 +112,7 @@ def tiny_cases(seeds: int):
                     yield "tiny", pm.lm, fact
 
 
-def default_cases(folder: str | None, notes: list[str]):
+def default_cases(folder: str | None, notes: list[str], suite: str = "default"):
     pm = load_planted(folder=folder)
     kl = pm.info.get("kl_heldout", {})
     notes.append(
@@ -130,7 +130,7 @@ def default_cases(folder: str | None, notes: list[str]):
         if fact.verified:
             if fact.kind == "degenerate":
                 notes.append(visibility(pm.lm, fact))
-            yield "default", pm.lm, fact
+            yield suite, pm.lm, fact
 
 
 def visibility(lm, fact: PlantedFact) -> str:
@@ -154,8 +154,27 @@ def visibility(lm, fact: PlantedFact) -> str:
     )
     return (
         f"visibility of {fact.prompt!r}: {groups}; the {len(others)} other knowledge neurons off: "
-        f"{(p0 - probs[-1]) / p0:+.0%}"
+        f"{(p0 - probs[-1]) / p0:+.0%}; {_conditional(lm, fact)}"
     )
+
+
+def _conditional(lm, fact: PlantedFact) -> str:
+    """The last group's activations at the answer position with the first group on and off: a backup that is
+    silent while the first pathway works is invisible to any attribution of the unchanged model."""
+    import torch
+
+    from dkn.backup import suppressed
+    from dkn.hooks import record_neurons
+
+    first, last = fact.groups[0], fact.groups[-1]
+    ids = torch.tensor([lm.tokenizer(fact.prompt)["input_ids"]])
+    acts = []
+    for off in ((), first):
+        with torch.no_grad(), suppressed(lm, off, mode="last"), record_neurons(lm) as rec:
+            lm.model(input_ids=ids)
+        acts.append([float(rec[n.layer][0, -1, n.index]) for n in last])
+    fmt = lambda values: " ".join(f"{v:.1f}" for v in values)  # noqa: E731
+    return f"{chr(64 + len(fact.groups))}'s activations with A on: {fmt(acts[0])}; with A off: {fmt(acts[1])}"
 
 
 def run(cases, method_list) -> list[dict]:
@@ -252,8 +271,10 @@ def main() -> None:
     parser.add_argument("--no-default", action="store_true", help="skip the planted default model")
     parser.add_argument(
         "--planted",
+        action="append",
         default=None,
-        help="folder of a planted default model (default: build or load cache/planted/default-twice)",
+        help="folder of a planted default model (default: build or load cache/planted/default-twice); "
+        "repeat it to measure several (their suites are named default:FOLDER)",
     )
     parser.add_argument("--methods", default="", help="comma-separated clusterer names (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -271,11 +292,14 @@ def main() -> None:
             f"{', '.join(f'{k}-{n}' for k, n in TINY_CASES)}; {time.perf_counter() - t:.0f} s"
         )
     if not args.no_default:
-        t = time.perf_counter()
-        notes: list[str] = []
-        records += run(default_cases(args.planted, notes), method_list)
-        suites["default"] = f"planted SmolLM2-135M (verified facts only); {time.perf_counter() - t:.0f} s"
-        suites.update({f"default note {i}": note for i, note in enumerate(notes)})
+        folders = args.planted or [None]
+        for folder in folders:
+            suite = "default" if len(folders) == 1 else f"default:{Path(folder).name}"
+            t = time.perf_counter()
+            notes: list[str] = []
+            records += run(default_cases(folder, notes, suite), method_list)
+            suites[suite] = f"planted SmolLM2-135M (verified facts only); {time.perf_counter() - t:.0f} s"
+            suites.update({f"{suite} note {i}": note for i, note in enumerate(notes)})
     rows = summarise(records)
     field, edges = edge_variants()
     meta = {
