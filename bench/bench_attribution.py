@@ -466,7 +466,7 @@ def default_worker_main(fast_runs: int) -> None:
     if os.environ.get("BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     sys.path.insert(0, str(ROOT))
-    from dkn.attribution import attribute
+    from dkn.attribution import AttributionParams, attribute
     from dkn.models import load_model
 
     lm = load_model("default")
@@ -479,14 +479,15 @@ def default_worker_main(fast_runs: int) -> None:
         "answer": DEFAULT_ANSWER,
         "prompt_tokens": len(lm.tokenizer(DEFAULT_PROMPT)["input_ids"]),
     }
-    attribute(lm, DEFAULT_PROMPT, DEFAULT_ANSWER)  # warm-up
+    params = AttributionParams(rule="trapezoid", steps=10)  # a fixed rule: the reference loop runs those only
+    attribute(lm, DEFAULT_PROMPT, DEFAULT_ANSWER, params)  # warm-up
     fast = []
     for i in range(fast_runs):
-        res = attribute(lm, DEFAULT_PROMPT, DEFAULT_ANSWER)
+        res = attribute(lm, DEFAULT_PROMPT, DEFAULT_ANSWER, params)
         fast.append(res.seconds)
         log(f"default model: fast run {i + 1}/{fast_runs} {res.seconds:.2f} s")
     log("default model: reference loop (slow) ...")
-    ref = attribute(lm, DEFAULT_PROMPT, DEFAULT_ANSWER, reference_loop=True)
+    ref = attribute(lm, DEFAULT_PROMPT, DEFAULT_ANSWER, params, reference_loop=True)
     log(f"default model: reference loop {ref.seconds:.2f} s")
     out.update(
         params=dict(vars(res.params)),

@@ -28,7 +28,7 @@ from dkn.hooks import edit_neurons, record_neurons
 from dkn.integration import integration_points
 from dkn.models import LoadedModel
 from dkn.neurons import Neuron
-from dkn.options import DEFAULT_RULE, DEFAULT_STEPS
+from dkn.options import DEFAULT_RULE, default_steps
 from dkn.query import Query, Step, make_query
 from dkn.rows import RowJob, adaptive_integrated_grads, baseline_probs, integrated_grads, reference_integrated_grads
 
@@ -40,8 +40,8 @@ Progress = Callable[[int, int], None]  # (done, total)
 @dataclass(frozen=True)
 class AttributionParams:
     method: str = "ig"  # one of METHODS
-    steps: int = DEFAULT_STEPS  # m points of `rule`, integrated gradients only (dkn.options: why this default)
-    rule: str = DEFAULT_RULE  # see dkn.integration.RULES
+    steps: int | None = None  # m points of `rule`, integrated gradients only; None: the rule's default
+    rule: str = DEFAULT_RULE  # see dkn.integration.RULES (dkn.options: why this default)
     baseline: str = "zero"  # "zero" (Dai et al.) or "amig" (Chen et al.)
     site: str = "post"  # "post": after the activation (dkn's neuron); "pre": the scripts' choice
     multiplier: str = "delta"  # "delta": a - b (correct IG); "activation": a (the scripts' choice)
@@ -51,6 +51,10 @@ class AttributionParams:
     def faithful(cls, **overrides) -> AttributionParams:
         """The authors' script choices (pre-activation, AMIG baseline, left Riemann, m = 10, multiplier a)."""
         return replace(cls(steps=10, rule="left", baseline="amig", site="pre", multiplier="activation"), **overrides)
+
+    def __post_init__(self) -> None:
+        if self.steps is None:  # resolved here, so that cache keys always hold the number
+            object.__setattr__(self, "steps", default_steps(self.rule))
 
     def validate(self) -> None:
         if self.method not in METHODS:

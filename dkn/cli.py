@@ -153,7 +153,13 @@ def _fact_args(p):
 
 def _attribution_args(p):
     p.add_argument("--method", choices=options.METHODS, default="ig")
-    p.add_argument("--steps", type=positive_int, default=options.DEFAULT_STEPS, help=f"({options.DEFAULT_STEPS})")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"points of the rule ({options.DEFAULT_STEPS} for {options.DEFAULT_RULE}, "
+        f"{options.OTHER_RULES_STEPS} for the others)",
+    )
     p.add_argument(
         "--rule",
         choices=options.RULES,

@@ -16,7 +16,7 @@ from dkn.rows import RowJob, one_layer_grads
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_thread")]
 
 PROMPT, ANSWER = "The capital of France is", "Paris"
-PARAMS = AttributionParams(steps=10)  # the default points of the default rule (trapezoid-10)
+PARAMS = AttributionParams(rule="trapezoid", steps=10)  # fixed points: the tests below compare layers
 
 
 @pytest.fixture(scope="module")
