@@ -29,6 +29,7 @@ def _dumps(obj) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _check_rule_and_steps(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.run(args) or 0
@@ -40,6 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dkn {args.command}: interrupted; completed results are kept in the cache", file=sys.stderr)
         return 130
+
+
+def _check_rule_and_steps(parser, args) -> None:
+    """A step count the rule cannot take (an odd one for the adaptive rule) is refused before any model loads."""
+    from dkn.integration import integration_points
+
+    if getattr(args, "rule", None) is None or getattr(args, "faithful", False):
+        return
+    steps = args.steps if args.steps is not None else options.default_steps(args.rule)
+    try:
+        integration_points(args.rule, steps)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 # -- argument types: bad numbers are refused by argparse with a sentence (exit status 2) -------------------

@@ -31,7 +31,10 @@ def integration_points(rule: str, m: int) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"integration needs at least 1 step, got {m}")
     if rule == "adaptive":
         if m % 2:
-            raise ValueError(f"the adaptive rule needs an even number of intervals (it halves them), got {m}")
+            raise ValueError(
+                f"the adaptive rule needs an even number of intervals (it halves them), got {m}: give an even "
+                "--steps (e.g. 4 or 6), or a fixed rule such as --rule trapezoid"
+            )
         return integration_points("trapezoid", m)
     k = np.arange(m, dtype=np.float64)
     if rule == "left":

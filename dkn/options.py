@@ -34,6 +34,7 @@ def default_steps(rule: str) -> int:
     """How many points (intervals for the trapezoid and adaptive rules) `rule` takes when none are given."""
     return DEFAULT_STEPS if rule == DEFAULT_RULE else OTHER_RULES_STEPS
 
+
 #: Integrated-gradients baselines: zero (Dai et al.) or AMIG (Chen et al.).
 BASELINES = ("zero", "amig")
 

@@ -20,7 +20,7 @@ from dkn.selection import coarse_neurons
 PROMPT, ANSWER = "the capital of france is", "paris"
 GROUP_A = (Neuron(0, 0), Neuron(0, 1))  # layer 0, the stronger copy
 GROUP_B = (Neuron(1, 2), Neuron(1, 3))  # layer 1, the weaker copy: still enough alone
-FAST = AttributionParams(steps=8)
+FAST = AttributionParams(steps=8, rule="trapezoid")  # fixed points: the reference loop checks these
 
 
 def _stored_twice_in_two_layers(with_b: bool = True):

@@ -95,7 +95,7 @@ def test_neurons_json():
         "--json",
         "--no-cache",
         "--steps",
-        "1",
+        "2",
         "--p",
         "0.4",
     )
@@ -219,7 +219,7 @@ def test_tiny_local_folder_through_every_command(tmp_path, capsys):
     model = ["--model", str(_tiny_folder(tmp_path)), "--device", "cpu"]
     fact = ["--prompt", "the capital of france is", "--answer", "paris"]
     capsys.readouterr()
-    assert main(["attribute", *model, *fact, "--json", "--no-cache", "--steps", "3", "--top", "4"]) == 0
+    assert main(["attribute", *model, *fact, "--json", "--no-cache", "--steps", "2", "--top", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["n_layers"], out["d_mlp"], len(out["top"])) == (3, 128, 4)
     assert out["answer"] == " paris" and 0 < out["prob"] < 1 and out["cached"] is False
@@ -269,6 +269,7 @@ def test_unreadable_model_folder_exits_2(tmp_path, capsys, damage):
         (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--top", "-5"], "at least 1"),
         (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--top", "five"], "not a whole number"),
         (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--steps", "0"], "at least 1"),
+        (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--steps", "5"], "even --steps"),
         (["attribute", "--prompt", PROMPT, "--answer", ANSWER, "--rule", "simpson"], "invalid choice"),
         (["experiment", "acquisition", "--limit", "0"], "at least 1"),
         (["experiment", "acquisition", "--limit", "-1"], "at least 1"),
@@ -395,7 +396,7 @@ def test_cached_attribute_answers_without_loading_the_model(tmp_path, capsys, mo
 
     monkeypatch.setenv("DKN_CACHE_DIR", str(tmp_path / "cache"))
     folder = _tiny_folder(tmp_path)
-    argv = ["attribute", "--model", str(folder), "--device", "cpu", *TINY_FACT, "--json", "--steps", "3", "--top", "4"]
+    argv = ["attribute", "--model", str(folder), "--device", "cpu", *TINY_FACT, "--json", "--steps", "2", "--top", "4"]
     capsys.readouterr()
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)

@@ -178,7 +178,7 @@ def test_cli_dtype_flag_loads_half_precision(tmp_path, capsys):
     from dkn.cli import main
 
     _, folder = _saved_tiny(tmp_path)
-    args = fact_argv("attribute", folder, PROMPT, ANSWER, "--no-cache", "--steps", "3", "--json")
+    args = fact_argv("attribute", folder, PROMPT, ANSWER, "--no-cache", "--steps", "2", "--json")
     capsys.readouterr()
     assert main([*args, "--dtype", "bfloat16"]) == 0
     half = json.loads(capsys.readouterr().out)
@@ -231,8 +231,15 @@ def test_an_offloaded_model_gives_the_same_attribution_and_interventions(tmp_pat
     from dkn.forward import AnswerPositionRunner
 
     assert AnswerPositionRunner(lm, torch.tensor([lm.tokenizer(PROMPT)["input_ids"]])).staggered
+    adaptive = AttributionParams(steps=4)  # the default rule: the fast path only (no reference loop)
+    np.testing.assert_allclose(
+        attribute(lm, PROMPT, "paris new", adaptive).scores,
+        attribute(plain, PROMPT, "paris new", adaptive).scores,
+        rtol=1e-5,
+        atol=1e-7,
+    )
     for params in (
-        AttributionParams(steps=4),
+        AttributionParams(steps=4, rule="trapezoid"),
         AttributionParams(steps=3, rule="trapezoid", baseline="amig"),
         AttributionParams(method="grad_x_act"),
     ):
