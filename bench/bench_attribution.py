@@ -620,7 +620,8 @@ def render_markdown(r: dict) -> str:
         lines += [
             f"## Real default model ({d['model']}, {d['n_layers']} x {d['d_mlp']}), our venv only",
             "",
-            f"`attribute(lm, {d['prompt']!r}, {d['answer']!r})` with default params "
+            f"`attribute(lm, {d['prompt']!r}, {d['answer']!r})` with the {d['params']['rule']} rule, "
+            f"{d['params']['steps']} points "
             f"({d['prompt_tokens']} prompt tokens): fast path vs `reference_loop=True`.",
             "",
             "| fast s (median) | loop s (1 run) | speed-up | Pearson r | max abs diff / max abs score |",
