@@ -13,6 +13,7 @@ import math
 import sys
 import time
 import traceback
+from dataclasses import asdict
 
 from dkn import jsonsafe, options
 from dkn.errors import USER_ERRORS, UsageError
@@ -277,6 +278,8 @@ def run_attribute(args) -> int:
             result.cached,
             result.answer_tokens,
             args.top,
+            params=asdict(result.params),
+            extra=result.extra,
         )
         memo.remember(
             store,
@@ -334,10 +337,16 @@ def _cached_attribution(store, args, request: dict) -> dict | None:
         True,
         m["answer_tokens"],
         args.top,
+        params=m.get("params", {}),
+        extra=m.get("extra", {}),
     )
 
 
-def _attribution_out(model, label, prompt, answer, prob, scores, seconds, cached, answer_tokens, top) -> dict:
+def _attribution_out(
+    model, label, prompt, answer, prob, scores, seconds, cached, answer_tokens, top, *, params: dict, extra: dict
+) -> dict:
+    """The `attribute` command's output; `params` the AttributionParams as a dict, `extra` what the rule reports
+    (the adaptive rule: its intervals per layer, one list per answer token)."""
     from dkn.neurons import top_neurons
 
     n_layers, d_mlp = scores.shape  # scores: [n_layers, d_mlp]
@@ -354,6 +363,8 @@ def _attribution_out(model, label, prompt, answer, prob, scores, seconds, cached
         "seconds": seconds,
         "cached": cached,
         "answer_tokens": list(answer_tokens),
+        "params": params,
+        **({"intervals": extra["intervals"]} if "intervals" in extra else {}),
     }
 
 

@@ -54,7 +54,8 @@ def test_attribute_json(attributed):
     out = attributed
     documented = {"model", "prompt", "answer", "prob", "n_layers", "d_mlp", "top", "seconds", "cached"}
     assert documented <= set(out)
-    assert set(out) - documented <= {"answer_tokens"}
+    assert set(out) - documented <= {"answer_tokens", "params", "intervals"}
+    assert out["params"]["rule"] == "adaptive" and out["intervals"][0][0] > out["params"]["steps"]  # layer 0 refined
     assert out["model"] == "default" and out["prompt"] == PROMPT and out["answer"] == " Paris"
     assert 0.6 < out["prob"] < 0.9
     assert (out["n_layers"], out["d_mlp"]) == (30, 1536)
@@ -401,6 +402,9 @@ def test_cached_attribute_answers_without_loading_the_model(tmp_path, capsys, mo
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["cached"] is False
+    assert first["params"]["rule"] == "adaptive" and first["params"]["steps"] == 2
+    assert len(first["intervals"]) == 1 and len(first["intervals"][0]) == first["n_layers"]  # one answer token
+    assert all(n >= 2 and n % 2 == 0 for n in first["intervals"][0])
     monkeypatch.setattr(dkn.models, "load_model", _no_model)
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
