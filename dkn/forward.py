@@ -48,30 +48,26 @@ _NO_KEPT_RUNNERS: contextvars.ContextVar = contextvars.ContextVar("dkn_no_kept_r
 
 
 @contextmanager
+def _raised(flag: contextvars.ContextVar):
+    """`flag` is True within the block (in this thread or task only)."""
+    token = flag.set(True)
+    try:
+        yield
+    finally:
+        flag.reset(token)
+
+
 def no_kept_runners():
     """Within the block, answer_runner neither reuses nor keeps runners: a runner bakes the hooks active when
     it was built into its prefix cache and clean capture, so one built under a suppression (dkn.backup.
     suppressed) must not serve a later unsuppressed request, nor an unsuppressed one a suppressed request."""
-    token = _NO_KEPT_RUNNERS.set(True)
-    try:
-        yield
-    finally:
-        _NO_KEPT_RUNNERS.reset(token)
+    return _raised(_NO_KEPT_RUNNERS)
 
 
 def in_prefix_run() -> bool:
     """True while a runner computes its prompt's prefix (every token before the answer position): hooks that
     act at the answer position only skip that pass (dkn.backup.suppressed with mode "last")."""
     return _IN_PREFIX_RUN.get()
-
-
-@contextmanager
-def _prefix_run():
-    token = _IN_PREFIX_RUN.set(True)
-    try:
-        yield
-    finally:
-        _IN_PREFIX_RUN.reset(token)
 
 
 class AnswerPositionRunner:
@@ -82,7 +78,7 @@ class AnswerPositionRunner:
         self.lm, self.site = lm, site
         self.last = input_ids[:, -1:]  # [1, 1]
         with torch.no_grad(), lm.lock:
-            with _prefix_run():
+            with _raised(_IN_PREFIX_RUN):
                 self.prefix = (
                     lm.model.base_model(input_ids=input_ids[:, :-1], cache=empty_cache(lm), use_cache=True).cache
                     if input_ids.shape[1] > 1
