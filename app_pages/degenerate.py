@@ -187,6 +187,12 @@ with guard("Degeneracy analysis"):
             "too; it stops when the fact is gone. The rounds are then split into parallel pathways, completed "
             "and pruned (each with the other groups off): each pathway is one candidate group.",
         )
+        held = [str(n) for r in result.rounds for n in r.carriers]
+        if held:
+            st.caption(
+                f"Held out of the rounds as necessary carriers (each alone removes the fact, so no group that can "
+                f"go may hold it; kept on throughout): {', '.join(held)}."
+            )
 
     st.subheader("Candidate groups")
     if result.candidates:

@@ -2,10 +2,11 @@
 
 Ground truth from dkn.planted: tiny GPT-2 / LLaMA / GPT-NeoX models with a fact wired into 2 or 3 disjoint
 neuron chains (degenerate), and controls with one chain (single pathway) or two additive chains (each
-needed); and the default model with planted redundancy (`python -m dkn plant`, built on first use under
-cache/planted/default-twice).  For every method (each name in dkn.degeneracy.CLUSTERER_NAMES, and each edge
-definition of the knowledge-neuron graph where DegeneracyParams has one) and two ways of choosing the
-neurons it is given:
+needed), each also built with a shared necessary carrier that feeds every chain (suite tiny+carrier: the
+first attribution's top neuron is then a neuron no redundant group can hold); and the default model with
+planted redundancy (`python -m dkn plant`, built on first use under cache/planted/default-twice).  For
+every method (each name in dkn.degeneracy.CLUSTERER_NAMES, and each edge definition of the knowledge-neuron
+graph where DegeneracyParams has one) and two ways of choosing the neurons it is given:
   kn     - the instrument's own pipeline: the coarse knowledge neurons of the prompt (IG, t = 0.2);
   oracle - the planted neurons plus those knowledge neurons (isolates the clustering and the test),
 it prints: planted degenerate facts called degenerate, those whose every planted group is matched by a DKN
@@ -103,13 +104,19 @@ def neuron_sets(lm, fact: PlantedFact) -> dict[str, tuple[list, list]]:
     return {"kn": (kns, value(kns)), "oracle": (oracle, value(oracle))}
 
 
-def tiny_cases(seeds: int):
+def tiny_cases(seeds: int, carrier: bool = False, skipped: list | None = None):
+    """Every tiny planted case; with `carrier`, each also has a shared necessary carrier before its groups
+    (suite "tiny+carrier").  A fact whose measured drops do not fit its kind is skipped (listed in `skipped`)."""
+    suite = "tiny+carrier" if carrier else "tiny"
     for family in TINY_FAMILIES:
         for seed in range(seeds):
             for kind, n_groups in TINY_CASES:
-                pm = tiny_planted_model(family, kind, n_groups, seed=seed)
+                pm = tiny_planted_model(family, kind, n_groups, carrier=carrier, seed=seed)
                 for fact in pm.facts:
-                    yield "tiny", pm.lm, fact
+                    if fact.verified:
+                        yield suite, pm.lm, fact
+                    elif skipped is not None:
+                        skipped.append(pm.lm.name)
 
 
 def default_cases(folder: str | None, notes: list[str], suite: str = "default"):
@@ -284,12 +291,15 @@ def main() -> None:
     method_list = methods([m for m in args.methods.split(",") if m] or None)
     start = time.perf_counter()
     records, suites = [], {}
-    if not args.no_tiny:
-        t = time.perf_counter()
-        records += run(tiny_cases(args.seeds), method_list)
-        suites["tiny"] = (
+    for carrier in () if args.no_tiny else (False, True):
+        t, skipped = time.perf_counter(), []
+        records += run(tiny_cases(args.seeds, carrier, skipped), method_list)
+        suites["tiny+carrier" if carrier else "tiny"] = (
             f"{len(TINY_FAMILIES)} families ({', '.join(TINY_FAMILIES)}) x {args.seeds} seeds x "
-            f"{', '.join(f'{k}-{n}' for k, n in TINY_CASES)}; {time.perf_counter() - t:.0f} s"
+            f"{', '.join(f'{k}-{n}' for k, n in TINY_CASES)}"
+            + ("; each with a shared necessary carrier neuron in layer 0 that feeds every group" if carrier else "")
+            + (f"; not verified, skipped: {', '.join(skipped)}" if skipped else "")
+            + f"; {time.perf_counter() - t:.0f} s"
         )
     if not args.no_default:
         folders = args.planted or [None]

@@ -13,6 +13,16 @@ coin: switch the first carriers off and others take over.  So, in rounds:
 3. repeat until P(answer) with everything found so far suppressed has dropped by more than
    `threshold_high` (the fact is gone), no new neuron is found, or `rounds` rounds are done.
 
+Necessary carriers are held out of every round: a neuron whose suppression alone, in the unchanged model,
+removes the fact (drop > `threshold_high`) can be in no group that may go without the fact going, so it is
+no candidate component; suppressing it with a round would only end the rounds before any backup is seen
+(a prompt's top knowledge neuron is often such a carrier, feeding every pathway).  Such neurons are kept on,
+listed as the round's `carriers`, and the round is chosen again from the rest, with the coarse threshold
+relative to the best of the rest, from an attribution that holds every carrier at its clean activation on
+the integration paths (dkn.rows.pinned): scaling a layer scales its carrier too, and without the pin the
+carrier's layer-mates borrow its effect (one batched intervention per screen; at most `max_neurons`
+carriers).
+
 A round is not yet a pathway: it can hold parts of two parallel pathways (both carried the fact once the
 earlier rounds were off), miss a pathway's upstream neurons (whose effect runs through a member already
 found, so suppressing that member hid them) and carry noise.  `pathways` turns the rounds into whole
@@ -20,11 +30,15 @@ pathways, each step with every other component suppressed:
 a. split: two members each harmless alone (drop < threshold_low) whose joint suppression removes the fact
    (drop > threshold_high) lie on parallel pathways: the two sides of each connected, bipartite graph of
    such pairs are two parts (a non-bipartite one stays one part); members in no such pair are dropped
-   (every single and pair in one batched intervention, split into passes by the memory budget);
+   (every single and pair in one batched intervention, split into passes by the memory budget).  With three
+   or more pathways in one round no pair removes the fact; then a member, or two members, with which the
+   rest of the round can go (relative change < threshold_low) form a part;
 b. complete: attribute with every other part suppressed, so that this part's pathway alone carries the
-   fact, and add the coarse neurons of that attribution (upstream members included);
+   fact, and add the coarse neurons of that attribution (upstream members included; never a carrier);
 c. prune: keep the members whose suppression alone (the other split parts still off) removes the fact,
-   i.e. the pathway's links; a part with no such member is kept whole.
+   i.e. the pathway's links; a part with no such member is kept whole;
+d. keep the parts that carry the fact with every other part off: the fact survives them off (relative drop
+   < threshold_high), and this part off too removes it (a further relative drop > threshold_high).
 Parts are made disjoint (a neuron stays in the first).  On the planted tiny models (bench/
 bench_degeneracy_recall.py) this is what lets backup discovery recover every planted pathway.
 
@@ -95,12 +109,20 @@ def suppressed(
 
 
 def attribute_suppressed(
-    lm: LoadedModel, prompt: str, answer: str, neurons: Sequence[Neuron], params=None, mode: str = "all"
+    lm: LoadedModel,
+    prompt: str,
+    answer: str,
+    neurons: Sequence[Neuron],
+    params=None,
+    mode: str = "all",
+    pinned: Sequence[Neuron] = (),
 ):
-    """dkn.attribution.attribute with `neurons` suppressed (`mode` as in `suppressed`; never cached: the store's
-    key does not know about the suppression)."""
+    """dkn.attribution.attribute with `neurons` suppressed (`mode` as in `suppressed`) and the `pinned` neurons
+    held at their clean activations on every integration path (dkn.rows.pinned); never cached: the store's
+    key knows about neither."""
     from dkn.attribution import attribute
     from dkn.query import make_query
+    from dkn.rows import pinned as pinned_on_paths
 
     steps = make_query(lm, prompt, answer).steps
     if mode == "last" and lm.family.masked_lm and len(steps) > 1:
@@ -111,7 +133,7 @@ def attribute_suppressed(
             "use mode 'all' for multi-token answers"
         )
     positions = [step.position for step in steps] if lm.family.masked_lm else []
-    with suppressed(lm, neurons, mode=mode, positions=positions):
+    with suppressed(lm, neurons, mode=mode, positions=positions), pinned_on_paths(pinned):
         return attribute(lm, prompt, answer, params, store=None)
 
 
@@ -119,41 +141,77 @@ def discover(
     lm: LoadedModel, prompt: str, answer: str, params: DegeneracyParams, first_round: Sequence[Neuron] = ()
 ) -> tuple[Round, ...]:
     """The rounds of backup discovery (see the module docstring); thresholds and limits from `params`:
-    threshold_high (the fact is gone), backup_rounds, backup_t, backup_max_neurons, backup_attribution."""
+    threshold_high (the fact is gone; a carrier), backup_rounds, backup_t, backup_max_neurons,
+    backup_attribution."""
     from dkn.degeneracy import Round
     from dkn.interventions import intervene_many
 
     found: list[Neuron] = []
+    carriers: list[Neuron] = []
     rounds: list[Round] = []
     prob0, _ = intervene_many(lm, prompt, answer, [], 0.0, params.mode)
     prob_before = prob0
     given = tuple(dict.fromkeys(Neuron(*n) for n in first_round))[: params.backup_max_neurons]
     for k in range(params.backup_rounds):
-        if k == 0 and given:
-            new, scores = given, (float("nan"),) * len(given)
-        else:
-            attribution = attribute_suppressed(lm, prompt, answer, found, params.backup_attribution, params.mode)
-            new, scores = round_neurons(attribution.scores, set(found), params.backup_t, params.backup_max_neurons)
+        new, new_scores, held = _round_without_carriers(
+            lm, prompt, answer, found, carriers, given if k == 0 else (), params
+        )
+        carriers += held
         if not new:
             break
         found += new
         _, [prob_after] = intervene_many(lm, prompt, answer, [tuple(found)], 0.0, params.mode)
         drop = (prob0 - prob_after) / prob0 if prob0 > 0 else 0.0
-        rounds.append(Round(tuple(new), tuple(scores), float(prob_before), float(prob_after), float(drop)))
+        rounds.append(
+            Round(tuple(new), tuple(new_scores), float(prob_before), float(prob_after), float(drop), tuple(held))
+        )
         prob_before = prob_after
         if drop > params.threshold_high:
             break
     return tuple(rounds)
 
 
+def _round_without_carriers(lm, prompt, answer, found, carriers, given, params):
+    """(the round's neurons, their scores, the new carriers held out of it): the `given` neurons, or the coarse
+    neurons of an attribution with `found` suppressed and every carrier pinned (dkn.rows.pinned), never one
+    found or a carrier; less each new carrier (see the module docstring).  When a whole choice is carriers, the
+    round is chosen again from an attribution with them pinned too (given neurons that are all carriers fall
+    back to an attribution)."""
+    held: list[Neuron] = []
+    while len(held) < params.backup_max_neurons:
+        pins, exclude = (*carriers, *held), set(found) | set(carriers) | set(held)
+        if given:
+            new = tuple(n for n in given if n not in exclude)
+            new_scores = (float("nan"),) * len(new)
+        else:
+            scores = attribute_suppressed(
+                lm, prompt, answer, found, params.backup_attribution, params.mode, pinned=pins
+            ).scores
+            new, new_scores = round_neurons(scores, exclude, params.backup_t, params.backup_max_neurons)
+        if not new:
+            return (), (), tuple(held)
+        drops = _drops_with(lm, prompt, answer, (), [(n,) for n in new], params.mode)
+        carrier = drops > params.threshold_high
+        held += [n for n, c in zip(new, carrier) if c]
+        kept = [(n, v) for n, v, c in zip(new, new_scores, carrier) if not c]
+        if kept:
+            return tuple(n for n, _ in kept), tuple(v for _, v in kept), tuple(held)
+        given = ()  # every given neuron is a carrier: choose from an attribution instead
+    return (), (), tuple(held)
+
+
 def round_neurons(
     scores: np.ndarray, exclude: set[Neuron], t: float, max_neurons: int
 ) -> tuple[tuple[Neuron, ...], tuple[float, ...]]:
-    """The coarse neurons of one round: score > t x the top score, not in `exclude`, highest first, at most
-    `max_neurons`; scores [n_layers, d_mlp].  Empty when no score is positive."""
+    """The coarse neurons of one round among those not in `exclude`: score > t x the best score outside
+    `exclude`, highest first, at most `max_neurons`; scores [n_layers, d_mlp].  Empty when no score outside
+    `exclude` is positive."""
     from dkn.selection import coarse_neurons
 
-    chosen = [n for n in coarse_neurons(scores, t) if n not in exclude]
+    rest = np.array(scores, dtype=float, copy=True)  # [n_layers, d_mlp]
+    for n in exclude:
+        rest[n.layer, n.index] = 0.0  # never coarse, and not the reference
+    chosen = [n for n in coarse_neurons(rest, t) if n not in exclude]
     chosen.sort(key=lambda n: -scores[n.layer, n.index])
     chosen = chosen[:max_neurons]
     return tuple(chosen), tuple(float(scores[n.layer, n.index]) for n in chosen)
@@ -166,16 +224,20 @@ def pathways(
     (see the module docstring); suppression and thresholds from `params`."""
     parts: list[tuple[tuple[Neuron, ...], int]] = []
     groups = [tuple(r.neurons) for r in rounds]
+    carriers = {n for r in rounds for n in r.carriers}  # kept on, never added to a pathway
     for k, group in enumerate(groups):
         others = [n for j, g in enumerate(groups) if j != k for n in g]
         parts += [(part, k + 1) for part in _split(lm, prompt, answer, group, others, params)]
     completed = []
     for k, (part, origin) in enumerate(parts):
         others = [n for j, (p, _) in enumerate(parts) if j != k for n in p]
-        attribution = attribute_suppressed(lm, prompt, answer, others, params.backup_attribution, params.mode)
-        new, _ = round_neurons(attribution.scores, set(others), params.backup_t, params.backup_max_neurons)
+        attribution = attribute_suppressed(
+            lm, prompt, answer, others, params.backup_attribution, params.mode, pinned=tuple(carriers)
+        )
+        new, _ = round_neurons(attribution.scores, set(others) | carriers, params.backup_t, params.backup_max_neurons)
         whole = tuple(dict.fromkeys(part + new))
         completed.append((_prune(lm, prompt, answer, whole, others, params), origin))
+    completed = _carrying(lm, prompt, answer, completed, params)
     seen: set[Neuron] = set()
     out = []
     for part, origin in completed:
@@ -184,6 +246,27 @@ def pathways(
         if part:
             out.append((part, origin))
     return tuple(out)
+
+
+def _carrying(lm, prompt, answer, parts, params):
+    """The parts that carry the fact once every other part is off: with the others off the fact survives
+    (relative drop < threshold_high), and switching this part off too removes it (a further relative drop
+    > threshold_high).  A backup pathway is what carries the fact once the others are gone; rounds taken after
+    the carriers were held out can hold only small contributions that add up (their union removes the fact
+    although none stores it), which would otherwise pass as groups that can each go.  All parts when fewer than
+    two; repeated until no part is dropped (the others of each part change when one goes)."""
+    while len(parts) >= 2:
+        groups = [part for part, _ in parts]
+        everything = tuple(n for g in groups for n in g)
+        others = [tuple(n for j, g in enumerate(groups) if j != k for n in g) for k in range(len(groups))]
+        drops = _drops_with(lm, prompt, answer, (), others + [everything], params.mode)  # from the unchanged P
+        left, gone = drops[:-1], drops[-1]
+        further = (gone - left) / np.maximum(1 - left, 1e-12)  # this part off too, relative to the others off
+        kept = [p for p, d, f in zip(parts, left, further) if d < params.threshold_high and f > params.threshold_high]
+        if len(kept) == len(parts):
+            break
+        parts = kept
+    return parts
 
 
 def _drops_with(lm, prompt, answer, others: Sequence[Neuron], sets: list[tuple[Neuron, ...]], mode: str) -> np.ndarray:
@@ -199,7 +282,9 @@ def _drops_with(lm, prompt, answer, others: Sequence[Neuron], sets: list[tuple[N
 
 def _split(lm, prompt, answer, group, others, params) -> list[tuple[Neuron, ...]]:
     """The parts of `group` that lie on parallel pathways (members harmless alone, jointly removing the fact
-    with one of another part); the whole group when no pair says so.  Members in no such pair are dropped."""
+    with one of another part); the whole group when no pair says so.  Members in no such pair are dropped.
+    Three or more pathways in one group have no such pair (any two members off leave a third pathway on):
+    then the parts are the members that carry the fact on their own, the rest of the group off (`_co_carriers`)."""
     group = list(group)
     if len(group) < 2:
         return [tuple(group)]
@@ -213,7 +298,7 @@ def _split(lm, prompt, answer, group, others, params) -> list[tuple[Neuron, ...]
         if abs(single[i]) < params.threshold_low and abs(single[j]) < params.threshold_low and d > params.threshold_high
     }
     if not parallel:
-        return [tuple(group)]
+        return _co_carriers(lm, prompt, answer, group, others, pairs, params) or [tuple(group)]
     graph = nx.Graph(parallel)  # an edge: two members on parallel pathways
     parts = []
     for component in sorted(nx.connected_components(graph), key=min):
@@ -222,6 +307,27 @@ def _split(lm, prompt, answer, group, others, params) -> list[tuple[Neuron, ...]
         sides = nx.bipartite.sets(sub) if nx.is_bipartite(sub) else (component,)
         parts += [tuple(group[i] for i in sorted(side)) for side in sides]
     return sorted(parts, key=lambda part: group.index(part[0]))
+
+
+def _co_carriers(lm, prompt, answer, group, others, pairs, params) -> list[tuple[Neuron, ...]]:
+    """Parts of `group` that each carry the fact with every other member (and `others`) off, i.e. the rest can go
+    (|relative change| < threshold_low): a member that does so alone is a part; two members that do so together,
+    neither alone, are one part (a pathway of two steps; connected pairs, one part).  At least two parts, or none
+    (empty: the group cannot be split so)."""
+    everyone = tuple(group)
+    keep = lambda kept: tuple(n for n in everyone if n not in kept)  # noqa: E731  suppress all but `kept`
+    sets = [keep({n}) for n in group] + [keep({group[i], group[j]}) for i, j in pairs]
+    drops = _drops_with(lm, prompt, answer, others, sets, params.mode)
+    alone = [abs(d) < params.threshold_low for d in drops[: len(group)]]
+    graph = nx.Graph()
+    graph.add_nodes_from(i for i, ok in enumerate(alone) if ok)
+    graph.add_edges_from(
+        (i, j)
+        for (i, j), d in zip(pairs, drops[len(group) :])
+        if abs(d) < params.threshold_low and not alone[i] and not alone[j]
+    )
+    parts = [tuple(group[i] for i in sorted(c)) for c in sorted(nx.connected_components(graph), key=min)]
+    return parts if len(parts) >= 2 else []
 
 
 def _prune(lm, prompt, answer, part, others, params) -> tuple[Neuron, ...]:

@@ -107,6 +107,7 @@ class Round:
     prob_before: float  # P(answer) with the earlier rounds suppressed (what was attributed)
     prob_after: float  # P(answer) with this round suppressed too
     drop_after: float  # relative drop of P from the unchanged model after this round
+    carriers: Group = ()  # held out of this round: each alone removes the fact (kept on; dkn.backup)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ class DegeneracyResult:
                     "prob_before": r.prob_before,
                     "prob_after": r.prob_after,
                     "drop_after": r.drop_after,
+                    "carriers": group(r.carriers),
                 }
                 for r in self.rounds
             ],

@@ -11,6 +11,9 @@ Two kinds of planted models, both described by `PlantedFact`s (prompt, answer, k
   * "degenerate": 2-3 groups, each strong enough alone (any one off: P barely changes; all off: gone);
   * "single":     one group (a single pathway: switching it off removes the fact);
   * "additive":   2 groups whose contributions add up to the answer (each one is needed).
+  With `carrier=True` one more neuron, in a layer of its own before the groups, reads the prompt and feeds
+  every group: a shared necessary carrier (off, the fact is gone whichever groups are on), as the default
+  model's own prompt-specific neurons are for its planted pathways.  It is in no group.
 - **The default model with planted redundancy** (`plant_default`): SmolLM2-135M whose own knowledge neurons
   of a fact stay as they are (pathway A, chosen to end before the last layers), while a second, disjoint set
   of neurons in the last layers (pathway B: after A, it reads whether A wrote the answer) is trained with
@@ -58,6 +61,7 @@ class PlantedFact:
     groups: tuple[tuple[Neuron, ...], ...]  # the planted pathways (disjoint neuron groups)
     drops: dict = field(default_factory=dict)  # measured relative drops: {"A": .., "B": .., "all": ..}
     verified: bool = True  # the measured drops satisfy the kind's definition
+    carriers: tuple[Neuron, ...] = ()  # planted neurons every pathway needs (in no group)
 
     @property
     def neurons(self) -> tuple[Neuron, ...]:
@@ -66,12 +70,15 @@ class PlantedFact:
     def as_json(self) -> dict:
         d = asdict(self)
         d["groups"] = [[[n.layer, n.index] for n in g] for g in self.groups]
+        d["carriers"] = [[n.layer, n.index] for n in self.carriers]
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> PlantedFact:
         groups = tuple(tuple(Neuron(int(a), int(b)) for a, b in g) for g in d["groups"])
-        return cls(d["prompt"], d["answer"], d["kind"], groups, dict(d.get("drops", {})), bool(d.get("verified", True)))
+        carriers = tuple(Neuron(int(a), int(b)) for a, b in d.get("carriers", ()))
+        drops, verified = dict(d.get("drops", {})), bool(d.get("verified", True))
+        return cls(d["prompt"], d["answer"], d["kind"], groups, drops, verified, carriers)
 
 
 @dataclass
@@ -151,6 +158,16 @@ def _directions(d_model: int, k: int, generator: torch.Generator) -> torch.Tenso
     return q[:, 1:].T.contiguous()
 
 
+def _orthogonal_direction(dirs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """[d_model] a unit direction orthogonal to `dirs` [k, d_model] (orthonormal) and to the all-ones vector."""
+    d_model = dirs.shape[1]
+    v = torch.randn(d_model, generator=generator)
+    ones = torch.full((d_model,), d_model**-0.5)
+    for u in (*dirs, ones):
+        v -= (v @ u) * u
+    return v / v.norm()
+
+
 def _is_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Norm")
 
@@ -169,6 +186,7 @@ def tiny_planted_model(
     extra_layers: int = 0,
     d_mlp: int = 64,
     noise: float = 0.05,
+    carrier: bool = False,
     seed: int = 0,
 ) -> PlantedModel:
     """A tiny model of `family` that stores TINY_PROMPT -> TINY_ANSWER in `n_groups` disjoint neuron groups.
@@ -177,7 +195,9 @@ def tiny_planted_model(
     direction, the last writes the answer's unembedding direction, so every member of a group is needed
     for the group to work.  kind "degenerate": each group alone carries the fact; "additive": the groups'
     contributions add up (each needed); "single": one group (n_groups is ignored).  Every other MLP neuron
-    gets weak random weights (`noise`); `extra_layers` more layers hold only such neurons."""
+    gets weak random weights (`noise`); `extra_layers` more layers hold only such neurons.  `carrier`: layer 0
+    holds one more neuron that reads the last prompt token and writes the direction every group's first member
+    reads (a shared necessary carrier, `PlantedFact.carriers`); the groups start at layer 1."""
     if kind not in KINDS:
         raise ValueError(f"unknown planted kind {kind!r}: use one of {', '.join(KINDS)}")
     n_groups = 1 if kind == "single" else n_groups
@@ -187,31 +207,40 @@ def tiny_planted_model(
         raise ValueError(
             f"layers_per_group must be between 1 and 4 and extra_layers >= 0, got {layers_per_group}, {extra_layers}"
         )
-    lm = _tiny_random_model(family, n_groups * layers_per_group + extra_layers, d_mlp, seed)
+    first = int(carrier)  # the groups' first layer
+    lm = _tiny_random_model(family, first + n_groups * layers_per_group + extra_layers, d_mlp, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     d_model = lm.unembedding().shape[1]
     n_private = n_groups * (layers_per_group - 1)
     dirs = _directions(d_model, 2 + n_private, gen)  # [2 + n_private, d_model]
     e_last, r_answer = dirs[0], dirs[1]
     private = dirs[2:].reshape(n_groups, layers_per_group - 1, d_model)  # [n_groups, steps - 1, d_model]
+    shared = _orthogonal_direction(dirs, gen) if carrier else None  # what the carrier writes
     rng = np.random.default_rng(seed)
     groups = tuple(
-        tuple(Neuron(g * layers_per_group + s, int(rng.integers(d_mlp))) for s in range(layers_per_group))
+        tuple(Neuron(first + g * layers_per_group + s, int(rng.integers(d_mlp))) for s in range(layers_per_group))
         for g in range(n_groups)
     )
-    _wire(lm, groups, e_last, r_answer, private, noise, gen)
+    carriers = (Neuron(0, int(rng.integers(d_mlp))),) if carrier else ()
+    _wire(lm, groups, carriers, e_last, r_answer, shared, private, noise, gen)
     _calibrate_head(lm, r_answer, kind, groups)
     lm.fingerprint = _refingerprint(lm)
-    lm.name = lm.label = f"planted-tiny-{family}-{kind}-{n_groups}-{seed}"
-    fact = PlantedFact(TINY_PROMPT, TINY_ANSWER, kind, groups)
-    return PlantedModel(lm, (_measured(lm, fact),), {"family": family, "seed": seed, "noise": noise})
+    lm.name = lm.label = f"planted-tiny-{family}-{kind}-{n_groups}{'-carrier' if carrier else ''}-{seed}"
+    fact = PlantedFact(TINY_PROMPT, TINY_ANSWER, kind, groups, carriers=carriers)
+    info = {"family": family, "seed": seed, "noise": noise, "carrier": carrier}
+    return PlantedModel(lm, (_measured(lm, fact),), info)
 
 
 @torch.no_grad()
-def _wire(lm: LoadedModel, groups, e_last, r_answer, private, noise: float, gen: torch.Generator) -> None:
-    """Attention and biases off, noise neurons, the planted chains, the trigger embedding."""
+def _wire(
+    lm: LoadedModel, groups, carriers, e_last, r_answer, shared, private, noise: float, gen: torch.Generator
+) -> None:
+    """Attention and biases off, noise neurons, the planted chains (fed by the carrier, if any, through
+    `shared`), the trigger embedding."""
     last = lm.tokenizer.convert_tokens_to_ids(TINY_PROMPT.split()[-1])
-    reserved = torch.cat([e_last[None], r_answer[None], private.reshape(-1, private.shape[-1])])  # [k, d_model]
+    reserved = torch.cat(
+        [e_last[None], r_answer[None], private.reshape(-1, private.shape[-1])] + ([shared[None]] if carriers else [])
+    )  # [k, d_model]
     for layer in range(lm.n_layers):
         block = lm.blocks[layer]
         norms = {id(p) for m in block.modules() if _is_norm(m) for p in m.parameters()}
@@ -220,6 +249,9 @@ def _wire(lm: LoadedModel, groups, e_last, r_answer, private, noise: float, gen:
                 p.zero_()  # attention writes nothing, no biases
         for w in _mlp_weights(lm, layer):
             w.normal_(0, noise, generator=gen)
+        if carriers:  # every group reads the carrier's direction, with a high gain: no noise neuron writes it
+            out = lm.output_vectors(layer)  # [d_mlp, d_model], a view of the down proj
+            out -= (out @ shared)[:, None] * shared
     emb = lm.model.get_input_embeddings().weight  # [vocab, d_model]
     emb.normal_(0, 0.05, generator=gen)
     emb -= (emb @ reserved.T) @ reserved  # keep the reserved directions free
@@ -227,14 +259,17 @@ def _wire(lm: LoadedModel, groups, e_last, r_answer, private, noise: float, gen:
     positions = getattr(getattr(lm.model, "transformer", None), "wpe", None)  # GPT-2's learned positions
     if positions is not None:
         positions.weight.zero_()
+    entry = shared if carriers else e_last  # what every group's first member reads
+    wiring = [(n, e_last, shared) for n in carriers]  # (neuron, what it reads, what it writes)
     for g, group in enumerate(groups):
-        reads = [e_last] + list(private[g])  # what step s reads
+        reads = [entry] + list(private[g])  # what step s reads
         writes = list(private[g]) + [r_answer]  # what step s writes
-        for n, read, write in zip(group, reads, writes):
-            for w in lm.input_vectors(n.layer):  # [d_mlp, d_model] views
-                w[n.index] = read
-            lm.output_vectors(n.layer)[n.index] = write  # [d_model], a view of the down proj
-    _calibrate_chains(lm, sorted(n for g in groups for n in g))
+        wiring += list(zip(group, reads, writes))
+    for n, read, write in wiring:
+        for w in lm.input_vectors(n.layer):  # [d_mlp, d_model] views
+            w[n.index] = read
+        lm.output_vectors(n.layer)[n.index] = write  # [d_model], a view of the down proj
+    _calibrate_chains(lm, sorted(n for n, _, _ in wiring))
 
 
 @torch.no_grad()
@@ -305,23 +340,24 @@ def _refingerprint(lm: LoadedModel) -> str:
 
 
 def _measured(lm: LoadedModel, fact: PlantedFact, mode: str = "last") -> PlantedFact:
-    """The fact with its measured drops (each group off, all off; suppressed as `mode` says, see
-    dkn.interventions) and whether they fit its kind."""
+    """The fact with its measured drops (each group off, all off, and the carriers off if it has any;
+    suppressed as `mode` says, see dkn.interventions) and whether they fit its kind (carriers: their
+    suppression must remove the fact)."""
+    from dataclasses import replace
+
     from dkn.interventions import intervene_many
 
-    sets = list(fact.groups) + [fact.neurons]
+    sets = list(fact.groups) + [fact.neurons] + ([fact.carriers] if fact.carriers else [])
     prob, probs = intervene_many(lm, fact.prompt, fact.answer, sets, 0.0, mode)
     drops = (prob - probs) / prob if prob > 0 else np.zeros(len(sets))
-    names = [chr(ord("A") + i) for i in range(len(fact.groups))]
-    measured = {"p": float(prob), **{n: float(d) for n, d in zip(names, drops)}, "all": float(drops[-1])}
-    return PlantedFact(
-        fact.prompt,
-        fact.answer,
-        fact.kind,
-        fact.groups,
-        measured,
-        satisfies_kind(fact.kind, list(drops[:-1]), float(drops[-1])),
-    )
+    k = len(fact.groups)
+    names = [chr(ord("A") + i) for i in range(k)]
+    measured = {"p": float(prob), **{n: float(d) for n, d in zip(names, drops)}, "all": float(drops[k])}
+    verified = satisfies_kind(fact.kind, list(drops[:k]), float(drops[k]))
+    if fact.carriers:
+        measured["carriers"] = float(drops[k + 1])
+        verified = verified and measured["carriers"] > 0.3
+    return replace(fact, drops=measured, verified=verified)
 
 
 def measure_planted(lm: LoadedModel, fact: PlantedFact, mode: str = "last") -> PlantedFact:

@@ -17,7 +17,9 @@ over the shared prefix; without one it is the whole prompt.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextvars
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +40,23 @@ from dkn.models import LoadedModel
 from dkn.query import Step
 
 Progress = Callable[[int, int], None]  # (done, total)
+_PINNED: contextvars.ContextVar = contextvars.ContextVar("dkn_pinned", default=None)  # layer -> neuron indices
+
+
+@contextmanager
+def pinned(neurons: Iterable[tuple[int, int]]) -> Iterator[None]:
+    """Within the block (this thread or task only), every row holds `neurons` (layer, index) at their clean
+    activations while the rest of their layer follows the path: integrated gradients then attributes a layer's
+    other neurons with these on, so none of them borrows a pinned neuron's effect (dkn.backup pins a fact's
+    necessary carriers).  A pinned neuron's own score is 0."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, index in neurons:
+        by_layer.setdefault(int(layer), []).append(int(index))
+    token = _PINNED.set({layer: tuple(sorted(set(ix))) for layer, ix in by_layer.items()})
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
 
 
 @dataclass(frozen=True)
@@ -225,7 +244,10 @@ def _path_grads(job: RowJob, layers: torch.Tensor, path: torch.Tensor, with_clea
     grads = torch.autograd.grad(logits, inputs, grad_outputs=grad_logits.to(logits.dtype))
     if zeros is None:
         return grads[0], prob, None
-    return grads[0], prob[1:], grads[1]
+    clean_grads = grads[1]  # [L, d]
+    for layer, cols in (_PINNED.get() or {}).items():  # a pinned neuron is on no path: no gradient
+        clean_grads[layer, list(cols)] = 0
+    return grads[0], prob[1:], clean_grads
 
 
 def _row_logits(job: RowJob, layers: torch.Tensor, values: torch.Tensor, zeros=None) -> torch.Tensor:
@@ -233,10 +255,15 @@ def _row_logits(job: RowJob, layers: torch.Tensor, values: torch.Tensor, zeros=N
     With `zeros` [L, d] (runner only), a first extra row runs the clean model plus zeros[l] at every layer."""
     offset = 0 if zeros is None else 1
     position = 0 if job.runner is not None else job.step.position  # runner rows are single tokens
+    pins = _PINNED.get() or {}
     edits = {}
     for layer in range(job.n_layers) if zeros is not None else torch.unique(layers).tolist():
         rows = torch.nonzero(layers == layer).squeeze(1) + offset  # [n_l]
-        edits[layer] = _splice(rows, position, values, offset, None if zeros is None else zeros[layer])
+        keep = None
+        if layer in pins:
+            cols = torch.tensor(pins[layer], device=job.acts.device)
+            keep = (cols, job.acts[layer, cols])  # [k], [k]: the pinned neurons' clean activations
+        edits[layer] = _splice(rows, position, values, offset, None if zeros is None else zeros[layer], keep)
     if job.runner is not None:
         starts = layers if zeros is None else torch.cat([layers.new_zeros(1), layers])
         return job.runner.logits(starts, edits)
@@ -245,15 +272,20 @@ def _row_logits(job: RowJob, layers: torch.Tensor, values: torch.Tensor, zeros=N
     return out.logits[:, job.step.position]
 
 
-def _splice(rows: torch.Tensor, pos: int, values: torch.Tensor, offset: int = 0, add_to_first=None):
-    """Edit: rows `rows` take values[rows - offset] at `pos`; with `add_to_first` [d], row 0 gets it added."""
+def _splice(rows: torch.Tensor, pos: int, values: torch.Tensor, offset: int = 0, add_to_first=None, keep=None):
+    """Edit: rows `rows` take values[rows - offset] at `pos`, except the columns of `keep` = (cols [k], values
+    [k]), which take those values; with `add_to_first` [d], row 0 gets it added."""
 
     def edit(h):  # h: [B, T, d]
         h = h.clone()
+        at = rows.to(h.device)
         if len(rows):
-            h[rows.to(h.device), pos] = values[rows - offset].to(h.device, h.dtype)
+            h[at, pos] = values[rows - offset].to(h.device, h.dtype)
         if add_to_first is not None:
             h[0, pos] = h[0, pos] + add_to_first.to(h.device, h.dtype)
+        if keep is not None and len(at):
+            cols, kept = keep
+            h[at[:, None], pos, cols.to(h.device)[None, :]] = kept.to(h.device, h.dtype)
         return h
 
     return edit

@@ -14,6 +14,7 @@ from dkn.degeneracy import DegeneracyParams, analyse
 from dkn.interventions import intervene_many
 from dkn.models import wrap_model
 from dkn.neurons import Neuron
+from dkn.planted import tiny_planted_model
 from dkn.query import make_query
 from dkn.selection import coarse_neurons
 
@@ -131,6 +132,93 @@ def test_backup_without_given_neurons_attributes_its_first_round():
     assert [set(c.members) for c in r.candidates] == [set(GROUP_A), set(GROUP_B)] and r.degenerate
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_backup_holds_out_a_shared_carrier_and_finds_the_pathways_behind_it(family):
+    """The prompt's only knowledge neuron is a carrier that feeds both planted groups: suppressing it ends naive
+    rounds at once.  The rounds hold it out (listed, kept on), choose again with it pinned, and recover both
+    groups; NTC on the knowledge neurons sees one neuron.  The single-pathway control stays not degenerate."""
+    pm = tiny_planted_model(family, "degenerate", 2, carrier=True, seed=0)
+    fact = pm.facts[0]
+    kns = _knowledge_neurons_of(pm)
+    assert kns == list(fact.carriers)
+    r = analyse(pm.lm, fact.prompt, fact.answer, kns, params=DegeneracyParams(clusterer="backup", random_seeds=1))
+    assert r.degenerate, r.verdict
+    assert {frozenset(c) for c in r.dkn} == {frozenset(g) for g in fact.groups}
+    assert r.rounds[0].carriers == fact.carriers and fact.carriers[0] not in {n for c in r.dkn for n in c}
+    assert r.as_json()["rounds"][0]["carriers"] == [{"layer": 0, "neuron": fact.carriers[0].index}]
+    assert not analyse(pm.lm, fact.prompt, fact.answer, kns, params=DegeneracyParams(random_seeds=1)).degenerate
+    control = tiny_planted_model(family, "single", carrier=True, seed=0)
+    cfact = control.facts[0]
+    rc = analyse(
+        control.lm,
+        cfact.prompt,
+        cfact.answer,
+        _knowledge_neurons_of(control),
+        params=DegeneracyParams(clusterer="backup", random_seeds=1),
+    )
+    assert not rc.degenerate, rc.verdict
+
+
+def test_three_pathways_in_one_round_are_split_by_what_carries_the_fact_alone():
+    """Three parallel pathways found in one round: no pair of members removes the fact (a third pathway stays
+    on), so the parts are the members that keep the fact with the rest of the round off."""
+    from dkn.backup import _split
+
+    pm = tiny_planted_model("gpt2", "degenerate", 3, seed=0)
+    fact = pm.facts[0]
+    params = DegeneracyParams(clusterer="backup")
+    parts = _split(pm.lm, fact.prompt, fact.answer, fact.neurons, (), params)
+    assert {frozenset(p) for p in parts} == {frozenset(g) for g in fact.groups}
+
+
+def _knowledge_neurons_of(pm):
+    fact = pm.facts[0]
+    scores = attribute(pm.lm, fact.prompt, fact.answer).scores
+    return sorted(coarse_neurons(scores, 0.2), key=lambda n: -scores[n.layer, n.index])
+
+
+def test_pinned_neurons_keep_their_clean_activation_on_every_path():
+    """dkn.rows.pinned: the scores equal integrated gradients written out by hand with the pinned neurons held at
+    their clean values while the rest of their layer is scaled (fast path and reference loop alike); the
+    pinned neurons score 0 and their layer-mates' scores change."""
+    from dkn.hooks import edit_neurons, record_neurons
+    from dkn.rows import pinned
+
+    lm = tiny_model("llama")
+    pins = [Neuron(1, 3), Neuron(1, 9)]
+    with pinned(pins):
+        fast = attribute(lm, PROMPT, ANSWER, FAST, store=None).scores
+        loop = attribute(lm, PROMPT, ANSWER, FAST, store=None, reference_loop=True).scores
+    plain = attribute(lm, PROMPT, ANSWER, FAST, store=None).scores
+    np.testing.assert_allclose(fast, loop, atol=1e-6)
+    assert all(fast[n.layer, n.index] == 0 for n in pins)
+    assert not np.allclose(fast[1], plain[1], atol=1e-6) and np.allclose(fast[0], plain[0], atol=1e-6)
+    ids = torch.tensor([lm.tokenizer(PROMPT)["input_ids"]])
+    target = lm.tokenizer.convert_tokens_to_ids(ANSWER)
+    with torch.no_grad(), record_neurons(lm, [1]) as rec:
+        lm.model(input_ids=ids)
+    clean = rec[1][0, -1].clone()  # [d_mlp]
+    keep = torch.zeros_like(clean, dtype=torch.bool)
+    keep[[n.index for n in pins]] = True
+    alphas = np.linspace(0, 1, 9)  # trapezoid, 8 intervals: FAST's rule
+    weights = np.full(9, 1 / 8)
+    weights[[0, -1]] = 1 / 16
+    total = torch.zeros_like(clean)
+    for alpha, w in zip(alphas, weights):
+        leaf = (alpha * clean).clone().requires_grad_(True)
+
+        def edit(h, leaf=leaf):
+            h = h.clone()
+            h[0, -1] = torch.where(keep, clean, leaf)
+            return h
+
+        with edit_neurons(lm, {1: edit}):
+            prob = lm.model(input_ids=ids).logits[0, -1].float().softmax(-1)[target]
+        (grad,) = torch.autograd.grad(prob, leaf)
+        total += w * grad
+    np.testing.assert_allclose(fast[1], (clean * total).detach().numpy(), atol=1e-6)
+
+
 def test_attribution_under_suppression_zeroes_the_suppressed_and_matches_the_reference_loop():
     lm = tiny_model("gpt2")
     off = [Neuron(0, 3), Neuron(2, 7), Neuron(2, 8)]
@@ -234,11 +322,19 @@ def test_split_keeps_two_pathways_apart_when_a_cross_pair_is_missed(monkeypatch)
     a1, a2, b1, b2 = Neuron(0, 0), Neuron(0, 1), Neuron(1, 2), Neuron(1, 3)
     pair_drop = {(a1, b1): 0.9, (a2, b2): 0.9, (a2, b1): 0.9, (a1, b2): 0.2, (a1, a2): 0.0, (b1, b2): 0.0}
 
+    calls = []
+
     def drops(lm, prompt, answer, others, sets, mode):
+        calls.append(sets)
+        if len(calls) > 1:  # _co_carriers: all but one or two members off, never harmless in this world
+            return np.full(len(sets), 0.5)
         return np.array([0.01 if len(s) == 1 else pair_drop[s] for s in sets])
 
     monkeypatch.setattr(backup, "_drops_with", drops)
     params = DegeneracyParams()
     assert backup._split(None, PROMPT, ANSWER, [a1, a2, b1, b2], [], params) == [(a1, a2), (b1, b2)]
-    pair_drop.update({(a1, b1): 0.1, (a2, b2): 0.1, (a2, b1): 0.1})  # no parallel pair: one part
+    assert len(calls) == 1  # parallel pairs found: no second look
+    pair_drop.update({(a1, b1): 0.1, (a2, b2): 0.1, (a2, b1): 0.1})  # no parallel pair, no co-carriers: one part
+    calls.clear()
     assert backup._split(None, PROMPT, ANSWER, [a1, a2, b1, b2], [], params) == [(a1, a2, b1, b2)]
+    assert len(calls) == 2

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 
+from dkn.attribution import attribute
 from dkn.degeneracy import DegeneracyParams, analyse
 from dkn.interventions import intervene_many
 from dkn.neurons import Neuron
@@ -23,6 +24,7 @@ from dkn.planted import (
     satisfies_kind,
     tiny_planted_model,
 )
+from dkn.selection import coarse_neurons
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,8 +112,27 @@ def test_ntc_finds_the_planted_groups_and_no_degeneracy_on_the_controls(family):
         assert not r.degenerate, (kind, r.verdict)
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_a_shared_carrier_feeds_every_group_and_is_needed_by_all(family):
+    """carrier=True: one neuron in layer 0, in no group, whose suppression alone removes the fact while each
+    group can still go; integrated gradients ranks it first and the planted groups below the coarse threshold
+    (the case that ends naive backup rounds at once).  Without a carrier the construction is unchanged."""
+    pm = tiny_planted_model(family, "degenerate", 2, carrier=True, seed=0)
+    lm, fact = pm.lm, pm.facts[0]
+    (carrier,) = fact.carriers
+    assert carrier.layer == 0 and carrier not in fact.neurons and min(n.layer for n in fact.neurons) == 1
+    assert fact.verified and fact.drops["carriers"] > 0.3 and max(fact.drops["A"], fact.drops["B"]) < 0.05
+    assert drops(lm, fact, [(carrier,)])[0] > 0.3
+    scores = attribute(lm, fact.prompt, fact.answer).scores
+    assert coarse_neurons(scores, 0.2) == [carrier]
+    plain = tiny_planted_model(family, "degenerate", 2, seed=0)
+    assert plain.facts[0].carriers == () and plain.lm.n_layers == lm.n_layers - 1
+
+
 def test_manifest_round_trip(tmp_path):
-    fact = PlantedFact("p", "a", "degenerate", ((Neuron(1, 2), Neuron(2, 3)), (Neuron(5, 6),)), {"A": 0.01})
+    fact = PlantedFact(
+        "p", "a", "degenerate", ((Neuron(1, 2), Neuron(2, 3)), (Neuron(5, 6),)), {"A": 0.01}, carriers=(Neuron(0, 4),)
+    )
     (tmp_path / "manifest.json").write_text(json.dumps({"facts": [fact.as_json()]}))
     assert read_manifest(tmp_path) == (fact,)
     (tmp_path / "manifest.json").write_text("{")
