@@ -13,15 +13,17 @@ coin: switch the first carriers off and others take over.  So, in rounds:
 3. repeat until P(answer) with everything found so far suppressed has dropped by more than
    `threshold_high` (the fact is gone), no new neuron is found, or `rounds` rounds are done.
 
-Necessary carriers are held out of every round: a neuron whose suppression alone, in the unchanged model,
-removes the fact (drop > `threshold_high`) can be in no group that may go without the fact going, so it is
-no candidate component; suppressing it with a round would only end the rounds before any backup is seen
-(a prompt's top knowledge neuron is often such a carrier, feeding every pathway).  Such neurons are kept on,
-listed as the round's `carriers`, and the round is chosen again from the rest, with the coarse threshold
-relative to the best of the rest, from an attribution that holds every carrier at its clean activation on
-the integration paths (dkn.rows.pinned): scaling a layer scales its carrier too, and without the pin the
-carrier's layer-mates borrow its effect (one batched intervention per screen; at most `max_neurons`
-carriers).
+Necessary carriers are held out of the first round when that round removes the fact (it would end the
+rounds before any backup is seen, with nothing for it to be redundant with): a neuron of the round whose
+suppression alone, in the unchanged model, removes the fact (drop > `threshold_high`) is kept on, listed as
+the round's `carriers`, and the round is chosen again from the rest (a prompt's top knowledge neuron is often
+such a carrier, feeding every pathway), with the coarse threshold relative to the best of the rest, from an
+attribution that holds every carrier at its clean activation on the integration paths (dkn.rows.pinned):
+scaling a layer scales its carrier too, and without the pin the carrier's layer-mates borrow its effect (one
+batched intervention per screen; at most `max_neurons` carriers).  Later rounds keep the carriers pinned and
+never choose them.  Held out only when needed: a backup that wakes only when a whole group is off can make a
+group harmless whose members are each harmful alone (the planted default model's pathway A), and a round
+that can go keeps such members.
 
 A round is not yet a pathway: it can hold parts of two parallel pathways (both carried the fact once the
 earlier rounds were off), miss a pathway's upstream neurons (whose effect runs through a member already
@@ -45,7 +47,8 @@ bench_degeneracy_recall.py) this is what lets backup discovery recover every pla
 Each pathway is one candidate component, which dkn.degeneracy then tests like any other group; P after
 each round is the "peeling" curve.  During the rounds, neurons are suppressed (set to 0) where the
 degeneracy test suppresses them (`params.mode`: at the answer position by default, or at every position),
-inside a context manager around dkn.attribution.attribute, so the attribution engine needs no change.
+inside a context manager around dkn.attribution.attribute; pinning is the one thing the attribution engine
+does for the rounds (dkn.rows.pinned).
 (Until this round the rounds always suppressed at every position; on the planted default model that
 removes facts whose backup was trained to take over at the answer position, bench/results/
 degeneracy_recall.md.)
@@ -152,42 +155,54 @@ def discover(
     prob0, _ = intervene_many(lm, prompt, answer, [], 0.0, params.mode)
     prob_before = prob0
     given = tuple(dict.fromkeys(Neuron(*n) for n in first_round))[: params.backup_max_neurons]
+
+    def after(new: Sequence[Neuron]) -> tuple[float, float]:  # (P, relative drop) with found + new off
+        _, [prob] = intervene_many(lm, prompt, answer, [tuple(found) + tuple(new)], 0.0, params.mode)
+        return float(prob), float((prob0 - prob) / prob0) if prob0 > 0 else 0.0
+
     for k in range(params.backup_rounds):
-        new, new_scores, held = _round_without_carriers(
-            lm, prompt, answer, found, carriers, given if k == 0 else (), params
-        )
-        carriers += held
+        if k == 0 and given:
+            new, new_scores = given, (float("nan"),) * len(given)
+        else:
+            scores = attribute_suppressed(
+                lm, prompt, answer, found, params.backup_attribution, params.mode, pinned=carriers
+            ).scores
+            new, new_scores = round_neurons(
+                scores, set(found) | set(carriers), params.backup_t, params.backup_max_neurons
+            )
         if not new:
             break
+        prob_after, drop = after(new)
+        held: tuple[Neuron, ...] = ()
+        if k == 0 and drop > params.threshold_high:  # the first round removes the fact: hold out its carriers
+            new, new_scores, held = _round_without_carriers(lm, prompt, answer, given, params)
+            carriers += held
+            if not new:
+                break
+            prob_after, drop = after(new)
         found += new
-        _, [prob_after] = intervene_many(lm, prompt, answer, [tuple(found)], 0.0, params.mode)
-        drop = (prob0 - prob_after) / prob0 if prob0 > 0 else 0.0
-        rounds.append(
-            Round(tuple(new), tuple(new_scores), float(prob_before), float(prob_after), float(drop), tuple(held))
-        )
+        rounds.append(Round(tuple(new), tuple(new_scores), prob_before, prob_after, drop, held))
         prob_before = prob_after
         if drop > params.threshold_high:
             break
     return tuple(rounds)
 
 
-def _round_without_carriers(lm, prompt, answer, found, carriers, given, params):
-    """(the round's neurons, their scores, the new carriers held out of it): the `given` neurons, or the coarse
-    neurons of an attribution with `found` suppressed and every carrier pinned (dkn.rows.pinned), never one
-    found or a carrier; less each new carrier (see the module docstring).  When a whole choice is carriers, the
-    round is chosen again from an attribution with them pinned too (given neurons that are all carriers fall
-    back to an attribution)."""
+def _round_without_carriers(lm, prompt, answer, given, params):
+    """(the first round's neurons, their scores, the carriers held out of it): the `given` neurons, or the
+    coarse neurons of an attribution with every carrier found so far pinned (dkn.rows.pinned), less each
+    carrier (see the module docstring).  When a whole choice is carriers, the round is chosen again from an
+    attribution with them pinned too (given neurons that are all carriers fall back to an attribution)."""
     held: list[Neuron] = []
     while len(held) < params.backup_max_neurons:
-        pins, exclude = (*carriers, *held), set(found) | set(carriers) | set(held)
         if given:
-            new = tuple(n for n in given if n not in exclude)
+            new = tuple(n for n in given if n not in held)
             new_scores = (float("nan"),) * len(new)
         else:
             scores = attribute_suppressed(
-                lm, prompt, answer, found, params.backup_attribution, params.mode, pinned=pins
+                lm, prompt, answer, (), params.backup_attribution, params.mode, pinned=held
             ).scores
-            new, new_scores = round_neurons(scores, exclude, params.backup_t, params.backup_max_neurons)
+            new, new_scores = round_neurons(scores, set(held), params.backup_t, params.backup_max_neurons)
         if not new:
             return (), (), tuple(held)
         drops = _drops_with(lm, prompt, answer, (), [(n,) for n in new], params.mode)

@@ -450,25 +450,27 @@ def _add_plant_command(sub) -> None:
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps (150; about 4 min on 2 cores)")
     p.add_argument(
         "--pathway-a",
-        choices=("fewest", "knowledge_neurons"),
+        choices=("fewest", "knowledge_neurons", "all_knowledge_neurons"),
         default="fewest",
-        help="pathway A: the fewest top knowledge neurons that carry the fact (fewest), or all of the fact's "
-        "knowledge neurons before B's layers (knowledge_neurons)",
+        help="pathway A: the fewest top knowledge neurons that carry the fact (fewest), all of the fact's "
+        "knowledge neurons before B's layers (knowledge_neurons), or all of them in any layer",
     )
+    p.add_argument("--b-per-layer", type=int, default=4, help="pathway B's neurons in each of its 2 layers (4)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
 
 
 def run_plant(args) -> int:
     from dkn.planted import PlantParams, build_planted_default, read_manifest
 
-    if args.facts < 1 or args.controls < 0 or args.steps < 1:
-        raise UsageError("--facts and --steps must be >= 1 and --controls >= 0")
+    if args.facts < 1 or args.controls < 0 or args.steps < 1 or args.b_per_layer < 1:
+        raise UsageError("--facts, --steps and --b-per-layer must be >= 1 and --controls >= 0")
     params = PlantParams(
         n_degenerate=args.facts,
         n_single=args.controls,
         n_additive=args.controls,
         steps=args.steps,
         a_choice=args.pathway_a,
+        b_per_layer=args.b_per_layer,
     )
     say = (lambda msg: print(msg, file=sys.stderr)) if not args.json else (lambda msg: None)
     folder = build_planted_default(args.out, params, device=args.device, log=say)

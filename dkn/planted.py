@@ -393,7 +393,9 @@ class PlantParams:
     b_per_layer: int = 4  # ... with this many neurons each
     a_choice: str = "fewest"  # pathway A: "fewest" of the fact's top knowledge neurons (below), or
     #   "knowledge_neurons": all of them (those before B's layers, at most max_a_kn), the issue's "its own
-    #   knowledge neurons", which is what an instrument that starts from the knowledge neurons can see
+    #   knowledge neurons", which is what an instrument that starts from the knowledge neurons can see, or
+    #   "all_knowledge_neurons": all of them in any layer (B's layers included: B reads the earlier ones'
+    #   absence), so that no knowledge neuron of the fact is left outside both pathways
     max_a: int = 6  # "fewest": at most this many of the fact's top knowledge neurons ...
     a_drop: float = 0.5  # ... the fewest whose suppression lowers P by more than this (both choices: A must)
     max_a_kn: int = 40
@@ -530,10 +532,14 @@ def _choose_pathways(lm: LoadedModel, candidates, params: PlantParams, log) -> l
         early = [n for n in kns if n.layer < lm.n_layers - params.b_layers - 1]
         if params.a_choice == "knowledge_neurons":
             prefixes = [tuple(early[: params.max_a_kn])] if len(early) >= 2 else []
+        elif params.a_choice == "all_knowledge_neurons":
+            prefixes = [tuple(kns[: params.max_a_kn])] if len(early) >= 1 and len(kns) >= 2 else []
         elif params.a_choice == "fewest":
             prefixes = [tuple(early[:k]) for k in range(2, min(params.max_a, len(early)) + 1)]
         else:
-            raise ValueError(f"unknown a_choice {params.a_choice!r}: use 'fewest' or 'knowledge_neurons'")
+            raise ValueError(
+                f"unknown a_choice {params.a_choice!r}: use 'fewest', 'knowledge_neurons' or 'all_knowledge_neurons'"
+            )
         if not prefixes:
             continue
         prob, probs = intervene_many(lm, prompt, answer, prefixes, 0.0)
@@ -557,11 +563,13 @@ def _choose_pathways(lm: LoadedModel, candidates, params: PlantParams, log) -> l
 
 def _pick_b(lm: LoadedModel, a: Sequence[Neuron], taken: set[Neuron], params: PlantParams, rng) -> tuple[Neuron, ...]:
     """Pathway B: random neurons in the model's last `b_layers` layers (after all of A's layers, so that B reads
-    whether A wrote the answer), none of them a knowledge neuron of any planted fact or another fact's B."""
+    whether A wrote the answer; for "all_knowledge_neurons", after A's first layer), none of them a knowledge
+    neuron of any planted fact or another fact's B."""
     start = lm.n_layers - params.b_layers
-    if start <= max(n.layer for n in a) + 1:
+    reaches = min(n.layer for n in a) if params.a_choice == "all_knowledge_neurons" else max(n.layer for n in a)
+    if start <= reaches + 1:
         raise ValueError(
-            f"pathway A reaches layer {max(n.layer for n in a)}: B's {params.b_layers} layers do not "
+            f"pathway A reaches layer {reaches}: B's {params.b_layers} layers do not "
             "fit after it with a layer between; plant fewer B layers"
         )
     chosen = []

@@ -212,8 +212,25 @@ def test_pathway_a_can_be_all_of_the_facts_knowledge_neurons():
         _plant_tiny(kl_weight=5.0, a_choice="most")
 
 
+def test_pathway_a_can_be_every_knowledge_neuron_in_any_layer():
+    """a_choice="all_knowledge_neurons": A is every coarse knowledge neuron, B's layers included (B reads the
+    absence of A's earlier members), so no knowledge neuron of the fact is outside both pathways."""
+    from dkn.attribution import AttributionParams, attribute
+    from dkn.selection import coarse_neurons
+
+    base, fact, pm = _plant_tiny(kl_weight=5.0, a_choice="all_knowledge_neurons", b_layers=2)
+    scores = attribute(base.lm, fact.prompt, fact.answer, AttributionParams(steps=5, rule="midpoint")).scores
+    kns = tuple(sorted(coarse_neurons(scores, 0.2), key=lambda n: -scores[n.layer, n.index]))
+    (planted,) = pm.facts
+    a, b = planted.groups
+    assert a == kns and not set(a) & set(b)
+    assert min(n.layer for n in b) > min(n.layer for n in a) + 1
+
+
 def test_plant_command_refuses_bad_counts(capsys):
     from dkn.cli import main
 
     assert main(["plant", "--facts", "0"]) == 2
-    assert "--facts and --steps must be >= 1" in capsys.readouterr().err
+    assert "--facts, --steps and --b-per-layer must be >= 1" in capsys.readouterr().err
+    assert main(["plant", "--b-per-layer", "0"]) == 2
+    assert "--b-per-layer must be >= 1" in capsys.readouterr().err
