@@ -15,12 +15,14 @@ coin: switch the first carriers off and others take over.  So, in rounds:
 
 Necessary carriers are held out of the first round when that round removes the fact (it would end the
 rounds before any backup is seen, with nothing for it to be redundant with): a neuron of the round whose
-suppression alone, in the unchanged model, removes the fact (drop > `threshold_high`) is kept on, listed as
-the round's `carriers`, and the round is chosen again from the rest (a prompt's top knowledge neuron is often
-such a carrier, feeding every pathway), with the coarse threshold relative to the best of the rest, from an
+suppression alone, in the unchanged model, removes the fact (drop > `threshold_high`) is kept on and listed
+as the round's `carriers` (a prompt's top knowledge neuron is often such a carrier, feeding every pathway).
+The round is then the rest of the given neurons; when every given neuron is a carrier, or the round came
+from an attribution, it is chosen again, with the coarse threshold relative to the best of the rest, from an
 attribution that holds every carrier at its clean activation on the integration paths (dkn.rows.pinned):
 scaling a layer scales its carrier too, and without the pin the carrier's layer-mates borrow its effect (one
-batched intervention per screen; at most `max_neurons` carriers).  Later rounds keep the carriers pinned and
+batched intervention per screen; at most `max_neurons` carriers; a round of nothing but carriers is kept,
+empty, to report them).  Later rounds keep the carriers pinned and
 never choose them.  Held out only when needed: a backup that wakes only when a whole group is off can make a
 group harmless whose members are each harmful alone (the planted default model's pathway A), and a round
 that can go keeps such members.
@@ -175,9 +177,10 @@ def discover(
         prob_after, drop = after(new)
         held: tuple[Neuron, ...] = ()
         if k == 0 and drop > params.threshold_high:  # the first round removes the fact: hold out its carriers
-            new, new_scores, held = _round_without_carriers(lm, prompt, answer, given, params)
+            new, new_scores, held = _round_without_carriers(lm, prompt, answer, (new, new_scores), bool(given), params)
             carriers += held
-            if not new:
+            if not new:  # nothing but carriers: an empty round still reports them
+                rounds.append(Round((), (), prob0, prob0, 0.0, held))
                 break
             prob_after, drop = after(new)
         found += new
@@ -188,31 +191,29 @@ def discover(
     return tuple(rounds)
 
 
-def _round_without_carriers(lm, prompt, answer, given, params):
-    """(the first round's neurons, their scores, the carriers held out of it): the `given` neurons, or the
-    coarse neurons of an attribution with every carrier found so far pinned (dkn.rows.pinned), less each
-    carrier (see the module docstring).  When a whole choice is carriers, the round is chosen again from an
-    attribution with them pinned too (given neurons that are all carriers fall back to an attribution)."""
+def _round_without_carriers(lm, prompt, answer, first, given: bool, params):
+    """(the first round's neurons, their scores, the carriers held out of it), from `first` = (neurons, scores),
+    the first choice (the given neurons when `given`, else the coarse neurons of the unchanged model's
+    attribution), less each carrier (see the module docstring).  Whenever carriers were held out of a choice
+    that came from an attribution, and when every given neuron is a carrier, the round is chosen again from an
+    attribution with every carrier so far pinned (dkn.rows.pinned); at most `max_neurons` carriers."""
     held: list[Neuron] = []
-    while len(held) < params.backup_max_neurons:
-        if given:
-            new = tuple(n for n in given if n not in held)
-            new_scores = (float("nan"),) * len(new)
-        else:
-            scores = attribute_suppressed(
-                lm, prompt, answer, (), params.backup_attribution, params.mode, pinned=held
-            ).scores
-            new, new_scores = round_neurons(scores, set(held), params.backup_t, params.backup_max_neurons)
+    new, new_scores = first
+    while True:
         if not new:
             return (), (), tuple(held)
         drops = _drops_with(lm, prompt, answer, (), [(n,) for n in new], params.mode)
         carrier = drops > params.threshold_high
-        held += [n for n, c in zip(new, carrier) if c]
-        kept = [(n, v) for n, v, c in zip(new, new_scores, carrier) if not c]
-        if kept:
+        fresh = [n for n, c in zip(new, carrier) if c][: params.backup_max_neurons - len(held)]
+        held += fresh
+        kept = [(n, v) for n, v, c in zip(new, new_scores, carrier) if not c and n not in held]
+        if (kept and (given or not fresh)) or len(held) >= params.backup_max_neurons:
             return tuple(n for n, _ in kept), tuple(v for _, v in kept), tuple(held)
-        given = ()  # every given neuron is a carrier: choose from an attribution instead
-    return (), (), tuple(held)
+        given = False  # choose again from an attribution with the carriers pinned
+        scores = attribute_suppressed(
+            lm, prompt, answer, (), params.backup_attribution, params.mode, pinned=held
+        ).scores
+        new, new_scores = round_neurons(scores, set(held), params.backup_t, params.backup_max_neurons)
 
 
 def round_neurons(
@@ -238,7 +239,7 @@ def pathways(
     """(pathway, the 1-based round it came from) for each pathway in the rounds: split, complete, prune
     (see the module docstring); suppression and thresholds from `params`."""
     parts: list[tuple[tuple[Neuron, ...], int]] = []
-    groups = [tuple(r.neurons) for r in rounds]
+    groups = [tuple(r.neurons) for r in rounds if r.neurons]
     carriers = {n for r in rounds for n in r.carriers}  # kept on, never added to a pathway
     for k, group in enumerate(groups):
         others = [n for j, g in enumerate(groups) if j != k for n in g]
@@ -273,7 +274,11 @@ def _carrying(lm, prompt, answer, parts, params):
     while len(parts) >= 2:
         groups = [part for part, _ in parts]
         everything = tuple(n for g in groups for n in g)
-        others = [tuple(n for j, g in enumerate(groups) if j != k for n in g) for k in range(len(groups))]
+        # the other parts, less this part's own members (completed parts can share a neuron)
+        others = [
+            tuple(n for j, g in enumerate(groups) if j != k for n in g if n not in set(groups[k]))
+            for k in range(len(groups))
+        ]
         drops = _drops_with(lm, prompt, answer, (), others + [everything], params.mode)  # from the unchanged P
         left, gone = drops[:-1], drops[-1]
         further = (gone - left) / np.maximum(1 - left, 1e-12)  # this part off too, relative to the others off
@@ -327,12 +332,15 @@ def _split(lm, prompt, answer, group, others, params) -> list[tuple[Neuron, ...]
 def _co_carriers(lm, prompt, answer, group, others, pairs, params) -> list[tuple[Neuron, ...]]:
     """Parts of `group` that each carry the fact with every other member (and `others`) off, i.e. the rest can go
     (|relative change| < threshold_low): a member that does so alone is a part; two members that do so together,
-    neither alone, are one part (a pathway of two steps; connected pairs, one part).  At least two parts, or none
-    (empty: the group cannot be split so)."""
+    neither alone, are one part (a pathway of two steps; connected pairs, one part; longer pathways are not
+    recognised).  Only for a group whose suppression removes the fact.  At least two parts, or none (empty: the
+    group cannot be split so)."""
     everyone = tuple(group)
     keep = lambda kept: tuple(n for n in everyone if n not in kept)  # noqa: E731  suppress all but `kept`
-    sets = [keep({n}) for n in group] + [keep({group[i], group[j]}) for i, j in pairs]
+    sets = [keep({n}) for n in group] + [keep({group[i], group[j]}) for i, j in pairs] + [everyone]
     drops = _drops_with(lm, prompt, answer, others, sets, params.mode)
+    if drops[-1] <= params.threshold_high:  # the whole group can go: it holds no pathway the fact needs
+        return []
     alone = [abs(d) < params.threshold_low for d in drops[: len(group)]]
     graph = nx.Graph()
     graph.add_nodes_from(i for i, ok in enumerate(alone) if ok)

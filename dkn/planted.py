@@ -533,7 +533,8 @@ def _choose_pathways(lm: LoadedModel, candidates, params: PlantParams, log) -> l
         if params.a_choice == "knowledge_neurons":
             prefixes = [tuple(early[: params.max_a_kn])] if len(early) >= 2 else []
         elif params.a_choice == "all_knowledge_neurons":
-            prefixes = [tuple(kns[: params.max_a_kn])] if len(early) >= 1 and len(kns) >= 2 else []
+            head = kns[: params.max_a_kn]
+            prefixes = [tuple(head)] if len(head) >= 2 and any(n in early for n in head) else []
         elif params.a_choice == "fewest":
             prefixes = [tuple(early[:k]) for k in range(2, min(params.max_a, len(early)) + 1)]
         else:

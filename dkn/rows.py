@@ -45,10 +45,12 @@ _PINNED: contextvars.ContextVar = contextvars.ContextVar("dkn_pinned", default=N
 
 @contextmanager
 def pinned(neurons: Iterable[tuple[int, int]]) -> Iterator[None]:
-    """Within the block (this thread or task only), every row holds `neurons` (layer, index) at their clean
-    activations while the rest of their layer follows the path: integrated gradients then attributes a layer's
-    other neurons with these on, so none of them borrows a pinned neuron's effect (dkn.backup pins a fact's
-    necessary carriers).  A pinned neuron's own score is 0."""
+    """Within the block (this thread or task only), every row that scales a pinned neuron's layer holds it
+    (layer, index) at its clean activation while the rest of the layer follows the path (rows of other layers
+    let it respond): integrated gradients then attributes a layer's other neurons with these on, so none of
+    them borrows a pinned neuron's effect (dkn.backup pins a fact's necessary carriers).  A pinned neuron's own
+    integrated-gradients score is 0; the "activation" method and the gradient at the actual activations ignore
+    pins."""
     by_layer: dict[int, list[int]] = {}
     for layer, index in neurons:
         by_layer.setdefault(int(layer), []).append(int(index))

@@ -338,3 +338,30 @@ def test_split_keeps_two_pathways_apart_when_a_cross_pair_is_missed(monkeypatch)
     calls.clear()
     assert backup._split(None, PROMPT, ANSWER, [a1, a2, b1, b2], [], params) == [(a1, a2, b1, b2)]
     assert len(calls) == 2
+
+
+def test_pathways_that_share_a_neuron_are_judged_without_suppressing_their_own_member(monkeypatch):
+    """Completed parts can share a neuron (u, upstream of both a and b). Whether a part carries the fact once the
+    others are off is asked with the others less its own members: suppressing u with 'the other part' would
+    remove the fact and drop both parts."""
+    from dkn import backup
+
+    a, b, u = Neuron(0, 0), Neuron(0, 1), Neuron(1, 2)
+
+    def drops(lm, prompt, answer, others, sets, mode):  # the fact needs u and one of a, b
+        return np.array([1.0 if u in s or (a in s and b in s) else 0.0 for s in sets])
+
+    monkeypatch.setattr(backup, "_drops_with", drops)
+    parts = [((a, u), 1), ((b, u), 2)]
+    assert backup._carrying(None, PROMPT, ANSWER, parts, DegeneracyParams()) == parts
+    # a part that only adds a little (c) goes; then the others are asked again without it
+    c = Neuron(2, 3)
+
+    def small(lm, prompt, answer, others, sets, mode):
+        return np.array([1.0 if a in s and b in s else 0.1 * (c in s) for s in sets])
+
+    monkeypatch.setattr(backup, "_drops_with", small)
+    assert backup._carrying(None, PROMPT, ANSWER, [((a,), 1), ((b,), 2), ((c,), 3)], DegeneracyParams()) == [
+        ((a,), 1),
+        ((b,), 2),
+    ]
