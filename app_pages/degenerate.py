@@ -187,11 +187,10 @@ with guard("Degeneracy analysis"):
             "too; it stops when the fact is gone. The rounds are then split into parallel pathways, completed "
             "and pruned (each with the other groups off): each pathway is one candidate group.",
         )
-        held = [str(n) for r in result.rounds for n in r.carriers]
-        if held:
+        if result.carriers:
             st.caption(
-                f"Held out of the rounds as necessary carriers (each alone removes the fact, so no group that can "
-                f"go may hold it; kept on throughout): {', '.join(held)}."
+                "Held out of the first round as necessary carriers (each alone removes the fact; kept on "
+                f"throughout, so that the rounds can go on past them): {', '.join(map(str, result.carriers))}."
             )
 
     st.subheader("Candidate groups")

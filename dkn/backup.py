@@ -166,12 +166,7 @@ def discover(
         if k == 0 and given:
             new, new_scores = given, (float("nan"),) * len(given)
         else:
-            scores = attribute_suppressed(
-                lm, prompt, answer, found, params.backup_attribution, params.mode, pinned=carriers
-            ).scores
-            new, new_scores = round_neurons(
-                scores, set(found) | set(carriers), params.backup_t, params.backup_max_neurons
-            )
+            new, new_scores = _attributed_round(lm, prompt, answer, params, found, carriers, set(found) | set(carriers))
         if not new:
             break
         prob_after, drop = after(new)
@@ -210,10 +205,14 @@ def _round_without_carriers(lm, prompt, answer, first, given: bool, params):
         if (kept and (given or not fresh)) or len(held) >= params.backup_max_neurons:
             return tuple(n for n, _ in kept), tuple(v for _, v in kept), tuple(held)
         given = False  # choose again from an attribution with the carriers pinned
-        scores = attribute_suppressed(
-            lm, prompt, answer, (), params.backup_attribution, params.mode, pinned=held
-        ).scores
-        new, new_scores = round_neurons(scores, set(held), params.backup_t, params.backup_max_neurons)
+        new, new_scores = _attributed_round(lm, prompt, answer, params, (), held, set(held))
+
+
+def _attributed_round(lm, prompt, answer, params, off, pins, exclude: set[Neuron]):
+    """(neurons, scores): the coarse neurons (round_neurons) of an attribution with `off` suppressed and `pins`
+    pinned (attribute_suppressed, `params.backup_attribution`, `params.mode`), none of them in `exclude`."""
+    scores = attribute_suppressed(lm, prompt, answer, off, params.backup_attribution, params.mode, pinned=pins).scores
+    return round_neurons(scores, exclude, params.backup_t, params.backup_max_neurons)
 
 
 def round_neurons(
@@ -240,17 +239,14 @@ def pathways(
     (see the module docstring); suppression and thresholds from `params`."""
     parts: list[tuple[tuple[Neuron, ...], int]] = []
     groups = [tuple(r.neurons) for r in rounds if r.neurons]
-    carriers = {n for r in rounds for n in r.carriers}  # kept on, never added to a pathway
+    carriers = set(held_carriers(rounds))  # kept on, never added to a pathway
     for k, group in enumerate(groups):
         others = [n for j, g in enumerate(groups) if j != k for n in g]
         parts += [(part, k + 1) for part in _split(lm, prompt, answer, group, others, params)]
     completed = []
     for k, (part, origin) in enumerate(parts):
         others = [n for j, (p, _) in enumerate(parts) if j != k for n in p]
-        attribution = attribute_suppressed(
-            lm, prompt, answer, others, params.backup_attribution, params.mode, pinned=tuple(carriers)
-        )
-        new, _ = round_neurons(attribution.scores, set(others) | carriers, params.backup_t, params.backup_max_neurons)
+        new, _ = _attributed_round(lm, prompt, answer, params, others, tuple(carriers), set(others) | carriers)
         whole = tuple(dict.fromkeys(part + new))
         completed.append((_prune(lm, prompt, answer, whole, others, params), origin))
     completed = _carrying(lm, prompt, answer, completed, params)
@@ -264,6 +260,11 @@ def pathways(
     return tuple(out)
 
 
+def held_carriers(rounds: Sequence[Round]) -> tuple[Neuron, ...]:
+    """Every necessary carrier the rounds held out (kept on throughout), in the order they were found."""
+    return tuple(n for r in rounds for n in r.carriers)
+
+
 def _carrying(lm, prompt, answer, parts, params):
     """The parts that carry the fact once every other part is off: with the others off the fact survives
     (relative drop < threshold_high), and switching this part off too removes it (a further relative drop
@@ -275,9 +276,9 @@ def _carrying(lm, prompt, answer, parts, params):
         groups = [part for part, _ in parts]
         everything = tuple(n for g in groups for n in g)
         # the other parts, less this part's own members (completed parts can share a neuron)
+        own = [set(g) for g in groups]
         others = [
-            tuple(n for j, g in enumerate(groups) if j != k for n in g if n not in set(groups[k]))
-            for k in range(len(groups))
+            tuple(n for j, g in enumerate(groups) if j != k for n in g if n not in own[k]) for k in range(len(groups))
         ]
         drops = _drops_with(lm, prompt, answer, (), others + [everything], params.mode)  # from the unchanged P
         left, gone = drops[:-1], drops[-1]

@@ -608,9 +608,8 @@ def run_dkn(args) -> int:
     )
     if result.rounds:
         print("peeling (P after each backup round): " + " -> ".join(f"{p:.4f}" for p in result.peeling))
-        held = [n for r in result.rounds for n in r.carriers]
-        if held:
-            print("necessary carriers held out (each alone removes the fact): " + " ".join(map(str, held)))
+        if result.carriers:
+            print("necessary carriers held out (each alone removes the fact): " + " ".join(map(str, result.carriers)))
     print(f"redundancy R {result.redundancy:+.2f}, groups combine: {result.combination}")
     pairs = [(s, v) for s, v in result.interactions if len(s) >= 2]
     if pairs:

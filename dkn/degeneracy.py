@@ -154,6 +154,13 @@ class DegeneracyResult:
         return self.excess_over_largest
 
     @property
+    def carriers(self) -> tuple[Neuron, ...]:
+        """Backup discovery only: the necessary carriers held out of its rounds (dkn.backup)."""
+        from dkn.backup import held_carriers
+
+        return held_carriers(self.rounds)
+
+    @property
     def peeling(self) -> tuple[float, ...]:
         """P(answer) unchanged, then after each backup round: the peeling curve."""
         return (self.prob,) + tuple(r.prob_after for r in self.rounds) if self.rounds else ()

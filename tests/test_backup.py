@@ -145,6 +145,7 @@ def test_backup_holds_out_a_shared_carrier_and_finds_the_pathways_behind_it(fami
     assert r.degenerate, r.verdict
     assert {frozenset(c) for c in r.dkn} == {frozenset(g) for g in fact.groups}
     assert r.rounds[0].carriers == fact.carriers and fact.carriers[0] not in {n for c in r.dkn for n in c}
+    assert r.carriers == fact.carriers  # what the CLI and the app list
     assert r.as_json()["rounds"][0]["carriers"] == [{"layer": 0, "neuron": fact.carriers[0].index}]
     assert not analyse(pm.lm, fact.prompt, fact.answer, kns, params=DegeneracyParams(random_seeds=1)).degenerate
     control = tiny_planted_model(family, "single", carrier=True, seed=0)
