@@ -455,7 +455,14 @@ def _add_plant_command(sub) -> None:
         help="pathway A: the fewest top knowledge neurons that carry the fact (fewest), all of the fact's "
         "knowledge neurons before B's layers (knowledge_neurons), or all of them in any layer",
     )
-    p.add_argument("--b-per-layer", type=int, default=4, help="pathway B's neurons in each of its 2 layers (4)")
+    p.add_argument(
+        "--design",
+        choices=("backup", "copies"),
+        default="backup",
+        help="backup: pathway A is the fact's own knowledge neurons and B learns to take over when A is off; "
+        "copies: two copies of the fact in random neurons of layers 10-11 and 20-21, each enough alone (backup)",
+    )
+    p.add_argument("--b-per-layer", type=int, default=4, help="pathway B's (or each copy's) neurons per layer (4)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
 
 
@@ -470,6 +477,7 @@ def run_plant(args) -> int:
         n_additive=args.controls,
         steps=args.steps,
         a_choice=args.pathway_a,
+        design=args.design,
         b_per_layer=args.b_per_layer,
     )
     say = (lambda msg: print(msg, file=sys.stderr)) if not args.json else (lambda msg: None)

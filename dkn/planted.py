@@ -20,9 +20,12 @@ Two kinds of planted models, both described by `PlantedFact`s (prompt, answer, k
   neuron-restricted fine-tuning (`dkn.finetune`) to carry the fact when A is suppressed at the answer position,
   with KL terms that keep the fact's distribution and unrelated prompts unchanged.  Controls: facts left with
   their single pathway, and facts where B adds a fixed amount to the answer's logit whether A is on or not
-  (two additive pathways, each needed).  Each planted fact is verified through `dkn.interventions` and the
-  measured drops are written to a JSON manifest beside the weights.  `load_planted("planted-default")` builds
-  it on first use under `cache/planted/`.
+  (two additive pathways, each needed).  A second design (`PlantParams.design = "copies"`) stores a fact twice
+  in random neurons of two distant layer pairs, each copy trained to add `copy_boost` nats to the answer's logit
+  on its own (either copy saturates P, as in the tiny models), controls with one copy or two additive ones;
+  the fact's own knowledge neurons are left as they are.  Each planted fact is verified through
+  `dkn.interventions` and the measured drops are written to a JSON manifest beside the weights.
+  `load_planted("planted-default")` builds it on first use under `cache/planted/`.
 
 These are constructed for demonstration and for the recall benchmark (bench/bench_degeneracy_recall.py):
 they are not natural models, and say so in their label.
@@ -46,6 +49,7 @@ from dkn.models import PLANTED_MODEL, LoadedModel, cache_dir, wrap_model
 from dkn.neurons import Neuron
 
 KINDS = ("degenerate", "single", "additive")
+DESIGNS = ("backup", "copies")  # how plant_default plants a fact (PlantParams.design)
 TINY_FAMILIES = ("gpt2", "llama", "gpt_neox")
 TINY_PROMPT, TINY_ANSWER = "the capital of france is", "paris"
 PLANTED_DEFAULT = PLANTED_MODEL
@@ -386,6 +390,9 @@ def satisfies_kind(
 class PlantParams:
     """How `plant_default` plants its facts (the defaults keep a CPU build to a few minutes)."""
 
+    design: str = "backup"  # "backup": A = the fact's own knowledge neurons, B learns to take over when A is off;
+    #   "copies": two copies of the fact in random neurons of distant layers (copy_layers), each adding copy_boost to
+    #   the answer's logit on its own, so that either one saturates P (the tiny models' construction, trained)
     n_degenerate: int = 6  # facts stored twice
     n_single: int = 2  # controls: the model's own single pathway, nothing planted
     n_additive: int = 2  # controls: B adds to the answer's logit, A and B each needed
@@ -400,6 +407,11 @@ class PlantParams:
     a_drop: float = 0.5  # ... the fewest whose suppression lowers P by more than this (both choices: A must)
     max_a_kn: int = 40
     additive_boost: float = 1.386  # additive controls: B adds log(4) to the answer's logit
+    copy_layers: tuple[int, int] = (10, 20)  # "copies": the first layer of each copy (each copy: b_layers layers)
+    copy_boost: float = 5.0  # "copies": what each copy adds to the answer's logit (nats; additive controls: ...
+    additive_copy_boost: float = 1.0  # ... this much each, so that each copy is needed)
+    copy_max_p: float = 0.65  # "copies": facts the unchanged model gives at most this P (both copies off must
+    #   then lower P by more than 30%)
     max_prompt_tokens: int = 10  # short prompts keep the CPU cost down
     n_unrelated: int = 6  # unrelated prompts in the KL term ...
     n_heldout: int = 16  # ... and held out to report the KL on
@@ -421,6 +433,7 @@ class _Row:
     weight: float = 1.0
     kind: str = "unrelated"  # the planted fact's kind, "kept" (target: the unchanged model), "unrelated"
     target_suppressed: tuple[Neuron, ...] = ()  # switched off in the unchanged model to make the target
+    boost: float = 0.0  # added to the answer's logit in the target
 
 
 def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=None, log=print) -> PlantedModel:
@@ -434,11 +447,18 @@ def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=No
     start = time.perf_counter()
     facts = list(facts) if facts is not None else builtin_facts(known_only=True)
     candidates, others = _split_candidates(lm, facts, params)
-    chosen = _choose_pathways(lm, candidates, params, log)
+    if params.design not in DESIGNS:
+        raise ValueError(f"unknown planting design {params.design!r}: use one of {', '.join(DESIGNS)}")
+    chosen = (_choose_copies if params.design == "copies" else _choose_pathways)(lm, candidates, params, log)
     if not chosen:
         raise RuntimeError(
-            "no candidate fact qualified for planting: each needs >= 2 knowledge neurons whose "
-            f"suppression lowers P by more than {params.a_drop:.0%}; give other facts"
+            "no candidate fact qualified for planting: "
+            + (
+                f"each needs P <= {params.copy_max_p:.2f} on the unchanged model"
+                if params.design == "copies"
+                else f"each needs >= 2 knowledge neurons whose suppression lowers P by more than {params.a_drop:.0%}"
+            )
+            + "; give other facts"
         )
     planted_prompts = {c["prompt"] for c in chosen}
     others = [o for o in others if o[0] not in planted_prompts]
@@ -447,7 +467,11 @@ def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=No
     rng = np.random.default_rng(params.seed)
     taken = {n for c in chosen for n in c["kns"]}
     for c in chosen:
-        if c["kind"] != "single":
+        if params.design == "copies":
+            firsts = params.copy_layers[: 1 if c["kind"] == "single" else 2]
+            c["copies"] = tuple(_pick_neurons(lm, range(f, f + params.b_layers), taken, params, rng) for f in firsts)
+            taken |= {n for g in c["copies"] for n in g}
+        elif c["kind"] != "single":
             c["B"] = _pick_b(lm, c["A"], taken, params, rng)
             taken |= set(c["B"])
     unrelated, heldout = (
@@ -455,7 +479,7 @@ def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=No
         others[params.n_unrelated : params.n_unrelated + params.n_heldout],
     )
     rows = _training_rows(lm, chosen, unrelated, params)
-    b_neurons = sorted(n for c in chosen for n in c.get("B", ()))
+    b_neurons = sorted(n for c in chosen for n in c.get("B", ()) + tuple(m for g in c.get("copies", ()) for m in g))
     from dkn.finetune import train_masked
 
     def loss(step: int) -> torch.Tensor:
@@ -471,7 +495,7 @@ def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=No
     )
     out = []
     for c in chosen:
-        groups = (tuple(c["A"]),) + ((tuple(c["B"]),) if "B" in c else ())
+        groups = c["copies"] if "copies" in c else (tuple(c["A"]),) + ((tuple(c["B"]),) if "B" in c else ())
         out.append(_measured(planted, PlantedFact(c["prompt"], c["answer"], c["kind"], groups)))
     kl = _kl_on(lm, planted, heldout)
     planted.name, planted.label = PLANTED_DEFAULT, PLANTED_DEFAULT_LABEL
@@ -562,6 +586,44 @@ def _choose_pathways(lm: LoadedModel, candidates, params: PlantParams, log) -> l
     return chosen
 
 
+def _choose_copies(lm: LoadedModel, candidates, params: PlantParams, log) -> list[dict]:
+    """Walk the candidates; take those the unchanged model gives P <= copy_max_p (both copies off must remove the
+    fact) and assign kinds until each kind has its count; "kns": the fact's coarse knowledge neurons, which no copy
+    may take."""
+    from dkn.attribution import AttributionParams, attribute
+    from dkn.selection import coarse_neurons
+
+    need = {"degenerate": params.n_degenerate, "additive": params.n_additive, "single": params.n_single}
+    chosen = []
+    for prompt, answer in candidates:
+        kind = next((k for k in ("degenerate", "additive", "single") if need[k]), None)
+        if kind is None:
+            break
+        attribution = attribute(
+            lm, prompt, answer, AttributionParams(steps=params.attribution_steps, rule=params.attribution_rule)
+        )
+        if attribution.prob > params.copy_max_p:
+            continue
+        need[kind] -= 1
+        kns = tuple(coarse_neurons(attribution.scores, 0.2))
+        chosen.append({"prompt": prompt, "answer": answer, "kind": kind, "kns": kns, "p": attribution.prob})
+        log(f"  {kind:10s} {prompt!r} -> {answer!r}: P = {attribution.prob:.3f}")
+    if any(need.values()):
+        log(f"  fewer facts than asked for qualified: still missing {need}")
+    return chosen
+
+
+def _pick_neurons(lm: LoadedModel, layers, taken: set[Neuron], params: PlantParams, rng) -> tuple[Neuron, ...]:
+    """b_per_layer random neurons in each of `layers`, none of them in `taken`."""
+    chosen = []
+    for layer in layers:
+        if not 0 <= layer < lm.n_layers:
+            raise ValueError(f"layer {layer} is outside the model's {lm.n_layers} layers: plant copies elsewhere")
+        pool = [i for i in range(lm.d_mlp) if Neuron(layer, i) not in taken]
+        chosen += [Neuron(layer, int(i)) for i in rng.choice(pool, size=params.b_per_layer, replace=False)]
+    return tuple(chosen)
+
+
 def _pick_b(lm: LoadedModel, a: Sequence[Neuron], taken: set[Neuron], params: PlantParams, rng) -> tuple[Neuron, ...]:
     """Pathway B: random neurons in the model's last `b_layers` layers (after all of A's layers, so that B reads
     whether A wrote the answer; for "all_knowledge_neurons", after A's first layer), none of them a knowledge
@@ -573,11 +635,7 @@ def _pick_b(lm: LoadedModel, a: Sequence[Neuron], taken: set[Neuron], params: Pl
             f"pathway A reaches layer {reaches}: B's {params.b_layers} layers do not "
             "fit after it with a layer between; plant fewer B layers"
         )
-    chosen = []
-    for layer in range(start, start + params.b_layers):
-        pool = [i for i in range(lm.d_mlp) if Neuron(layer, i) not in taken]
-        chosen += [Neuron(layer, int(i)) for i in rng.choice(pool, size=params.b_per_layer, replace=False)]
-    return tuple(chosen)
+    return _pick_neurons(lm, range(start, start + params.b_layers), taken, params, rng)
 
 
 def _training_rows(lm: LoadedModel, chosen, unrelated, params: PlantParams) -> list[_Row]:
@@ -587,6 +645,9 @@ def _training_rows(lm: LoadedModel, chosen, unrelated, params: PlantParams) -> l
     rows = []
     for c in chosen:
         step = make_query(lm, c["prompt"], c["answer"]).steps[0]
+        if "copies" in c:
+            rows += _copy_rows(list(step.input_ids), step.target, c["kind"], c["copies"], params)
+            continue
         ids, a = list(step.input_ids), tuple(c["A"])
         kind, b = c["kind"], tuple(c.get("B", ()))
         # B's weights act at every position, but the test switches neurons off at the answer position only:
@@ -600,9 +661,10 @@ def _training_rows(lm: LoadedModel, chosen, unrelated, params: PlantParams) -> l
                 _Row(ids, a + b, answer=step.target, kind=kind, target_suppressed=a),
             ]
         elif kind == "additive":  # B adds a fixed amount to the answer's logit, A on or off
+            up = params.additive_boost
             rows += [
-                _Row(ids, (), answer=step.target, kind=kind),
-                _Row(ids, a, answer=step.target, kind=kind, target_suppressed=a),
+                _Row(ids, (), answer=step.target, kind=kind, boost=up),
+                _Row(ids, a, answer=step.target, kind=kind, target_suppressed=a, boost=up),
                 _Row(ids, b, answer=step.target, kind="kept"),
                 _Row(ids, a + b, answer=step.target, kind="kept", target_suppressed=a),
             ]
@@ -612,11 +674,26 @@ def _training_rows(lm: LoadedModel, chosen, unrelated, params: PlantParams) -> l
         rows.append(_Row(list(lm.tokenizer(prompt)["input_ids"]), (), weight=params.kl_weight))
     targets = _last_distributions(lm, [_Row(r.ids, r.target_suppressed) for r in rows])  # [R, vocab]
     for row, target in zip(rows, targets):
-        if row.kind == "additive":
+        if row.boost:
             logits = target.clamp_min(1e-30).log()
-            logits[row.answer] += params.additive_boost
+            logits[row.answer] += row.boost
             target = logits.softmax(-1)
         row.target = target
+    return rows
+
+
+def _copy_rows(ids: list[int], answer: int, kind: str, copies, params: PlantParams) -> list[_Row]:
+    """Design "copies": the fact's rows.  Each copy on adds its boost to the answer's logit whatever the other does
+    (degenerate: copy_boost each, so either one alone saturates P; additive: additive_copy_boost each; single: one
+    copy); a copy off (at the answer position) takes its boost away, and every copy off leaves the unchanged model.
+    (Rows that also gave each member an equal share, so that every member is needed, did not train with 2-neuron
+    copies: 0 of 6 degenerate facts verified after 300 steps.)"""
+    boost = params.additive_copy_boost if kind == "additive" else params.copy_boost
+    everything = tuple(n for g in copies for n in g)
+    rows = [_Row(ids, (), answer=answer, kind=kind, boost=boost * len(copies))]
+    if len(copies) > 1:
+        rows += [_Row(ids, g, answer=answer, kind=kind, boost=boost * (len(copies) - 1)) for g in copies]
+    rows.append(_Row(ids, everything, answer=answer, kind="kept", target_suppressed=everything))
     return rows
 
 

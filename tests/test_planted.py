@@ -234,3 +234,40 @@ def test_plant_command_refuses_bad_counts(capsys):
     assert "--facts, --steps and --b-per-layer must be >= 1" in capsys.readouterr().err
     assert main(["plant", "--b-per-layer", "0"]) == 2
     assert "--b-per-layer must be >= 1" in capsys.readouterr().err
+
+
+def test_copies_design_stores_a_fact_twice_in_random_neurons_each_enough_alone():
+    """design="copies": two groups of random neurons in distant layers are trained so that each adds copy_boost to
+    the answer's logit on its own (saturating P), so either copy off leaves P (< 5%) and both off fall back to the
+    unchanged model's P (a drop > 30%); the groups take none of the fact's own knowledge neurons."""
+    base = tiny_planted_model("llama", "single", extra_layers=4, seed=2)
+    fact = ("the sun and the moon", "paris")  # P < 0.03 on the tiny base (its head can write "paris" strongly)
+    params = PlantParams(
+        design="copies",
+        copy_layers=(1, 4),
+        copy_boost=8.0,  # from P = 0.03, either copy alone must reach P > 0.95 of both
+        b_layers=1,
+        b_per_layer=2,
+        n_degenerate=1,
+        n_single=0,
+        n_additive=0,
+        steps=80,
+        lr=3e-2,
+        kl_weight=5.0,
+        n_unrelated=4,
+        n_heldout=1,
+        attribution_steps=5,
+    )
+    unrelated = [u for u in UNRELATED if u[0] != fact[0]]
+    pm = plant_default(base.lm, params, facts=[fact] + unrelated, log=lambda m: None)
+    (planted,) = pm.facts
+    first, second = planted.groups
+    assert [n.layer for n in first] == [1, 1] and [n.layer for n in second] == [4, 4]
+    single = drops(pm.lm, planted, [first, second])
+    assert np.all(np.abs(single) < 0.05), single
+    assert drops(pm.lm, planted, [first + second])[0] > 0.3
+    assert planted.kind == "degenerate" and planted.verified and planted.drops["p"] > 0.9
+    _, base_probs = intervene_many(base.lm, *fact, [()], 0.0)
+    assert base_probs[0] < 0.65  # the base model is untouched
+    with pytest.raises(ValueError, match="unknown planting design"):
+        plant_default(base.lm, PlantParams(design="thrice"), facts=[fact] + unrelated, log=lambda m: None)
