@@ -459,8 +459,9 @@ def _add_plant_command(sub) -> None:
         "--design",
         choices=("backup", "copies"),
         default="backup",
-        help="backup: pathway A is the fact's own knowledge neurons and B learns to take over when A is off; "
-        "copies: two copies of the fact in random neurons of layers 10-11 and 20-21, each enough alone (backup)",
+        help="backup (the default): pathway A is the fact's own knowledge neurons and B learns to take over when A "
+        "is off; copies: two copies of the fact in random neurons of layers 10-11 and 20-21, each enough alone "
+        "(--pathway-a does not apply)",
     )
     p.add_argument("--b-per-layer", type=int, default=4, help="pathway B's (or each copy's) neurons per layer (4)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")

@@ -394,9 +394,9 @@ class PlantParams:
     #   "copies": two copies of the fact in random neurons of distant layers (copy_layers), each adding copy_boost to
     #   the answer's logit on its own, so that either one saturates P (the tiny models' construction, trained)
     n_degenerate: int = 6  # facts stored twice
-    n_single: int = 2  # controls: the model's own single pathway, nothing planted
-    n_additive: int = 2  # controls: B adds to the answer's logit, A and B each needed
-    b_layers: int = 2  # pathway B: this many adjacent layers ...
+    n_single: int = 2  # controls: the model's own single pathway, nothing planted ("copies": one copy)
+    n_additive: int = 2  # controls: B adds to the answer's logit, A and B each needed ("copies": the copies add up)
+    b_layers: int = 2  # pathway B (and each copy): this many adjacent layers ...
     b_per_layer: int = 4  # ... with this many neurons each
     a_choice: str = "fewest"  # pathway A: "fewest" of the fact's top knowledge neurons (below), or
     #   "knowledge_neurons": all of them (those before B's layers, at most max_a_kn), the issue's "its own
@@ -410,8 +410,6 @@ class PlantParams:
     copy_layers: tuple[int, int] = (10, 20)  # "copies": the first layer of each copy (each copy: b_layers layers)
     copy_boost: float = 5.0  # "copies": what each copy adds to the answer's logit (nats; additive controls: ...
     additive_copy_boost: float = 1.0  # ... this much each, so that each copy is needed)
-    copy_max_p: float = 0.65  # "copies": facts the unchanged model gives at most this P (both copies off must
-    #   then lower P by more than 30%)
     max_prompt_tokens: int = 10  # short prompts keep the CPU cost down
     n_unrelated: int = 6  # unrelated prompts in the KL term ...
     n_heldout: int = 16  # ... and held out to report the KL on
@@ -422,6 +420,38 @@ class PlantParams:
     attribution_steps: int = 5  # IG steps when looking for pathway A (cheap; A is then checked directly) ...
     attribution_rule: str = "midpoint"  # ... and their rule: fixed, so a new library default does not move A
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.design not in DESIGNS:
+            raise ValueError(f"unknown planting design {self.design!r}: use one of {', '.join(DESIGNS)}")
+        first, second = self.copy_layers
+        if self.design == "copies" and not 0 <= first <= first + self.b_layers <= second:
+            raise ValueError(
+                f"copy_layers {self.copy_layers} with {self.b_layers} layers each overlap: the second copy must "
+                "start after the first one's layers"
+            )
+
+
+# the expected drops of a "copies" fact (if training were exact) must clear the degeneracy test's thresholds
+# (0.05 and 0.3) by this much: training is not exact
+COPY_DROP_LOW, COPY_DROP_HIGH = 0.03, 0.4
+
+
+def copies_fit(kind: str, prob: float, params: PlantParams) -> bool:
+    """Whether a fact the unchanged model gives P = `prob` can hold planted copies of `kind`: with each copy adding
+    its boost to the answer's logit, the expected drops fit the kind with a margin (COPY_DROP_LOW/HIGH):
+    degenerate: one copy off < 3%, both off > 40%; additive: each off > 10%, both off > 40%; single: off > 40%."""
+    if not 0 < prob < 1:
+        return False
+    logit = float(np.log(prob / (1 - prob)))
+    raised = lambda boost: 1 / (1 + np.exp(-(logit + boost)))  # noqa: E731  P with the answer's logit raised
+    if kind == "single":
+        return 1 - prob / raised(params.copy_boost) > COPY_DROP_HIGH
+    boost = params.additive_copy_boost if kind == "additive" else params.copy_boost
+    one_off, all_off = 1 - raised(boost) / raised(2 * boost), 1 - prob / raised(2 * boost)
+    if kind == "additive":
+        return one_off > 0.1 and all_off > COPY_DROP_HIGH
+    return one_off < COPY_DROP_LOW and all_off > COPY_DROP_HIGH
 
 
 @dataclass
@@ -447,14 +477,17 @@ def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=No
     start = time.perf_counter()
     facts = list(facts) if facts is not None else builtin_facts(known_only=True)
     candidates, others = _split_candidates(lm, facts, params)
-    if params.design not in DESIGNS:
-        raise ValueError(f"unknown planting design {params.design!r}: use one of {', '.join(DESIGNS)}")
+    if params.design == "copies" and params.copy_layers[1] + params.b_layers > lm.n_layers:
+        raise ValueError(
+            f"the copies' layers {params.copy_layers} (+{params.b_layers}) do not fit in the model's {lm.n_layers} "
+            "layers: plant them earlier"
+        )
     chosen = (_choose_copies if params.design == "copies" else _choose_pathways)(lm, candidates, params, log)
     if not chosen:
         raise RuntimeError(
             "no candidate fact qualified for planting: "
             + (
-                f"each needs P <= {params.copy_max_p:.2f} on the unchanged model"
+                "each needs a P that either copy can saturate and that both copies off lower by > 40%"
                 if params.design == "copies"
                 else f"each needs >= 2 knowledge neurons whose suppression lowers P by more than {params.a_drop:.0%}"
             )
@@ -587,22 +620,24 @@ def _choose_pathways(lm: LoadedModel, candidates, params: PlantParams, log) -> l
 
 
 def _choose_copies(lm: LoadedModel, candidates, params: PlantParams, log) -> list[dict]:
-    """Walk the candidates; take those the unchanged model gives P <= copy_max_p (both copies off must remove the
-    fact) and assign kinds until each kind has its count; "kns": the fact's coarse knowledge neurons, which no copy
-    may take."""
+    """Walk the candidates; give each the first kind that still needs facts and that its P fits (copies_fit), until
+    each kind has its count; "kns": the fact's coarse knowledge neurons, which no copy may take."""
     from dkn.attribution import AttributionParams, attribute
     from dkn.selection import coarse_neurons
 
     need = {"degenerate": params.n_degenerate, "additive": params.n_additive, "single": params.n_single}
     chosen = []
     for prompt, answer in candidates:
-        kind = next((k for k in ("degenerate", "additive", "single") if need[k]), None)
-        if kind is None:
+        if not any(need.values()):
             break
         attribution = attribute(
             lm, prompt, answer, AttributionParams(steps=params.attribution_steps, rule=params.attribution_rule)
         )
-        if attribution.prob > params.copy_max_p:
+        kind = next(
+            (k for k in ("degenerate", "additive", "single") if need[k] and copies_fit(k, attribution.prob, params)),
+            None,
+        )
+        if kind is None:
             continue
         need[kind] -= 1
         kns = tuple(coarse_neurons(attribution.scores, 0.2))
@@ -617,8 +652,6 @@ def _pick_neurons(lm: LoadedModel, layers, taken: set[Neuron], params: PlantPara
     """b_per_layer random neurons in each of `layers`, none of them in `taken`."""
     chosen = []
     for layer in layers:
-        if not 0 <= layer < lm.n_layers:
-            raise ValueError(f"layer {layer} is outside the model's {lm.n_layers} layers: plant copies elsewhere")
         pool = [i for i in range(lm.d_mlp) if Neuron(layer, i) not in taken]
         chosen += [Neuron(layer, int(i)) for i in rng.choice(pool, size=params.b_per_layer, replace=False)]
     return tuple(chosen)
@@ -685,7 +718,8 @@ def _training_rows(lm: LoadedModel, chosen, unrelated, params: PlantParams) -> l
 def _copy_rows(ids: list[int], answer: int, kind: str, copies, params: PlantParams) -> list[_Row]:
     """Design "copies": the fact's rows.  Each copy on adds its boost to the answer's logit whatever the other does
     (degenerate: copy_boost each, so either one alone saturates P; additive: additive_copy_boost each; single: one
-    copy); a copy off (at the answer position) takes its boost away, and every copy off leaves the unchanged model.
+    copy); a copy off (at the answer position) takes its boost away (target: the unchanged model plus the other
+    copies' boost), and every copy off leaves the unchanged model with the copies' neurons off.
     (Rows that also gave each member an equal share, so that every member is needed, did not train with 2-neuron
     copies: 0 of 6 degenerate facts verified after 300 steps.)"""
     boost = params.additive_copy_boost if kind == "additive" else params.copy_boost

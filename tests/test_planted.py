@@ -7,11 +7,12 @@ record about themselves.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from dkn.attribution import attribute
+from dkn.attribution import AttributionParams, attribute
 from dkn.degeneracy import DegeneracyParams, analyse
 from dkn.interventions import intervene_many
 from dkn.neurons import Neuron
@@ -259,15 +260,37 @@ def test_copies_design_stores_a_fact_twice_in_random_neurons_each_enough_alone()
         attribution_steps=5,
     )
     unrelated = [u for u in UNRELATED if u[0] != fact[0]]
+    base_prob, _ = intervene_many(base.lm, *fact, [], 0.0)
+    assert base_prob < 0.03
     pm = plant_default(base.lm, params, facts=[fact] + unrelated, log=lambda m: None)
     (planted,) = pm.facts
     first, second = planted.groups
     assert [n.layer for n in first] == [1, 1] and [n.layer for n in second] == [4, 4]
+    own = coarse_neurons(attribute(base.lm, *fact, AttributionParams(steps=5, rule="midpoint")).scores, 0.2)
+    assert own and set(planted.neurons).isdisjoint(own)  # the copies take none of the fact's knowledge neurons
     single = drops(pm.lm, planted, [first, second])
     assert np.all(np.abs(single) < 0.05), single
     assert drops(pm.lm, planted, [first + second])[0] > 0.3
     assert planted.kind == "degenerate" and planted.verified and planted.drops["p"] > 0.9
-    _, base_probs = intervene_many(base.lm, *fact, [()], 0.0)
-    assert base_probs[0] < 0.65  # the base model is untouched
+    assert intervene_many(base.lm, *fact, [], 0.0)[0] == pytest.approx(base_prob)  # the base model is untouched
+    with pytest.raises(ValueError, match="do not fit in the model's 6 layers"):
+        plant_default(base.lm, replace(params, copy_layers=(1, 6)), facts=[fact] + unrelated, log=lambda m: None)
+
+
+def test_copies_take_facts_whose_probability_leaves_room_for_each_kind():
+    """copies_fit: a degenerate fact needs a P that one copy (+5 nats) saturates and that both copies off lower by
+    > 40%; an additive control needs each copy (+1 nat) to matter; a design or copy layers that cannot work are
+    refused when the parameters are made."""
+    from dkn.planted import copies_fit
+
+    params = PlantParams(design="copies")
+    assert copies_fit("degenerate", 0.38, params)
+    assert not copies_fit("degenerate", 0.01, params)  # one copy alone gives 0.6 of both: not saturated
+    assert not copies_fit("degenerate", 0.8, params)  # both copies off lower P by only 20%
+    assert copies_fit("additive", 0.17, params) and not copies_fit("additive", 0.7, params)
+    assert copies_fit("single", 0.47, params) and not copies_fit("single", 0.9, params)
+    assert not copies_fit("degenerate", 0.0, params)
     with pytest.raises(ValueError, match="unknown planting design"):
-        plant_default(base.lm, PlantParams(design="thrice"), facts=[fact] + unrelated, log=lambda m: None)
+        PlantParams(design="thrice")
+    with pytest.raises(ValueError, match="overlap"):
+        PlantParams(design="copies", copy_layers=(10, 11))
