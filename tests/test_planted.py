@@ -152,22 +152,14 @@ UNRELATED = [
 ]
 
 
+# one degenerate fact planted into a tiny base in 80 steps
+TINY_PLANTING = dict(n_degenerate=1, n_single=0, n_additive=0, b_per_layer=2, steps=80, lr=3e-2, attribution_steps=5)
+
+
 def _plant_tiny(kl_weight: float, **overrides):
     base = tiny_planted_model("llama", "single", extra_layers=4, seed=2)
     fact = base.facts[0]
-    params = PlantParams(
-        **overrides,
-        n_degenerate=1,
-        n_single=0,
-        n_additive=0,
-        b_per_layer=2,
-        steps=80,
-        lr=3e-2,
-        kl_weight=kl_weight,
-        n_unrelated=4,
-        n_heldout=2,
-        attribution_steps=5,
-    )
+    params = PlantParams(**overrides, **TINY_PLANTING, kl_weight=kl_weight, n_unrelated=4, n_heldout=2)
     return (
         base,
         fact,
@@ -248,16 +240,10 @@ def test_copies_design_stores_a_fact_twice_in_random_neurons_each_enough_alone()
         copy_layers=(1, 4),
         copy_boost=8.0,  # from P = 0.03, either copy alone must reach P > 0.95 of both
         b_layers=1,
-        b_per_layer=2,
-        n_degenerate=1,
-        n_single=0,
-        n_additive=0,
-        steps=80,
-        lr=3e-2,
+        **TINY_PLANTING,
         kl_weight=5.0,
         n_unrelated=4,
         n_heldout=1,
-        attribution_steps=5,
     )
     unrelated = [u for u in UNRELATED if u[0] != fact[0]]
     base_prob, _ = intervene_many(base.lm, *fact, [], 0.0)
