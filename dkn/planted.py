@@ -503,16 +503,16 @@ def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=No
         if params.design == "copies":
             firsts = params.copy_layers[: 1 if c["kind"] == "single" else 2]
             c["copies"] = tuple(_pick_neurons(lm, range(f, f + params.b_layers), taken, params, rng) for f in firsts)
-            taken |= {n for g in c["copies"] for n in g}
+            c["trained"] = tuple(n for g in c["copies"] for n in g)
         elif c["kind"] != "single":
-            c["B"] = _pick_b(lm, c["A"], taken, params, rng)
-            taken |= set(c["B"])
+            c["B"] = c["trained"] = _pick_b(lm, c["A"], taken, params, rng)
+        taken |= set(c.get("trained", ()))
     unrelated, heldout = (
         others[: params.n_unrelated],
         others[params.n_unrelated : params.n_unrelated + params.n_heldout],
     )
     rows = _training_rows(lm, chosen, unrelated, params)
-    b_neurons = sorted(n for c in chosen for n in c.get("B", ()) + tuple(m for g in c.get("copies", ()) for m in g))
+    trained_neurons = sorted(n for c in chosen for n in c.get("trained", ()))
     from dkn.finetune import train_masked
 
     def loss(step: int) -> torch.Tensor:
@@ -521,9 +521,9 @@ def plant_default(lm: LoadedModel, params: PlantParams = PlantParams(), facts=No
             log(f"  step {step}: loss {float(value.detach()):.4f} ({time.perf_counter() - start:.0f} s)")
         return value
 
-    trained = train_masked(planted, loss, b_neurons, steps=params.steps, lr=params.lr, seed=params.seed)
+    trained = train_masked(planted, loss, trained_neurons, steps=params.steps, lr=params.lr, seed=params.seed)
     log(
-        f"trained {len(b_neurons)} neurons ({trained.n_params} weights) for {params.steps} steps in "
+        f"trained {len(trained_neurons)} neurons ({trained.n_params} weights) for {params.steps} steps in "
         f"{trained.seconds:.0f} s; loss {trained.losses[0]:.3f} -> {trained.losses[-1]:.3f}"
     )
     out = []
