@@ -249,10 +249,8 @@ def analyse(
             paths = pathways(lm, prompt, answer, rounds, params)
             groups, origins = [g for g, _ in paths], [k for _, k in paths]
         else:
-            groups, origins = (
-                [r.neurons for r in rounds if r.neurons],
-                [k + 1 for k, r in enumerate(rounds) if r.neurons],
-            )
+            kept = [(r.neurons, k + 1) for k, r in enumerate(rounds) if r.neurons]  # an empty round reports carriers
+            groups, origins = [g for g, _ in kept], [k for _, k in kept]
         persistence = []
         found = tuple(dict.fromkeys(n for g in groups for n in g))
         graph = _graph(lm, prompt, answer, found or neurons, params)

@@ -461,7 +461,6 @@ class _Row:
     target: torch.Tensor | None = None  # [vocab] next-token distribution to match
     answer: int | None = None  # token whose log-probability is matched closely (fact rows)
     weight: float = 1.0
-    kind: str = "unrelated"  # the planted fact's kind, "kept" (target: the unchanged model), "unrelated"
     target_suppressed: tuple[Neuron, ...] = ()  # switched off in the unchanged model to make the target
     boost: float = 0.0  # added to the answer's logit in the target
 
@@ -688,21 +687,21 @@ def _training_rows(lm: LoadedModel, chosen, unrelated, params: PlantParams) -> l
         # learned to carry the fact from earlier positions through attention, out of the test's reach)
         if kind == "degenerate":  # with A off, B restores the original distribution
             rows += [
-                _Row(ids, a, answer=step.target, kind=kind),
-                _Row(ids, (), answer=step.target, kind=kind),
-                _Row(ids, b, answer=step.target, kind=kind),
-                _Row(ids, a + b, answer=step.target, kind=kind, target_suppressed=a),
+                _Row(ids, a, answer=step.target),
+                _Row(ids, (), answer=step.target),
+                _Row(ids, b, answer=step.target),
+                _Row(ids, a + b, answer=step.target, target_suppressed=a),
             ]
         elif kind == "additive":  # B adds a fixed amount to the answer's logit, A on or off
             up = params.additive_boost
             rows += [
-                _Row(ids, (), answer=step.target, kind=kind, boost=up),
-                _Row(ids, a, answer=step.target, kind=kind, target_suppressed=a, boost=up),
-                _Row(ids, b, answer=step.target, kind="kept"),
-                _Row(ids, a + b, answer=step.target, kind="kept", target_suppressed=a),
+                _Row(ids, (), answer=step.target, boost=up),
+                _Row(ids, a, answer=step.target, target_suppressed=a, boost=up),
+                _Row(ids, b, answer=step.target),
+                _Row(ids, a + b, answer=step.target, target_suppressed=a),
             ]
         else:  # single pathway: keep as it is
-            rows.append(_Row(ids, (), answer=step.target, kind=kind))
+            rows.append(_Row(ids, (), answer=step.target))
     for prompt, _ in unrelated:
         rows.append(_Row(list(lm.tokenizer(prompt)["input_ids"]), (), weight=params.kl_weight))
     targets = _last_distributions(lm, [_Row(r.ids, r.target_suppressed) for r in rows])  # [R, vocab]
@@ -724,10 +723,10 @@ def _copy_rows(ids: list[int], answer: int, kind: str, copies, params: PlantPara
     copies: 0 of 6 degenerate facts verified after 300 steps.)"""
     boost = params.additive_copy_boost if kind == "additive" else params.copy_boost
     everything = tuple(n for g in copies for n in g)
-    rows = [_Row(ids, (), answer=answer, kind=kind, boost=boost * len(copies))]
+    rows = [_Row(ids, (), answer=answer, boost=boost * len(copies))]
     if len(copies) > 1:
-        rows += [_Row(ids, g, answer=answer, kind=kind, boost=boost * (len(copies) - 1)) for g in copies]
-    rows.append(_Row(ids, everything, answer=answer, kind="kept", target_suppressed=everything))
+        rows += [_Row(ids, g, answer=answer, boost=boost * (len(copies) - 1)) for g in copies]
+    rows.append(_Row(ids, everything, answer=answer, target_suppressed=everything))
     return rows
 
 
